@@ -1,0 +1,182 @@
+"""The REST broadcast endpoints (PROTOCOL.md 5.3): HTTP request -> ``group_send``.
+
+``POST /realtime/v1/api/broadcast`` takes a batch of JSON messages;
+``POST /realtime/v1/api/broadcast/<topic>/events/<event>`` sends one message
+whose body is the payload, JSON or raw bytes. Both answer 202 with an empty
+body once every accepted message is in the channel layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from realtime.jwt import Claims, TokenError, verify_token
+from realtime.topics import broadcast_group
+from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
+
+logger = logging.getLogger(__name__)
+
+View = Callable[..., Awaitable[HttpResponse]]
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "authorization, apikey, x-client-info, content-type, x-api-key",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+def _with_cors(view: View) -> View:
+    async def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method == "OPTIONS":
+            response: HttpResponse = HttpResponse(status=204)
+        elif request.method != "POST":
+            response = JsonResponse({"message": "Method not allowed"}, status=405)
+        else:
+            response = await view(request, *args, **kwargs)
+        for name, value in CORS_HEADERS.items():
+            response[name] = value
+        return response
+
+    wrapped.__name__ = view.__name__
+    wrapped.__doc__ = view.__doc__
+    return csrf_exempt(wrapped)
+
+
+def _authenticate(request: HttpRequest) -> Claims | None:
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    token = token or request.headers.get("apikey", "").strip()
+    if not token:
+        return None
+    if token in settings.REALTIME_SECRET_KEYS:
+        return Claims(role="service_role", exp=float("inf"), sub=None, raw={"role": "service_role"})
+    try:
+        return verify_token(token, settings.JWT_SECRET, time.time())
+    except TokenError as error:
+        logger.info("REST broadcast refused: %s", error.reason)
+        return None
+
+
+def _unauthorized() -> JsonResponse:
+    return JsonResponse({"message": "Unauthorized"}, status=401)
+
+
+def _may_write_private(claims: Claims) -> bool:
+    # Without realtime.messages policies only a role that bypasses them may write.
+    return claims.role == "service_role"
+
+
+def _max_payload_bytes() -> int:
+    return int(settings.REALTIME_MAX_PAYLOAD_SIZE_KB) * 1000 + 500
+
+
+async def _publish(message: BroadcastMessage) -> None:
+    layer = get_channel_layer()
+    assert layer is not None
+    await layer.group_send(message["group"], message)
+
+
+def _message(sub_topic: str, private: bool, kind: str, event: str, encoding: int, payload: bytes) -> BroadcastMessage:
+    return BroadcastMessage(
+        type="realtime.broadcast",
+        group=broadcast_group(sub_topic, private),
+        topic=f"realtime:{sub_topic}",
+        origin="",
+        kind=kind,
+        event=event,
+        encoding=encoding,
+        payload=payload,
+    )
+
+
+def _validate(item: Any) -> tuple[dict[str, list[str]], bytes | None]:
+    """Check one batch message; return its field errors and its encoded broadcast payload."""
+    if not isinstance(item, dict):
+        return {"message": ["is invalid"]}, None
+    errors: dict[str, list[str]] = {}
+    for name in ("topic", "event"):
+        value = item.get(name)
+        if value is None or value == "":
+            errors[name] = ["can't be blank"]
+        elif not isinstance(value, str):
+            errors[name] = ["is invalid"]
+    payload = item.get("payload")
+    if payload is None:
+        errors["payload"] = ["can't be blank"]
+    elif not isinstance(payload, dict):
+        errors["payload"] = ["is invalid"]
+    if "private" in item and not isinstance(item["private"], bool):
+        errors["private"] = ["is invalid"]
+    if errors:
+        return errors, None
+    body: dict[str, Any] = {"type": "broadcast", "event": item["event"], "payload": payload}
+    if item.get("id") is not None:
+        body["meta"] = {"id": item["id"]}
+    encoded = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(encoded) > _max_payload_bytes():
+        return {"payload": ["Payload size exceeds tenant limit"]}, None
+    return {}, encoded
+
+
+@_with_cors
+async def broadcast_batch(request: HttpRequest) -> HttpResponse:
+    """``POST /realtime/v1/api/broadcast`` with ``{"messages": [...]}``."""
+    claims = _authenticate(request)
+    if claims is None:
+        return _unauthorized()
+    try:
+        body = json.loads(request.body or b"null")
+    except (ValueError, UnicodeDecodeError):
+        return JsonResponse({"errors": {"messages": ["is invalid"]}}, status=422)
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return JsonResponse({"errors": {"messages": ["can't be blank"]}}, status=422)
+    checked = [_validate(item) for item in messages]
+    if any(errors for errors, _ in checked):
+        return JsonResponse({"errors": {"messages": [errors for errors, _ in checked]}}, status=422)
+    for item, (_, encoded) in zip(messages, checked):
+        assert encoded is not None
+        private = bool(item.get("private", False))
+        if private and not _may_write_private(claims):
+            continue  # PROTOCOL.md 5.3: dropped silently, still 202
+        await _publish(_message(item["topic"], private, KIND_JSON, item["event"], 1, encoded))
+    return HttpResponse(status=202)
+
+
+@_with_cors
+async def broadcast_single(request: HttpRequest, topic: str, event: str) -> HttpResponse:
+    """``POST /realtime/v1/api/broadcast/<topic>/events/<event>``: the body is the payload."""
+    claims = _authenticate(request)
+    if claims is None:
+        return _unauthorized()
+    content_type = request.content_type or ""
+    body = request.body
+    if content_type in ("", "application/json"):
+        try:
+            json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return JsonResponse({"errors": {"payload": ["is invalid"]}}, status=422)
+        encoding = 1
+    elif content_type == "application/octet-stream":
+        encoding = 0
+    else:
+        return JsonResponse(
+            {"error": "Unsupported Media Type. Use application/json or application/octet-stream"}, status=415
+        )
+    if len(body) > _max_payload_bytes():
+        return JsonResponse({"errors": {"payload": ["Payload size exceeds tenant limit"]}}, status=422)
+    private = request.GET.get("private", "").strip().lower() == "true"
+    if private and not _may_write_private(claims):
+        return JsonResponse({"message": "Unauthorized"}, status=403)
+    await _publish(_message(topic, private, KIND_BINARY, event, encoding, body))
+    return HttpResponse(status=202)

@@ -1,0 +1,274 @@
+"""The WebSocket glue: frames in, session effects out, frames back to the socket.
+
+One ``RealtimeConsumer`` per socket. It authenticates the handshake
+(PROTOCOL.md 1), decodes frames with the serializer, asks the ``Session`` what
+to do, and carries out the effects: writing frames, hub subscriptions and
+broadcasts through the channel layer. It parses nothing itself and never
+builds group names or SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.consumer import AsyncConsumer
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from realtime.hub import Subscription, get_hub
+from realtime.jwt import Claims, TokenError, verify_token
+from realtime.protocol.errors import FrameError
+from realtime.protocol.message import Message, Vsn
+from realtime.protocol.serializer import decode_binary, decode_text, encode_text, parse_vsn
+from realtime.protocol.session import (
+    Close,
+    Effect,
+    Publish,
+    Send,
+    SendLater,
+    Session,
+    SessionLimits,
+    Subscribe,
+    Unsubscribe,
+)
+
+logger = logging.getLogger(__name__)
+
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+DENIAL_EXTENSION = "websocket.http.response"
+
+
+class HandshakeRefused(Exception):
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+def verifier(token: str, now: float) -> Claims:
+    return verify_token(token, settings.JWT_SECRET, now)
+
+
+def connect_claims(token: str | None, now: float) -> Claims:
+    """Authenticate the connect token (PROTOCOL.md 1.2-1.3)."""
+    if not token:
+        raise HandshakeRefused(401, "API key is missing")
+    if token in settings.REALTIME_SECRET_KEYS:
+        return Claims(role="service_role", exp=math.inf, sub=None, raw={"role": "service_role"})
+    if token in settings.REALTIME_PUBLISHABLE_KEYS:
+        return Claims(role="anon", exp=math.inf, sub=None, raw={"role": "anon"})
+    try:
+        return verifier(token, now)
+    except TokenError as error:
+        status = 500 if error.code not in {"MalformedJWT", "JwtSignatureError", "InvalidJWTToken", "JwtSignerError"} else 401
+        raise HandshakeRefused(status, error.handshake_message) from None
+
+
+def session_limits() -> SessionLimits:
+    return SessionLimits(
+        max_channels=settings.REALTIME_MAX_CHANNELS_PER_CLIENT,
+        max_payload_bytes=settings.REALTIME_MAX_PAYLOAD_SIZE_KB * 1000 + 500,
+        channel_error_backoff=settings.REALTIME_CHANNEL_ERROR_BACKOFF_MS / 1000,
+    )
+
+
+class RealtimeConsumer(AsyncConsumer):
+    """Serves one socket at ``/realtime/v1/websocket`` (and ``/socket/websocket``)."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # No per-socket channel-layer inbox: broadcasts arrive through the hub.
+        self.scope = scope
+        self.base_send = send
+        self.socket_id = uuid.uuid4().hex
+        self.session: Session | None = None
+        self.vsn = Vsn.V1
+        self.loop = asyncio.get_running_loop()
+        self.last_inbound = self.loop.time()
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.expiry_timer: asyncio.TimerHandle | None = None
+        self.expiry_at: float | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+        try:
+            while True:
+                message = await receive()
+                kind = message["type"]
+                if kind == "websocket.receive":
+                    await self.on_frame(message)
+                elif kind == "websocket.connect":
+                    await self.on_connect()
+                elif kind == "websocket.disconnect":
+                    break
+        finally:
+            self.teardown()
+
+    # --- handshake -------------------------------------------------------
+
+    async def on_connect(self) -> None:
+        try:
+            query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+            try:
+                self.vsn = parse_vsn((query.get("vsn") or [None])[0])
+            except FrameError:
+                raise HandshakeRefused(403, "Unsupported serializer version") from None
+            token = self._header(b"x-api-key") or (query.get("apikey") or [""])[0].strip()
+            claims = connect_claims(token or None, time.time())
+        except HandshakeRefused as refusal:
+            logger.info("connect refused status=%s error=%s", refusal.status, refusal.error)
+            await self.refuse(refusal.status, refusal.error)
+            return
+        self.session = Session(
+            socket_id=self.socket_id, claims=claims, token=token, verify=verifier, limits=session_limits()
+        )
+        await self.base_send({"type": "websocket.accept"})
+        self.idle_timer = self.loop.call_later(settings.REALTIME_IDLE_TIMEOUT_S, self._check_idle)
+
+    def _header(self, name: bytes) -> str:
+        for key, value in self.scope.get("headers", []):
+            if key == name:
+                return value.decode("latin-1").strip()
+        return ""
+
+    async def refuse(self, status: int, error: str) -> None:
+        """Answer the upgrade with a status and a JSON body, after the connect backoff."""
+        await asyncio.sleep(settings.REALTIME_CONNECT_ERROR_BACKOFF_MS / 1000)
+        if DENIAL_EXTENSION in self.scope.get("extensions", {}):
+            body = json.dumps({"error": error}, separators=(",", ":")).encode("utf-8")
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await self.base_send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+            await self.base_send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await self.base_send({"type": "websocket.close", "code": 1008})
+        self.closed = True
+
+    # --- frames ----------------------------------------------------------
+
+    async def on_frame(self, message: dict[str, Any]) -> None:
+        if self.session is None or self.closed:
+            return
+        self.last_inbound = self.loop.time()
+        text = message.get("text")
+        data = message.get("bytes") if text is None else None
+        size = len(text) if text is not None else len(data or b"")
+        if size > settings.REALTIME_MAX_FRAME_BYTES:
+            await self.close(CLOSE_TOO_BIG)
+            return
+        try:
+            if text is not None:
+                msg = decode_text(self.vsn, text)
+            elif data is not None:
+                msg = decode_binary(self.vsn, data)
+            else:
+                return
+        except FrameError as error:
+            logger.info("malformed frame dropped socket=%s reason=%s", self.socket_id, error.message)
+            return
+        try:
+            await self.run(self.session.handle(msg, time.time()))
+        except Exception:
+            logger.exception("socket=%s failed on event=%s topic=%s", self.socket_id, msg.event, msg.topic)
+            await self.close(CLOSE_INTERNAL_ERROR)
+
+    async def run(self, effects: list[Effect]) -> None:
+        """Carry out the session's effects, in order."""
+        hub = get_hub()
+        for effect in effects:
+            if isinstance(effect, Send):
+                await self.write(effect.message)
+            elif isinstance(effect, Publish):
+                layer = get_channel_layer()
+                assert layer is not None
+                try:
+                    await layer.group_send(effect.group, effect.message)
+                except Exception:
+                    # The rest of this batch is the ack of this broadcast: not sent.
+                    logger.exception("broadcast publish failed socket=%s", self.socket_id)
+                    return
+            elif isinstance(effect, Subscribe):
+                await hub.subscribe(
+                    effect.group,
+                    Subscription(self.socket_id, effect.topic, self.vsn, effect.self_broadcast, self.base_send),
+                )
+            elif isinstance(effect, Unsubscribe):
+                hub.unsubscribe(effect.group, self.socket_id, effect.topic)
+            elif isinstance(effect, SendLater):
+                if effect.delay <= 0:
+                    await self.write(effect.message)
+                else:
+                    self.loop.call_later(effect.delay, self._spawn_write, effect.message)
+            elif isinstance(effect, Close):
+                await self.close(effect.code)
+        self._schedule_expiry()
+
+    async def write(self, msg: Message) -> None:
+        if self.closed:
+            return
+        await self.base_send({"type": "websocket.send", "text": encode_text(self.vsn, msg)})
+
+    def _spawn_write(self, msg: Message) -> None:
+        self._spawn(self.write(msg))
+
+    async def close(self, code: int) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.teardown()
+        await self.base_send({"type": "websocket.close", "code": code})
+
+    # --- timers ----------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        idle_for = self.loop.time() - self.last_inbound
+        limit = settings.REALTIME_IDLE_TIMEOUT_S
+        if idle_for >= limit:
+            logger.info("closing idle socket=%s after %.0fs", self.socket_id, idle_for)
+            self._spawn(self.close(1000))
+        elif not self.closed:
+            self.idle_timer = self.loop.call_later(limit - idle_for, self._check_idle)
+
+    def _schedule_expiry(self) -> None:
+        if self.session is None:
+            return
+        deadline = self.session.next_deadline()
+        if deadline == self.expiry_at:
+            return
+        if self.expiry_timer is not None:
+            self.expiry_timer.cancel()
+            self.expiry_timer = None
+        self.expiry_at = deadline
+        if deadline is not None and math.isfinite(deadline):
+            # Wall-clock deadline -> loop delay; never more than 5 minutes ahead.
+            delay = min(max(deadline - time.time(), 0.0), 300.0)
+            self.expiry_timer = self.loop.call_later(delay, self._on_expiry_timer)
+
+    def _on_expiry_timer(self) -> None:
+        self.expiry_timer = None
+        self.expiry_at = None
+        if self.session is not None and not self.closed:
+            self._spawn(self.run(self.session.expire(time.time())))
+
+    # --- lifecycle -------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def teardown(self) -> None:
+        for timer in (self.idle_timer, self.expiry_timer):
+            if timer is not None:
+                timer.cancel()
+        self.idle_timer = self.expiry_timer = None
+        if self.session is not None:
+            hub = get_hub()
+            for effect in self.session.close_all():
+                if isinstance(effect, Unsubscribe):
+                    hub.unsubscribe(effect.group, self.socket_id, effect.topic)

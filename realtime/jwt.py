@@ -1,0 +1,115 @@
+"""Verify Supabase access tokens: token text in, ``Claims`` or a coded error out.
+
+Pure: the caller passes the secret and the current time. The checks and their
+messages follow the reference server (PROTOCOL.md 1.2); the handshake uses
+shorter texts for some of them (PROTOCOL.md 1.3), given by ``handshake_message``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jwt as pyjwt
+
+from realtime.errors import RealtimeError
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+
+
+class TokenError(RealtimeError):
+    """A token that cannot be used; ``code`` is the reference's PascalCase code."""
+
+    def __init__(self, code: str, message: str, handshake_message: str | None = None) -> None:
+        super().__init__(code, message)
+        self.handshake_message = handshake_message or message
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What a verified token grants: the Postgres role and the raw claims."""
+
+    role: str
+    exp: float
+    sub: str | None
+    raw: dict[str, Any]
+
+
+def _malformed() -> TokenError:
+    return TokenError("MalformedJWT", "The token provided is not a valid JWT")
+
+
+def verify_token(token: Any, secret: str, now: float) -> Claims:
+    """Verify an HS256/384/512 token signed with ``secret``.
+
+    Raises:
+        TokenError: with the reference's code and message for each failure.
+    """
+    if not isinstance(token, str) or token.count(".") != 2:
+        raise _malformed()
+    try:
+        header = pyjwt.get_unverified_header(token)
+    except (pyjwt.DecodeError, ValueError, TypeError):
+        raise _malformed() from None
+    alg = header.get("alg")
+    if alg not in HMAC_ALGORITHMS:
+        message = "Failed to generate JWT signer, check your JWT secret or JWKS configuration"
+        kid = header.get("kid")
+        if isinstance(kid, str):
+            message = (
+                f'Failed to generate JWT signer for key ID (kid) "{kid}", '
+                "check your JWT secret or JWKS configuration"
+            )
+        raise TokenError("JwtSignerError", message)
+    try:
+        raw = pyjwt.decode(
+            token,
+            secret,
+            algorithms=[alg],
+            options={
+                "verify_signature": True,
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "verify_iss": False,
+            },
+        )
+    except pyjwt.InvalidSignatureError:
+        raise TokenError("JwtSignatureError", "Failed to validate JWT signature") from None
+    except (pyjwt.InvalidTokenError, ValueError, TypeError, json.JSONDecodeError):
+        raise _malformed() from None
+    if not isinstance(raw, dict):
+        raise _malformed()
+    return check_claims(raw, now)
+
+
+def check_claims(raw: dict[str, Any], now: float) -> Claims:
+    """Apply the claim rules of PROTOCOL.md 1.2 steps 4-5 to verified claims."""
+    exp = raw.get("exp")
+    if "exp" in raw:
+        if not _is_number(exp):
+            raise TokenError("InvalidJWTToken", "Token expiration time is invalid", "Token has expired")
+        if exp <= now:
+            ago = math.floor(now - exp)
+            raise TokenError("InvalidJWTToken", f"Token has expired {ago} seconds ago", "Token has expired")
+    if "iat" in raw and not _is_number(raw.get("iat")):
+        raise TokenError("InvalidJWTToken", "Token issued-at time is invalid")
+    role = raw.get("role")
+    if not isinstance(role, str) or not role or exp is None:
+        raise TokenError("InvalidJWTToken", "Fields `role` and `exp` are required in JWT")
+    sub = raw.get("sub")
+    return Claims(role=role, exp=float(exp), sub=sub if isinstance(sub, str) else None, raw=raw)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def mint_token(secret: str, role: str, now: float, expires_in: int, **claims: Any) -> str:
+    """Sign an HS256 token for ``role`` (used by ``manage.py mint_token`` and tests)."""
+    payload: dict[str, Any] = {"iss": "supabase", "role": role, "iat": int(now), "exp": int(now) + expires_in}
+    payload.update(claims)
+    return pyjwt.encode(payload, secret, algorithm="HS256")

@@ -1,0 +1,311 @@
+"""The per-socket Phoenix state machine: messages in, frames and effects out.
+
+``Session.handle`` takes one decoded client message and the current time and
+returns what the socket must do, in order: frames to send (now or after a
+delay), hub subscriptions to add or drop, broadcasts to publish, a close. It
+performs no I/O and reads no clock, so every protocol rule is unit-testable.
+Rules follow PROTOCOL.md sections 2.4 (control), 3 (join), 3.7 (tokens) and 5.1
+(broadcast).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from realtime.errors import RealtimeError
+from realtime.jwt import Claims, TokenError
+from realtime.protocol.message import Message, UserBroadcast
+from realtime.protocol.payloads import JoinConfig, parse_join_payload
+from realtime.topics import TOPIC_PREFIX, broadcast_group, sub_topic
+from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
+
+logger = logging.getLogger(__name__)
+
+PHOENIX_TOPIC = "phoenix"
+BINDING_ID_MASK = (1 << 27) - 1
+
+Verifier = Callable[[str, float], Claims]
+
+
+# --- effects -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send a frame to this socket now."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class SendLater:
+    """Send a frame after ``delay`` seconds (join error backoff, PROTOCOL.md 3.2)."""
+
+    delay: float
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Start delivering the topic's broadcasts to this socket."""
+
+    group: str
+    topic: str
+    self_broadcast: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    group: str
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Send a broadcast to every channel on the group, on every process."""
+
+    group: str
+    message: BroadcastMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+
+
+Effect = Send | SendLater | Subscribe | Unsubscribe | Publish | Close
+
+
+# --- state ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    max_channels: int = 100
+    max_payload_bytes: int = 3000 * 1000 + 500
+    channel_error_backoff: float = 5.0
+
+
+@dataclass(slots=True)
+class Channel:
+    """One joined topic on this socket."""
+
+    topic: str
+    join_ref: str | None
+    config: JoinConfig
+    claims: Claims
+    token: str
+    group: str
+
+    @property
+    def sub_topic(self) -> str:
+        return sub_topic(self.topic)
+
+
+class JoinRefused(RealtimeError):
+    """A join the server answers with an error reply (PROTOCOL.md 3.2)."""
+
+
+def binding_id(binding: dict[str, Any]) -> int:
+    """A deterministic 27-bit id for a postgres_changes binding (identical bindings share it)."""
+    canonical = json.dumps(binding, sort_keys=True, separators=(",", ":"), default=str)
+    digest = hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & BINDING_ID_MASK
+
+
+def _reply(msg: Message, status: str, response: Any) -> Message:
+    return Message(msg.join_ref, msg.ref, msg.topic, "phx_reply", {"status": status, "response": response})
+
+
+def _unmatched(msg: Message) -> Message:
+    # PROTOCOL.md 2.2: join_ref is null on "unmatched topic" replies.
+    return Message(None, msg.ref, msg.topic, "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}})
+
+
+def _system(channel: Channel, status: str, extension: str, message: str) -> Message:
+    payload = {"message": message, "status": status, "extension": extension, "channel": channel.sub_topic}
+    return Message(channel.join_ref, None, channel.topic, "system", payload)
+
+
+def _close(channel: Channel) -> Message:
+    # PROTOCOL.md 2.2: phx_close carries the ended channel's join_ref as both refs.
+    return Message(channel.join_ref, channel.join_ref, channel.topic, "phx_close", {})
+
+
+@dataclass
+class Session:
+    """The protocol state of one WebSocket: its token and its joined channels."""
+
+    socket_id: str
+    claims: Claims
+    token: str
+    verify: Verifier
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    channels: dict[str, Channel] = field(default_factory=dict)
+
+    # --- entry points ----------------------------------------------------
+
+    def handle(self, msg: Message, now: float) -> list[Effect]:
+        """Process one client message."""
+        if msg.topic == PHOENIX_TOPIC:
+            if msg.event == "heartbeat":
+                return [Send(Message(None, msg.ref, PHOENIX_TOPIC, "phx_reply", {"status": "ok", "response": {}}))]
+            return [Send(_unmatched(msg))]
+        if msg.event == "phx_join":
+            return self._join(msg, now)
+        if msg.event == "phx_leave":
+            return self._leave(msg)
+        channel = self.channels.get(msg.topic)
+        if channel is None:
+            return [Send(_unmatched(msg))]
+        if msg.join_ref is not None and msg.join_ref != channel.join_ref:
+            # PROTOCOL.md 2.4: a stale join_ref is dropped silently.
+            return []
+        if msg.event == "broadcast":
+            return self._broadcast(channel, msg)
+        if msg.event == "access_token":
+            return self._access_token(channel, msg, now)
+        # Unknown events (and presence until it exists) get no reply.
+        return []
+
+    def close_all(self) -> list[Effect]:
+        """The socket is gone: drop every channel's subscription."""
+        effects: list[Effect] = [Unsubscribe(c.group, c.topic) for c in self.channels.values()]
+        self.channels.clear()
+        return effects
+
+    def next_deadline(self) -> float | None:
+        """When the earliest channel token expires, or None without channels."""
+        return min((c.claims.exp for c in self.channels.values()), default=None)
+
+    def expire(self, now: float) -> list[Effect]:
+        """End every channel whose token has expired (PROTOCOL.md 3.7)."""
+        effects: list[Effect] = []
+        for channel in [c for c in self.channels.values() if c.claims.exp <= now]:
+            ago = int(now - channel.claims.exp)
+            effects += self._end(channel, f"Token has expired {ago} seconds ago")
+        return effects
+
+    # --- join and leave --------------------------------------------------
+
+    def _join(self, msg: Message, now: float) -> list[Effect]:
+        if not msg.topic.startswith(TOPIC_PREFIX):
+            return [Send(_unmatched(msg))]
+        config = parse_join_payload(msg.payload)
+        if config.errors:
+            logger.info("InvalidJoinPayload topic=%s errors=%s", msg.topic, "; ".join(config.errors))
+        try:
+            channel = self._admit(msg, config, now)
+        except JoinRefused as error:
+            return [SendLater(self.limits.channel_error_backoff, _reply(msg, "error", {"reason": error.reason}))]
+
+        effects: list[Effect] = []
+        old = self.channels.pop(msg.topic, None)
+        if old is not None:
+            effects.append(Unsubscribe(old.group, old.topic))
+        self.channels[msg.topic] = channel
+        # Subscribe before replying: a broadcast sent after SUBSCRIBED must arrive.
+        effects.append(Subscribe(channel.group, channel.topic, config.broadcast_self))
+        bindings = [{**binding, "id": binding_id(binding)} for binding in config.postgres_changes]
+        effects.append(Send(_reply(msg, "ok", {"postgres_changes": bindings})))
+        if old is not None:
+            effects.append(Send(_close(old)))
+        if config.presence_enabled:
+            effects.append(Send(Message(channel.join_ref, None, channel.topic, "presence_state", {})))
+        return effects
+
+    def _admit(self, msg: Message, config: JoinConfig, now: float) -> Channel:
+        """Run the join checks of PROTOCOL.md 3.2 in order."""
+        topic = msg.topic
+        if topic == TOPIC_PREFIX:
+            raise JoinRefused("TopicNameRequired", "You must provide a topic name")
+        if topic not in self.channels and len(self.channels) >= self.limits.max_channels:
+            raise JoinRefused("ChannelRateLimitReached", "Too many channels")
+        claims, token = self.claims, self.token
+        access_token = config.access_token
+        if access_token is not None and not access_token.startswith("sb_") and access_token != self.token:
+            try:
+                claims = self.verify(access_token, now)
+            except TokenError as error:
+                raise JoinRefused(error.code, error.message) from None
+            token = access_token
+        elif claims.exp <= now:
+            raise JoinRefused("InvalidJWTToken", f"Token has expired {int(now - claims.exp)} seconds ago")
+        if config.private and not _bypasses_policies(claims):
+            # Without realtime.messages policies nobody but a bypassing role may read.
+            raise JoinRefused(
+                "Unauthorized", f"You do not have permissions to read from this Channel topic: {sub_topic(topic)}"
+            )
+        group = broadcast_group(sub_topic(topic), config.private)
+        return Channel(topic=topic, join_ref=msg.join_ref, config=config, claims=claims, token=token, group=group)
+
+    def _leave(self, msg: Message) -> list[Effect]:
+        channel = self.channels.get(msg.topic)
+        if channel is None:
+            return [Send(_reply(msg, "ok", {}))]
+        if msg.join_ref is not None and msg.join_ref != channel.join_ref:
+            return []
+        del self.channels[msg.topic]
+        return [Unsubscribe(channel.group, channel.topic), Send(_reply(msg, "ok", {})), Send(_close(channel))]
+
+    def _end(self, channel: Channel, message: str) -> list[Effect]:
+        """A fatal ``system`` error: the message, then ``phx_close`` (PROTOCOL.md 3.5)."""
+        self.channels.pop(channel.topic, None)
+        return [
+            Unsubscribe(channel.group, channel.topic),
+            Send(_system(channel, "error", "system", message)),
+            Send(_close(channel)),
+        ]
+
+    # --- pushes on a joined channel ---------------------------------------
+
+    def _broadcast(self, channel: Channel, msg: Message) -> list[Effect]:
+        body = msg.payload
+        if isinstance(body, UserBroadcast):
+            size = len(body.payload)
+            message = BroadcastMessage(
+                type="realtime.broadcast", group=channel.group, topic=channel.topic, origin=self.socket_id,
+                kind=KIND_BINARY, event=body.event, encoding=int(body.encoding), payload=body.payload,
+            )
+        elif isinstance(body, dict):
+            encoded = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            size = len(encoded)
+            event = body.get("event")
+            message = BroadcastMessage(
+                type="realtime.broadcast", group=channel.group, topic=channel.topic, origin=self.socket_id,
+                kind=KIND_JSON, event=event if isinstance(event, str) else "", encoding=1, payload=encoded,
+            )
+        else:
+            return []
+        ack = channel.config.broadcast_ack
+        if size > self.limits.max_payload_bytes:
+            # PROTOCOL.md 5.1: dropped; the error reply's response is a bare string.
+            return [Send(_reply(msg, "error", "payload_size_exceeded"))] if ack else []
+        effects: list[Effect] = [Publish(channel.group, message)]
+        if ack:
+            effects.append(Send(_reply(msg, "ok", {})))
+        return effects
+
+    def _access_token(self, channel: Channel, msg: Message, now: float) -> list[Effect]:
+        payload = msg.payload if isinstance(msg.payload, dict) else {}
+        token = payload.get("access_token")
+        if token is None or (isinstance(token, str) and token.startswith("sb_")) or token == channel.token:
+            return []
+        try:
+            claims = self.verify(token, now)
+        except TokenError as error:
+            return self._end(channel, error.message)
+        if channel.config.private and not _bypasses_policies(claims):
+            return self._end(channel, f"You do not have permissions to read from this Channel topic: {channel.sub_topic}")
+        channel.claims = claims
+        channel.token = token
+        return []
+
+
+def _bypasses_policies(claims: Claims) -> bool:
+    return claims.role == "service_role"

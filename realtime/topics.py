@@ -1,0 +1,24 @@
+"""The only place channel-layer group names are made.
+
+Layer group names allow ``[A-Za-z0-9._-]`` and fewer than 100 characters, while
+Supabase sub-topics are free text; public and private channels with the same
+sub-topic must stay apart (PROTOCOL.md 0 and 10). So a group name is a fixed
+prefix, the privacy flag and a digest of the sub-topic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+TOPIC_PREFIX = "realtime:"
+
+
+def sub_topic(topic: str) -> str:
+    """``realtime:room1`` -> ``room1``."""
+    return topic[len(TOPIC_PREFIX):] if topic.startswith(TOPIC_PREFIX) else topic
+
+
+def broadcast_group(sub_topic: str, private: bool) -> str:
+    """The group that carries broadcasts for one (sub-topic, private) pair."""
+    digest = hashlib.blake2b(sub_topic.encode("utf-8"), digest_size=20).hexdigest()
+    return f"rt.bc.{'priv' if private else 'pub'}.{digest}"

@@ -1,0 +1,27 @@
+"""Type aliases shared across the app, and the layer messages that cross processes.
+
+Layer messages are serialized by channels_redis (msgpack), so they hold only
+dicts, lists, str, int and bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+JSON = Any
+
+KIND_JSON = "json"  # payload: JSON text of the whole broadcast payload object
+KIND_BINARY = "binary"  # a user broadcast: event, encoding and payload bytes
+
+
+class BroadcastMessage(TypedDict):
+    """``realtime.broadcast``: one broadcast for every channel on a topic."""
+
+    type: Literal["realtime.broadcast"]
+    group: str
+    topic: str
+    origin: str  # the sending socket's id, "" when it came over REST
+    kind: str
+    event: str
+    encoding: int
+    payload: bytes

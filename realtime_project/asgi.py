@@ -1,0 +1,42 @@
+"""The ASGI entry point: HTTP goes to Django, WebSockets to the realtime consumer.
+
+Served by ``manage.py runserver`` (daphne), ``daphne realtime_project.asgi:application``
+or ``uvicorn realtime_project.asgi:application``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "realtime_project.settings")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+django_application = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.urls import path  # noqa: E402
+
+from realtime.consumer import RealtimeConsumer  # noqa: E402
+
+websocket_consumer = RealtimeConsumer.as_asgi()
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_application,
+        "websocket": URLRouter(
+            [
+                path("realtime/v1/websocket", websocket_consumer),
+                # The reference serves this path behind a gateway that strips /realtime/v1.
+                path("socket/websocket", websocket_consumer),
+            ]
+        ),
+    }
+)
+
+# Everything loaded so far lives as long as the process. Moving it out of the
+# collector's generations keeps full collections from scanning it on the
+# fan-out path (they stalled deliveries for 160-200 ms without this).
+gc.collect()
+gc.freeze()

@@ -1,0 +1,120 @@
+"""Django settings, read once from the environment through ``env.py``.
+
+The operator sets ``DATABASE_URL``, ``REDIS_URL`` and ``JWT_SECRET``; every
+other variable has a safe default. ``DJANGO_DEBUG`` is off unless set, and with
+it off ``DJANGO_SECRET_KEY`` is required.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+from realtime_project.env import database_from_url, env_bool, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+JWT_SECRET = env_str("JWT_SECRET")
+# Without DJANGO_SECRET_KEY the key is derived from JWT_SECRET, which is
+# already a secret the operator must keep; set it to rotate them separately.
+SECRET_KEY = env_str(
+    "DJANGO_SECRET_KEY",
+    hmac.new(JWT_SECRET.encode(), b"django-secret-key", hashlib.sha256).hexdigest(),
+)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    # realtime first: its runserver (daphne with our protocol tweaks) wins.
+    "realtime",
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "presence",
+    "replication",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "realtime_project.urls"
+ASGI_APPLICATION = "realtime_project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": database_from_url(env_str("DATABASE_URL", "postgresql://postgres@127.0.0.1:54329/realtime"))}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:63799/0")
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [REDIS_URL],
+            # One hub inbox per process receives every topic's fan-out, so it
+            # needs room for bursts; the layer drops (and we count) beyond it.
+            "capacity": env_int("REALTIME_LAYER_CAPACITY", 10_000),
+            "expiry": 60,
+            "group_expiry": 86_400,
+            "prefix": env_str("REALTIME_LAYER_PREFIX", "realtime"),
+        },
+    }
+}
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("DJANGO_BEHIND_TLS_PROXY", False) else None
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("REALTIME_LOG_LEVEL", "INFO")},
+    "loggers": {"daphne": {"level": "WARNING"}, "django.channels.server": {"level": "WARNING"}},
+}
+
+# --- Realtime --------------------------------------------------------------
+REALTIME_CONNECT_ERROR_BACKOFF_MS = env_int("REALTIME_CONNECT_ERROR_BACKOFF_MS", 2000)
+REALTIME_CHANNEL_ERROR_BACKOFF_MS = env_int("REALTIME_CHANNEL_ERROR_BACKOFF_MS", 5000)
+REALTIME_MAX_CHANNELS_PER_CLIENT = env_int("REALTIME_MAX_CHANNELS_PER_CLIENT", 100)
+REALTIME_MAX_PAYLOAD_SIZE_KB = env_int("REALTIME_MAX_PAYLOAD_SIZE_KB", 3000)
+REALTIME_MAX_FRAME_BYTES = env_int("REALTIME_MAX_FRAME_BYTES", 5_000_000)
+REALTIME_IDLE_TIMEOUT_S = env_int("REALTIME_IDLE_TIMEOUT_S", 60)
+# Opaque project keys (sb_publishable_..., sb_secret_...) accepted at connect.
+REALTIME_PUBLISHABLE_KEYS = env_list("REALTIME_PUBLISHABLE_KEYS", [])
+REALTIME_SECRET_KEYS = env_list("REALTIME_SECRET_KEYS", [])
+
+DAPHNE_WEBSOCKET_MAX_MESSAGE_SIZE = REALTIME_MAX_FRAME_BYTES

@@ -1,0 +1,15 @@
+"""HTTP routes: the REST broadcast API, a health check and the admin."""
+
+from django.contrib import admin
+from django.urls import path
+
+from realtime import broadcast_api, views
+
+urlpatterns = [
+    path("healthz", views.healthz),
+    path("realtime/v1/api/broadcast", broadcast_api.broadcast_batch),
+    path("api/broadcast", broadcast_api.broadcast_batch),
+    path("realtime/v1/api/broadcast/<str:topic>/events/<str:event>", broadcast_api.broadcast_single),
+    path("api/broadcast/<str:topic>/events/<str:event>", broadcast_api.broadcast_single),
+    path("admin/", admin.site.urls),
+]
