@@ -102,6 +102,7 @@ class Hub:
         self._joined: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
         self.delivered = 0
         self.failed = 0
 
@@ -155,6 +156,8 @@ class Hub:
             try:
                 message = await self._layer.receive(self._channel_name)
             except Exception:
+                if self._closing:
+                    return  # redis-py turns our cancellation into a TimeoutError
                 logger.exception("hub receive failed; retrying in %.1fs", RECEIVE_RETRY_S)
                 await asyncio.sleep(RECEIVE_RETRY_S)
                 continue
@@ -207,6 +210,27 @@ class Hub:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        """Stop receiving and leave every group (server shutdown, test teardown)."""
+        self._closing = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._channel_name is not None:
+            for group in list(self._joined):
+                await self._layer.group_discard(group, self._channel_name)
+        self._joined.clear()
+        self._groups.clear()
+        self._snapshots.clear()
+
+
+async def close_hub() -> None:
+    """Close the running loop's hub, if it has one."""
+    hub = _hubs.pop(asyncio.get_running_loop(), None)
+    if hub is not None:
+        await hub.aclose()
 
 
 _hubs: dict[asyncio.AbstractEventLoop, Hub] = {}

@@ -1,0 +1,87 @@
+"""Fixtures for in-process tests of the ASGI application against the real Redis layer."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlencode
+
+import jwt
+import pytest
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+
+from realtime.hub import close_hub
+
+
+def token(role: str = "anon", exp_in: float = 3600, **claims: Any) -> str:
+    payload = {"role": role, "exp": int(time.time() + exp_in), **claims}
+    return jwt.encode(payload, os.environ["JWT_SECRET"], algorithm="HS256")
+
+
+class Client:
+    """A WebsocketCommunicator that speaks Phoenix frames."""
+
+    def __init__(self, communicator: WebsocketCommunicator, vsn: str) -> None:
+        self.ws = communicator
+        self.vsn = vsn
+
+    async def push(self, join_ref: str | None, ref: str | None, topic: str, event: str, payload: Any) -> None:
+        if self.vsn == "2.0.0":
+            await self.ws.send_to(text_data=json.dumps([join_ref, ref, topic, event, payload]))
+        else:
+            frame = {"topic": topic, "event": event, "payload": payload, "ref": ref}
+            if join_ref is not None:
+                frame["join_ref"] = join_ref
+            await self.ws.send_to(text_data=json.dumps(frame))
+
+    async def recv(self, timeout: float = 2) -> Any:
+        message = await self.ws.receive_output(timeout)
+        assert message["type"] == "websocket.send", message
+        if message.get("bytes") is not None:
+            return message["bytes"]
+        return json.loads(message["text"])
+
+    async def recv_event(self, event: str, timeout: float = 2) -> Any:
+        """Skip frames until one with ``event`` arrives."""
+        while True:
+            frame = await self.recv(timeout)
+            if isinstance(frame, bytes):
+                continue
+            name = frame[3] if isinstance(frame, list) else frame["event"]
+            if name == event:
+                return frame
+
+    async def nothing(self, timeout: float = 0.3) -> bool:
+        return await self.ws.receive_nothing(timeout)
+
+    async def join(self, topic: str, config: dict[str, Any] | None = None, ref: str = "1", **extra: Any) -> Any:
+        await self.push(ref, ref, topic, "phx_join", {"config": config or {}, **extra})
+        return await self.recv()
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Any]:
+    """``await connect(vsn=..., apikey=...)`` -> a connected Client; all closed afterwards."""
+    from realtime_project.asgi import application
+
+    opened: list[WebsocketCommunicator] = []
+
+    async def _connect(vsn: str = "2.0.0", apikey: str | None = None, headers: list[tuple[bytes, bytes]] | None = None, expect: bool = True) -> Any:
+        query = {"apikey": apikey if apikey is not None else token(), "vsn": vsn}
+        communicator = WebsocketCommunicator(application, f"/realtime/v1/websocket?{urlencode(query)}", headers=headers)
+        opened.append(communicator)
+        connected, _ = await communicator.connect(timeout=5)
+        assert connected is expect
+        return Client(communicator, vsn)
+
+    yield _connect
+    for communicator in opened:
+        await communicator.disconnect()
+    await close_hub()
+    layer = get_channel_layer()
+    if layer is not None and hasattr(layer, "close_pools"):
+        await layer.close_pools()

@@ -1,0 +1,74 @@
+"""Token verification: each failure has the reference's code and message."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import jwt as pyjwt
+import pytest
+
+from realtime.jwt import TokenError, mint_token, verify_token
+
+pytestmark = pytest.mark.unit
+
+SECRET = "test-secret-with-at-least-thirty-two-characters!"
+NOW = 1_700_000_000.0
+
+
+def sign(claims: dict, secret: str = SECRET, alg: str = "HS256", headers: dict | None = None) -> str:
+    return pyjwt.encode(claims, secret, algorithm=alg, headers=headers)
+
+
+def error_of(token: object) -> TokenError:
+    with pytest.raises(TokenError) as caught:
+        verify_token(token, SECRET, NOW)
+    return caught.value
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+def test_valid_hmac_token_gives_role_and_claims(alg: str) -> None:
+    claims = verify_token(sign({"role": "authenticated", "exp": NOW + 60, "sub": "u1"}, alg=alg), SECRET, NOW)
+    assert (claims.role, claims.sub, claims.exp) == ("authenticated", "u1", NOW + 60)
+
+
+@pytest.mark.parametrize("token", ["potato", "", "a.b", "a.b.c", None, 42, "x.y.z.w"])
+def test_malformed_tokens(token: object) -> None:
+    error = error_of(token)
+    assert (error.code, error.message) == ("MalformedJWT", "The token provided is not a valid JWT")
+
+
+def test_claims_that_are_not_an_object_are_malformed() -> None:
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256"}).encode()).rstrip(b"=").decode()
+    body = base64.urlsafe_b64encode(b"[1,2]").rstrip(b"=").decode()
+    assert error_of(f"{header}.{body}.sig").code in {"MalformedJWT", "JwtSignatureError"}
+
+
+def test_wrong_secret_is_a_signature_error() -> None:  # C4
+    error = error_of(sign({"role": "anon", "exp": NOW + 60}, secret="another-secret-of-sufficient-length-123"))
+    assert (error.code, error.message) == ("JwtSignatureError", "Failed to validate JWT signature")
+
+
+def test_expired_token_says_how_long_ago() -> None:  # C3
+    error = error_of(sign({"role": "anon", "exp": NOW - 42}))
+    assert (error.code, error.message) == ("InvalidJWTToken", "Token has expired 42 seconds ago")
+    assert error.handshake_message == "Token has expired"
+
+
+@pytest.mark.parametrize("claims", [{"exp": NOW + 60}, {"role": "anon"}, {"role": "", "exp": NOW + 60}])
+def test_role_and_exp_are_required(claims: dict) -> None:  # C3
+    error = error_of(sign(claims))
+    assert (error.code, error.message) == ("InvalidJWTToken", "Fields `role` and `exp` are required in JWT")
+
+
+def test_asymmetric_algorithms_without_jwks_have_no_signer() -> None:
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "RS256", "kid": "k1"}).encode()).rstrip(b"=").decode()
+    body = base64.urlsafe_b64encode(json.dumps({"role": "anon", "exp": NOW + 60}).encode()).rstrip(b"=").decode()
+    error = error_of(f"{header}.{body}.c2ln")
+    assert error.code == "JwtSignerError"
+    assert error.message.startswith('Failed to generate JWT signer for key ID (kid) "k1"')
+
+
+def test_minted_tokens_verify() -> None:
+    token = mint_token(SECRET, "service_role", NOW, 60)
+    assert verify_token(token, SECRET, NOW).role == "service_role"

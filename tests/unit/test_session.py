@@ -1,0 +1,318 @@
+"""The per-socket state machine: what a client sees for each message it sends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from realtime.jwt import Claims, TokenError, check_claims
+from realtime.protocol.message import Message, UserBroadcast
+from realtime.protocol.session import (
+    Publish,
+    Send,
+    SendLater,
+    Session,
+    SessionLimits,
+    Subscribe,
+    Unsubscribe,
+    binding_id,
+)
+
+pytestmark = pytest.mark.unit
+
+NOW = 1_700_000_000.0
+CONNECT = Claims(role="anon", exp=NOW + 3600, sub=None, raw={"role": "anon", "exp": NOW + 3600})
+
+
+def fake_verify(token: str, now: float) -> Claims:
+    """Tokens in tests are spelled ``role:exp`` or a failure keyword."""
+    if token == "potato" or token == "":
+        raise TokenError("MalformedJWT", "The token provided is not a valid JWT")
+    if token == "badsig":
+        raise TokenError("JwtSignatureError", "Failed to validate JWT signature")
+    role, exp = token.split(":")
+    return check_claims({"role": role, "exp": float(exp)}, now)
+
+
+def new_session(**limits: Any) -> Session:
+    return Session(
+        socket_id="sock-a",
+        claims=CONNECT,
+        token="connect-token",
+        verify=fake_verify,
+        limits=SessionLimits(**{"channel_error_backoff": 0.0, **limits}),
+    )
+
+
+def frames(effects: list[Any]) -> list[Message]:
+    return [e.message for e in effects if isinstance(e, (Send, SendLater))]
+
+
+def join(session: Session, topic: str = "realtime:room1", ref: str = "1", payload: Any = None, now: float = NOW) -> list[Any]:
+    if payload is None:
+        payload = {"config": {}}
+    return session.handle(Message(ref, ref, topic, "phx_join", payload), now)
+
+
+# --- control ------------------------------------------------------------
+
+
+def test_heartbeat_is_answered_with_null_join_ref_and_its_ref() -> None:  # C9
+    out = frames(new_session().handle(Message(None, "5", "phoenix", "heartbeat", {}), NOW))
+    assert out == [Message(None, "5", "phoenix", "phx_reply", {"status": "ok", "response": {}})]
+
+
+def test_other_events_on_phoenix_are_unmatched() -> None:
+    out = frames(new_session().handle(Message(None, "5", "phoenix", "boom", {}), NOW))
+    assert out[0].payload == {"status": "error", "response": {"reason": "unmatched topic"}}
+
+
+def test_push_to_topic_not_joined_is_unmatched_with_its_ref() -> None:  # C13
+    out = frames(new_session().handle(Message("9", "10", "realtime:nope", "broadcast", {}), NOW))
+    assert out == [
+        Message(None, "10", "realtime:nope", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}})
+    ]
+
+
+def test_join_without_realtime_prefix_is_unmatched() -> None:  # C19
+    out = frames(join(new_session(), topic="room1"))
+    assert out[0].join_ref is None
+    assert out[0].payload["response"] == {"reason": "unmatched topic"}
+
+
+# --- join ---------------------------------------------------------------
+
+
+def test_join_without_bindings_replies_ok_with_empty_postgres_changes() -> None:  # C20
+    effects = join(new_session())
+    assert frames(effects) == [
+        Message("1", "1", "realtime:room1", "phx_reply", {"status": "ok", "response": {"postgres_changes": []}})
+    ]
+
+
+def test_join_subscribes_before_it_replies() -> None:  # a broadcast after SUBSCRIBED must arrive
+    effects = join(new_session())
+    kinds = [type(e) for e in effects]
+    assert kinds.index(Subscribe) < kinds.index(Send)
+
+
+def test_two_bindings_are_echoed_in_order_with_integer_ids() -> None:  # C21, C22
+    bindings = [
+        {"event": "insert", "schema": "public", "table": "todos"},
+        {"event": "*", "schema": "public"},
+    ]
+    reply = frames(join(new_session(), payload={"config": {"postgres_changes": bindings}}))[0]
+    echoed = reply.payload["response"]["postgres_changes"]
+    assert [{k: v for k, v in b.items() if k != "id"} for b in echoed] == bindings
+    assert all(isinstance(b["id"], int) and 0 <= b["id"] < 2**27 for b in echoed)
+    assert "filter" not in echoed[0] and echoed[0]["event"] == "insert"
+
+
+def test_identical_bindings_share_an_id() -> None:
+    binding = {"event": "*", "schema": "public", "table": "t"}
+    assert binding_id(dict(binding)) == binding_id(dict(binding))
+    assert binding_id(binding) != binding_id({**binding, "table": "u"})
+
+
+def test_bare_realtime_topic_requires_a_name() -> None:  # C19
+    out = frames(join(new_session(), topic="realtime:"))
+    assert out[0].payload == {
+        "status": "error",
+        "response": {"reason": "TopicNameRequired: You must provide a topic name"},
+    }
+
+
+def test_join_errors_are_delayed_by_the_channel_backoff() -> None:  # C29
+    session = Session("s", CONNECT, "t", fake_verify, SessionLimits(channel_error_backoff=2.5))
+    effects = join(session, topic="realtime:")
+    assert isinstance(effects[0], SendLater) and effects[0].delay == 2.5
+
+
+def test_expired_join_access_token_is_refused() -> None:  # C24
+    out = frames(join(new_session(), payload={"config": {}, "access_token": f"anon:{NOW - 30}"}))
+    assert out[0].payload["response"]["reason"] == "InvalidJWTToken: Token has expired 30 seconds ago"
+
+
+def test_malformed_join_access_token_is_refused() -> None:  # C25
+    out = frames(join(new_session(), payload={"config": {}, "access_token": "potato"}))
+    assert out[0].payload["response"]["reason"] == "MalformedJWT: The token provided is not a valid JWT"
+
+
+def test_opaque_access_token_joins_with_the_connect_token() -> None:  # C26
+    session = new_session()
+    out = frames(join(session, payload={"config": {}, "access_token": "sb_publishable_x"}))
+    assert out[0].payload["status"] == "ok"
+    assert session.channels["realtime:room1"].claims == CONNECT
+
+
+def test_string_config_still_joins_and_string_private_counts() -> None:  # C27
+    assert frames(join(new_session(), payload={"config": "x"}))[0].payload["status"] == "ok"
+    session = new_session()
+    out = frames(join(session, payload={"config": {"private": "True"}}))
+    # anon cannot read a private topic without policies: the flag was understood.
+    assert out[0].payload["response"]["reason"].startswith("Unauthorized: You do not have permissions")
+
+
+def test_private_join_is_open_to_service_role() -> None:
+    session = Session("s", Claims("service_role", NOW + 60, None, {}), "t", fake_verify, SessionLimits(channel_error_backoff=0))
+    out = frames(join(session, payload={"config": {"private": True}}))
+    assert out[0].payload["status"] == "ok"
+
+
+def test_channel_limit_refuses_one_more_and_a_leave_frees_a_slot() -> None:  # C30
+    session = new_session(max_channels=3)
+    for i in range(3):
+        assert frames(join(session, topic=f"realtime:r{i}", ref=str(i)))[0].payload["status"] == "ok"
+    out = frames(join(session, topic="realtime:r9", ref="9"))
+    assert out[0].payload["response"]["reason"] == "ChannelRateLimitReached: Too many channels"
+    session.handle(Message("0", "20", "realtime:r0", "phx_leave", {}), NOW)
+    assert frames(join(session, topic="realtime:r9", ref="21"))[0].payload["status"] == "ok"
+
+
+def test_rejoin_replies_then_closes_the_old_join_ref() -> None:  # C16
+    session = new_session()
+    join(session, ref="1")
+    effects = join(session, ref="3")
+    out = frames(effects)
+    assert out[0] == Message("3", "3", "realtime:room1", "phx_reply", {"status": "ok", "response": {"postgres_changes": []}})
+    assert out[1] == Message("1", "1", "realtime:room1", "phx_close", {})
+    assert any(isinstance(e, Unsubscribe) for e in effects)
+
+
+def test_presence_enabled_join_gets_empty_presence_state_after_the_reply() -> None:  # C12, C23
+    out = frames(join(new_session(), payload={"config": {"presence": {"enabled": True}}}))
+    assert out[0].event == "phx_reply"
+    assert out[1] == Message("1", None, "realtime:room1", "presence_state", {})
+
+
+# --- leave --------------------------------------------------------------
+
+
+def test_leave_replies_ok_then_closes_with_the_join_ref() -> None:  # C15
+    session = new_session()
+    join(session, ref="1")
+    effects = session.handle(Message("1", "2", "realtime:room1", "phx_leave", {}), NOW)
+    assert frames(effects) == [
+        Message("1", "2", "realtime:room1", "phx_reply", {"status": "ok", "response": {}}),
+        Message("1", "1", "realtime:room1", "phx_close", {}),
+    ]
+    assert "realtime:room1" not in session.channels
+
+
+def test_leaving_a_topic_not_joined_is_ok() -> None:
+    out = frames(new_session().handle(Message(None, "2", "realtime:x", "phx_leave", {}), NOW))
+    assert out[0].payload == {"status": "ok", "response": {}}
+
+
+# --- broadcast ----------------------------------------------------------
+
+
+def broadcast(session: Session, payload: Any, ref: str = "2", join_ref: str = "1") -> list[Any]:
+    return session.handle(Message(join_ref, ref, "realtime:room1", "broadcast", payload), NOW)
+
+
+def test_broadcast_is_published_verbatim_to_the_topic_group() -> None:
+    session = new_session()
+    join(session)
+    body = {"type": "broadcast", "event": "e", "payload": {"x": 1}}
+    effects = broadcast(session, body)
+    publish = [e for e in effects if isinstance(e, Publish)]
+    assert len(publish) == 1
+    assert publish[0].message["payload"] == b'{"type":"broadcast","event":"e","payload":{"x":1}}'
+    assert publish[0].message["origin"] == "sock-a"
+    assert frames(effects) == []  # ack is off by default
+
+
+def test_ack_replies_ok_with_the_push_ref_for_json_and_binary() -> None:  # C67
+    session = new_session()
+    join(session, payload={"config": {"broadcast": {"ack": True}}})
+    for body in ({"type": "broadcast", "event": "e", "payload": {}}, UserBroadcast("e", 1, b"{}")):
+        out = frames(broadcast(session, body, ref="7"))
+        assert out == [Message("1", "7", "realtime:room1", "phx_reply", {"status": "ok", "response": {}})]
+
+
+def test_oversized_broadcast_is_dropped_with_payload_size_exceeded() -> None:  # C72
+    session = new_session(max_payload_bytes=100)
+    join(session, payload={"config": {"broadcast": {"ack": True}}})
+    effects = broadcast(session, UserBroadcast("e", 0, b"x" * 101))
+    assert not any(isinstance(e, Publish) for e in effects)
+    assert frames(effects)[0].payload == {"status": "error", "response": "payload_size_exceeded"}
+
+
+def test_stale_join_ref_is_dropped_silently() -> None:  # C17
+    session = new_session()
+    join(session, ref="1")
+    join(session, ref="5")
+    assert broadcast(session, {"type": "broadcast", "event": "e", "payload": {}}, join_ref="1") == []
+
+
+def test_many_topics_are_multiplexed_on_one_socket() -> None:
+    session = new_session()
+    for i in range(20):
+        join(session, topic=f"realtime:t{i}", ref=str(i))
+    assert len(session.channels) == 20
+    groups = {c.group for c in session.channels.values()}
+    assert len(groups) == 20
+
+
+def test_public_and_private_channels_of_one_sub_topic_use_different_groups() -> None:  # C71
+    admin = Session("s", Claims("service_role", NOW + 60, None, {}), "t", fake_verify, SessionLimits(channel_error_backoff=0))
+    join(admin, topic="realtime:room1", ref="1", payload={"config": {"private": False}})
+    public_group = admin.channels["realtime:room1"].group
+    join(admin, topic="realtime:room1", ref="2", payload={"config": {"private": True}})
+    assert admin.channels["realtime:room1"].group != public_group
+
+
+# --- tokens -------------------------------------------------------------
+
+
+def access_token(session: Session, token: Any) -> list[Message]:
+    return frames(session.handle(Message("1", "9", "realtime:room1", "access_token", {"access_token": token}), NOW))
+
+
+def test_expired_refresh_sends_system_error_then_close() -> None:  # C32
+    session = new_session()
+    join(session)
+    out = access_token(session, f"anon:{NOW - 5}")
+    assert out[0] == Message(
+        "1", None, "realtime:room1", "system",
+        {"message": "Token has expired 5 seconds ago", "status": "error", "extension": "system", "channel": "room1"},
+    )
+    assert out[1] == Message("1", "1", "realtime:room1", "phx_close", {})
+    assert "realtime:room1" not in session.channels
+
+
+def test_empty_refresh_is_not_a_valid_jwt() -> None:  # C33
+    session = new_session()
+    join(session)
+    out = access_token(session, "")
+    assert out[0].payload["message"] == "The token provided is not a valid JWT"
+    assert out[1].event == "phx_close"
+
+
+def test_opaque_or_same_refresh_sends_nothing() -> None:  # C34
+    session = new_session()
+    join(session)
+    assert access_token(session, "sb_publishable_abc") == []
+    assert access_token(session, "connect-token") == []
+    assert access_token(session, None) == []
+
+
+def test_valid_refresh_moves_the_expiry() -> None:
+    session = new_session()
+    join(session)
+    assert access_token(session, f"authenticated:{NOW + 10}") == []
+    assert session.next_deadline() == NOW + 10
+    assert session.channels["realtime:room1"].claims.role == "authenticated"
+
+
+def test_token_expiry_closes_the_channel() -> None:  # C35
+    session = new_session()
+    join(session, payload={"config": {}, "access_token": f"anon:{NOW + 2}"})
+    assert session.next_deadline() == NOW + 2
+    assert session.expire(NOW + 1) == []
+    out = frames(session.expire(NOW + 3))
+    assert out[0].payload["message"] == "Token has expired 1 seconds ago"
+    assert out[1].event == "phx_close"
+    assert session.next_deadline() is None
