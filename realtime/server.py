@@ -52,6 +52,13 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
     _denial: tuple[int, list[tuple[bytes, bytes]]] | None = None
     _denial_body: bytes | None = None
 
+    def _connectionMade(self) -> None:  # noqa: N802
+        super()._connectionMade()
+        # On a protocol violation (e.g. a frame over the size limit) send the
+        # close frame with its code (1009) instead of dropping the TCP
+        # connection, so the client learns why.
+        self.failByDrop = False
+
     # --- 1. denial response ----------------------------------------------
 
     def handle_reply(self, message: dict[str, Any]) -> None:

@@ -1,0 +1,246 @@
+"""A real server process (daphne, and uvicorn where noted) over real sockets.
+
+Covers what only a real server shows: handshake refusals with their HTTP
+status and body (PROTOCOL.md 1.3), the REST endpoints (5.3) and a misbehaving
+client that must not disturb a well-behaved one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+import uuid
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.fixtures.server import ServerProcess, mint_token, start_server
+
+pytestmark = pytest.mark.integration
+
+WAIT = 5.0
+
+
+def ws_url(server: ServerProcess, vsn: str | None = "2.0.0", apikey: str | None = None) -> str:
+    query: dict[str, str] = {}
+    if apikey is not None:
+        query["apikey"] = apikey
+    if vsn is not None:
+        query["vsn"] = vsn
+    return f"{server.ws_url}?{urlencode(query)}"
+
+
+async def refused(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    with pytest.raises(InvalidStatus) as caught:
+        async with connect(url, additional_headers=headers, open_timeout=WAIT):
+            pass
+    response = caught.value.response
+    body = bytes(response.body or b"")
+    return response.status_code, json.loads(body) if body else None
+
+
+async def joined(server: ServerProcess, room: str, config: dict[str, Any] | None = None, role: str = "anon", vsn: str = "2.0.0") -> ClientConnection:
+    ws = await connect(ws_url(server, vsn=vsn, apikey=mint_token(role)), open_timeout=WAIT)
+    if vsn == "2.0.0":
+        await ws.send(json.dumps(["1", "1", room, "phx_join", {"config": config or {}}]))
+        reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        assert reply[4]["status"] == "ok", reply
+    else:
+        await ws.send(json.dumps({"topic": room, "event": "phx_join", "payload": {"config": config or {}}, "ref": "1", "join_ref": "1"}))
+        reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        assert reply["payload"]["status"] == "ok", reply
+    return ws
+
+
+async def quiet(ws: ClientConnection, seconds: float = 0.5) -> bool:
+    try:
+        frame = await asyncio.wait_for(ws.recv(), seconds)
+    except asyncio.TimeoutError:
+        return True
+    raise AssertionError(f"unexpected frame {frame!r}")
+
+
+def post(server: ServerProcess, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"{server.url}{path}", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def room() -> str:
+    return f"realtime:live-{uuid.uuid4().hex[:8]}"
+
+
+# --- handshake ------------------------------------------------------------
+
+
+async def test_valid_key_upgrades(realtime_server: ServerProcess) -> None:  # C1
+    async with connect(ws_url(realtime_server, apikey=mint_token("anon")), open_timeout=WAIT) as ws:
+        await ws.send(json.dumps([None, "1", "phoenix", "heartbeat", {}]))
+        assert json.loads(await ws.recv()) == [None, "1", "phoenix", "phx_reply", {"status": "ok", "response": {}}]
+
+
+async def test_socket_path_is_served_too(realtime_server: ServerProcess) -> None:
+    url = f"ws://127.0.0.1:{realtime_server.port}/socket/websocket?{urlencode({'apikey': mint_token('anon'), 'vsn': '2.0.0'})}"
+    async with connect(url, open_timeout=WAIT):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("apikey", "status", "error"),
+    [
+        (None, 401, "API key is missing"),  # C2
+        ("potato", 401, "The token provided is not a valid JWT"),  # C4
+        ("expired", 401, "Token has expired"),  # C3
+        ("no-role", 401, "Fields `role` and `exp` are required in JWT"),  # C3
+        ("wrong-secret", 401, "Failed to validate JWT signature"),  # C4
+    ],
+)
+async def test_handshake_refusals_have_status_and_body(realtime_server: ServerProcess, apikey: str | None, status: int, error: str) -> None:
+    import jwt
+
+    keys = {
+        "expired": lambda: mint_token("anon", exp_in=-60),
+        "no-role": lambda: mint_token(None),
+        "wrong-secret": lambda: jwt.encode({"role": "anon", "exp": 4102444800}, "x" * 40, algorithm="HS256"),
+    }
+    key = keys[apikey]() if apikey in keys else apikey
+    assert await refused(ws_url(realtime_server, apikey=key)) == (status, {"error": error})
+
+
+async def test_x_api_key_header_wins_over_invalid_apikey(realtime_server: ServerProcess) -> None:  # C5
+    async with connect(ws_url(realtime_server, apikey="potato"), additional_headers={"x-api-key": mint_token("anon")}, open_timeout=WAIT):
+        pass
+
+
+async def test_unknown_vsn_is_not_upgraded(realtime_server: ServerProcess) -> None:  # C6
+    status, _ = await refused(ws_url(realtime_server, vsn="3.0.0", apikey=mint_token("anon")))
+    assert status == 403
+
+
+# --- REST -----------------------------------------------------------------
+
+
+def bearer(role: str = "service_role") -> dict[str, str]:
+    return {"Authorization": f"Bearer {mint_token(role)}", "Content-Type": "application/json"}
+
+
+async def test_rest_batch_reaches_subscribers(realtime_server: ServerProcess) -> None:  # C73
+    topic = room()
+    ws = await joined(realtime_server, topic)
+    messages = [
+        {"topic": topic.removeprefix("realtime:"), "event": "e1", "payload": {"n": 1}},
+        {"topic": topic.removeprefix("realtime:"), "event": "e2", "payload": {"n": 2}, "id": "m-2"},
+    ]
+    status, body = post(realtime_server, "/realtime/v1/api/broadcast", json.dumps({"messages": messages}).encode(), bearer())
+    assert (status, body) == (202, b"")
+    first = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+    second = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+    assert first == [None, None, topic, "broadcast", {"type": "broadcast", "event": "e1", "payload": {"n": 1}}]
+    assert second[4] == {"type": "broadcast", "event": "e2", "payload": {"n": 2}, "meta": {"id": "m-2"}}
+    await ws.close()
+
+
+async def test_rest_batch_refusals(realtime_server: ServerProcess) -> None:  # C74
+    body = json.dumps({"messages": [{"topic": "a", "event": "e", "payload": {}}]}).encode()
+    assert post(realtime_server, "/realtime/v1/api/broadcast", body, {"Content-Type": "application/json"}) == (401, b'{"message": "Unauthorized"}')
+    status, raw = post(
+        realtime_server,
+        "/realtime/v1/api/broadcast",
+        json.dumps({"messages": [{"topic": "a", "event": "e", "payload": {}}, {"topic": "a", "event": "e"}]}).encode(),
+        bearer(),
+    )
+    assert status == 422
+    assert json.loads(raw) == {"errors": {"messages": [{}, {"payload": ["can't be blank"]}]}}
+
+
+async def test_rest_batch_private_without_write_is_accepted_and_dropped(realtime_server: ServerProcess) -> None:  # C75
+    topic = room()
+    ws = await joined(realtime_server, topic, {"private": True}, role="service_role")
+    message = {"topic": topic.removeprefix("realtime:"), "event": "e", "payload": {}, "private": True}
+    status, _ = post(realtime_server, "/realtime/v1/api/broadcast", json.dumps({"messages": [message]}).encode(), bearer("anon"))
+    assert status == 202
+    assert await quiet(ws)
+    status, _ = post(realtime_server, "/realtime/v1/api/broadcast", json.dumps({"messages": [message]}).encode(), bearer())
+    assert status == 202
+    assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))[4]["event"] == "e"
+    await ws.close()
+
+
+async def test_rest_single_message(realtime_server: ServerProcess) -> None:  # C76
+    topic = room()
+    sub = topic.removeprefix("realtime:")
+    v2 = await joined(realtime_server, topic)
+    v1 = await joined(realtime_server, topic, vsn="1.0.0")
+    path = f"/realtime/v1/api/broadcast/{sub}/events/ping"
+    assert post(realtime_server, path, b'{"a":1}', bearer()) == (202, b"")
+    assert await asyncio.wait_for(v2.recv(), WAIT) == bytes([4, len(topic), 4, 0, 1]) + topic.encode() + b"ping" + b'{"a":1}'
+    assert json.loads(await asyncio.wait_for(v1.recv(), WAIT))["payload"] == {"type": "broadcast", "event": "ping", "payload": {"a": 1}}
+    status, raw = post(realtime_server, path, b"hi", {**bearer(), "Content-Type": "text/plain"})
+    assert status == 415 and json.loads(raw)["error"].startswith("Unsupported Media Type")
+    status, raw = post(realtime_server, path + "?private=true", b"{}", bearer("anon"))
+    assert (status, json.loads(raw)) == (403, {"message": "Unauthorized"})
+    await v2.close()
+    await v1.close()
+
+
+# --- robustness -----------------------------------------------------------
+
+
+async def test_bad_input_never_disturbs_a_well_behaved_client(realtime_server: ServerProcess) -> None:
+    topic = room()
+    sender = await joined(realtime_server, topic)
+    receiver = await joined(realtime_server, topic)
+    received = 0
+
+    async def tick(n: int) -> None:
+        nonlocal received
+        await sender.send(json.dumps(["1", str(100 + n), topic, "broadcast", {"type": "broadcast", "event": "t", "payload": {"n": n}}]))
+        frame = json.loads(await asyncio.wait_for(receiver.recv(), WAIT))
+        assert frame[4]["payload"] == {"n": n}
+        received += 1
+
+    bad = await connect(ws_url(realtime_server, apikey=mint_token("anon")), open_timeout=WAIT, max_size=None)
+    inputs: list[str | bytes] = [
+        "{not json",
+        json.dumps({"topic": 1, "event": [], "payload": "x"}),
+        json.dumps([None, "1", "realtime:x", "no_such_event", {}]),
+        json.dumps(["1", "1", "not-realtime", "phx_join", {}]),
+        json.dumps(["1", "1", topic, "phx_join", {"config": {"broadcast": "yes", "postgres_changes": 7}}]),
+        b"\x03\x05\x05\x05",
+        b"",
+    ]
+    for n, frame in enumerate(inputs):
+        await bad.send(frame)
+        await tick(n)
+    for i in range(1000):
+        await bad.send(json.dumps([str(i), str(i), f"realtime:burst-{i}", "phx_join", {"config": {}}]))
+    await tick(50)
+    await bad.send("x" * 5_000_001)  # over the frame limit: that socket alone is closed with 1009
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(bad.recv(), WAIT)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    await tick(99)
+    assert received == len(inputs) + 2
+    await sender.close()
+    await receiver.close()
+
+
+async def test_uvicorn_serves_the_same_protocol() -> None:
+    with start_server(server="uvicorn") as server:
+        topic = room()
+        a = await joined(server, topic)
+        b = await joined(server, topic)
+        await a.send(json.dumps(["1", "2", topic, "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]))
+        assert json.loads(await asyncio.wait_for(b.recv(), WAIT))[3] == "broadcast"
+        assert await refused(ws_url(server, apikey=None)) == (401, {"error": "API key is missing"})
+        await a.close()
+        await b.close()
