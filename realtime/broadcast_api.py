@@ -61,7 +61,7 @@ def _authenticate(request: HttpRequest) -> Claims | None:
     if token in settings.REALTIME_SECRET_KEYS:
         return Claims(role="service_role", exp=float("inf"), sub=None, raw={"role": "service_role"})
     try:
-        return verify_token(token, settings.JWT_SECRET, time.time())
+        return verify_token(token, settings.JWT_SECRET, time.time(), settings.REALTIME_JWT_CLAIM_VALIDATORS)
     except TokenError as error:
         logger.info("REST broadcast refused: %s", error.reason)
         return None

@@ -54,7 +54,7 @@ class HandshakeRefused(Exception):
 
 
 def verifier(token: str, now: float) -> Claims:
-    return verify_token(token, settings.JWT_SECRET, now)
+    return verify_token(token, settings.JWT_SECRET, now, settings.REALTIME_JWT_CLAIM_VALIDATORS)
 
 
 def connect_claims(token: str | None, now: float) -> Claims:
@@ -68,8 +68,7 @@ def connect_claims(token: str | None, now: float) -> Claims:
     try:
         return verifier(token, now)
     except TokenError as error:
-        status = 500 if error.code not in {"MalformedJWT", "JwtSignatureError", "InvalidJWTToken", "JwtSignerError"} else 401
-        raise HandshakeRefused(status, error.handshake_message) from None
+        raise HandshakeRefused(error.handshake_status, error.handshake_message) from None
 
 
 def session_limits() -> SessionLimits:

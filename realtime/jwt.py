@@ -22,9 +22,10 @@ HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 class TokenError(RealtimeError):
     """A token that cannot be used; ``code`` is the reference's PascalCase code."""
 
-    def __init__(self, code: str, message: str, handshake_message: str | None = None) -> None:
+    def __init__(self, code: str, message: str, handshake_message: str | None = None, handshake_status: int = 401) -> None:
         super().__init__(code, message)
         self.handshake_message = handshake_message or message
+        self.handshake_status = handshake_status
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +42,7 @@ def _malformed() -> TokenError:
     return TokenError("MalformedJWT", "The token provided is not a valid JWT")
 
 
-def verify_token(token: Any, secret: str, now: float) -> Claims:
+def verify_token(token: Any, secret: str, now: float, validators: dict[str, Any] | None = None) -> Claims:
     """Verify an HS256/384/512 token signed with ``secret``.
 
     Raises:
@@ -83,10 +84,10 @@ def verify_token(token: Any, secret: str, now: float) -> Claims:
         raise _malformed() from None
     if not isinstance(raw, dict):
         raise _malformed()
-    return check_claims(raw, now)
+    return check_claims(raw, now, validators)
 
 
-def check_claims(raw: dict[str, Any], now: float) -> Claims:
+def check_claims(raw: dict[str, Any], now: float, validators: dict[str, Any] | None = None) -> Claims:
     """Apply the claim rules of PROTOCOL.md 1.2 steps 4-5 to verified claims."""
     exp = raw.get("exp")
     if "exp" in raw:
@@ -97,6 +98,12 @@ def check_claims(raw: dict[str, Any], now: float) -> Claims:
             raise TokenError("InvalidJWTToken", f"Token has expired {ago} seconds ago", "Token has expired")
     if "iat" in raw and not _is_number(raw.get("iat")):
         raise TokenError("InvalidJWTToken", "Token issued-at time is invalid")
+    for name, expected in (validators or {}).items():
+        if raw.get(name) != expected:
+            # The reference reports claim mismatches as a generic connect error.
+            raise TokenError(
+                "InvalidJWTToken", f"Invalid value for JWT claim \"{name}\"", "Error connecting to Realtime", 500
+            )
     role = raw.get("role")
     if not isinstance(role, str) or not role or exp is None:
         raise TokenError("InvalidJWTToken", "Fields `role` and `exp` are required in JWT")

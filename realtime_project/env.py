@@ -6,6 +6,7 @@ and booleans are parsed strictly so a typo never silently means "false".
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -52,6 +53,19 @@ def env_list(name: str, default: list[str], environ: Mapping[str, str] = os.envi
     if raw.strip() == "":
         return list(default)
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_json_object(name: str, environ: Mapping[str, str] = os.environ) -> dict[str, object]:
+    raw = environ.get(name, "").strip()
+    if raw == "":
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a JSON object; got {raw!r}.") from None
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(f"{name} must be a JSON object; got {raw!r}.")
+    return value
 
 
 def database_from_url(url: str) -> dict[str, object]:

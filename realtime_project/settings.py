@@ -11,7 +11,7 @@ import hashlib
 import hmac
 from pathlib import Path
 
-from realtime_project.env import database_from_url, env_bool, env_int, env_list, env_str
+from realtime_project.env import database_from_url, env_bool, env_int, env_json_object, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -107,6 +107,8 @@ LOGGING = {
 }
 
 # --- Realtime --------------------------------------------------------------
+# JSON object of claims every token must carry, e.g. {"iss": "supabase"}.
+REALTIME_JWT_CLAIM_VALIDATORS = env_json_object("JWT_CLAIM_VALIDATORS")
 REALTIME_CONNECT_ERROR_BACKOFF_MS = env_int("REALTIME_CONNECT_ERROR_BACKOFF_MS", 2000)
 REALTIME_CHANNEL_ERROR_BACKOFF_MS = env_int("REALTIME_CHANNEL_ERROR_BACKOFF_MS", 5000)
 REALTIME_MAX_CHANNELS_PER_CLIENT = env_int("REALTIME_MAX_CHANNELS_PER_CLIENT", 100)

@@ -179,3 +179,11 @@ async def test_one_thousand_joins_in_a_burst_keep_the_server_serving(connect) ->
     assert all(r[4]["response"] == {"reason": "ChannelRateLimitReached: Too many channels"} for r in replies if r[4]["status"] == "error")
     await b.push("1", "2", room, "broadcast", broadcast_payload(still="alive"))
     assert (await watcher.recv())[4] == broadcast_payload(still="alive")
+
+
+async def test_silent_socket_is_closed_after_the_idle_timeout(connect, settings) -> None:
+    settings.REALTIME_IDLE_TIMEOUT_S = 1
+    a = await connect()
+    await a.push(None, "1", "phoenix", "heartbeat", {})
+    await a.recv()
+    assert (await a.ws.receive_output(3))["type"] == "websocket.close"

@@ -72,3 +72,12 @@ def test_asymmetric_algorithms_without_jwks_have_no_signer() -> None:
 def test_minted_tokens_verify() -> None:
     token = mint_token(SECRET, "service_role", NOW, 60)
     assert verify_token(token, SECRET, NOW).role == "service_role"
+
+
+def test_claim_validators_refuse_a_different_value() -> None:  # C8
+    good = sign({"role": "anon", "exp": NOW + 60, "iss": "x"})
+    bad = sign({"role": "anon", "exp": NOW + 60, "iss": "y"})
+    assert verify_token(good, SECRET, NOW, {"iss": "x"}).role == "anon"
+    with pytest.raises(TokenError) as caught:
+        verify_token(bad, SECRET, NOW, {"iss": "x"})
+    assert (caught.value.handshake_status, caught.value.handshake_message) == (500, "Error connecting to Realtime")
