@@ -94,7 +94,6 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
     # --- 2. direct frame writes ------------------------------------------
 
     def serverSend(self, content: str | bytes, binary: bool = False) -> None:  # noqa: N802
-        data = content if binary else content.encode("utf-8")  # type: ignore[union-attr]
         transport = self.transport
         if (
             self.state != self.STATE_OPEN
@@ -103,11 +102,13 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
             or type(transport) is not tcp.Server
             or transport.TLS
             or transport.disconnecting
-            or 0 < self.maxMessagePayloadSize < len(data)
         ):
             super().serverSend(content, binary)
             return
-        frame = frame_header(_OPCODE_BINARY if binary else _OPCODE_TEXT, len(data)) + data
+        frame = _encode_frame(content, binary)
+        if 0 < self.maxMessagePayloadSize < len(frame) - 2:
+            super().serverSend(content, binary)
+            return
         if transport.dataBuffer or transport._tempDataBuffer:
             transport.write(frame)  # keep order behind what is already queued
             return
@@ -120,6 +121,23 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
             return
         if sent < len(frame):
             transport.write(frame[sent:])
+
+
+# The hub hands the same message object to every socket on a topic; keeping
+# the last frame built (by identity of its content) encodes it once, not once
+# per socket. Holding the content keeps its id from being reused.
+_last_frame: tuple[object, bool, bytes] = (None, False, b"")
+
+
+def _encode_frame(content: str | bytes, binary: bool) -> bytes:
+    global _last_frame
+    key, was_binary, frame = _last_frame
+    if key is content and was_binary is binary:
+        return frame
+    data = content if binary else content.encode("utf-8")  # type: ignore[union-attr]
+    frame = frame_header(_OPCODE_BINARY if binary else _OPCODE_TEXT, len(data)) + data  # type: ignore[operator]
+    _last_frame = (content, binary, frame)
+    return frame
 
 
 def _reason(status: int) -> str:
