@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import struct
+import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.integration
 TOPIC = "realtime:room1"
 WAIT_S = 10.0
 QUIET_S = 0.5
+IDLE_S = 7.0
 
 Frame = list[Any] | bytes
 
@@ -281,3 +283,28 @@ async def test_leaving_on_one_process_stops_delivery_to_that_socket_only(
 
     assert leaver.received("after-leave", nonce) == []
     assert len(stayer.received("after-leave", nonce)) == 1
+
+
+async def test_an_idle_hub_keeps_delivering_without_logging_errors(
+    servers: tuple[ServerProcess, ServerProcess], clients: Callable[..., Any]
+) -> None:
+    first, second = servers
+    sender = await clients(first, "sender on first")
+    listener = await clients(second, "listener on second")
+    await asyncio.gather(sender.join(), listener.join())
+    nonce = uuid.uuid4().hex
+
+    await asyncio.sleep(IDLE_S)
+    started = time.monotonic()
+    await sender.broadcast("after-idle", {"nonce": nonce})
+    await listener.wait_for(lambda f: delivered_event(f, nonce) == "after-idle", "after-idle")
+    latency = time.monotonic() - started
+
+    errors = [
+        f"{server.port}: {line}"
+        for server in servers
+        for line in server.log_tail(10_000).splitlines()
+        if " ERROR " in line or " CRITICAL " in line
+    ]
+    assert errors == [], with_logs(servers, f"errors logged while idle for {IDLE_S} s:\n" + "\n".join(errors))
+    assert latency < 1.0, f"delivery after idling took {latency:.2f} s"

@@ -124,6 +124,92 @@ test('a binary payload arrives at another vsn 2.0.0 client as the same bytes', a
   assert.equal(got.meta, undefined)
 })
 
+function kind4(frame) {
+  const [kind, topicLen, eventLen, metaLen, encoding] = frame
+  let offset = 5
+  const topic = frame.subarray(offset, (offset += topicLen)).toString()
+  const event = frame.subarray(offset, (offset += eventLen)).toString()
+  const meta = frame.subarray(offset, (offset += metaLen)).toString()
+  return { kind, topic, event, meta, encoding, payload: frame.subarray(offset) }
+}
+
+test('a JSON send() from vsn 2.0.0 reaches vsn 2.0.0 as a kind-4 frame with the sent bytes', async (t) => {
+  const s = new Scenario(t)
+  const topic = uniqueTopic()
+  const { sent, heard, bobInbox } = await pair(s, topic)
+  const payload = { x: 1, text: 'é', list: [true, null] }
+
+  await sent.send({ type: 'broadcast', event: 'cursor', payload })
+  await bobInbox.waitForEvent('cursor')
+
+  const frames = s.framesContaining(heard.socket, 'cursor')
+  assert.equal(frames.length, 1, s.error('expected one frame').message)
+  assert.equal(frames[0][0], 4, s.error(`frame kind ${frames[0][0]}`).message)
+  assert.deepEqual(kind4(frames[0]), {
+    kind: 4,
+    topic: `realtime:${topic}`,
+    event: 'cursor',
+    meta: '',
+    encoding: 1,
+    payload: Buffer.from(JSON.stringify(payload)),
+  })
+})
+
+test('a binary send() reaches vsn 2.0.0 as a kind-4 frame with encoding 0', async (t) => {
+  const s = new Scenario(t)
+  const topic = uniqueTopic()
+  const { sent, heard, bobInbox } = await pair(s, topic)
+
+  await sent.send({ type: 'broadcast', event: 'raw', payload: new Uint8Array([5, 6, 7]).buffer })
+  await bobInbox.waitForEvent('raw')
+
+  const [frame] = s.framesContaining(heard.socket, 'raw')
+  assert.deepEqual(kind4(frame), {
+    kind: 4,
+    topic: `realtime:${topic}`,
+    event: 'raw',
+    meta: '',
+    encoding: 0,
+    payload: Buffer.from([5, 6, 7]),
+  })
+})
+
+test('a 1.5 MB broadcast under the 3000 KB limit is acknowledged and delivered', async (t) => {
+  const s = new Scenario(t)
+  const { sent, bobInbox } = await pair(s, uniqueTopic(), { ack: true })
+  const big = 'y'.repeat(1_500_000)
+
+  const status = await s.within(
+    sent.send({ type: 'broadcast', event: 'large', payload: { big } }),
+    12_000,
+    'the large send() to resolve'
+  )
+
+  assert.equal(status, 'ok', s.error(`large send() resolved ${status}`).message)
+  const got = await bobInbox.waitForEvent('large')
+  assert.equal(got.payload.big.length, big.length)
+})
+
+test('an oversized broadcast with ack resolves "error" and is not delivered', async (t) => {
+  const s = new Scenario(t)
+  const { sent, heard, aliceInbox, bobInbox } = await pair(s, uniqueTopic(), { ack: true })
+  const big = 'x'.repeat(3_100_000)
+
+  const status = await s.within(
+    sent.send({ type: 'broadcast', event: 'too-big', payload: { big } }),
+    12_000,
+    'the oversized send() to resolve'
+  )
+  await heard.send({ type: 'broadcast', event: 'control', payload: {} })
+  await aliceInbox.waitForEvent('control')
+  await sleep(QUIET_MS)
+
+  assert.equal(status, 'error', s.error(`oversized send() resolved ${status}`).message)
+  assert.equal(bobInbox.ofEvent('too-big').length, 0)
+  const replies = s.traceOf(sent.socket).filter((line) => line.includes('payload_size_exceeded'))
+  assert.equal(replies.length, 1, s.error('expected a payload_size_exceeded reply').message)
+})
+
 test('an empty binary payload arrives as an empty ArrayBuffer', async (t) => {
   const s = new Scenario(t)
   const { sent, bobInbox } = await pair(s, uniqueTopic())

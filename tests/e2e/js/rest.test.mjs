@@ -120,3 +120,54 @@ test('send() on a channel that is not subscribed falls back to the REST batch en
   const got = await inbox.waitForEvent('fallback')
   assert.deepEqual(got.payload, { n: 5 })
 })
+
+test('a batch message without payload is refused with 422', async () => {
+  const topic = uniqueTopic()
+  const response = await postBatch(
+    [
+      { topic, event: 'ok', payload: {} },
+      { topic, event: 'no-payload' },
+    ],
+    { Authorization: `Bearer ${SERVICE_KEY}` }
+  )
+
+  assert.equal(response.status, 422)
+  const body = await response.json()
+  assert.ok(Array.isArray(body.errors?.messages), JSON.stringify(body))
+  assert.deepEqual(body.errors.messages[1], { payload: ["can't be blank"] })
+})
+
+test('a single-message POST with text/plain is refused with 415', async () => {
+  const response = await fetch(`${BATCH_URL}/${uniqueTopic()}/events/plain`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'text/plain', Authorization: `Bearer ${SERVICE_KEY}` },
+    body: 'hello',
+  })
+
+  assert.equal(response.status, 415)
+  assert.deepEqual(await response.json(), {
+    error: 'Unsupported Media Type. Use application/json or application/octet-stream',
+  })
+})
+
+test('a REST batch and httpSend() reach vsn 1.0.0 subscribers as JSON', async (t) => {
+  const s = new Scenario(t)
+  const topic = uniqueTopic()
+  const v1 = s.client('v1 subscriber', { realtime: { vsn: '1.0.0' } })
+  const channel = v1.channel(topic)
+  const inbox = s.inbox(channel)
+  await s.subscribe(channel)
+
+  const batch = await postBatch([{ topic, event: 'rest-v1', payload: { n: 1 } }], {
+    Authorization: `Bearer ${SERVICE_KEY}`,
+  })
+  assert.equal(batch.status, 202)
+  assert.deepEqual(await channel.httpSend('single-v1', { n: 2 }), { success: true })
+
+  assert.deepEqual(await inbox.waitForEvent('rest-v1'), { type: 'broadcast', event: 'rest-v1', payload: { n: 1 } })
+  assert.deepEqual(await inbox.waitForEvent('single-v1'), {
+    type: 'broadcast',
+    event: 'single-v1',
+    payload: { n: 2 },
+  })
+})

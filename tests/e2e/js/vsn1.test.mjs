@@ -88,6 +88,13 @@ test('vsn 1.0.0 and vsn 2.0.0 clients exchange JSON broadcasts', async (t) => {
     payload: { list: [1, 'two', null], nested: { ok: true } },
   })
   assert.deepEqual(atV1, { type: 'broadcast', event: 'from-v2', payload: { text: 'héllo', n: 2.5 } })
+  const [wire] = s.framesContaining(v2.supabase, 'from-v1')
+  const frame = JSON.parse(wire.toString())
+  assert.deepEqual(
+    frame,
+    [null, null, `realtime:${topic}`, 'broadcast', atV2],
+    s.error('a vsn 1 broadcast must reach vsn 2 as a text frame with null refs').message
+  )
 })
 
 test('a binary broadcast from vsn 2.0.0 reaches vsn 2.0.0 but not vsn 1.0.0', async (t) => {
