@@ -100,7 +100,8 @@ class Hub:
         self._groups: dict[str, dict[tuple[str, str], Subscription]] = {}
         self._snapshots: dict[str, tuple[Subscription, ...]] = {}
         self._joined: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
+        # Per-group lock and the number of reconciliations using it.
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self.delivered = 0
@@ -126,18 +127,25 @@ class Hub:
             self._spawn(self._reconcile(group))
 
     async def _reconcile(self, group: str) -> None:
-        lock = self._locks.setdefault(group, asyncio.Lock())
-        async with lock:
-            wanted = group in self._groups
-            assert self._channel_name is not None
-            if wanted and group not in self._joined:
-                await self._layer.group_add(group, self._channel_name)
-                self._joined.add(group)
-            elif not wanted and group in self._joined:
-                self._joined.discard(group)
-                await self._layer.group_discard(group, self._channel_name)
-            if not wanted and not lock._waiters:  # type: ignore[attr-defined]
-                self._locks.pop(group, None)
+        """Make the process's membership of ``group`` match whether it has local subscribers."""
+        lock, waiting = self._locks.get(group, (asyncio.Lock(), 0))
+        self._locks[group] = (lock, waiting + 1)
+        try:
+            async with lock:
+                wanted = group in self._groups
+                assert self._channel_name is not None
+                if wanted and group not in self._joined:
+                    await self._layer.group_add(group, self._channel_name)
+                    self._joined.add(group)
+                elif not wanted and group in self._joined:
+                    self._joined.discard(group)
+                    await self._layer.group_discard(group, self._channel_name)
+        finally:
+            lock, waiting = self._locks[group]
+            if waiting == 1:
+                del self._locks[group]
+            else:
+                self._locks[group] = (lock, waiting - 1)
 
     # --- receiving -------------------------------------------------------
 

@@ -187,3 +187,34 @@ async def test_silent_socket_is_closed_after_the_idle_timeout(connect, settings)
     await a.push(None, "1", "phoenix", "heartbeat", {})
     await a.recv()
     assert (await a.ws.receive_output(3))["type"] == "websocket.close"
+
+
+async def test_the_process_joins_a_topic_group_once_and_leaves_it_with_its_last_channel(connect) -> None:
+    import asyncio
+
+    from channels.layers import get_channel_layer
+
+    from realtime.topics import broadcast_group, sub_topic
+
+    layer = get_channel_layer()
+    room = topic()
+    key = layer._group_key(broadcast_group(sub_topic(room), False))
+
+    async def members() -> int:
+        async with layer.connection(layer.consistent_hash(broadcast_group(sub_topic(room), False))) as redis:
+            return await redis.zcard(key)
+
+    a, b = await connect(), await connect()
+    await a.join(room)
+    await b.join(room)
+    assert await members() == 1  # two local channels, one membership for the process
+    await a.push("1", "2", room, "phx_leave", {})
+    await b.push("1", "2", room, "phx_leave", {})
+    for _ in range(50):
+        if await members() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await members() == 0
+    await a.recv_event("phx_close")
+    await a.join(room, ref="5")
+    assert await members() == 1
