@@ -207,9 +207,16 @@ export class Scenario {
   async close() {
     await Promise.all(
       this.clients.map(async ({ client }) => {
+        let timer
         try {
-          await Promise.race([client.removeAllChannels(), sleep(WAIT_MS + 2_000)])
+          await Promise.race([
+            client.removeAllChannels(),
+            new Promise((resolve) => {
+              timer = setTimeout(resolve, WAIT_MS + 2_000)
+            }),
+          ])
         } finally {
+          clearTimeout(timer)
           await client.realtime.disconnect()
         }
       })
