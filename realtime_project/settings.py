@@ -1,8 +1,8 @@
 """Django settings, read once from the environment through ``env.py``.
 
 The operator sets ``DATABASE_URL``, ``REDIS_URL`` and ``JWT_SECRET``; every
-other variable has a safe default. ``DJANGO_DEBUG`` is off unless set, and with
-it off ``DJANGO_SECRET_KEY`` is required.
+other variable has a safe default: ``DJANGO_DEBUG`` is off unless set, and
+without ``DJANGO_SECRET_KEY`` the secret key is derived from ``JWT_SECRET``.
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
-            "hosts": [REDIS_URL],
+            # channels_redis blocks 5 s per receive (BZPOPMIN); redis-py's own
+            # 5 s read timeout would fire first and fail every idle receive.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
             # One hub inbox per process receives every topic's fan-out, so it
             # needs room for bursts; the layer drops (and we count) beyond it.
             "capacity": env_int("REALTIME_LAYER_CAPACITY", 10_000),
@@ -120,3 +122,4 @@ REALTIME_PUBLISHABLE_KEYS = env_list("REALTIME_PUBLISHABLE_KEYS", [])
 REALTIME_SECRET_KEYS = env_list("REALTIME_SECRET_KEYS", [])
 
 DAPHNE_WEBSOCKET_MAX_MESSAGE_SIZE = REALTIME_MAX_FRAME_BYTES
+DAPHNE_WEBSOCKET_MAX_FRAME_SIZE = REALTIME_MAX_FRAME_BYTES
