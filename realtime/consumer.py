@@ -22,7 +22,9 @@ from channels.consumer import AsyncConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from realtime.hub import Subscription, get_hub
+from realtime.authorization import authorize_binding, get_database
+from realtime.bindings import BindingError, parse_binding
+from realtime.hub import ChangeSubscription, Subscription, get_hub
 from realtime.jwt import Claims, TokenError, verify_token
 from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, Vsn
@@ -36,7 +38,9 @@ from realtime.protocol.session import (
     Session,
     SessionLimits,
     Subscribe,
+    SubscribeChanges,
     Unsubscribe,
+    system_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -198,6 +202,10 @@ class RealtimeConsumer(AsyncConsumer):
                 )
             elif isinstance(effect, Unsubscribe):
                 hub.unsubscribe(effect.group, self.socket_id, effect.topic)
+                hub.unsubscribe_changes(self.socket_id, effect.topic)
+            elif isinstance(effect, SubscribeChanges):
+                # After the join reply, without holding up this socket's other frames.
+                self._spawn(self.subscribe_changes(effect))
             elif isinstance(effect, SendLater):
                 if effect.delay <= 0:
                     await self.write(effect.message)
@@ -206,6 +214,40 @@ class RealtimeConsumer(AsyncConsumer):
             elif isinstance(effect, Close):
                 await self.close(effect.code)
         self._schedule_expiry()
+
+    async def subscribe_changes(self, effect: SubscribeChanges) -> None:
+        """Check a channel's bindings in the database, register them, report (PROTOCOL.md 3.4, 4.3)."""
+        hub = get_hub()
+        try:
+            db = get_database()
+            authorized = [await authorize_binding(db, parse_binding(raw), effect.claims) for raw in effect.bindings]
+        except BindingError as error:
+            if self._is_current(effect):
+                hub.unsubscribe_changes(self.socket_id, effect.topic)
+                await self.write(system_message(effect.topic, effect.join_ref, "error", "postgres_changes", error.message))
+            return
+        except Exception:
+            logger.exception("postgres_changes subscription failed socket=%s topic=%s", self.socket_id, effect.topic)
+            if self._is_current(effect):
+                message = "Realtime was unable to connect to the project database"
+                await self.write(system_message(effect.topic, effect.join_ref, "error", "postgres_changes", message))
+            return
+        if not self._is_current(effect):
+            return
+        await hub.subscribe_changes(
+            ChangeSubscription(self.socket_id, effect.topic, self.vsn, self.base_send, tuple(authorized))
+        )
+        if self._is_current(effect):
+            await self.write(system_message(effect.topic, effect.join_ref, "ok", "postgres_changes", "Subscribed to PostgreSQL"))
+        else:
+            hub.unsubscribe_changes(self.socket_id, effect.topic)
+
+    def _is_current(self, effect: SubscribeChanges) -> bool:
+        """Whether the channel that asked is still joined (not left, closed or re-joined)."""
+        if self.session is None or self.closed:
+            return False
+        channel = self.session.channels.get(effect.topic)
+        return channel is not None and channel.join_ref == effect.join_ref
 
     async def write(self, msg: Message) -> None:
         if self.closed:
@@ -271,3 +313,4 @@ class RealtimeConsumer(AsyncConsumer):
             for effect in self.session.close_all():
                 if isinstance(effect, Unsubscribe):
                     hub.unsubscribe(effect.group, self.socket_id, effect.topic)
+                    hub.unsubscribe_changes(self.socket_id, effect.topic)

@@ -12,6 +12,7 @@ mechanism; nothing here knows about SQL or tokens.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from realtime.protocol.serializer import (
     encode_user_broadcast,
     user_broadcast_as_json_payload,
 )
-from realtime.types import KIND_BINARY, BroadcastMessage
+from realtime.types import KIND_BINARY, BroadcastMessage, ChangeRun
+from realtime.topics import table_group
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 # repairs memberships lost to a Redis restart.
 MEMBERSHIP_REFRESH_S = 60.0
 RECEIVE_RETRY_S = 1.0
+CLOSE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -47,6 +50,37 @@ class Subscription:
     vsn: Vsn
     self_broadcast: bool
     send: AsgiSend
+
+
+@dataclass(eq=False, slots=True)
+class ChangeSubscription:
+    """One channel's postgres_changes bindings, each authorized for a set of tables."""
+
+    socket_id: str
+    topic: str
+    vsn: Vsn
+    send: AsgiSend
+    bindings: tuple[Any, ...]  # realtime.authorization.AuthorizedBinding
+
+    def tables(self) -> set[tuple[str, str]]:
+        return {table for b in self.bindings for table in b.tables}
+
+    def matching_ids(self, schema: str, table: str, change_type: str, record: Any, old_record: Any) -> list[int]:
+        """The ids of this channel's bindings that the change satisfies (PROTOCOL.md 4.5 ``ids``)."""
+        ids: list[int] = []
+        for authorized in self.bindings:
+            binding = authorized.binding
+            if (schema, table) not in authorized.tables or not binding.accepts(change_type):
+                continue
+            matcher = authorized.matcher
+            if matcher is not None:
+                # PROTOCOL.md 4.2: filters run on the new values; a DELETE has only old ones.
+                row = old_record if change_type == "DELETE" else record
+                if not isinstance(row, dict) or not matcher.match(row):
+                    continue
+            if binding.id not in ids:
+                ids.append(binding.id)
+        return ids
 
 
 class Frames:
@@ -98,6 +132,8 @@ class Hub:
         self._channel_name: str | None = None
         self._started: asyncio.Lock = asyncio.Lock()
         self._groups: dict[str, dict[tuple[str, str], Subscription]] = {}
+        # table group -> (socket_id, topic) -> change subscription
+        self._change_groups: dict[str, dict[tuple[str, str], ChangeSubscription]] = {}
         self._snapshots: dict[str, tuple[Subscription, ...]] = {}
         self._joined: set[str] = set()
         # Per-group lock and the number of reconciliations using it.
@@ -124,7 +160,37 @@ class Hub:
         self._snapshots.pop(group, None)
         if not members:
             del self._groups[group]
-            self._spawn(self._reconcile(group))
+            if not self._wanted(group):
+                self._spawn(self._reconcile(group))
+
+    async def subscribe_changes(self, subscription: ChangeSubscription) -> None:
+        """Register a channel's bindings; returns once every table's group is joined."""
+        await self._ensure_started()
+        key = (subscription.socket_id, subscription.topic)
+        groups = [table_group(schema, table) for schema, table in sorted(subscription.tables())]
+        stale = [g for g, members in self._change_groups.items() if key in members and g not in groups]
+        for group in groups:
+            self._change_groups.setdefault(group, {})[key] = subscription
+        for group in groups:
+            await self._reconcile(group)
+        for group in stale:
+            self._drop_change_member(group, key)
+
+    def unsubscribe_changes(self, socket_id: str, topic: str) -> None:
+        key = (socket_id, topic)
+        for group in [g for g, members in self._change_groups.items() if key in members]:
+            self._drop_change_member(group, key)
+
+    def _drop_change_member(self, group: str, key: tuple[str, str]) -> None:
+        members = self._change_groups[group]
+        members.pop(key, None)
+        if not members:
+            del self._change_groups[group]
+            if not self._wanted(group):
+                self._spawn(self._reconcile(group))
+
+    def _wanted(self, group: str) -> bool:
+        return group in self._groups or group in self._change_groups
 
     async def _reconcile(self, group: str) -> None:
         """Make the process's membership of ``group`` match whether it has local subscribers."""
@@ -132,7 +198,7 @@ class Hub:
         self._locks[group] = (lock, waiting + 1)
         try:
             async with lock:
-                wanted = group in self._groups
+                wanted = self._wanted(group)
                 assert self._channel_name is not None
                 if wanted and group not in self._joined:
                     await self._layer.group_add(group, self._channel_name)
@@ -160,7 +226,7 @@ class Hub:
 
     async def _receive_forever(self) -> None:
         assert self._channel_name is not None
-        while True:
+        while not self._closing:
             try:
                 message = await self._layer.receive(self._channel_name)
             except Exception:
@@ -169,8 +235,11 @@ class Hub:
                 logger.exception("hub receive failed; retrying in %.1fs", RECEIVE_RETRY_S)
                 await asyncio.sleep(RECEIVE_RETRY_S)
                 continue
-            if message.get("type") == "realtime.broadcast":
+            kind = message.get("type")
+            if kind == "realtime.broadcast":
                 await self.deliver(message)  # type: ignore[arg-type]
+            elif kind == "realtime.changes":
+                await self.deliver_changes(message)  # type: ignore[arg-type]
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -204,6 +273,35 @@ class Hub:
                 self.failed += 1
                 logger.debug("broadcast write failed socket=%s", sub.socket_id, exc_info=True)
 
+    async def deliver_changes(self, run: ChangeRun) -> None:
+        """Write each change of a run to every local channel whose bindings it satisfies."""
+        members = self._change_groups.get(run["group"])
+        if not members:
+            return
+        subscriptions = tuple(members.values())
+        schema, table = run["schema"], run["table"]
+        for change in run["changes"]:
+            change_type = change["type"]
+            data_json = change["data"].decode("utf-8")
+            parsed: dict[str, Any] | None = None
+            for sub in subscriptions:
+                if any(b.matcher is not None for b in sub.bindings) and parsed is None:
+                    parsed = json.loads(data_json)
+                ids = sub.matching_ids(
+                    schema, table, change_type,
+                    parsed.get("record") if parsed else None, parsed.get("old_record") if parsed else None,
+                )
+                if not ids:
+                    continue
+                payload = '{"ids":' + json.dumps(ids) + ',"data":' + data_json + "}"
+                text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
+                try:
+                    await sub.send({"type": "websocket.send", "text": text})
+                    self.delivered += 1
+                except Exception:
+                    self.failed += 1
+                    logger.debug("change write failed socket=%s", sub.socket_id, exc_info=True)
+
     def _members(self, group: str) -> tuple[Subscription, ...]:
         snapshot = self._snapshots.get(group)
         if snapshot is None:
@@ -225,12 +323,15 @@ class Hub:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            # channels_redis can hold on to a cancelled receive; do not wait forever.
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
         if self._channel_name is not None:
             for group in list(self._joined):
                 await self._layer.group_discard(group, self._channel_name)
         self._joined.clear()
         self._groups.clear()
+        self._change_groups.clear()
         self._snapshots.clear()
 
 

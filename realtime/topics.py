@@ -22,3 +22,9 @@ def broadcast_group(sub_topic: str, private: bool) -> str:
     """The group that carries broadcasts for one (sub-topic, private) pair."""
     digest = hashlib.blake2b(sub_topic.encode("utf-8"), digest_size=20).hexdigest()
     return f"rt.bc.{'priv' if private else 'pub'}.{digest}"
+
+
+def table_group(schema: str, table: str) -> str:
+    """The group that carries one table's changes (one member per subscribed process)."""
+    digest = hashlib.blake2b(f"{schema}\x00{table}".encode("utf-8"), digest_size=20).hexdigest()
+    return f"rt.pg.{digest}"

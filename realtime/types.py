@@ -25,3 +25,17 @@ class BroadcastMessage(TypedDict):
     event: str
     encoding: int
     payload: bytes
+
+
+class ChangeRun(TypedDict):
+    """``realtime.changes``: consecutive changes of one table, in commit order.
+
+    Each ``data`` is the JSON text of the change's ``data`` object (PROTOCOL.md
+    4.5), encoded once by the replicator.
+    """
+
+    type: Literal["realtime.changes"]
+    group: str
+    schema: str
+    table: str
+    changes: list[dict[str, Any]]  # {"type": "INSERT"|"UPDATE"|"DELETE", "data": bytes}

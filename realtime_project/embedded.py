@@ -458,7 +458,7 @@ def _pg_conf_text(port: int, socket_dir: Path) -> str:
         "max_wal_senders": "20",
         "max_connections": "200",
         "fsync": "on",
-        "synchronous_commit": "off",
+        "synchronous_commit": "on",  # the slot only reads flushed WAL: off delays changes
         "logging_collector": "off",
         "timezone": quote("UTC"),
         "log_timezone": quote("UTC"),

@@ -69,7 +69,8 @@ TEMPLATES = [
     },
 ]
 
-DATABASES = {"default": database_from_url(env_str("DATABASE_URL", "postgresql://postgres@127.0.0.1:54329/realtime"))}
+DATABASE_URL = env_str("DATABASE_URL", "postgresql://postgres@127.0.0.1:54329/realtime")
+DATABASES = {"default": database_from_url(DATABASE_URL)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:63799/0")
@@ -109,6 +110,10 @@ LOGGING = {
 }
 
 # --- Realtime --------------------------------------------------------------
+# The publication whose tables postgres_changes may subscribe to, and the
+# replicator's logical slot.
+REALTIME_PUBLICATION = env_str("REALTIME_PUBLICATION", "supabase_realtime")
+REALTIME_SLOT = env_str("REALTIME_SLOT", "realtime_django")
 # JSON object of claims every token must carry, e.g. {"iss": "supabase"}.
 REALTIME_JWT_CLAIM_VALIDATORS = env_json_object("JWT_CLAIM_VALIDATORS")
 REALTIME_CONNECT_ERROR_BACKOFF_MS = env_int("REALTIME_CONNECT_ERROR_BACKOFF_MS", 2000)

@@ -10,13 +10,13 @@ Rules follow PROTOCOL.md sections 2.4 (control), 3 (join), 3.7 (tokens) and 5.1
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from realtime.bindings import binding_id
 from realtime.errors import RealtimeError
 from realtime.jwt import Claims, TokenError
 from realtime.protocol.message import Message, UserBroadcast
@@ -27,7 +27,6 @@ from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
 logger = logging.getLogger(__name__)
 
 PHOENIX_TOPIC = "phoenix"
-BINDING_ID_MASK = (1 << 27) - 1
 
 Verifier = Callable[[str, float], Claims]
 
@@ -78,7 +77,20 @@ class Close:
     code: int
 
 
-Effect = Send | SendLater | Subscribe | Unsubscribe | Publish | Close
+@dataclass(frozen=True, slots=True)
+class SubscribeChanges:
+    """Check and register a channel's postgres_changes bindings, then report in a ``system`` message.
+
+    Runs after the join reply; replaces the channel's earlier subscription (token refresh).
+    """
+
+    topic: str
+    join_ref: str | None
+    bindings: tuple[dict[str, Any], ...]
+    claims: Claims
+
+
+Effect = Send | SendLater | Subscribe | Unsubscribe | Publish | Close | SubscribeChanges
 
 
 # --- state ---------------------------------------------------------------
@@ -111,13 +123,6 @@ class JoinRefused(RealtimeError):
     """A join the server answers with an error reply (PROTOCOL.md 3.2)."""
 
 
-def binding_id(binding: dict[str, Any]) -> int:
-    """A deterministic 27-bit id for a postgres_changes binding (identical bindings share it)."""
-    canonical = json.dumps(binding, sort_keys=True, separators=(",", ":"), default=str)
-    digest = hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & BINDING_ID_MASK
-
-
 def _reply(msg: Message, status: str, response: Any) -> Message:
     return Message(msg.join_ref, msg.ref, msg.topic, "phx_reply", {"status": status, "response": response})
 
@@ -127,9 +132,14 @@ def _unmatched(msg: Message) -> Message:
     return Message(None, msg.ref, msg.topic, "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}})
 
 
+def system_message(topic: str, join_ref: str | None, status: str, extension: str, message: str) -> Message:
+    """A ``system`` push (PROTOCOL.md 3.5): all four keys, the channel's join_ref, null ref."""
+    payload = {"message": message, "status": status, "extension": extension, "channel": sub_topic(topic)}
+    return Message(join_ref, None, topic, "system", payload)
+
+
 def _system(channel: Channel, status: str, extension: str, message: str) -> Message:
-    payload = {"message": message, "status": status, "extension": extension, "channel": channel.sub_topic}
-    return Message(channel.join_ref, None, channel.topic, "system", payload)
+    return system_message(channel.topic, channel.join_ref, status, extension, message)
 
 
 def _close(channel: Channel) -> Message:
@@ -217,6 +227,8 @@ class Session:
             effects.append(Send(_close(old)))
         if config.presence_enabled:
             effects.append(Send(Message(channel.join_ref, None, channel.topic, "presence_state", {})))
+        if config.postgres_changes:
+            effects.append(SubscribeChanges(channel.topic, channel.join_ref, config.postgres_changes, channel.claims))
         return effects
 
     def _admit(self, msg: Message, config: JoinConfig, now: float) -> Channel:
@@ -304,6 +316,9 @@ class Session:
             return self._end(channel, f"You do not have permissions to read from this Channel topic: {channel.sub_topic}")
         channel.claims = claims
         channel.token = token
+        if channel.config.postgres_changes:
+            # PROTOCOL.md 3.7: subscriptions take the new claims and report again.
+            return [SubscribeChanges(channel.topic, channel.join_ref, channel.config.postgres_changes, claims)]
         return []
 
 

@@ -11,9 +11,11 @@ from urllib.parse import urlencode
 
 import jwt
 import pytest
-from channels.layers import get_channel_layer
+from channels import DEFAULT_CHANNEL_LAYER
+from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
 
+from realtime.authorization import close_database
 from realtime.hub import close_hub
 
 
@@ -82,6 +84,9 @@ async def connect() -> AsyncIterator[Any]:
     for communicator in opened:
         await communicator.disconnect()
     await close_hub()
+    await close_database()
     layer = get_channel_layer()
     if layer is not None and hasattr(layer, "close_pools"):
         await layer.close_pools()
+    # The layer keeps per-event-loop receive state; each test has its own loop.
+    channel_layers.backends.pop(DEFAULT_CHANNEL_LAYER, None)

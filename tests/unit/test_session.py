@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from realtime.bindings import binding_id
 from realtime.jwt import Claims, TokenError, check_claims
 from realtime.protocol.message import Message, UserBroadcast
 from realtime.protocol.session import (
@@ -16,7 +17,6 @@ from realtime.protocol.session import (
     SessionLimits,
     Subscribe,
     Unsubscribe,
-    binding_id,
 )
 
 pytestmark = pytest.mark.unit

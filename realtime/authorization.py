@@ -1,0 +1,200 @@
+"""Join-time database checks for postgres_changes bindings (PROTOCOL.md 4.3).
+
+For each binding: is the table in the publication, do the filter's columns
+exist and do its values cast (checked against the table's column types), and
+may the subscriber's role read the table. The read check runs inside a
+rolled-back transaction as the subscriber: ``SET LOCAL ROLE`` (composed with
+``sql.Identifier``), the ``request.jwt.claims`` settings the reference sets,
+then ``SELECT ... LIMIT 0``. No name is ever formatted into SQL as text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from realtime.bindings import WILDCARD, Binding, BindingError
+from realtime.filters import FilterError, compile_conditions, parse_filter
+from realtime.jwt import Claims
+
+logger = logging.getLogger(__name__)
+
+PUBLICATION_TTL_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str  # pg_type.typname
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizedBinding:
+    """A binding that passed every check, with what delivery needs."""
+
+    binding: Binding
+    tables: tuple[tuple[str, str], ...]  # (schema, table) pairs it covers
+    matcher: Any  # realtime.filters matcher, or None without a filter
+
+
+class Database:
+    """The server process's small connection pool for join-time checks."""
+
+    def __init__(self, dsn: str, publication: str) -> None:
+        self.publication = publication
+        self.pool = AsyncConnectionPool(dsn, min_size=0, max_size=4, open=False, kwargs={"autocommit": True})
+        self._opened = False
+        self._open_lock = asyncio.Lock()
+        self._published: tuple[float, frozenset[tuple[str, str]]] = (0.0, frozenset())
+
+    async def _ensure_open(self) -> None:
+        if not self._opened:
+            async with self._open_lock:
+                if not self._opened:
+                    await self.pool.open()
+                    self._opened = True
+
+    async def close(self) -> None:
+        if self._opened:
+            await self.pool.close()
+            self._opened = False
+
+    async def published_tables(self) -> frozenset[tuple[str, str]]:
+        """(schema, table) pairs in the publication, cached for a few seconds."""
+        fetched_at, tables = self._published
+        if time.monotonic() - fetched_at < PUBLICATION_TTL_S:
+            return tables
+        await self._ensure_open()
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = %s",
+                (self.publication,),
+            )
+            tables = frozenset((str(s), str(t)) for s, t in await cursor.fetchall())
+        self._published = (time.monotonic(), tables)
+        return tables
+
+    async def columns(self, schema: str, table: str) -> list[Column]:
+        await self._ensure_open()
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT a.attname::text, t.typname::text FROM pg_attribute a"
+                " JOIN pg_type t ON t.oid = a.atttypid"
+                " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped"
+                " ORDER BY a.attnum",
+                (schema, table),
+            )
+            return [Column(str(name), str(typ)) for name, typ in await cursor.fetchall()]
+
+    async def can_select(self, claims: Claims, schema: str, table: str, columns: tuple[str, ...] = ()) -> str | None:
+        """None if ``claims.role`` may read the table (and columns), else the database's message."""
+        await self._ensure_open()
+        async with self.pool.connection() as conn:
+            try:
+                async with conn.transaction(force_rollback=True):
+                    await set_request_context(conn, claims)
+                    target = sql.SQL(", ").join(map(sql.Identifier, columns)) if columns else sql.SQL("1")
+                    await conn.execute(
+                        sql.SQL("SELECT {} FROM {}.{} LIMIT 0").format(target, sql.Identifier(schema), sql.Identifier(table))
+                    )
+            except psycopg.errors.InsufficientPrivilege as error:
+                return f"ERROR 42501 (insufficient_privilege) {error.diag.message_primary or error}"
+            except psycopg.errors.InvalidParameterValue as error:  # unknown role
+                return f"ERROR 22023 (invalid_parameter_value) {error.diag.message_primary or error}"
+            except psycopg.errors.UndefinedObject as error:  # role does not exist
+                return f"ERROR 42704 (undefined_object) {error.diag.message_primary or error}"
+        return None
+
+
+async def set_request_context(conn: psycopg.AsyncConnection[Any], claims: Claims) -> None:
+    """Inside a transaction: become the subscriber's role with its claims visible to policies."""
+    await conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(claims.role)))
+    await conn.execute(
+        "SELECT set_config('request.jwt.claims', %s, true),"
+        " set_config('request.jwt.claim.sub', %s, true),"
+        " set_config('request.jwt.claim.role', %s, true)",
+        (json.dumps(claims.raw), claims.sub or "", claims.role),
+    )
+
+
+def _unable(binding: Binding, detail: str) -> BindingError:
+    return BindingError(
+        "Unable to subscribe to changes with given parameters. An exception happened so please check your "
+        f"connect parameters: {binding.describe()}. Exception: {detail}"
+    )
+
+
+async def authorize_binding(db: Database, binding: Binding, claims: Claims) -> AuthorizedBinding:
+    """Run the database checks for one binding.
+
+    Raises:
+        BindingError: with the reference's subscribe-time message.
+    """
+    published = await db.published_tables()
+    tables = tuple(
+        sorted(
+            (schema, table)
+            for schema, table in published
+            if binding.schema in (WILDCARD, schema) and binding.table in (WILDCARD, table)
+        )
+    )
+    if not tables:
+        raise BindingError(
+            "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the "
+            f"given connect parameters: {binding.describe()}"
+        )
+    matcher = None
+    if not binding.wildcard:
+        schema, table = tables[0]
+        columns = await db.columns(schema, table)
+        types = {c.name: c.type for c in columns}
+        for name in binding.select or ():
+            if name not in types:
+                raise _unable(binding, f"ERROR P0001 (raise_exception) invalid column for select {name}")
+        if binding.filter is not None:
+            try:
+                matcher = compile_conditions(parse_filter(binding.filter), types)
+            except FilterError as error:
+                if error.postgres_error is None:
+                    raise BindingError(error.message) from None
+                # The reference finds these in the database, hence the wrapping.
+                raise _unable(binding, error.postgres_error) from None
+    allowed = []
+    for schema, table in tables:
+        denied = await db.can_select(claims, schema, table)
+        if denied is None:
+            allowed.append((schema, table))
+        elif not binding.wildcard:
+            raise _unable(binding, denied)
+    if not allowed:
+        raise _unable(binding, "ERROR 42501 (insufficient_privilege) permission denied for every table")
+    return AuthorizedBinding(binding, tuple(allowed), matcher)
+
+
+_databases: dict[asyncio.AbstractEventLoop, Database] = {}
+
+
+def get_database() -> Database:
+    """The running event loop's ``Database`` (pools belong to one loop)."""
+    from django.conf import settings
+
+    loop = asyncio.get_running_loop()
+    db = _databases.get(loop)
+    if db is None:
+        db = _databases[loop] = Database(settings.DATABASE_URL, settings.REALTIME_PUBLICATION)
+    return db
+
+
+async def close_database() -> None:
+    db = _databases.pop(asyncio.get_running_loop(), None)
+    if db is not None:
+        await db.close()

@@ -1,0 +1,149 @@
+"""Decoded pgoutput transactions -> change events -> layer messages. Pure.
+
+Each change becomes the reference's ``data`` object (PROTOCOL.md 4.5):
+schema, table, commit_timestamp (UTC, milliseconds), type, columns, record /
+old_record and errors, encoded to JSON once here. Consecutive changes of one
+table are packed into one ``realtime.changes`` message for that table's
+group, so a bulk load costs one layer message per run, not per row, and each
+table's changes stay in commit order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from realtime.topics import table_group
+from realtime.types import ChangeRun
+from replication import pgoutput, values
+
+MAX_RUN_CHANGES = 500
+LARGE_VALUE_BYTES = 64
+ERROR_NO_PRIMARY_KEY = "Error 400: Bad Request, no primary key"
+ERROR_TOO_LARGE = "Error 413: Payload Too Large"
+
+ChangeMessage = pgoutput.Insert | pgoutput.Update | pgoutput.Delete
+
+
+def commit_timestamp(moment: datetime) -> str:
+    """``2026-08-21T12:00:00.123Z``: UTC with exactly three decimals (PROTOCOL.md 4.5)."""
+    utc = moment.astimezone(timezone.utc)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one read of the slot produced."""
+
+    runs: list[ChangeRun] = field(default_factory=list)
+    changes: int = 0
+    transactions: int = 0
+    confirm_lsn: int | None = None  # end of the last complete transaction
+
+
+class ChangeDecoder:
+    """Turns the slot's pgoutput messages into ``realtime.changes`` runs."""
+
+    def __init__(self, type_names: Mapping[int, str] | None = None, *, max_payload_bytes: int = 1_048_576) -> None:
+        self.cache = pgoutput.RelationCache(type_names)
+        self.primary_keys: dict[int, tuple[str, ...]] = {}
+        self.max_payload_bytes = max_payload_bytes
+
+    def parse(self, rows: Iterable[bytes]) -> list[pgoutput.PgoutputMessage]:
+        """Decode the slot rows; Relation and Type messages update the cache as they pass."""
+        messages = [pgoutput.decode_message(data) for data in rows]
+        for message in messages:
+            if isinstance(message, (pgoutput.Relation, pgoutput.Type)):
+                self.cache.add(message)
+        return messages
+
+    def relations_without_keys(self, messages: Iterable[pgoutput.PgoutputMessage]) -> set[int]:
+        """Relations whose primary key columns the caller must look up (``add_primary_keys``)."""
+        return {m.oid for m in messages if isinstance(m, pgoutput.Relation) and m.oid not in self.primary_keys}
+
+    def add_primary_keys(self, keys: Mapping[int, tuple[str, ...]]) -> None:
+        self.primary_keys.update(keys)
+
+    def build(self, messages: Iterable[pgoutput.PgoutputMessage]) -> Batch:
+        """Changes of every complete transaction in ``messages``, as runs per table."""
+        batch = Batch()
+        committed_at = ""
+        run: ChangeRun | None = None
+        run_oid = -1
+        for message in messages:
+            if isinstance(message, pgoutput.Begin):
+                committed_at = commit_timestamp(message.commit_time)
+            elif isinstance(message, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
+                relation = self.cache.relation(message.relation_oid)
+                if run is None or run_oid != relation.oid or len(run["changes"]) >= MAX_RUN_CHANGES:
+                    run = ChangeRun(
+                        type="realtime.changes",
+                        group=table_group(relation.schema, relation.name),
+                        schema=relation.schema,
+                        table=relation.name,
+                        changes=[],
+                    )
+                    run_oid = relation.oid
+                    batch.runs.append(run)
+                change_type, data = self.change(relation, message, committed_at)
+                run["changes"].append({"type": change_type, "data": data})
+                batch.changes += 1
+            elif isinstance(message, pgoutput.Commit):
+                batch.transactions += 1
+                batch.confirm_lsn = message.end_lsn
+            # Truncate, Origin, Message and Type carry nothing to deliver (TRUNCATE never is).
+        return batch
+
+    def change(self, relation: pgoutput.Relation, message: ChangeMessage, committed_at: str) -> tuple[str, bytes]:
+        """One change's type and the JSON of its ``data`` object."""
+        change_type = {pgoutput.Insert: "INSERT", pgoutput.Update: "UPDATE", pgoutput.Delete: "DELETE"}[type(message)]
+        keys = self.primary_keys.get(relation.oid, ())
+        if not keys:
+            data: dict[str, Any] = {
+                "schema": relation.schema, "table": relation.name, "type": change_type, "columns": [],
+                "commit_timestamp": None, "record": {}, "errors": [ERROR_NO_PRIMARY_KEY],
+            }
+            if change_type != "INSERT":
+                data["old_record"] = {}
+            return change_type, values.encode_json(data).encode("utf-8")
+        columns = self.cache.columns(relation.oid)
+        typed = [(c.name, c.value_type) for c in columns]
+        data = {
+            "schema": relation.schema,
+            "table": relation.name,
+            "commit_timestamp": committed_at,
+            "type": change_type,
+            "columns": [c.to_json() for c in columns],
+        }
+        old_raw = None if isinstance(message, pgoutput.Insert) else self.cache.old_row(message)
+        old_record = values.convert_row(typed, old_raw.values) if old_raw is not None else None
+        if isinstance(message, (pgoutput.Insert, pgoutput.Update)):
+            new_raw = self.cache.new_row(message)
+            record = values.convert_row(typed, new_raw.values)
+            if new_raw.unchanged_toast and old_record:
+                # PROTOCOL.md 4.5: unchanged TOAST values come from the old row when it has them.
+                for name in new_raw.unchanged_toast:
+                    if name in old_record:
+                        record[name] = old_record[name]
+                record = {name: record[name] for name, _ in typed if name in record}
+            data["record"] = record
+        if isinstance(message, (pgoutput.Update, pgoutput.Delete)):
+            if old_record is None:
+                # No old tuple: under DEFAULT identity the key did not change.
+                if relation.replica_identity is pgoutput.ReplicaIdentity.NOTHING:
+                    old_record = {}
+                else:
+                    record = data.get("record", {})
+                    old_record = {name: record[name] for name in keys if name in record}
+            data["old_record"] = old_record
+        data["errors"] = None
+        encoded = values.encode_json(data).encode("utf-8")
+        if len(encoded) > self.max_payload_bytes:
+            for name in ("record", "old_record"):
+                if name in data:
+                    data[name] = {k: v for k, v in data[name].items() if len(values.encode_json(v)) <= LARGE_VALUE_BYTES}
+            data["errors"] = [ERROR_TOO_LARGE]
+            encoded = values.encode_json(data).encode("utf-8")
+        return change_type, encoded

@@ -1,0 +1,133 @@
+"""The only place that talks to PostgreSQL for replication.
+
+It ensures the publication (never adding tables to it: that is the user's
+call) and a permanent logical replication slot, holds the advisory lock that
+makes one replicator per slot active, reads decoded pgoutput messages from the
+slot and confirms positions. Changes are read through the SQL interface:
+``pg_logical_slot_peek_binary_changes`` returns whole transactions without
+consuming them, and ``pg_replication_slot_advance`` consumes them only once the
+listener has published them, so a crash at any point replays instead of
+losing. Decoding lives in ``pgoutput``; this module knows nothing of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAMESPACE = "realtime.replication"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRow:
+    """One pgoutput message as the slot returns it."""
+
+    lsn: int
+    xid: int
+    data: bytes
+
+
+def _lsn_int(text: str) -> int:
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def _lsn_text(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+class SlotReader:
+    """A connection that owns one logical slot while it holds the slot's advisory lock."""
+
+    def __init__(self, dsn: str, slot: str, publication: str) -> None:
+        self.dsn = dsn
+        self.slot = slot
+        self.publication = publication
+        self.conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+
+    async def connect(self) -> None:
+        # The slot is decoded in this session, so its settings shape the text
+        # of every value (replication.values expects these).
+        self.conn = await psycopg.AsyncConnection.connect(
+            self.dsn,
+            autocommit=True,
+            application_name=f"realtime replicate {self.slot}",
+            options="-c DateStyle=ISO -c IntervalStyle=postgres -c bytea_output=hex -c TimeZone=UTC",
+        )
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+            self.conn = None
+
+    def _conn(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        if self.conn is None:
+            raise RuntimeError("SlotReader is not connected")
+        return self.conn
+
+    async def try_lock(self) -> bool:
+        """Take the per-slot advisory lock; held until this connection ends."""
+        cursor = await self._conn().execute(
+            "SELECT pg_try_advisory_lock(hashtext(%s), hashtext(%s))", (LOCK_NAMESPACE, self.slot)
+        )
+        row = await cursor.fetchone()
+        return bool(row and row[0])
+
+    async def ensure_publication(self) -> None:
+        conn = self._conn()
+        cursor = await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,))
+        if await cursor.fetchone() is None:
+            logger.info("creating publication %s (add tables with ALTER PUBLICATION ... ADD TABLE)", self.publication)
+            try:
+                await conn.execute(sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(self.publication)))
+            except psycopg.errors.DuplicateObject:
+                pass
+
+    async def ensure_slot(self) -> None:
+        conn = self._conn()
+        cursor = await conn.execute("SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", (self.slot,))
+        row = await cursor.fetchone()
+        if row is None:
+            logger.info("creating logical replication slot %s", self.slot)
+            try:
+                await conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.slot,))
+            except psycopg.errors.DuplicateObject:
+                pass
+        elif row[0] != "pgoutput":
+            raise RuntimeError(f"replication slot {self.slot} uses plugin {row[0]!r}, not pgoutput")
+
+    async def peek(self, max_changes: int) -> list[SlotRow]:
+        """The next whole transactions in the slot (at least one if any), without consuming them."""
+        cursor = await self._conn().execute(
+            "SELECT lsn::text, xid::text::bigint, data FROM pg_logical_slot_peek_binary_changes("
+            "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s, 'messages', 'false')",
+            (self.slot, max_changes, self.publication),
+        )
+        return [SlotRow(_lsn_int(lsn), int(xid), bytes(data)) for lsn, xid, data in await cursor.fetchall()]
+
+    async def advance(self, lsn: int) -> None:
+        """Consume everything up to ``lsn`` (a commit's end position)."""
+        await self._conn().execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.slot, _lsn_text(lsn)))
+
+    async def type_names(self) -> dict[int, str]:
+        """``pg_type`` oid -> typname, for column types of user tables (enums, domains, arrays)."""
+        cursor = await self._conn().execute("SELECT oid::bigint, typname::text FROM pg_type")
+        return {int(oid): str(name) for oid, name in await cursor.fetchall()}
+
+    async def primary_keys(self, relation_oids: set[int]) -> dict[int, tuple[str, ...]]:
+        """Primary key column names (in key order) of each relation; () for none."""
+        cursor = await self._conn().execute(
+            "SELECT i.indrelid::bigint, array_agg(a.attname::text ORDER BY k.ord)"
+            " FROM pg_index i"
+            " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+            " WHERE i.indisprimary AND i.indrelid = ANY(%s) GROUP BY i.indrelid",
+            (list(relation_oids),),
+        )
+        found = {int(oid): tuple(names) for oid, names in await cursor.fetchall()}
+        return {oid: found.get(oid, ()) for oid in relation_oids}

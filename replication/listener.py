@@ -1,0 +1,148 @@
+"""Read the slot, publish each table's changes to its group, then confirm.
+
+The loop: peek whole transactions from the slot, turn them into runs of
+consecutive changes per table (``changes``), ``group_send`` each run to the
+table's group, and only then advance the slot past the last published commit.
+A crash anywhere before the advance replays those transactions after restart:
+changes are delivered at least once, in commit order per table.
+
+One replicator per slot is active: it holds a session advisory lock; others
+wait as standbys and take over when its connection ends. Failures retry with
+backoff (first retry within 1 s, at most 5 s apart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from channels.layers import BaseChannelLayer
+
+from replication.changes import ChangeDecoder
+from replication.connection import SlotReader
+
+logger = logging.getLogger(__name__)
+
+STANDBY_POLL_S = 1.0
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Delays between tries: 0.5 s, 1 s, 2 s, 4 s, then 5 s."""
+
+    first: float = 0.5
+    limit: float = 5.0
+    current: float = field(default=0.0)
+
+    def next(self) -> float:
+        self.current = self.first if self.current == 0 else min(self.current * 2, self.limit)
+        return self.current
+
+    def reset(self) -> None:
+        self.current = 0.0
+
+
+@dataclass(slots=True)
+class ListenerStats:
+    transactions: int = 0
+    changes: int = 0
+    published_runs: int = 0
+    active: bool = False
+    last_error: str = ""
+
+
+class Listener:
+    """The replicator's main loop; ``run`` returns when ``stop`` is set."""
+
+    def __init__(
+        self,
+        dsn: str,
+        slot: str,
+        publication: str,
+        layer: BaseChannelLayer,
+        *,
+        batch_changes: int = 2000,
+        poll_interval: float = 0.01,
+        max_payload_bytes: int = 1_048_576,
+        on_active: Callable[[], None] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.slot = slot
+        self.publication = publication
+        self.layer = layer
+        self.batch_changes = batch_changes
+        self.poll_interval = poll_interval
+        self.max_payload_bytes = max_payload_bytes
+        self.on_active = on_active
+        self.stats = ListenerStats()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff()
+        while not stop.is_set():
+            reader = SlotReader(self.dsn, self.slot, self.publication)
+            try:
+                await self._serve(reader, stop, backoff)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self.stats.active = False
+                self.stats.last_error = f"{type(error).__name__}: {error}"
+                delay = backoff.next()
+                logger.warning("replication failed (%s); retrying in %.1fs", self.stats.last_error, delay)
+                await _wait(stop, delay)
+            finally:
+                self.stats.active = False
+                try:
+                    await reader.close()
+                except Exception:
+                    logger.debug("closing the slot connection failed", exc_info=True)
+
+    async def _serve(self, reader: SlotReader, stop: asyncio.Event, backoff: Backoff) -> None:
+        await reader.connect()
+        announced = False
+        while not await reader.try_lock():
+            if not announced:
+                logger.info("standby: another replicator holds slot %s", self.slot)
+                announced = True
+            backoff.reset()
+            if await _wait(stop, STANDBY_POLL_S):
+                return
+        await reader.ensure_publication()
+        await reader.ensure_slot()
+        decoder = ChangeDecoder(await reader.type_names(), max_payload_bytes=self.max_payload_bytes)
+        self.stats.active = True
+        backoff.reset()
+        logger.info("active: streaming slot %s of publication %s", self.slot, self.publication)
+        if self.on_active is not None:
+            self.on_active()
+        while not stop.is_set():
+            rows = await reader.peek(self.batch_changes)
+            if not rows:
+                if await _wait(stop, self.poll_interval):
+                    return
+                continue
+            messages = decoder.parse(row.data for row in rows)
+            missing = decoder.relations_without_keys(messages)
+            if missing:
+                decoder.add_primary_keys(await reader.primary_keys(missing))
+            if decoder.cache.unknown_type_oids():
+                decoder.cache.add_type_names(await reader.type_names())
+            batch = decoder.build(messages)
+            for run in batch.runs:
+                await self.layer.group_send(run["group"], run)
+                self.stats.published_runs += 1
+            self.stats.changes += batch.changes
+            self.stats.transactions += batch.transactions
+            if batch.confirm_lsn is not None:
+                await reader.advance(batch.confirm_lsn)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True if ``stop`` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+        return True
+    except asyncio.TimeoutError:
+        return False

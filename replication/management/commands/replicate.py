@@ -1,0 +1,63 @@
+"""``manage.py replicate``: stream database changes to the channel layer until stopped.
+
+Thin: reads options and settings, hands the work to ``replication.listener``.
+The first SIGTERM or Ctrl-C stops it cleanly; a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from replication.listener import Listener
+
+logger = logging.getLogger("replication")
+
+
+class Command(BaseCommand):
+    help = "Read PostgreSQL logical replication (pgoutput) and publish changes to realtime subscribers."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--slot", default=settings.REALTIME_SLOT, help="Logical replication slot name.")
+        parser.add_argument("--publication", default=settings.REALTIME_PUBLICATION, help="Publication name.")
+        parser.add_argument("--poll-interval", type=float, default=0.01, help="Seconds between polls when idle.")
+        parser.add_argument("--batch", type=int, default=2000, help="Changes read per poll (whole transactions).")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        layer = get_channel_layer()
+        if layer is None:
+            raise CommandError("CHANNEL_LAYERS is not configured")
+        listener = Listener(
+            settings.DATABASE_URL,
+            options["slot"],
+            options["publication"],
+            layer,
+            batch_changes=options["batch"],
+            poll_interval=options["poll_interval"],
+        )
+        asyncio.run(self._run(listener))
+
+    async def _run(self, listener: Listener) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def request_stop() -> None:
+            if stop.is_set():
+                raise SystemExit(1)
+            logger.info("stopping: finishing the current batch")
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, request_stop)
+        try:
+            await listener.run(stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        logger.info("stopped after %d changes", listener.stats.changes)

@@ -1,0 +1,219 @@
+"""postgres_changes end to end in-process: real PostgreSQL slot -> listener -> Redis -> hub -> socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from channels.layers import get_channel_layer
+from psycopg import sql
+
+from realtime.dbsetup import ROLES_SQL
+from replication.listener import Listener
+from tests.integration.conftest import token
+
+pytestmark = pytest.mark.integration
+
+PUBLICATION = "supabase_realtime"
+
+
+def dsn() -> str:
+    return os.environ["DATABASE_URL"]
+
+
+def execute(*statements: sql.Composable | str, params: Any = None) -> None:
+    with psycopg.connect(dsn(), autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement, params)
+
+
+@pytest.fixture
+def table() -> Any:
+    """A fresh published table readable by anon; dropped afterwards."""
+    name = f"todos_{uuid.uuid4().hex[:8]}"
+    ident = sql.Identifier("public", name)
+    execute(ROLES_SQL)
+    with psycopg.connect(dsn(), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (PUBLICATION,)).fetchone() is None:
+            conn.execute(sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(PUBLICATION)))
+    execute(
+        sql.SQL(
+            "CREATE TABLE {} (id bigint PRIMARY KEY, title text, user_id int, done bool DEFAULT false,"
+            " tags text[], meta jsonb)"
+        ).format(ident),
+        sql.SQL("GRANT SELECT ON {} TO anon, authenticated, service_role").format(ident),
+        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(PUBLICATION), ident),
+    )
+    yield name
+    execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[Listener]:
+    slot = f"test_{uuid.uuid4().hex[:10]}"
+    layer = get_channel_layer()
+    active = asyncio.Event()
+    instance = Listener(dsn(), slot, PUBLICATION, layer, poll_interval=0.01, on_active=active.set)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(instance.run(stop))
+    await asyncio.wait_for(active.wait(), 10)
+    yield instance
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", params=(slot,))
+
+
+def insert(table: str, *rows: dict[str, Any]) -> None:
+    with psycopg.connect(dsn(), autocommit=True) as conn:
+        for row in rows:
+            columns = list(row)
+            conn.execute(
+                sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                    sql.Identifier("public", table),
+                    sql.SQL(", ").join(map(sql.Identifier, columns)),
+                    sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+                ),
+                [psycopg.types.json.Jsonb(v) if isinstance(v, dict) else v for v in row.values()],
+            )
+
+
+async def subscribe(client: Any, topic: str, bindings: list[dict[str, Any]], **extra: Any) -> list[int]:
+    reply = await client.join(topic, {"postgres_changes": bindings}, **extra)
+    assert reply[4]["status"] == "ok", reply
+    system = await client.recv_event("system", timeout=10)
+    assert system[4] == {"message": "Subscribed to PostgreSQL", "status": "ok", "extension": "postgres_changes", "channel": topic.split(":", 1)[1]}
+    return [b["id"] for b in reply[4]["response"]["postgres_changes"]]
+
+
+async def test_insert_is_delivered_with_typed_record(connect, table, listener) -> None:  # C37, C41, C42, C43
+    client = await connect()
+    [binding_id] = await subscribe(client, "realtime:db", [{"event": "INSERT", "schema": "public", "table": table}])
+    insert(table, {"id": 1, "title": "a", "user_id": 7, "done": True, "tags": ["x", "y"], "meta": {"k": [1]}})
+    frame = await client.recv_event("postgres_changes", timeout=10)
+    assert frame[0] is None and frame[1] is None
+    payload = frame[4]
+    assert payload["ids"] == [binding_id]
+    data = payload["data"]
+    assert data["type"] == "INSERT" and data["schema"] == "public" and data["table"] == table
+    assert data["record"] == {"id": 1, "title": "a", "user_id": 7, "done": True, "tags": ["x", "y"], "meta": {"k": [1]}}
+    assert data["errors"] is None
+    assert [c["name"] for c in data["columns"]] == ["id", "title", "user_id", "done", "tags", "meta"]
+    assert [c["type"] for c in data["columns"]] == ["int8", "text", "int4", "bool", "_text", "jsonb"]
+    import re
+
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", data["commit_timestamp"])
+
+
+async def test_event_type_filter(connect, table, listener) -> None:  # C38, C39
+    client = await connect()
+    insert_id, all_id = await subscribe(
+        client, "realtime:ev", [{"event": "INSERT", "schema": "public", "table": table}, {"event": "*", "schema": "public", "table": table}]
+    )
+    insert(table, {"id": 1, "title": "a"})
+    frame = await client.recv_event("postgres_changes", timeout=10)
+    assert sorted(frame[4]["ids"]) == sorted([insert_id, all_id])
+    execute(sql.SQL("UPDATE {} SET title = 'b' WHERE id = 1").format(sql.Identifier("public", table)))
+    frame = await client.recv_event("postgres_changes", timeout=10)
+    assert frame[4]["ids"] == [all_id] and frame[4]["data"]["type"] == "UPDATE"
+    assert frame[4]["data"]["old_record"] == {"id": 1}  # C44: DEFAULT identity: the key only
+
+
+async def test_row_level_filter(connect, table, listener) -> None:  # C48
+    client = await connect()
+    await subscribe(client, "realtime:rows", [{"event": "INSERT", "schema": "public", "table": table, "filter": "user_id=eq.123"}])
+    insert(table, {"id": 1, "user_id": 5}, {"id": 2, "user_id": 123}, {"id": 3, "user_id": 124})
+    frame = await client.recv_event("postgres_changes", timeout=10)
+    assert frame[4]["data"]["record"]["id"] == 2
+    assert await client.nothing(0.5)
+
+
+async def test_per_table_channel_isolation(connect, table, listener) -> None:
+    other = f"{table}_other"
+    execute(
+        sql.SQL("CREATE TABLE {} (id int PRIMARY KEY)").format(sql.Identifier("public", other)),
+        sql.SQL("GRANT SELECT ON {} TO anon").format(sql.Identifier("public", other)),
+        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(PUBLICATION), sql.Identifier("public", other)),
+    )
+    try:
+        posts, users = await connect(), await connect()
+        await subscribe(posts, "realtime:posts", [{"event": "*", "schema": "public", "table": table}])
+        await subscribe(users, "realtime:users", [{"event": "*", "schema": "public", "table": other}])
+        insert(table, {"id": 1})
+        assert (await posts.recv_event("postgres_changes", timeout=10))[4]["data"]["table"] == table
+        assert await users.nothing(0.5)
+        from realtime.hub import get_hub
+        from realtime.topics import table_group
+
+        hub = get_hub()
+        # The users channel's process membership is only the other table's group.
+        members = {g for g, m in hub._change_groups.items() if any(k[1] == "realtime:users" for k in m)}
+        assert members == {table_group("public", other)}
+    finally:
+        execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier("public", other)))
+
+
+async def test_authorize_subscription_allowed(connect, table, listener) -> None:
+    client = await connect(apikey=token("authenticated"))
+    await subscribe(client, "realtime:auth-ok", [{"event": "*", "schema": "public", "table": table}])
+
+
+async def test_authorize_subscription_denied(connect, table, listener) -> None:
+    execute(sql.SQL("REVOKE SELECT ON {} FROM anon").format(sql.Identifier("public", table)))
+    client = await connect()
+    reply = await client.join("realtime:denied", {"postgres_changes": [{"event": "*", "schema": "public", "table": table}]})
+    assert reply[4]["status"] == "ok"
+    system = await client.recv_event("system", timeout=10)
+    assert system[4]["status"] == "error" and system[4]["extension"] == "postgres_changes"
+    assert system[4]["message"].startswith("Unable to subscribe to changes with given parameters. An exception happened")
+    assert "permission denied" in system[4]["message"]
+    insert(table, {"id": 1})
+    assert await client.nothing(0.8)
+
+
+async def test_bad_filters_answer_system_errors_and_keep_the_channel(connect, table, listener) -> None:  # C53, C56, C57, C58
+    client = await connect()
+    cases = [
+        ({"event": "*", "schema": "public", "table": table, "filter": "wrong"}, 'Error parsing `filter` params: ["wrong"]'),
+        ({"event": "*", "schema": "public", "table": table, "filter": "nope=eq.1"}, "Unable to subscribe to changes with given parameters. An exception happened"),
+        ({"event": "*", "schema": "public", "table": "not_published"}, "Unable to subscribe to changes with given parameters. Please check Realtime is enabled"),
+        ({"event": "*"}, "No subscription params provided"),
+    ]
+    for n, (binding, prefix) in enumerate(cases):
+        topic = f"realtime:bad{n}"
+        reply = await client.join(topic, {"postgres_changes": [binding]}, ref=str(n + 10))
+        assert reply[4]["status"] == "ok"
+        system = await client.recv_event("system", timeout=10)
+        assert system[4]["message"].startswith(prefix), system
+    await client.push(None, "99", "phoenix", "heartbeat", {})
+    assert (await client.recv_event("phx_reply"))[4]["status"] == "ok"
+
+
+async def test_leave_stops_changes(connect, table, listener) -> None:  # C64
+    client = await connect()
+    await subscribe(client, "realtime:bye", [{"event": "*", "schema": "public", "table": table}])
+    await client.push("1", "2", "realtime:bye", "phx_leave", {})
+    await client.recv_event("phx_close")
+    insert(table, {"id": 1})
+    assert await client.nothing(0.8)
+
+
+async def test_replication_listener_retry(connect, table, listener) -> None:
+    """After its database connection is killed the listener is back within 5 s and loses nothing."""
+    client = await connect()
+    await subscribe(client, "realtime:retry", [{"event": "INSERT", "schema": "public", "table": table}])
+    execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s AND active_pid IS NOT NULL",
+        params=(listener.slot,),
+    )
+    execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        params=(f"realtime replicate {listener.slot}",),
+    )
+    insert(table, {"id": 42})
+    frame = await client.recv_event("postgres_changes", timeout=5)
+    assert frame[4]["data"]["record"]["id"] == 42
