@@ -26,6 +26,7 @@ from realtime.protocol.serializer import (
     encode_user_broadcast,
     user_broadcast_as_json_payload,
 )
+from realtime.filters import BindingIndex
 from realtime.types import KIND_BINARY, BroadcastMessage, ChangeRun
 from realtime.topics import table_group
 
@@ -65,22 +66,72 @@ class ChangeSubscription:
     def tables(self) -> set[tuple[str, str]]:
         return {table for b in self.bindings for table in b.tables}
 
-    def matching_ids(self, schema: str, table: str, change_type: str, record: Any, old_record: Any) -> list[int]:
-        """The ids of this channel's bindings that the change satisfies (PROTOCOL.md 4.5 ``ids``)."""
-        ids: list[int] = []
-        for authorized in self.bindings:
-            binding = authorized.binding
-            if (schema, table) not in authorized.tables or not binding.accepts(change_type):
+
+SubKey = tuple[str, str]  # (socket_id, topic)
+
+
+class TableRoute:
+    """The local channels bound to one table, with filtered bindings indexed by eq value.
+
+    Most filtered subscribers use ``col=eq.value``; ``BindingIndex`` finds the
+    few whose value matches a change instead of testing every subscriber.
+    """
+
+    def __init__(self, schema: str, table: str) -> None:
+        self.schema = schema
+        self.table = table
+        self.subscriptions: dict[SubKey, ChangeSubscription] = {}
+        self._unfiltered: dict[SubKey, list[Any]] = {}  # bindings without a filter, per channel
+        self._filtered: dict[tuple[SubKey, int], Any] = {}
+        self._index: BindingIndex[tuple[SubKey, int]] = BindingIndex()
+
+    def __bool__(self) -> bool:
+        return bool(self.subscriptions)
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self._filtered)
+
+    def add(self, key: SubKey, subscription: ChangeSubscription) -> None:
+        self.remove(key)
+        self.subscriptions[key] = subscription
+        for authorized in subscription.bindings:
+            if (self.schema, self.table) not in authorized.tables:
                 continue
             matcher = authorized.matcher
-            if matcher is not None:
-                # PROTOCOL.md 4.2: filters run on the new values; a DELETE has only old ones.
-                row = old_record if change_type == "DELETE" else record
-                if not isinstance(row, dict) or not matcher.match(row):
-                    continue
-            if binding.id not in ids:
-                ids.append(binding.id)
-        return ids
+            if matcher is None:
+                self._unfiltered.setdefault(key, []).append(authorized.binding)
+            else:
+                entry = (key, authorized.binding.id)
+                self._filtered[entry] = authorized.binding
+                self._index.add(entry, matcher, matcher.eq_column, matcher.eq_value)
+
+    def remove(self, key: SubKey) -> None:
+        if self.subscriptions.pop(key, None) is None:
+            return
+        self._unfiltered.pop(key, None)
+        for entry in [e for e in self._filtered if e[0] == key]:
+            del self._filtered[entry]
+            self._index.remove(entry)
+
+    def route(self, change_type: str, record: Any, old_record: Any) -> dict[SubKey, list[int]]:
+        """Channel -> ids of its bindings that the change satisfies (PROTOCOL.md 4.5 ``ids``)."""
+        routed: dict[SubKey, list[int]] = {}
+        for key, bindings in self._unfiltered.items():
+            ids = [b.id for b in bindings if b.accepts(change_type)]
+            if ids:
+                routed[key] = ids
+        if self._filtered:
+            # PROTOCOL.md 4.2: filters run on the new values; a DELETE has only old ones.
+            row = old_record if change_type == "DELETE" else record
+            if isinstance(row, dict):
+                for entry in self._index.matches(row):
+                    if self._filtered[entry].accepts(change_type):
+                        routed.setdefault(entry[0], []).append(entry[1])
+        for key, ids in routed.items():
+            if len(ids) > 1:
+                routed[key] = sorted(set(ids))
+        return routed
 
 
 class Frames:
@@ -133,7 +184,7 @@ class Hub:
         self._started: asyncio.Lock = asyncio.Lock()
         self._groups: dict[str, dict[tuple[str, str], Subscription]] = {}
         # table group -> (socket_id, topic) -> change subscription
-        self._change_groups: dict[str, dict[tuple[str, str], ChangeSubscription]] = {}
+        self._change_groups: dict[str, TableRoute] = {}
         self._snapshots: dict[str, tuple[Subscription, ...]] = {}
         self._joined: set[str] = set()
         # Per-group lock and the number of reconciliations using it.
@@ -167,24 +218,27 @@ class Hub:
         """Register a channel's bindings; returns once every table's group is joined."""
         await self._ensure_started()
         key = (subscription.socket_id, subscription.topic)
-        groups = [table_group(schema, table) for schema, table in sorted(subscription.tables())]
-        stale = [g for g, members in self._change_groups.items() if key in members and g not in groups]
-        for group in groups:
-            self._change_groups.setdefault(group, {})[key] = subscription
-        for group in groups:
+        tables = {table_group(schema, table): (schema, table) for schema, table in subscription.tables()}
+        stale = [g for g, route in self._change_groups.items() if key in route.subscriptions and g not in tables]
+        for group, (schema, table) in tables.items():
+            route = self._change_groups.get(group)
+            if route is None:
+                route = self._change_groups[group] = TableRoute(schema, table)
+            route.add(key, subscription)
+        for group in sorted(tables):
             await self._reconcile(group)
         for group in stale:
             self._drop_change_member(group, key)
 
     def unsubscribe_changes(self, socket_id: str, topic: str) -> None:
         key = (socket_id, topic)
-        for group in [g for g, members in self._change_groups.items() if key in members]:
+        for group in [g for g, route in self._change_groups.items() if key in route.subscriptions]:
             self._drop_change_member(group, key)
 
-    def _drop_change_member(self, group: str, key: tuple[str, str]) -> None:
-        members = self._change_groups[group]
-        members.pop(key, None)
-        if not members:
+    def _drop_change_member(self, group: str, key: SubKey) -> None:
+        route = self._change_groups[group]
+        route.remove(key)
+        if not route:
             del self._change_groups[group]
             if not self._wanted(group):
                 self._spawn(self._reconcile(group))
@@ -275,24 +329,18 @@ class Hub:
 
     async def deliver_changes(self, run: ChangeRun) -> None:
         """Write each change of a run to every local channel whose bindings it satisfies."""
-        members = self._change_groups.get(run["group"])
-        if not members:
+        route = self._change_groups.get(run["group"])
+        if not route:
             return
-        subscriptions = tuple(members.values())
-        schema, table = run["schema"], run["table"]
         for change in run["changes"]:
             change_type = change["type"]
             data_json = change["data"].decode("utf-8")
-            parsed: dict[str, Any] | None = None
-            for sub in subscriptions:
-                if any(b.matcher is not None for b in sub.bindings) and parsed is None:
-                    parsed = json.loads(data_json)
-                ids = sub.matching_ids(
-                    schema, table, change_type,
-                    parsed.get("record") if parsed else None, parsed.get("old_record") if parsed else None,
-                )
-                if not ids:
-                    continue
+            record = old_record = None
+            if route.filtered:
+                parsed = json.loads(data_json)
+                record, old_record = parsed.get("record"), parsed.get("old_record")
+            for key, ids in route.route(change_type, record, old_record).items():
+                sub = route.subscriptions[key]
                 payload = '{"ids":' + json.dumps(ids) + ',"data":' + data_json + "}"
                 text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
                 try:

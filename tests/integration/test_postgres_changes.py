@@ -151,7 +151,7 @@ async def test_per_table_channel_isolation(connect, table, listener) -> None:
 
         hub = get_hub()
         # The users channel's process membership is only the other table's group.
-        members = {g for g, m in hub._change_groups.items() if any(k[1] == "realtime:users" for k in m)}
+        members = {g for g, route in hub._change_groups.items() if any(k[1] == "realtime:users" for k in route.subscriptions)}
         assert members == {table_group("public", other)}
     finally:
         execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier("public", other)))

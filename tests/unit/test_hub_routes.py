@@ -1,0 +1,70 @@
+"""Routing a change to the local channels whose bindings it satisfies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from realtime.authorization import AuthorizedBinding
+from realtime.bindings import parse_binding
+from realtime.filters import compile_filter
+from realtime.hub import ChangeSubscription, TableRoute
+from realtime.protocol.message import Vsn
+
+pytestmark = pytest.mark.unit
+
+TYPES = {"id": "int8", "user_id": "int4", "status": "text"}
+
+
+async def _send(message: dict[str, Any]) -> None:
+    return None
+
+
+def subscription(socket: str, *bindings: dict[str, Any]) -> ChangeSubscription:
+    authorized = []
+    for raw in bindings:
+        binding = parse_binding(raw)
+        matcher = compile_filter(binding.filter, TYPES) if binding.filter else None
+        authorized.append(AuthorizedBinding(binding, (("public", "todos"),), matcher))
+    return ChangeSubscription(socket, "realtime:t", Vsn.V2, _send, tuple(authorized))
+
+
+def binding(event: str = "*", filter: str | None = None) -> dict[str, Any]:
+    raw = {"event": event, "schema": "public", "table": "todos"}
+    if filter:
+        raw["filter"] = filter
+    return raw
+
+
+def test_one_change_goes_only_to_the_matching_eq_subscriber_among_a_thousand() -> None:
+    route = TableRoute("public", "todos")
+    for n in range(1000):
+        route.add((f"s{n}", "realtime:t"), subscription(f"s{n}", binding(filter=f"id=eq.{n}")))
+    routed = route.route("INSERT", {"id": 417, "user_id": 1}, None)
+    assert list(routed) == [("s417", "realtime:t")]
+
+
+def test_all_matching_bindings_of_a_channel_share_one_entry() -> None:  # C39
+    route = TableRoute("public", "todos")
+    sub = subscription("a", binding("INSERT"), binding("*"), binding("UPDATE"))
+    route.add(("a", "realtime:t"), sub)
+    routed = route.route("INSERT", {"id": 1}, None)
+    assert routed == {("a", "realtime:t"): sorted({b.binding.id for b in sub.bindings[:2]})}
+
+
+def test_delete_filters_run_on_the_old_values() -> None:  # C52
+    route = TableRoute("public", "todos")
+    route.add(("a", "realtime:t"), subscription("a", binding("DELETE", "status=eq.done")))
+    assert route.route("DELETE", None, {"id": 1, "status": "done"}) != {}
+    assert route.route("DELETE", None, {"id": 1}) == {}  # DEFAULT identity: the column is absent
+
+
+def test_removed_channels_get_nothing() -> None:
+    route = TableRoute("public", "todos")
+    route.add(("a", "realtime:t"), subscription("a", binding(filter="id=eq.1")))
+    route.add(("b", "realtime:t"), subscription("b", binding()))
+    route.remove(("a", "realtime:t"))
+    assert list(route.route("INSERT", {"id": 1}, None)) == [("b", "realtime:t")]
+    route.remove(("b", "realtime:t"))
+    assert not route
