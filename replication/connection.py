@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from replication.stream import lsn_to_text, parse_lsn
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAMESPACE = "realtime.replication"
@@ -30,15 +32,6 @@ class SlotRow:
     lsn: int
     xid: int
     data: bytes
-
-
-def _lsn_int(text: str) -> int:
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def _lsn_text(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 class SlotReader:
@@ -108,11 +101,11 @@ class SlotReader:
             "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s, 'messages', 'false')",
             (self.slot, max_changes, self.publication),
         )
-        return [SlotRow(_lsn_int(lsn), int(xid), bytes(data)) for lsn, xid, data in await cursor.fetchall()]
+        return [SlotRow(parse_lsn(lsn), int(xid), bytes(data)) for lsn, xid, data in await cursor.fetchall()]
 
     async def advance(self, lsn: int) -> None:
         """Consume everything up to ``lsn`` (a commit's end position)."""
-        await self._conn().execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.slot, _lsn_text(lsn)))
+        await self._conn().execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.slot, lsn_to_text(lsn)))
 
     async def type_names(self) -> dict[int, str]:
         """``pg_type`` oid -> typname, for column types of user tables (enums, domains, arrays)."""
