@@ -1,0 +1,779 @@
+"""Presence entries in Redis, shared by every server process.
+
+Owns the ``PresenceStore`` contract and ``RedisPresenceStore``, which keeps
+each channel's metas in Redis so that every process serving a topic sees the
+same ``presence_state``. It knows nothing about frames or sockets beyond an
+opaque socket id; the diffs it returns are broadcast by the caller.
+
+Layout (every name comes from ``presence.keys``):
+
+- ``member_key(channel, key)``: hash, ``phx_ref`` -> entry JSON;
+- ``channel_index_key(channel)``: set of the channel's member keys;
+- ``channels_key()``: set of channels with members;
+- ``processes_key()``: sorted set, process id -> liveness deadline (ms, Redis clock);
+- ``process_key(pid)``: exists while the process heartbeats;
+- ``process_members_key(pid)``: set of refs ``[channel, key, phx_ref]`` the process owns.
+
+Every write that spans several keys is one Lua script, so concurrent
+processes never see half an entry. One entry exists per (channel, socket);
+the owning process remembers its sockets' entries in memory.
+
+Liveness: a process refreshes its liveness key every ``ttl / 3`` seconds with
+a time-to-live of ``ttl - sweep_interval``; any process may sweep, and a sweep
+removes the entries of processes whose liveness key is gone, inside a script
+that first checks the key again. A sweeper that runs every ``sweep_interval``
+therefore removes a dead process's members within ``ttl`` of its last
+heartbeat, exactly once however many sweepers race, and never touches a
+process that is still heartbeating. Member keys also expire on their own
+(``ENTRY_TTL_FACTOR * ttl``) in case no process is left to sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
+
+from presence.keys import (
+    channel_index_key,
+    channels_key,
+    member_key,
+    process_key,
+    process_members_key,
+    processes_key,
+)
+from presence.state import (
+    Diff,
+    Entry,
+    Presences,
+    join_diff,
+    leave_diff,
+    make_meta,
+    merge_diffs,
+    new_phx_ref,
+    presence_state,
+    update_diff,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL = 15.0
+MAX_SWEEP_INTERVAL = 2.0
+ENTRY_TTL_FACTOR = 8
+CHUNK_SIZE = 500
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
+
+ChannelDiffs = list[tuple[str, Diff]]
+ChannelCounts = list[tuple[str, int]]
+Entries = list[Entry]
+OnLeaves = Callable[[str, Diff], Awaitable[None] | None]
+
+
+class TrackKind(Enum):
+    """What a ``track`` did."""
+
+    JOINED = "joined"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+
+
+@dataclass(frozen=True, slots=True)
+class TrackResult:
+    """The outcome of ``track``: the current entry and the diff to broadcast, if any."""
+
+    kind: TrackKind
+    entry: Entry
+    diff: Diff | None  # None when the payload was already tracked unchanged
+    previous: Entry | None = None  # the entry an update replaced
+
+
+class PresenceStore(Protocol):
+    """What the channel glue needs from a presence backend."""
+
+    async def track(self, channel: str, key: str, socket_id: str, payload: Mapping[str, Any]) -> TrackResult:
+        """Track ``payload`` for ``socket_id`` on ``channel``; one entry per (channel, socket)."""
+        ...
+
+    async def untrack(self, channel: str, socket_id: str) -> Diff | None:
+        """Remove the socket's entry on ``channel``; the leave diff, or None if none was tracked."""
+        ...
+
+    async def untrack_socket(self, socket_id: str) -> ChannelDiffs:
+        """Remove every entry of a closed socket; one leave diff per channel."""
+        ...
+
+    def tracked(self, socket_id: str) -> dict[str, Entry]:
+        """The socket's entries by channel, as this process last wrote them."""
+        ...
+
+    async def list(self, channel: str) -> Entries:
+        """Every entry on ``channel``, from every process, in join order."""
+        ...
+
+    async def state(self, channel: str) -> Presences:
+        """The ``presence_state`` payload of ``channel``."""
+        ...
+
+    async def channels(self) -> ChannelCounts:
+        """``(channel, member count)`` for every channel with members, by name."""
+        ...
+
+    async def remove(self, channel: str, key: str, phx_ref: str) -> Diff | None:
+        """Remove one meta whatever process owns it; the leave diff, or None if it was gone."""
+        ...
+
+    async def heartbeat(self) -> ChannelDiffs:
+        """Prove this process alive and keep its entries; leave diffs of entries it cleaned up."""
+        ...
+
+    async def sweep(self) -> ChannelDiffs:
+        """Remove the entries of dead processes; their leave diffs, one per channel."""
+        ...
+
+    async def run_maintenance(self, stop_event: asyncio.Event, on_leaves: OnLeaves) -> None:
+        """Heartbeat and sweep until ``stop_event`` is set, handing leave diffs to ``on_leaves``."""
+        ...
+
+    async def close(self) -> None:
+        """Close the Redis connections of the running event loop."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    source: str
+    sha: str
+
+
+def _script(source: str) -> _Script:
+    return _Script(source, hashlib.sha1(source.encode()).hexdigest())
+
+
+# KEYS: alive, processes
+# ARGV: process_id, liveness_ms
+# Returns 1 if the liveness key still existed, else 0.
+_LIVENESS = _script(
+    """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+return existed
+"""
+)
+
+# KEYS: alive, processes, owned, channels, member, index, old_member
+# ARGV: process_id, liveness_ms, entry_ttl_ms, channel, old_field, old_ref,
+#       field, ref, entry_if_joined, entry_if_updated, signature
+# Returns {kind, old entry JSON or ''}.
+_TRACK = _script(
+    """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+local old = false
+if ARGV[5] ~= '' then
+  old = redis.call('HGET', KEYS[7], ARGV[5])
+  if old and KEYS[7] == KEYS[5] and cjson.decode(old)['sig'] == ARGV[11] then
+    redis.call('SADD', KEYS[6], KEYS[5])
+    redis.call('SADD', KEYS[4], ARGV[4])
+    redis.call('SADD', KEYS[3], ARGV[6])
+    redis.call('PEXPIRE', KEYS[5], ARGV[3])
+    redis.call('PEXPIRE', KEYS[6], ARGV[3])
+    return {'unchanged', old}
+  end
+  redis.call('SREM', KEYS[3], ARGV[6])
+  if old then
+    redis.call('HDEL', KEYS[7], ARGV[5])
+    if redis.call('EXISTS', KEYS[7]) == 0 then
+      redis.call('SREM', KEYS[6], KEYS[7])
+    end
+  end
+end
+local entry = ARGV[9]
+if old then entry = ARGV[10] end
+redis.call('HSET', KEYS[5], ARGV[7], entry)
+redis.call('SADD', KEYS[6], KEYS[5])
+redis.call('SADD', KEYS[4], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[8])
+redis.call('PEXPIRE', KEYS[5], ARGV[3])
+redis.call('PEXPIRE', KEYS[6], ARGV[3])
+if old then return {'updated', old} end
+return {'joined', ''}
+"""
+)
+
+# KEYS: member, index, channels, owned
+# ARGV: field, ref, channel
+# Returns the removed entry JSON, or nil if it was already gone.
+_REMOVE = _script(
+    """
+redis.call('SREM', KEYS[4], ARGV[2])
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if not entry then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], KEYS[1]) end
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[3]) end
+return entry
+"""
+)
+
+# KEYS: member_1, index_1, member_2, index_2, ...
+# ARGV: entry_ttl_ms, field_1, field_2, ...
+# Returns the 1-based positions of the fields that no longer exist.
+_REFRESH = _script(
+    """
+local missing = {}
+for i = 2, #ARGV do
+  local member = KEYS[2 * i - 3]
+  local index = KEYS[2 * i - 2]
+  if redis.call('HEXISTS', member, ARGV[i]) == 1 then
+    redis.call('PEXPIRE', member, ARGV[1])
+    redis.call('PEXPIRE', index, ARGV[1])
+  else
+    missing[#missing + 1] = i - 1
+  end
+end
+return missing
+"""
+)
+
+# KEYS: processes
+# Returns the ids of processes whose liveness deadline has passed.
+_CANDIDATES = _script(
+    """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+"""
+)
+
+# KEYS: alive, owned, processes, channels, member_1, index_1, member_2, index_2, ...
+# ARGV: process_id, field_1, ref_1, channel_1, field_2, ref_2, channel_2, ...
+# Returns nil if the process is alive, else the entry JSONs this call removed.
+_SWEEP = _script(
+    """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local removed = {}
+for i = 1, (#ARGV - 1) / 3 do
+  local member = KEYS[3 + 2 * i]
+  local index = KEYS[4 + 2 * i]
+  local field = ARGV[3 * i - 1]
+  redis.call('SREM', KEYS[2], ARGV[3 * i])
+  local entry = redis.call('HGET', member, field)
+  if entry then
+    redis.call('HDEL', member, field)
+    removed[#removed + 1] = entry
+    if redis.call('EXISTS', member) == 0 then redis.call('SREM', index, member) end
+    if redis.call('EXISTS', index) == 0 then redis.call('SREM', KEYS[4], ARGV[3 * i + 1]) end
+  end
+end
+if redis.call('SCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[1]) end
+return removed
+"""
+)
+
+# KEYS: index, channels, member_1, member_2, ...
+# ARGV: channel
+_PRUNE = _script(
+    """
+for i = 3, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then redis.call('SREM', KEYS[1], KEYS[i]) end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
+return 0
+"""
+)
+
+
+def _signature(payload: Mapping[str, Any]) -> str:
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _owner_ref(channel: str, key: str, phx_ref: str) -> str:
+    return json.dumps([channel, key, phx_ref], separators=(",", ":"), ensure_ascii=False)
+
+
+def _parse_owner_ref(raw: str) -> tuple[str, str, str] | None:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(value, list) and len(value) == 3 and all(isinstance(part, str) for part in value):
+        return value[0], value[1], value[2]
+    return None
+
+
+def _encode_entry(entry: Entry, signature: str) -> str:
+    return json.dumps(
+        {
+            "channel": entry.channel,
+            "key": entry.key,
+            "phx_ref": entry.phx_ref,
+            "meta": entry.meta,
+            "socket_id": entry.socket_id,
+            "process_id": entry.process_id,
+            "joined_at": entry.joined_at,
+            "sig": signature,
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def _decode_entry(raw: str) -> Entry | None:
+    try:
+        value = json.loads(raw)
+        entry = Entry(
+            channel=value["channel"],
+            key=value["key"],
+            phx_ref=value["phx_ref"],
+            meta=value["meta"],
+            socket_id=value["socket_id"],
+            process_id=value["process_id"],
+            joined_at=float(value["joined_at"]),
+        )
+    except (ValueError, TypeError, KeyError):
+        logger.warning("presence: skipping a malformed entry %.200r", raw)
+        return None
+    return entry
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _texts(values: Iterable[bytes | str]) -> list[str]:
+    return [_text(value) for value in values]
+
+
+def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), CHUNK_SIZE):
+        yield items[start : start + CHUNK_SIZE]
+
+
+def _leaves_by_channel(entries: Sequence[Entry]) -> ChannelDiffs:
+    by_channel: dict[str, list[Diff]] = {}
+    for entry in entries:
+        by_channel.setdefault(entry.channel, []).append(leave_diff(entry.key, entry.meta))
+    return [(channel, merge_diffs(*diffs)) for channel, diffs in by_channel.items()]
+
+
+@dataclass(frozen=True, slots=True)
+class _Cleanup:
+    """An entry to remove once Redis answers again, and the entry its write may have replaced."""
+
+    entry: Entry
+    replaced: Entry | None = None
+
+
+class RedisPresenceStore:
+    """``PresenceStore`` on Redis, shared by every process that uses the same server.
+
+    Args:
+        url: the Redis URL.
+        process_id: unique per store instance (one per process and event
+            loop), never reused; a sweeper treats every entry under it as
+            owned by one instance.
+        ttl: seconds within which a dead process's members are swept.
+        sweep_interval: how often ``run_maintenance`` sweeps; by default the
+            smaller of ``MAX_SWEEP_INTERVAL`` and ``ttl / 5``. The liveness
+            key lives ``ttl - sweep_interval`` so that a sweep lands within ``ttl``.
+        **redis_options: passed to ``redis.asyncio.Redis.from_url``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        process_id: str,
+        ttl: float = DEFAULT_TTL,
+        *,
+        sweep_interval: float | None = None,
+        **redis_options: Any,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError(f"ttl must be positive, got {ttl!r}")
+        if sweep_interval is None:
+            sweep_interval = min(MAX_SWEEP_INTERVAL, ttl / 5)
+        if not 0 < sweep_interval <= ttl / 2:
+            raise ValueError(f"sweep_interval must be in (0, ttl/2], got {sweep_interval!r} for ttl {ttl!r}")
+        self.url = url
+        self.process_id = process_id
+        self.ttl = ttl
+        self.sweep_interval = sweep_interval
+        self.heartbeat_interval = ttl / 3
+        self.liveness_ms = max(1, int((ttl - sweep_interval) * 1000))
+        self.entry_ttl_ms = max(1, int(ttl * ENTRY_TTL_FACTOR * 1000))
+        self.retry_interval = min(1.0, self.heartbeat_interval / 2)
+        self._redis_options: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
+            **redis_options,
+        }
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Redis] = weakref.WeakKeyDictionary()
+        # socket id -> channel -> the entry this process last wrote for it.
+        self._local: dict[str, dict[str, Entry]] = {}
+        # phx_ref -> an entry whose write or removal failed; heartbeat() removes it.
+        self._pending: dict[str, _Cleanup] = {}
+
+    def __repr__(self) -> str:
+        return f"RedisPresenceStore(process_id={self.process_id!r}, ttl={self.ttl!r})"
+
+    # Connections
+
+    def _client(self) -> Redis:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = Redis.from_url(self.url, **self._redis_options)
+            self._clients[loop] = client
+        return client
+
+    async def close(self) -> None:
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
+        client = self._client()
+        try:
+            return await client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(script.source, len(keys), *keys, *args)
+
+    # Tracking
+
+    def tracked(self, socket_id: str) -> dict[str, Entry]:
+        return dict(self._local.get(socket_id, {}))
+
+    async def track(self, channel: str, key: str, socket_id: str, payload: Mapping[str, Any]) -> TrackResult:
+        previous = self._local.get(socket_id, {}).get(channel)
+        phx_ref = new_phx_ref()
+        signature = _signature(payload)
+        joined = Entry(
+            channel=channel,
+            key=key,
+            phx_ref=phx_ref,
+            meta=make_meta(payload, phx_ref),
+            socket_id=socket_id,
+            process_id=self.process_id,
+            joined_at=time.time(),
+        )
+        updated = joined if previous is None else replace(joined, joined_at=previous.joined_at)
+        old_key = key if previous is None else previous.key
+        try:
+            kind, old_raw = await self._eval(
+                _TRACK,
+                [
+                    process_key(self.process_id),
+                    processes_key(),
+                    process_members_key(self.process_id),
+                    channels_key(),
+                    member_key(channel, key),
+                    channel_index_key(channel),
+                    member_key(channel, old_key),
+                ],
+                [
+                    self.process_id,
+                    self.liveness_ms,
+                    self.entry_ttl_ms,
+                    channel,
+                    "" if previous is None else previous.phx_ref,
+                    "" if previous is None else _owner_ref(channel, previous.key, previous.phx_ref),
+                    phx_ref,
+                    _owner_ref(channel, key, phx_ref),
+                    _encode_entry(joined, signature),
+                    _encode_entry(updated, signature),
+                    signature,
+                ],
+            )
+        except REDIS_ERRORS:
+            # The script may have run: remove whatever it wrote, and the entry it replaced.
+            self._pending[phx_ref] = _Cleanup(joined, previous)
+            if previous is not None:
+                self._forget(previous)
+            raise
+        old = _decode_entry(old_raw) if old_raw else None
+        if kind == TrackKind.UNCHANGED.value and old is not None:
+            self._local.setdefault(socket_id, {})[channel] = old
+            return TrackResult(TrackKind.UNCHANGED, old, None)
+        if kind == TrackKind.UPDATED.value and old is not None:
+            self._local.setdefault(socket_id, {})[channel] = updated
+            if old.key == key:
+                diff = update_diff(key, updated.meta, old.meta)
+            else:
+                diff = merge_diffs(leave_diff(old.key, old.meta), join_diff(key, updated.meta))
+            return TrackResult(TrackKind.UPDATED, updated, diff, old)
+        self._local.setdefault(socket_id, {})[channel] = joined
+        return TrackResult(TrackKind.JOINED, joined, join_diff(key, joined.meta))
+
+    async def untrack(self, channel: str, socket_id: str) -> Diff | None:
+        """Remove the socket's entry on ``channel``.
+
+        Raises:
+            RedisError, OSError: Redis failed; the entry is then removed by a
+                later ``heartbeat`` and its leave diff reported there.
+        """
+        entry = self._local.get(socket_id, {}).get(channel)
+        if entry is None:
+            return None
+        try:
+            removed = await self._remove_entry(entry, self.process_id)
+        except REDIS_ERRORS:
+            self._pending[entry.phx_ref] = _Cleanup(entry)
+            raise
+        finally:
+            self._forget(entry)
+        return None if removed is None else leave_diff(removed.key, removed.meta)
+
+    async def untrack_socket(self, socket_id: str) -> ChannelDiffs:
+        """Remove every entry of a closed socket.
+
+        Entries whose removal fails are logged and retried by ``heartbeat``,
+        which reports their leave diffs.
+        """
+        removed: list[Entry] = []
+        for entry in list(self._local.get(socket_id, {}).values()):
+            try:
+                gone = await self._remove_entry(entry, self.process_id)
+            except REDIS_ERRORS as exc:
+                logger.warning("presence: untrack of socket %s on %s failed, will retry: %s", socket_id, entry.channel, exc)
+                self._pending[entry.phx_ref] = _Cleanup(entry)
+                continue
+            finally:
+                self._forget(entry)
+            if gone is not None:
+                removed.append(gone)
+        return [(gone.channel, leave_diff(gone.key, gone.meta)) for gone in removed]
+
+    async def untrack_all(self) -> ChannelDiffs:
+        """Remove every entry this process tracks (graceful shutdown); leave diffs per channel."""
+        diffs: ChannelDiffs = []
+        for socket_id in list(self._local):
+            diffs.extend(await self.untrack_socket(socket_id))
+        return diffs
+
+    def _forget(self, entry: Entry) -> None:
+        channels = self._local.get(entry.socket_id)
+        if channels is not None and channels.get(entry.channel) == entry:
+            del channels[entry.channel]
+            if not channels:
+                del self._local[entry.socket_id]
+
+    async def _remove_entry(self, entry: Entry, owner: str) -> Entry | None:
+        raw = await self._eval(
+            _REMOVE,
+            [
+                member_key(entry.channel, entry.key),
+                channel_index_key(entry.channel),
+                channels_key(),
+                process_members_key(owner),
+            ],
+            [entry.phx_ref, _owner_ref(entry.channel, entry.key, entry.phx_ref), entry.channel],
+        )
+        return _decode_entry(raw) if raw else None
+
+    # Reading
+
+    async def list(self, channel: str) -> Entries:
+        client = self._client()
+        members = sorted(_texts(await client.smembers(channel_index_key(channel))))
+        if not members:
+            return []
+        pipe = client.pipeline(transaction=False)
+        for member in members:
+            pipe.hvals(member)
+        entries: Entries = []
+        for values in await pipe.execute():
+            for raw in values:
+                entry = _decode_entry(raw)
+                if entry is not None and entry.channel == channel:
+                    entries.append(entry)
+        entries.sort(key=lambda e: (e.joined_at, e.phx_ref))
+        return entries
+
+    async def state(self, channel: str) -> Presences:
+        return presence_state(await self.list(channel))
+
+    async def channels(self) -> ChannelCounts:
+        client = self._client()
+        names = sorted(_texts(await client.smembers(channels_key())))
+        if not names:
+            return []
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.smembers(channel_index_key(name))
+        indexes: list[list[str]] = [sorted(members) for members in await pipe.execute()]
+        pipe = client.pipeline(transaction=False)
+        for members in indexes:
+            for member in members:
+                pipe.hlen(member)
+        lengths: list[int] = await pipe.execute()
+        counts: ChannelCounts = []
+        position = 0
+        for name, members in zip(names, indexes):
+            count = sum(lengths[position : position + len(members)])
+            position += len(members)
+            if count:
+                counts.append((name, count))
+            else:
+                await self._eval(_PRUNE, [channel_index_key(name), channels_key(), *members], [name])
+        return counts
+
+    async def remove(self, channel: str, key: str, phx_ref: str) -> Diff | None:
+        raw = await self._client().hget(member_key(channel, key), phx_ref)
+        entry = _decode_entry(_text(raw)) if raw else None
+        if entry is None:
+            return None
+        removed = await self._remove_entry(entry, entry.process_id)
+        if removed is None:
+            return None
+        self._forget(removed)
+        return leave_diff(removed.key, removed.meta)
+
+    # Liveness
+
+    async def heartbeat(self) -> ChannelDiffs:
+        """Refresh this process's liveness key and the expiry of the entries it owns.
+
+        Also forgets the entries another process removed (swept or
+        ``remove``d) and completes the cleanups of failed ``track`` and
+        ``untrack`` calls, returning the leave diffs of those cleanups.
+        """
+        existed = await self._eval(
+            _LIVENESS, [process_key(self.process_id), processes_key()], [self.process_id, self.liveness_ms]
+        )
+        if not existed and self._local:
+            logger.warning("presence: process %s missed its heartbeats and may have been swept", self.process_id)
+        removed = await self._clean_up()
+        await self._refresh()
+        return _leaves_by_channel(removed)
+
+    async def _clean_up(self) -> Entries:
+        removed: Entries = []
+        for phx_ref, cleanup in list(self._pending.items()):
+            gone = await self._remove_entry(cleanup.entry, self.process_id)
+            if cleanup.replaced is not None:
+                old = await self._remove_entry(cleanup.replaced, self.process_id)
+                if old is None and gone is not None:
+                    # The lost write replaced it, unannounced; receivers still show it.
+                    old = cleanup.replaced
+                if old is not None:
+                    removed.append(old)
+            if gone is not None:
+                removed.append(gone)
+            del self._pending[phx_ref]
+        return removed
+
+    async def _refresh(self) -> None:
+        entries = [entry for channels in self._local.values() for entry in channels.values()]
+        for chunk in _chunks(entries):
+            keys: list[str] = []
+            for entry in chunk:
+                keys += [member_key(entry.channel, entry.key), channel_index_key(entry.channel)]
+            missing = await self._eval(_REFRESH, keys, [self.entry_ttl_ms, *(e.phx_ref for e in chunk)])
+            for position in missing:
+                entry = chunk[int(position) - 1]
+                logger.warning(
+                    "presence: entry %s of socket %s on %s was removed elsewhere", entry.phx_ref, entry.socket_id, entry.channel
+                )
+                self._forget(entry)
+
+    async def sweep(self) -> ChannelDiffs:
+        """Remove the entries of processes whose liveness key expired.
+
+        Safe to run from several processes at once: each entry is removed, and
+        its leave reported, by exactly one sweeper.
+        """
+        candidates = await self._eval(_CANDIDATES, [processes_key()], [])
+        removed: list[Entry] = []
+        for process_id in candidates:
+            if process_id != self.process_id:
+                removed.extend(await self._sweep_process(process_id))
+        return _leaves_by_channel(removed)
+
+    async def _sweep_process(self, process_id: str) -> Entries:
+        owned_key = process_members_key(process_id)
+        refs: list[tuple[str, tuple[str, str, str]]] = []
+        for raw in sorted(_texts(await self._client().smembers(owned_key))):
+            parsed = _parse_owner_ref(raw)
+            if parsed is not None:
+                refs.append((raw, parsed))
+        removed: list[Entry] = []
+        for chunk in list(_chunks(refs)) or [[]]:
+            keys = [process_key(process_id), owned_key, processes_key(), channels_key()]
+            args: list[str] = [process_id]
+            for raw, (channel, key, phx_ref) in chunk:
+                keys += [member_key(channel, key), channel_index_key(channel)]
+                args += [phx_ref, raw, channel]
+            result = await self._eval(_SWEEP, keys, args)
+            if result is None:
+                break  # the process heartbeated again: it is alive
+            removed.extend(entry for entry in map(_decode_entry, result) if entry is not None)
+        if removed:
+            logger.info("presence: swept %d entries of dead process %s", len(removed), process_id)
+        return removed
+
+    async def run_maintenance(self, stop_event: asyncio.Event, on_leaves: OnLeaves) -> None:
+        """Heartbeat every ``ttl / 3`` s and sweep every ``sweep_interval`` s until ``stop_event`` is set.
+
+        Redis errors are logged and the step retried after ``retry_interval``;
+        each leave diff, from either step, is passed to ``on_leaves(channel, diff)``.
+        """
+        loop = asyncio.get_running_loop()
+        next_heartbeat = next_sweep = loop.time()
+        while not stop_event.is_set():
+            now = loop.time()
+            if now >= next_heartbeat:
+                next_heartbeat = now + self.heartbeat_interval
+                leaves = await self._attempt("heartbeat", self.heartbeat)
+                if leaves is None:
+                    next_heartbeat = now + self.retry_interval
+                else:
+                    await _deliver(on_leaves, leaves)
+            if now >= next_sweep:
+                next_sweep = now + self.sweep_interval
+                leaves = await self._attempt("sweep", self.sweep)
+                if leaves is None:
+                    next_sweep = now + self.retry_interval
+                else:
+                    await _deliver(on_leaves, leaves)
+            delay = max(0.0, min(next_heartbeat, next_sweep) - loop.time())
+            try:
+                await asyncio.wait_for(stop_event.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    async def _attempt(self, step: str, run: Callable[[], Awaitable[ChannelDiffs]]) -> ChannelDiffs | None:
+        try:
+            return await run()
+        except REDIS_ERRORS as exc:
+            logger.warning("presence: %s failed, retrying in %.1f s: %s", step, self.retry_interval, exc)
+        except Exception:
+            logger.exception("presence: %s failed, retrying in %.1f s", step, self.retry_interval)
+        return None
+
+
+async def _deliver(on_leaves: OnLeaves, leaves: ChannelDiffs) -> None:
+    for channel, diff in leaves:
+        try:
+            result = on_leaves(channel, diff)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception("presence: on_leaves failed for %s", channel)
