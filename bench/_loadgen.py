@@ -1,0 +1,694 @@
+"""Load generator for ``bench/broadcast.py``: subscriber workers and the publisher.
+
+A worker process opens COUNT sockets, joins each to the bench topic and then
+counts the broadcasts it receives, with a latency histogram per step (the
+publisher embeds its ``time.time_ns()`` and the step number in every payload).
+It is driven by JSON lines on stdin and answers with JSON lines on stdout.
+
+Two client implementations:
+
+* ``lite`` (default): plain non-blocking sockets on one ``epoll`` loop with a
+  minimal RFC 6455 client (no extensions, masked client frames, pongs to
+  pings). It costs a few microseconds per received frame, so on a small
+  machine most of the CPU is left to the server under test.
+* ``websockets``: one ``websockets.asyncio.client`` connection per socket on
+  an asyncio loop, to cross-check the lite client (several times its CPU).
+
+Usage (from broadcast.py): ``python bench/_loadgen.py lite|websockets CONFIG_JSON``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import hashlib
+import hmac
+import json
+import math
+import os
+import select
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+TOPIC = "realtime:bench"
+EVENT = "tick"
+JOIN_FRAME = (
+    '["1","1","' + TOPIC + '","phx_join",{"config":{"broadcast":{"self":false,"ack":false}}}]'
+).encode()
+HEARTBEAT_FRAME = b'[null,"h","phoenix","heartbeat",{}]'
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+FINE_US = 100
+FINE_BUCKETS = 1000
+COARSE_US = 10_000
+NBUCKETS = 2000
+FINE_LIMIT_US = FINE_US * FINE_BUCKETS
+
+
+def mint_jwt(secret: str, role: str, ttl_s: int = 24 * 3600) -> str:
+    """An HS256 JWT with ``role`` and ``exp``."""
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    now = int(time.time())
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    claims = b64(json.dumps({"role": role, "iat": now, "exp": now + ttl_s}, separators=(",", ":")).encode())
+    signing_input = f"{header}.{claims}".encode()
+    signature = b64(hmac.new(secret.encode(), signing_input, hashlib.sha256).digest())
+    return f"{header}.{claims}.{signature}"
+
+
+def bucket_upper_ms(index: int) -> float:
+    """The upper edge of a histogram bucket, in milliseconds."""
+    if index < FINE_BUCKETS:
+        return (index + 1) * FINE_US / 1000
+    return (FINE_LIMIT_US + (index - FINE_BUCKETS + 1) * COARSE_US) / 1000
+
+
+def percentile_ms(hist: list[int], total: int, q: float) -> float | None:
+    """The q-quantile (upper bucket edge, ms) of a histogram holding ``total`` samples."""
+    if total <= 0:
+        return None
+    rank = max(1, math.ceil(q * total - 1e-9))
+    seen = 0
+    for index, count in enumerate(hist):
+        seen += count
+        if seen >= rank:
+            return bucket_upper_ms(index)
+    return bucket_upper_ms(len(hist) - 1)
+
+
+def new_step_stats(now_ns: int) -> list[Any]:
+    """[count, first_ns, last_ns, histogram, max_us]."""
+    return [0, now_ns, now_ns, [0] * NBUCKETS, 0]
+
+
+def record(stats: dict[int, list[Any]], step: int, sent_ns: int, now_ns: int) -> None:
+    st = stats.get(step)
+    if st is None:
+        st = stats[step] = new_step_stats(now_ns)
+    st[0] += 1
+    st[2] = now_ns
+    lat = (now_ns - sent_ns) // 1000
+    if lat < FINE_LIMIT_US:
+        st[3][lat // FINE_US if lat > 0 else 0] += 1
+    else:
+        st[3][min(FINE_BUCKETS + (lat - FINE_LIMIT_US) // COARSE_US, NBUCKETS - 1)] += 1
+    if lat > st[4]:
+        st[4] = lat
+
+
+def stats_reply(stats: dict[int, list[Any]], step: int, remove: bool) -> dict[str, Any]:
+    st = stats.pop(step, None) if remove else stats.get(step)
+    if st is None:
+        return {"recv": 0, "first_ns": 0, "last_ns": 0, "hist": [], "max_us": 0}
+    return {
+        "recv": st[0],
+        "first_ns": st[1],
+        "last_ns": st[2],
+        "hist": [[i, c] for i, c in enumerate(st[3]) if c],
+        "max_us": st[4],
+    }
+
+
+def parse_tick(text: bytes | str) -> tuple[int, int] | None:
+    """(step, sent_ns) from a broadcast frame whose payload ends with ``"s":S,"seq":N,"t":T}``."""
+    quote_t = b'"t":' if isinstance(text, bytes) else '"t":'
+    j = text.rfind(quote_t)  # type: ignore[arg-type]
+    if j < 0:
+        return None
+    k = text.rfind(b'"s":' if isinstance(text, bytes) else '"s":', 0, j)  # type: ignore[arg-type]
+    if k < 0:
+        return None
+    close = b"}" if isinstance(text, bytes) else "}"
+    comma = b"," if isinstance(text, bytes) else ","
+    return int(text[k + 4 : text.index(comma, k, j)]), int(text[j + 4 : text.index(close, j)])  # type: ignore[arg-type]
+
+
+def tick_frame(step: int, seq: int, sent_ns: int) -> bytes:
+    return (
+        '["1","2","' + TOPIC + '","broadcast",{"type":"broadcast","event":"' + EVENT + '",'
+        f'"payload":{{"s":{step},"seq":{seq},"t":{sent_ns}}}}}]'
+    ).encode()
+
+
+# --- minimal RFC 6455 client ---------------------------------------------------
+
+
+def mask_payload(data: bytes, key: bytes) -> bytes:
+    n = len(data)
+    if n == 0:
+        return b""
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    key = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return header + key + mask_payload(payload, key)
+
+
+class HandshakeError(Exception):
+    pass
+
+
+class LiteConn:
+    """One client socket: blocking during setup, then driven by a poll loop."""
+
+    __slots__ = ("sock", "fd", "buf", "out", "key", "open", "pending")
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fd = self.sock.fileno()
+        self.buf = b""
+        self.out = b""
+        self.key = b""
+        self.open = False
+        self.pending: list[tuple[int, bytes]] = []
+
+    def send_handshake(self, host: str, port: int, path: str) -> None:
+        self.key = base64.b64encode(os.urandom(16))
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {self.key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        self.sock.sendall(request)
+
+    def recv_handshake(self) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise HandshakeError("connection closed during handshake")
+            data += chunk
+            if len(data) > 65536:
+                raise HandshakeError("handshake response too long")
+        head, _, rest = data.partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n", 1)[0]
+        if b" 101 " not in status_line + b" ":
+            raise HandshakeError(status_line.decode("latin-1", "replace") + " " + rest[:200].decode("latin-1", "replace"))
+        accept = base64.b64encode(hashlib.sha1(self.key + WS_GUID).digest())
+        if accept.lower() not in head.lower():
+            raise HandshakeError("bad Sec-WebSocket-Accept")
+        self.open = True
+        if rest:
+            self.pending.extend(self.frames(rest))
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        self.sock.sendall(client_frame(opcode, payload))
+
+    def frames(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Parse whole frames from buffered + new data; keep the tail."""
+        if self.buf:
+            data = self.buf + data
+            self.buf = b""
+        out = []
+        pos, n = 0, len(data)
+        while n - pos >= 2:
+            length = data[pos + 1] & 0x7F
+            if length < 126:
+                hl = 2
+            elif length == 126:
+                if n - pos < 4:
+                    break
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                hl = 4
+            else:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                hl = 10
+            end = pos + hl + length
+            if end > n:
+                break
+            out.append((data[pos] & 0x0F, data[pos + hl : end]))
+            pos = end
+        if pos < n:
+            self.buf = data[pos:]
+        return out
+
+    def recv_text(self, deadline: float) -> bytes:
+        """Blocking: the next text frame (answers pings on the way)."""
+        while True:
+            while self.pending:
+                opcode, payload = self.pending.pop(0)
+                if opcode == 1:
+                    return payload
+                if opcode == 9:
+                    self.send(0xA, payload)
+                elif opcode == 8:
+                    raise HandshakeError(f"closed by server: {payload[:2].hex()} {payload[2:80]!r}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HandshakeError("timed out waiting for a frame")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise HandshakeError("connection closed")
+            self.pending.extend(self.frames(chunk))
+
+    def wait_join_reply(self, deadline: float) -> None:
+        while True:
+            frame = self.recv_text(deadline)
+            if b'"phx_reply"' in frame and frame.startswith(b'["1","1"'):
+                if b'"status":"ok"' not in frame:
+                    raise HandshakeError("join refused: " + frame[:300].decode("utf-8", "replace"))
+                return
+
+    def join(self, deadline: float) -> None:
+        self.send(1, JOIN_FRAME)
+        self.wait_join_reply(deadline)
+
+    def close(self) -> None:
+        try:
+            if self.open:
+                self.sock.setblocking(False)
+                self.sock.send(client_frame(8, (1000).to_bytes(2, "big")))
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.open = False
+
+
+def open_joined(host: str, port: int, path: str, count: int, batch: int, timeout: float) -> tuple[list[LiteConn], list[str]]:
+    """Open and join ``count`` sockets, ``batch`` handshakes in flight at a time."""
+    conns: list[LiteConn] = []
+    errors: list[str] = []
+    remaining = count
+    while remaining > 0:
+        k = min(batch, remaining)
+        remaining -= k
+        group: list[LiteConn] = []
+        for _ in range(k):
+            try:
+                group.append(LiteConn(host, port, timeout))
+            except OSError as error:
+                errors.append(f"connect: {error!r}")
+        deadline = time.monotonic() + timeout
+        alive: list[LiteConn] = []
+        for stage in ("send", "recv", "join"):
+            alive = []
+            for conn in group:
+                try:
+                    if stage == "send":
+                        conn.send_handshake(host, port, path)
+                    elif stage == "recv":
+                        conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
+                        conn.recv_handshake()
+                    else:
+                        conn.send(1, JOIN_FRAME)
+                    alive.append(conn)
+                except (OSError, HandshakeError) as error:
+                    errors.append(f"{stage}: {error!r}"[:300])
+                    conn.close()
+            group = alive
+        for conn in group:
+            try:
+                conn.wait_join_reply(deadline)
+                conns.append(conn)
+            except (OSError, HandshakeError) as error:
+                errors.append(f"join: {error!r}"[:300])
+                conn.close()
+    for conn in conns:
+        conn.pending.clear()
+        conn.sock.setblocking(False)
+    return conns, errors
+
+
+# --- lite worker -----------------------------------------------------------------
+
+
+def emit(obj: dict[str, Any]) -> None:
+    os.write(1, (json.dumps(obj, separators=(",", ":")) + "\n").encode())
+
+
+def run_lite_worker(cfg: dict[str, Any]) -> None:
+    host, port, path = cfg["host"], int(cfg["port"]), cfg["path"]
+    started = time.monotonic()
+    conns, errors = open_joined(host, port, path, int(cfg["count"]), int(cfg.get("batch", 20)), float(cfg.get("timeout", 30)))
+    emit({"ready": True, "joined": len(conns), "failed": int(cfg["count"]) - len(conns),
+          "errors": errors[:5], "setup_s": round(time.monotonic() - started, 3)})
+
+    by_fd: dict[int, LiteConn] = {c.fd: c for c in conns}
+    order = list(conns)
+    ep = select.epoll(max(16, len(conns) + 2))
+    for conn in conns:
+        ep.register(conn.fd, select.EPOLLIN)
+    ep.register(0, select.EPOLLIN)
+    stats: dict[int, list[Any]] = {}
+    counters = {"frames": 0, "ticks": 0, "other": 0, "pings": 0, "fragments": 0, "closed": 0, "write_errors": 0}
+    close_reasons: dict[str, int] = {}
+    pending_out: set[LiteConn] = set()
+    heartbeat_s = float(cfg.get("heartbeat_s", 30) or 0)
+    hb_start = time.monotonic()
+    hb_done = 0
+    ctl_buf = b""
+
+    def drop(conn: LiteConn, reason: str) -> None:
+        if by_fd.pop(conn.fd, None) is None:
+            return
+        counters["closed"] += 1
+        close_reasons[reason] = close_reasons.get(reason, 0) + 1
+        try:
+            ep.unregister(conn.fd)
+        except OSError:
+            pass
+        pending_out.discard(conn)
+        conn.close()
+
+    def write(conn: LiteConn, frame: bytes) -> None:
+        if conn.out:
+            conn.out += frame
+            return
+        try:
+            sent = conn.sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            counters["write_errors"] += 1
+            drop(conn, f"write {errno.errorcode.get(error.errno or 0, error)}")
+            return
+        if sent < len(frame):
+            conn.out = frame[sent:]
+            pending_out.add(conn)
+
+    def flush_pending() -> None:
+        for conn in list(pending_out):
+            data, conn.out = conn.out, b""
+            pending_out.discard(conn)
+            write(conn, data)
+
+    def handle_control(line: bytes) -> bool:
+        msg = json.loads(line)
+        cmd = msg.get("cmd")
+        if cmd == "count":
+            st = stats.get(int(msg["step"]))
+            emit({"recv": st[0] if st else 0, "ticks": counters["ticks"]})
+        elif cmd == "stats":
+            reply = stats_reply(stats, int(msg["step"]), remove=bool(msg.get("remove", True)))
+            reply["cpu"] = time.process_time()
+            emit(reply)
+        elif cmd == "status":
+            emit({"open": len(by_fd), "cpu": time.process_time(), "counters": counters, "close_reasons": close_reasons})
+        elif cmd == "quit":
+            emit({"bye": True})
+            return False
+        else:
+            emit({"error": f"unknown command {cmd!r}"})
+        return True
+
+    batch_wait = float(cfg.get("batch_wait_ms", 1.0)) / 1000
+    batch_events = 64 if batch_wait > 0 else 0
+    rbuf = bytearray(1 << 18)
+    rview = memoryview(rbuf)
+    running = True
+    while running:
+        events = ep.poll(0.05)
+        if len(events) < batch_events:
+            time.sleep(batch_wait)
+            events = ep.poll(0)
+        now = time.time_ns()
+        for fd, _ in events:
+            if fd == 0:
+                chunk = os.read(0, 65536)
+                if not chunk:
+                    running = False
+                    break
+                ctl_buf += chunk
+                while b"\n" in ctl_buf:
+                    line, ctl_buf = ctl_buf.split(b"\n", 1)
+                    if line.strip() and not handle_control(line):
+                        running = False
+                continue
+            conn = by_fd.get(fd)
+            if conn is None:
+                continue
+            try:
+                got = conn.sock.recv_into(rbuf)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as error:
+                drop(conn, f"recv {errno.errorcode.get(error.errno or 0, error)}")
+                continue
+            if not got:
+                drop(conn, "eof")
+                continue
+            data = rview[:got].tobytes()
+            if conn.buf:
+                data = conn.buf + data
+                conn.buf = b""
+            pos, n = 0, len(data)
+            while n - pos >= 2:
+                length = data[pos + 1] & 0x7F
+                if length < 126:
+                    hl = 2
+                elif length == 126:
+                    if n - pos < 4:
+                        break
+                    length = (data[pos + 2] << 8) | data[pos + 3]
+                    hl = 4
+                else:
+                    if n - pos < 10:
+                        break
+                    length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                    hl = 10
+                end = pos + hl + length
+                if end > n:
+                    break
+                b0 = data[pos]
+                opcode = b0 & 0x0F
+                counters["frames"] += 1
+                if opcode == 1:
+                    if not b0 & 0x80:
+                        counters["fragments"] += 1
+                    j = data.rfind(b'"t":', pos + hl, end)
+                    k = data.rfind(b'"s":', pos + hl, j) if j > 0 else -1
+                    if k > 0:
+                        counters["ticks"] += 1
+                        step = int(data[k + 4 : data.index(b",", k, j)])
+                        lat = (now - int(data[j + 4 : data.index(b"}", j, end)])) // 1000
+                        st = stats.get(step)
+                        if st is None:
+                            st = stats[step] = new_step_stats(now)
+                        st[0] += 1
+                        st[2] = now
+                        if lat < FINE_LIMIT_US:
+                            st[3][lat // FINE_US if lat > 0 else 0] += 1
+                        else:
+                            st[3][min(FINE_BUCKETS + (lat - FINE_LIMIT_US) // COARSE_US, NBUCKETS - 1)] += 1
+                        if lat > st[4]:
+                            st[4] = lat
+                    else:
+                        counters["other"] += 1
+                elif opcode == 9:
+                    counters["pings"] += 1
+                    write(conn, client_frame(0xA, data[pos + hl : end]))
+                elif opcode == 8:
+                    code = int.from_bytes(data[pos + hl : pos + hl + 2], "big") if length >= 2 else 1005
+                    write(conn, client_frame(8, data[pos + hl : pos + hl + 2]))
+                    drop(conn, f"close {code}")
+                    break
+                elif opcode != 0xA:
+                    counters["other"] += 1
+                pos = end
+            if pos < n and fd in by_fd:
+                conn.buf = data[pos:]
+        if pending_out:
+            flush_pending()
+        if heartbeat_s > 0 and order:
+            due = int((time.monotonic() - hb_start) / heartbeat_s * len(order))
+            while hb_done < due:
+                conn = order[hb_done % len(order)]
+                hb_done += 1
+                if by_fd.get(conn.fd) is conn:
+                    write(conn, client_frame(1, HEARTBEAT_FRAME))
+    for conn in list(by_fd.values()):
+        conn.close()
+
+
+# --- websockets worker --------------------------------------------------------
+
+
+def run_websockets_worker(cfg: dict[str, Any]) -> None:
+    asyncio.run(_websockets_worker(cfg))
+
+
+async def _websockets_worker(cfg: dict[str, Any]) -> None:
+    from websockets.asyncio.client import connect
+
+    url = f"ws://{cfg['host']}:{cfg['port']}{cfg['path']}"
+    count = int(cfg["count"])
+    timeout = float(cfg.get("timeout", 30))
+    sem = asyncio.Semaphore(int(cfg.get("batch", 20)))
+    heartbeat_s = float(cfg.get("heartbeat_s", 30) or 0)
+    stats: dict[int, list[Any]] = {}
+    counters = {"frames": 0, "ticks": 0, "other": 0, "closed": 0}
+    close_reasons: dict[str, int] = {}
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+
+    async def open_one() -> Any:
+        async with sem:
+            ws = await connect(url, compression=None, max_size=None, ping_interval=None, open_timeout=timeout)
+            await ws.send(JOIN_FRAME.decode())
+            while True:
+                msg = await asyncio.wait_for(ws.recv(), timeout)
+                if isinstance(msg, str) and '"phx_reply"' in msg and msg.startswith('["1","1"'):
+                    if '"status":"ok"' not in msg:
+                        raise HandshakeError("join refused: " + msg[:300])
+                    return ws
+
+    results = await asyncio.gather(*(open_one() for _ in range(count)), return_exceptions=True)
+    conns = [r for r in results if not isinstance(r, BaseException)]
+    errors = [repr(r)[:300] for r in results if isinstance(r, BaseException)]
+    emit({"ready": True, "joined": len(conns), "failed": count - len(conns), "errors": errors[:5],
+          "setup_s": round(time.monotonic() - started, 3)})
+    open_count = [len(conns)]
+
+    async def reader(ws: Any, index: int) -> None:
+        try:
+            async for msg in ws:
+                counters["frames"] += 1
+                tick = parse_tick(msg) if isinstance(msg, str) else None
+                if tick is None:
+                    counters["other"] += 1
+                else:
+                    counters["ticks"] += 1
+                    record(stats, tick[0], tick[1], time.time_ns())
+        except Exception as error:
+            close_reasons[type(error).__name__] = close_reasons.get(type(error).__name__, 0) + 1
+        finally:
+            counters["closed"] += 1
+            open_count[0] -= 1
+
+    async def heartbeats(ws: Any, index: int) -> None:
+        await asyncio.sleep(heartbeat_s * index / max(1, len(conns)))
+        while True:
+            try:
+                await ws.send(HEARTBEAT_FRAME.decode())
+            except Exception:
+                return
+            await asyncio.sleep(heartbeat_s)
+
+    tasks = [asyncio.ensure_future(reader(ws, i)) for i, ws in enumerate(conns)]
+    if heartbeat_s > 0:
+        tasks += [asyncio.ensure_future(heartbeats(ws, i)) for i, ws in enumerate(conns)]
+
+    lines: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def read_stdin() -> None:
+        for line in sys.stdin.buffer:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+        loop.call_soon_threadsafe(lines.put_nowait, b"")
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+    while True:
+        line = await lines.get()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        msg = json.loads(line)
+        cmd = msg.get("cmd")
+        if cmd == "count":
+            st = stats.get(int(msg["step"]))
+            emit({"recv": st[0] if st else 0, "ticks": counters["ticks"]})
+        elif cmd == "stats":
+            reply = stats_reply(stats, int(msg["step"]), remove=bool(msg.get("remove", True)))
+            reply["cpu"] = time.process_time()
+            emit(reply)
+        elif cmd == "status":
+            emit({"open": open_count[0], "cpu": time.process_time(), "counters": counters, "close_reasons": close_reasons})
+        elif cmd == "quit":
+            emit({"bye": True})
+            break
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+
+
+# --- publisher -----------------------------------------------------------------
+
+
+class Publisher:
+    """One joined socket that pushes ticks at a target rate (blocking, in the caller's thread)."""
+
+    def __init__(self, host: str, port: int, path: str, timeout: float = 30.0) -> None:
+        self.conn = LiteConn(host, port, timeout)
+        self.conn.send_handshake(host, port, path)
+        self.conn.recv_handshake()
+        self.conn.join(time.monotonic() + timeout)
+        self.conn.sock.settimeout(timeout)
+        self.seq = 0
+        self.last_heartbeat = time.monotonic()
+
+    def service(self) -> None:
+        """Answer pings and drop whatever else arrived, without blocking."""
+        while select.select([self.conn.sock], [], [], 0)[0]:
+            chunk = self.conn.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("publisher socket closed by server")
+            for opcode, payload in self.conn.frames(chunk):
+                if opcode == 9:
+                    self.conn.send(0xA, payload)
+                elif opcode == 8:
+                    raise ConnectionError(f"publisher socket closed by server: {payload[:2].hex()}")
+        if time.monotonic() - self.last_heartbeat > 25:
+            self.conn.send(1, HEARTBEAT_FRAME)
+            self.last_heartbeat = time.monotonic()
+
+    def publish(self, rate: float, duration: float, step: int) -> dict[str, Any]:
+        total = max(1, round(rate * duration))
+        sent = 0
+        first_ns = 0
+        t0 = time.monotonic()
+        while sent < total:
+            due = min(total, int((time.monotonic() - t0) * rate) + 1)
+            while sent < due:
+                now_ns = time.time_ns()
+                if not first_ns:
+                    first_ns = now_ns
+                self.seq += 1
+                self.conn.send(1, tick_frame(step, self.seq, now_ns))
+                sent += 1
+            self.service()
+            delay = t0 + sent / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        wall = time.monotonic() - t0
+        return {"sent": sent, "first_ns": first_ns, "last_ns": time.time_ns(), "wall": wall, "rate": sent / wall if wall else 0.0}
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[1] not in {"lite", "websockets"}:
+        print("usage: _loadgen.py lite|websockets CONFIG_JSON", file=sys.stderr)
+        return 2
+    cfg = json.loads(argv[2])
+    if argv[1] == "lite":
+        run_lite_worker(cfg)
+    else:
+        run_websockets_worker(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,992 @@
+"""Broadcast fan-out benchmark: one topic, N subscribed sockets, rising publish rates.
+
+For each server under test (daphne via ``manage.py runserver``, uvicorn with
+the ``websockets`` or ``websockets-sansio`` protocol, and a minimal raw
+``websockets`` broadcast server as the ceiling) and each socket count N, this
+script starts the server as a subprocess, holds N sockets joined to
+``realtime:bench`` from load-generator worker processes (``bench/_loadgen.py``),
+then publishes from one extra socket at rising rates. Every step reports
+deliveries/s, loss and latency percentiles (send timestamp in the payload to
+receipt, same clock); the sustained figure is the highest step with no loss and
+p99 <= 100 ms. It also reports server CPU per delivery (from /proc/<pid>/stat)
+and RSS per 1,000 idle joined sockets, and optionally a py-spy profile of the
+server under load.
+
+On a machine with two or more CPUs the server is pinned to the first CPU and
+the load generator (workers and the publisher in this process) to the others,
+so each side gets its own core; ``--no-pin`` lets the scheduler decide. The
+load generator's CPU use is printed per step: a step where it is near 100% of
+its core measures the client, not the server.
+
+Usage::
+
+    .venv/bin/python bench/broadcast.py --quick
+    .venv/bin/python bench/broadcast.py --sockets 1000 5000 --servers daphne uvicorn raw --profile daphne
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib.util
+import json
+import math
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import _loadgen as lg  # noqa: E402
+
+HOST = "127.0.0.1"
+SERVERS = ("daphne", "uvicorn", "uvicorn-sansio", "raw")
+DEFAULT_SERVERS = ["daphne", "uvicorn", "raw"]
+DEFAULT_RATES = [5, 10, 15, 25, 35, 50, 70, 100, 140, 200, 280, 400, 560, 800, 1100, 1600, 2200, 3200]
+QUICK_RATES = [10, 50]
+P99_LIMIT_MS = 100.0
+DISTURBED_PCT = 10.0
+JWT_SECRET_DEFAULT = "super-secret-jwt-token-with-at-least-32-characters-long"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+
+_children: list[subprocess.Popen[bytes]] = []
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# --- processes ---------------------------------------------------------------------
+
+
+def _child_setup(cpus: set[int] | None) -> Any:
+    def setup() -> None:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
+def spawn(cmd: list[str], *, cpus: set[int] | None, env: dict[str, str] | None = None, cwd: Path = REPO,
+          **kwargs: Any) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True, preexec_fn=_child_setup(cpus), **kwargs)
+    _children.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 8.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(5)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    if proc in _children:
+        _children.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in reversed(list(_children)):
+        with contextlib.suppress(Exception):
+            stop(proc, timeout=3.0)
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of all threads of ``pid``."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
+
+
+def core_busy_seconds(cpus: set[int] | None) -> float | None:
+    """Non-idle time of ``cpus`` (user, system, irq and softirq, whoever it is charged to)."""
+    if not cpus:
+        return None
+    total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, _, rest = line.partition(" ")
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in rest.split()[:7])
+                total += user + nice + system + irq + softirq
+    return total / CLK_TCK
+
+
+def userland_cpu() -> dict[int, float]:
+    """CPU seconds of every user-space process (kernel threads have an empty cmdline)."""
+    out: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if not f.read(1):
+                    continue
+            out[int(entry)] = cpu_seconds(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def foreign_cpu(before: dict[int, float], after: dict[int, float], ours: set[int]) -> float:
+    """CPU seconds used between two snapshots by processes that are not part of the bench."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items() if pid not in ours)
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"server exited with code {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise BenchError(f"server did not listen on {port} within {timeout:.0f}s")
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# --- the raw websockets ceiling ------------------------------------------------------
+
+
+def run_raw_server(port: int) -> None:
+    """A minimal Phoenix-ish broadcast server on websockets.asyncio: the ceiling."""
+    import asyncio
+    import logging
+
+    from websockets.asyncio.server import broadcast, serve
+
+    logging.getLogger("websockets").setLevel(logging.CRITICAL)
+
+    joined: set[Any] = set()
+
+    def reply(join_ref: Any, ref: Any, topic: Any, response: dict[str, Any]) -> str:
+        return json.dumps([join_ref, ref, topic, "phx_reply", {"status": "ok", "response": response}], separators=(",", ":"))
+
+    async def handler(ws: Any) -> None:
+        try:
+            async for message in ws:
+                if not isinstance(message, str):
+                    continue
+                try:
+                    join_ref, ref, topic, event, payload = json.loads(message)
+                except (ValueError, TypeError):
+                    continue
+                if event == "broadcast":
+                    frame = json.dumps([None, None, topic, "broadcast", payload], separators=(",", ":"), ensure_ascii=False)
+                    member = ws in joined
+                    if member:
+                        joined.discard(ws)
+                    broadcast(joined, frame)
+                    if member:
+                        joined.add(ws)
+                elif event == "phx_join":
+                    joined.add(ws)
+                    await ws.send(reply(join_ref, ref, topic, {"postgres_changes": []}))
+                elif event == "heartbeat":
+                    await ws.send(reply(None, ref, "phoenix", {}))
+                elif event == "phx_leave":
+                    joined.discard(ws)
+                    await ws.send(reply(join_ref, ref, topic, {}))
+        finally:
+            joined.discard(ws)
+
+    async def main() -> None:
+        async with serve(handler, HOST, port, compression=None, max_size=5_000_000, backlog=1024) as server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+# --- load generator handles ----------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, index: int, client: str, cfg: dict[str, Any], cpus: set[int] | None, log: Any) -> None:
+        self.index = index
+        self.proc = spawn(
+            [sys.executable, str(BENCH_DIR / "_loadgen.py"), client, json.dumps(cfg)],
+            cpus=cpus, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+        )
+        self.buf = b""
+        self.info: dict[str, Any] = {}
+
+    def read(self, timeout: float) -> dict[str, Any] | None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    raise BenchError(f"load-generator worker {self.index} exited (code {self.proc.poll()})")
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def send(self, cmd: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def rpc(self, cmd: dict[str, Any], timeout: float = 20.0) -> dict[str, Any]:
+        self.send(cmd)
+        reply = self.read(timeout)
+        if reply is None:
+            raise BenchError(f"load-generator worker {self.index} did not answer {cmd['cmd']!r} within {timeout:.0f}s")
+        return reply
+
+    def quit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.rpc({"cmd": "quit"}, timeout=5)
+        stop(self.proc, timeout=5)
+
+
+# --- results -----------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    rate: float
+    sent: int
+    pub_rate: float
+    receivers: int
+    expected: int
+    received: int
+    deliveries_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float
+    server_cpu_pct: float
+    server_sys_pct: float
+    server_core_pct: float | None
+    loadgen_cpu_pct: float
+    others_cpu_pct: float
+    redis_cpu_pct: float | None
+    us_per_delivery: float | None
+    wall_s: float
+
+    @property
+    def loss(self) -> int:
+        return max(0, self.expected - self.received)
+
+    @property
+    def passed(self) -> bool:
+        return self.loss == 0 and self.received > 0 and self.p99_ms is not None and self.p99_ms <= P99_LIMIT_MS
+
+
+@dataclass
+class Run:
+    server: str
+    n: int
+    joined: int = 0
+    setup_s: float = 0.0
+    rss0_kb: int = 0
+    rssn_kb: int = 0
+    steps: list[Step] = field(default_factory=list)
+    error: str | None = None
+    profile: str | None = None
+
+    @property
+    def rss_mb_per_1k(self) -> float | None:
+        if not self.joined or not self.rssn_kb:
+            return None
+        return (self.rssn_kb - self.rss0_kb) / 1024 / self.joined * 1000
+
+    @property
+    def sustained(self) -> Step | None:
+        passed = [s for s in self.steps if s.passed]
+        return max(passed, key=lambda s: s.rate) if passed else None
+
+    @property
+    def peak(self) -> Step | None:
+        return max(self.steps, key=lambda s: s.deliveries_per_s) if self.steps else None
+
+
+# --- one server x one N ----------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> None:
+        self.args = args
+        self.env = env
+        self.log_dir = log_dir
+        self.step_id = 0
+        cpus = sorted(os.sched_getaffinity(0))
+        if args.pin and len(cpus) >= 2:
+            self.server_cpus: set[int] | None = {cpus[0]}
+            self.loadgen_cpus: set[int] | None = set(cpus[1:])
+            os.sched_setaffinity(0, self.loadgen_cpus)
+        else:
+            self.server_cpus = self.loadgen_cpus = None
+        self.loadgen_cores = len(self.loadgen_cpus) if self.loadgen_cpus else len(cpus)
+        self.anon = lg.mint_jwt(env["JWT_SECRET"], "anon")
+        self.redis_pid = redis_pid()
+        self.prefixes: list[str] = []
+
+    def server_command(self, kind: str, port: int) -> list[str]:
+        py = sys.executable
+        if kind == "daphne":
+            return [py, "manage.py", "runserver", f"{HOST}:{port}", "--noreload"]
+        if kind in ("uvicorn", "uvicorn-sansio"):
+            ws = "websockets" if kind == "uvicorn" else "websockets-sansio"
+            return [py, "-m", "uvicorn", "realtime_project.asgi:application", "--host", HOST, "--port", str(port),
+                    "--ws", ws, "--log-level", "warning", "--lifespan", "off"]
+        if kind == "raw":
+            return [py, str(Path(__file__).resolve()), "--raw-server-port", str(port)]
+        raise BenchError(f"unknown server {kind}")
+
+    def run(self, kind: str, n: int, profile: bool) -> Run:
+        run = Run(kind, n)
+        port = free_port()
+        env = dict(self.env)
+        prefix = f"rtbench{os.getpid()}x{len(self.prefixes)}"
+        self.prefixes.append(prefix)
+        env["REALTIME_LAYER_PREFIX"] = prefix
+        log = open(self.log_dir / f"{kind}-{n}.log", "wb")
+        server = spawn(self.server_command(kind, port), cpus=self.server_cpus, env=env, cwd=self.args.server_dir,
+                       stdout=log, stderr=subprocess.STDOUT)
+        workers: list[Worker] = []
+        pub: lg.Publisher | None = None
+        try:
+            wait_port(port, server, 90)
+            path = f"/realtime/v1/websocket?apikey={self.anon}&vsn=2.0.0"
+            pub = lg.Publisher(HOST, port, path)
+            pub.publish(20, 0.25, 0)
+            time.sleep(1.0)
+            if self.args.quiet_wait > 0:
+                self.wait_quiet(pub)
+            run.rss0_kb = rss_kb(server.pid)
+            started = time.monotonic()
+            k = max(1, min(self.args.workers, n))
+            cfg = {"host": HOST, "port": port, "path": path, "batch": self.args.batch,
+                   "timeout": 30, "heartbeat_s": self.args.heartbeat}
+            wlog = open(self.log_dir / f"loadgen-{kind}-{n}.log", "wb")
+            for i in range(k):
+                count = n // k + (1 if i < n % k else 0)
+                workers.append(Worker(i, self.args.client, dict(cfg, count=count), self.loadgen_cpus, wlog))
+            wlog.close()
+            deadline = time.monotonic() + 60 + n / 25
+            pending = list(workers)
+            while pending:
+                if time.monotonic() > deadline:
+                    raise BenchError("load generator did not finish connecting in time")
+                pub.service()
+                for w in list(pending):
+                    info = w.read(0.2)
+                    if info is not None:
+                        w.info = info
+                        pending.remove(w)
+            run.setup_s = time.monotonic() - started
+            run.joined = sum(int(w.info.get("joined", 0)) for w in workers)
+            errors = [e for w in workers for e in w.info.get("errors", [])]
+            print(f"  [{kind} N={n}] joined {run.joined}/{n} in {run.setup_s:.1f}s"
+                  + (f"; errors: {errors[:2]}" if errors else ""), flush=True)
+            if run.joined == 0:
+                raise BenchError("no socket joined")
+            self.settle(pub, 2.0)
+            run.rssn_kb = rss_kb(server.pid)
+            print(f"  [{kind} N={n}] RSS {run.rss0_kb / 1024:.1f} MiB idle -> {run.rssn_kb / 1024:.1f} MiB with "
+                  f"{run.joined} joined sockets ({fmt(run.rss_mb_per_1k, '.2f')} MiB per 1k)", flush=True)
+            self.warm_up(workers, pub)
+            print("  " + STEP_HEADER, flush=True)
+            failures = 0
+
+            def measure(rate: float, note: str = "") -> Step:
+                step = self.step(server, workers, pub, rate, self.args.duration)
+                if not step.passed and step.others_cpu_pct >= DISTURBED_PCT:
+                    print("  " + step_row(step) + f"  (other processes used {step.others_cpu_pct:.0f}% of a core: retrying)",
+                          flush=True)
+                    step = self.step(server, workers, pub, rate, self.args.duration)
+                run.steps.append(step)
+                print("  " + step_row(step) + note, flush=True)
+                if step.receivers < run.joined:
+                    print(f"  ({run.joined - step.receivers} sockets were closed before this step)", flush=True)
+                if server.poll() is not None:
+                    raise BenchError(f"server exited with code {server.returncode}")
+                return step
+
+            def time_left() -> bool:
+                if time.monotonic() > self.args.deadline - 30:
+                    print("  (global time budget nearly spent: stopping the steps)", flush=True)
+                    return False
+                return True
+
+            for rate in self.args.rates:
+                if not time_left():
+                    break
+                step = measure(rate)
+                failures = 0 if step.passed else failures + 1
+                if failures >= 2 or (failures and (step.p99_ms or 0) > 1000) or (failures and step.loss > step.expected // 2):
+                    break
+            for _ in range(self.args.refine):
+                best = run.sustained
+                above = [s.rate for s in run.steps if not s.passed and best and s.rate > best.rate]
+                if best is None or not above or not time_left():
+                    break
+                mid = float(f"{math.sqrt(best.rate * min(above)):.2g}")
+                if not best.rate < mid < min(above):
+                    break
+                measure(mid, "  (refining)")
+            if profile and time.monotonic() < self.args.deadline - self.args.profile_seconds - 30:
+                run.profile = self.profile(kind, n, server, workers, pub, run)
+        except (BenchError, OSError, lg.HandshakeError) as error:
+            run.error = str(error) or repr(error)
+            print(f"  [{kind} N={n}] ERROR: {error}", flush=True)
+        finally:
+            for w in workers:
+                w.quit()
+            if pub is not None:
+                pub.close()
+            stop(server)
+            log.close()
+            report_server_log(self.log_dir / f"{kind}-{n}.log", f"{kind} N={n}")
+            if run.error:
+                tail = (self.log_dir / f"{kind}-{n}.log").read_bytes()[-2000:].decode("utf-8", "replace")
+                if tail.strip():
+                    print("  server log tail:\n" + "\n".join("    " + line for line in tail.splitlines()[-15:]), flush=True)
+        return run
+
+    def warm_up(self, workers: list[Worker], pub: lg.Publisher) -> None:
+        """One unmeasured second at the first rate, so the first step starts on a warm path."""
+        pub.publish(self.args.rates[0], 1.0, 0)
+        self.quiesce(workers, pub)
+        for w in workers:
+            w.rpc({"cmd": "stats", "step": 0})
+
+    def settle(self, pub: lg.Publisher, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pub.service()
+            time.sleep(0.05)
+
+    def quiesce(self, workers: list[Worker], pub: lg.Publisher, limit: float = 30.0) -> None:
+        """Wait until no broadcast arrived for 0.3 s (the previous step's backlog is drained)."""
+        end = time.monotonic() + limit
+        last = -1
+        stable_since = time.monotonic()
+        while time.monotonic() < end:
+            frames = sum(int(w.rpc({"cmd": "count", "step": -1})["ticks"]) for w in workers)
+            if frames != last:
+                last, stable_since = frames, time.monotonic()
+            elif time.monotonic() - stable_since >= 0.3:
+                return
+            pub.service()
+            time.sleep(0.05)
+
+    def ours(self) -> set[int]:
+        pids = {os.getpid(), *(p.pid for p in _children)}
+        if self.redis_pid:
+            pids.add(self.redis_pid)
+        return pids
+
+    def wait_quiet(self, pub: lg.Publisher | None) -> None:
+        """Wait (up to --quiet-wait s) until other processes use less than DISTURBED_PCT of a core."""
+        end = time.monotonic() + self.args.quiet_wait
+        waited = False
+        while True:
+            before = userland_cpu()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.5:
+                if pub is not None:
+                    pub.service()
+                time.sleep(0.05)
+            busy = 100 * foreign_cpu(before, userland_cpu(), self.ours()) / (time.monotonic() - t0)
+            if busy < DISTURBED_PCT:
+                if waited:
+                    print("  (waited for other processes to go quiet)", flush=True)
+                return
+            if time.monotonic() > end:
+                print(f"  (other processes still use {busy:.0f}% of a core after {self.args.quiet_wait:g}s: going on)",
+                      flush=True)
+                return
+            waited = True
+
+    def step(self, server: subprocess.Popen[bytes], workers: list[Worker], pub: lg.Publisher, rate: float, duration: float) -> Step:
+        self.quiesce(workers, pub)
+        if self.args.quiet_wait > 0:
+            self.wait_quiet(pub)
+        status = [w.rpc({"cmd": "status"}) for w in workers]
+        receivers = sum(int(s["open"]) for s in status)
+        lg_cpu0 = sum(float(s["cpu"]) for s in status) + time.process_time()
+        self.step_id += 1
+        step_id = self.step_id
+        ours = self.ours()
+        procs0 = userland_cpu()
+        t0 = time.monotonic()
+        core0 = core_busy_seconds(self.server_cpus)
+        user0, sys0 = cpu_times(server.pid)
+        redis0 = self.redis_cpu()
+        info = pub.publish(rate, duration, step_id)
+        expected = info["sent"] * receivers
+        last, last_change = -1, time.monotonic()
+        drain_end = time.monotonic() + self.args.max_drain
+        while True:
+            got = sum(int(w.rpc({"cmd": "count", "step": step_id})["recv"]) for w in workers)
+            now = time.monotonic()
+            if got >= expected or now > drain_end:
+                break
+            if got != last:
+                last, last_change = got, now
+            elif now - last_change > 1.0:
+                break
+            pub.service()
+            time.sleep(0.02)
+        t1 = time.monotonic()
+        core1 = core_busy_seconds(self.server_cpus)
+        user1, sys1 = cpu_times(server.pid)
+        redis1 = self.redis_cpu()
+        others = foreign_cpu(procs0, userland_cpu(), ours)
+        replies = [w.rpc({"cmd": "stats", "step": step_id}) for w in workers]
+        lg_cpu1 = sum(float(r["cpu"]) for r in replies) + time.process_time()
+        hist = [0] * lg.NBUCKETS
+        for r in replies:
+            for i, c in r["hist"]:
+                hist[i] += c
+        received = sum(int(r["recv"]) for r in replies)
+        last_ns = max([int(r["last_ns"]) for r in replies if r["recv"]] or [info["last_ns"]])
+        window = max(info["wall"], (last_ns - info["first_ns"]) / 1e9, 1e-6)
+        wall = t1 - t0
+        server_cpu = (user1 - user0) + (sys1 - sys0)
+        return Step(
+            rate=rate,
+            sent=info["sent"],
+            pub_rate=info["rate"],
+            receivers=receivers,
+            expected=expected,
+            received=received,
+            deliveries_per_s=received / window,
+            p50_ms=lg.percentile_ms(hist, received, 0.50),
+            p99_ms=lg.percentile_ms(hist, received, 0.99),
+            max_ms=max([int(r["max_us"]) for r in replies] or [0]) / 1000,
+            server_cpu_pct=100 * server_cpu / wall,
+            server_sys_pct=100 * (sys1 - sys0) / server_cpu if server_cpu > 0 else 0.0,
+            server_core_pct=None if core0 is None or core1 is None else 100 * (core1 - core0) / wall,
+            loadgen_cpu_pct=100 * (lg_cpu1 - lg_cpu0) / wall / self.loadgen_cores,
+            others_cpu_pct=100 * others / wall,
+            redis_cpu_pct=None if redis0 is None or redis1 is None else 100 * (redis1 - redis0) / wall,
+            us_per_delivery=1e6 * server_cpu / received if received else None,
+            wall_s=wall,
+        )
+
+    def redis_cpu(self) -> float | None:
+        if self.redis_pid is None:
+            return None
+        try:
+            return cpu_seconds(self.redis_pid)
+        except OSError:
+            return None
+
+    def profile(self, kind: str, n: int, server: subprocess.Popen[bytes], workers: list[Worker], pub: lg.Publisher, run: Run) -> str | None:
+        pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+        if pyspy is None:
+            print("  (py-spy not found: no profile; `.venv/bin/pip install py-spy` to enable)", flush=True)
+            return None
+        best = run.sustained
+        rate = best.rate if best else self.args.rates[0]
+        secs = self.args.profile_seconds
+        out = self.log_dir / f"profile-{kind}-{n}.txt"
+        cmd = [pyspy, "record", "--pid", str(server.pid), "--duration", str(int(secs)), "--rate", "200",
+               "--format", "raw", "--output", str(out), "--nonblocking"]
+        print(f"  [{kind} N={n}] profiling with py-spy for {secs:.0f}s at {rate:g} msg/s", flush=True)
+        spy = spawn(cmd, cpus=self.loadgen_cpus, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            time.sleep(1.0)
+            step = self.step(server, workers, pub, rate, max(1.0, secs - 2.5))
+            print("  " + step_row(step) + "  (under py-spy)", flush=True)
+            try:
+                spy.wait(secs + 60)
+            except subprocess.TimeoutExpired:
+                print("  (py-spy did not finish)", flush=True)
+                return None
+            if spy.returncode != 0 or not out.exists():
+                err = spy.stderr.read().decode("utf-8", "replace")[-500:] if spy.stderr else ""
+                print(f"  (py-spy failed: {err.strip()})", flush=True)
+                return None
+            return summarize_profile(out.read_text(), f"{kind} N={n} at {rate:g} msg/s ({step.deliveries_per_s:,.0f} deliveries/s, "
+                                                       f"server CPU {step.server_cpu_pct:.0f}%)")
+        finally:
+            stop(spy)
+
+    def cleanup_redis(self) -> None:
+        url = self.env.get("REDIS_URL")
+        if not url or not self.prefixes:
+            return
+        try:
+            import redis
+        except ImportError:
+            return
+        with contextlib.suppress(Exception):
+            client = redis.Redis.from_url(url, socket_timeout=5)
+            for prefix in self.prefixes:
+                keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+                if keys:
+                    client.delete(*keys)
+            client.close()
+
+
+def report_server_log(path: Path, label: str) -> None:
+    """Point out errors the server logged during the run (they may explain a slow or lossy step)."""
+    with contextlib.suppress(OSError):
+        lines = path.read_text("utf-8", "replace").splitlines()
+        errors = [line for line in lines if re.search(r"\b(ERROR|CRITICAL)\b", line)]
+        if errors:
+            kinds = Counter(re.sub(r"^\S+ \S+ ", "", line)[:120] for line in errors)
+            print(f"  [{label}] server logged {len(errors)} error(s): "
+                  + "; ".join(f"{c}x {k}" for k, c in kinds.most_common(3)), flush=True)
+
+
+def redis_pid() -> int | None:
+    try:
+        from realtime_project import embedded
+
+        pid = embedded.redis_pid()
+        return int(pid) if pid else None
+    except Exception:
+        return None
+
+
+# --- profile summary -------------------------------------------------------------------
+
+_FRAME_RE = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
+
+
+def _short_path(path: str) -> str:
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1]
+    repo = str(REPO) + "/"
+    if path.startswith(repo):
+        return path[len(repo):]
+    m = re.search(r"/lib/python3\.\d+/(.*)", path)
+    return m.group(1) if m else path
+
+
+def _package(path: str) -> str:
+    short = _short_path(path)
+    if short == path and "/" in path:
+        return path
+    top = short.split("/", 1)[0]
+    if "site-packages/" in path:
+        return top.removesuffix(".py")
+    if path.startswith(str(REPO) + "/"):
+        return f"project:{top}"
+    return f"stdlib:{top.removesuffix('.py')}"
+
+
+def summarize_profile(raw: str, title: str, top: int = 25) -> str:
+    """Self and inclusive time per function, and self time per package, from py-spy raw output."""
+    self_time: Counter[str] = Counter()
+    self_lines: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    loop_chain: set[str] = set()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = []
+        leaf_line = ""
+        for frame in stack.split(";"):
+            m = _FRAME_RE.match(frame)
+            if m:
+                frames.append((m.group("func"), m.group("file")))
+                leaf_line = f"{m.group('func')} ({_short_path(m.group('file'))}:{m.group('line') or '?'})"
+        if not frames:
+            continue
+        total += count
+        self_lines[leaf_line] += count
+        func, path = frames[-1]
+        self_time[f"{func} ({_short_path(path)})"] += count
+        packages[_package(path)] += count
+        names = [f"{f} ({_short_path(p)})" for f, p in frames]
+        cut = next((i + 1 for i, (f, _) in enumerate(frames) if f.endswith("._run_once")), 0)
+        if cut and cut < len(frames) and frames[cut][0] == "Handle._run":
+            cut += 1
+        loop_chain.update(names[:cut])
+        for name in set(names[cut:]):
+            inclusive[name] += count
+    if not total:
+        return f"Profile {title}: no samples"
+    lines = [f"Profile: {title}; {total} samples of active (non-idle) time.",
+             "  Time inside C functions and system calls (socket.send, epoll) is charged to the Python line calling them.",
+             "  Sampled with --nonblocking: stopping the process for each sample lands almost every sample on a",
+             "  system call site and hides pure-Python time; a few stacks may be torn (inclusive % slightly low).",
+             "", "  Top functions by self time:"]
+    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in self_time.most_common(top)]
+    lines += ["", "  Top lines by self time:"]
+    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in self_lines.most_common(10)]
+    lines += ["", "  Self time by package:"]
+    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in packages.most_common(15)]
+    lines += ["", "  Top functions by inclusive time (below the event loop):"]
+    below_loop = [(name, c) for name, c in inclusive.most_common() if name not in loop_chain]
+    lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in below_loop[:top]]
+    return "\n".join(lines)
+
+
+# --- output ----------------------------------------------------------------------------
+
+STEP_HEADER = (f"{'msg/s':>6} {'pub/s':>7} {'expected':>9} {'received':>9} {'loss':>7} {'deliv/s':>9} "
+               f"{'p50ms':>7} {'p99ms':>7} {'maxms':>7} {'srvCPU':>6} {'(sys)':>5} {'core':>5} {'lgCPU':>6} {'redis':>6} "
+               f"{'others':>6} {'us/dlv':>7}  ok")
+
+
+def fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def step_row(s: Step) -> str:
+    return (f"{s.rate:>6g} {s.pub_rate:>7.1f} {s.expected:>9} {s.received:>9} {s.loss:>7} {s.deliveries_per_s:>9,.0f} "
+            f"{fmt(s.p50_ms, '.1f'):>7} {fmt(s.p99_ms, '.1f'):>7} {s.max_ms:>7.1f} {s.server_cpu_pct:>5.0f}% "
+            f"{s.server_sys_pct:>4.0f}% {fmt(s.server_core_pct, '4.0f'):>4}% {s.loadgen_cpu_pct:>5.0f}% {fmt(s.redis_cpu_pct, '5.1f'):>5}% "
+            f"{s.others_cpu_pct:>5.0f}% {fmt(s.us_per_delivery, '.1f'):>7}  "
+            f"{'yes' if s.passed else 'NO'}")
+
+
+def print_summary(runs: list[Run]) -> None:
+    print("\n" + "=" * 124)
+    print(f"Summary: sustained = highest step with no loss and p99 <= {P99_LIMIT_MS:g} ms; "
+          "CPU/delivery is server CPU time / deliveries at that step")
+    for n in sorted({r.n for r in runs}):
+        raw = next((r for r in runs if r.n == n and r.server == "raw" and r.sustained), None)
+        print(f"\nN = {n} sockets")
+        print(f"  {'server':<15} {'joined':>6} {'msg/s':>6} {'deliveries/s':>12} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'CPU us/dlv':>10} {'(sys)':>5} {'srv CPU':>7} {'core':>5} {'lg CPU':>6} {'RSS MiB/1k':>10} {'peak dlv/s':>10} {'vs raw':>7}")
+        for r in [r for r in runs if r.n == n]:
+            s = r.sustained
+            peak = r.peak
+            ratio = None
+            if s and raw and raw.sustained:
+                ratio = s.deliveries_per_s / raw.sustained.deliveries_per_s
+            if s is None:
+                note = f"  error: {r.error}" if r.error else "  (no step passed)"
+                print(f"  {r.server:<15} {r.joined:>6} {'-':>6} {'-':>12} {'-':>7} {'-':>7} {'-':>10} {'-':>5} {'-':>7} {'-':>5} {'-':>6} "
+                      f"{fmt(r.rss_mb_per_1k, '.2f'):>10} {fmt(peak.deliveries_per_s if peak else None, ',.0f'):>10} {'-':>7}{note}")
+                continue
+            print(f"  {r.server:<15} {r.joined:>6} {s.rate:>6g} {s.deliveries_per_s:>12,.0f} {fmt(s.p50_ms, '.1f'):>7} "
+                  f"{fmt(s.p99_ms, '.1f'):>7} {fmt(s.us_per_delivery, '.1f'):>10} {s.server_sys_pct:>4.0f}% {s.server_cpu_pct:>6.0f}% {fmt(s.server_core_pct, '4.0f'):>4}% "
+                  f"{s.loadgen_cpu_pct:>5.0f}% {fmt(r.rss_mb_per_1k, '.2f'):>10} {peak.deliveries_per_s if peak else 0:>10,.0f} "
+                  f"{fmt(ratio, '.2f', '-'):>7}" + (f"  error: {r.error}" if r.error else ""))
+    disturbed = [(r, s) for r in runs for s in r.steps if s.others_cpu_pct >= DISTURBED_PCT]
+    if disturbed:
+        print(f"\n  note: {len(disturbed)} step(s) ran while other processes used >= {DISTURBED_PCT:g}% of a core "
+              f"(e.g. {disturbed[0][0].server} N={disturbed[0][0].n} at {disturbed[0][1].rate:g} msg/s: "
+              f"{disturbed[0][1].others_cpu_pct:.0f}%)")
+    print()
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Broadcast fan-out benchmark (see module docstring).")
+    p.add_argument("--sockets", type=int, nargs="+", help="socket counts N (default 1000 5000; quick: 200)")
+    p.add_argument("--servers", nargs="+", choices=SERVERS, help=f"servers to run (default {' '.join(DEFAULT_SERVERS)})")
+    p.add_argument("--duration", type=float, help="seconds of publishing per step (default 3; quick: 2)")
+    p.add_argument("--rates", type=float, nargs="+", help="publish rates in messages/s, rising")
+    p.add_argument("--quick", action="store_true", help="small smoke run: 200 sockets, 2 steps, under a minute")
+    p.add_argument("--workers", type=int, default=2, help="load-generator worker processes (default 2)")
+    p.add_argument("--client", choices=("lite", "websockets"), default="lite", help="load-generator client (default lite)")
+    p.add_argument("--batch", type=int, default=20, help="handshakes in flight per worker while connecting")
+    p.add_argument("--heartbeat", type=float, default=30.0, help="Phoenix heartbeat interval per socket, s (0 = none)")
+    p.add_argument("--refine", type=int, default=2,
+                   help="extra steps bisecting between the highest passing and lowest failing rate (default 2)")
+    p.add_argument("--quiet-wait", type=float,
+                   help=f"before each step, wait up to this many seconds for other processes to use < {DISTURBED_PCT:g}%% "
+                        "of a core (default 60; quick: 3; 0 = never wait)")
+    p.add_argument("--max-drain", type=float, default=10.0, help="max seconds to wait for a step's deliveries")
+    p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin server and load generator to separate CPUs")
+    p.add_argument("--profile", nargs="*", choices=SERVERS, help="py-spy profile of these servers (bare flag: daphne) at the largest N")
+    p.add_argument("--profile-seconds", type=float, default=12.0)
+    p.add_argument("--timeout", type=float, help="global time budget in seconds (default 3600; quick: 120)")
+    p.add_argument("--log-dir", type=Path, help="where server logs and profiles go (default: a temp dir)")
+    p.add_argument("--server-ref", help="run the servers from a clean export of this git ref (default: the working tree)")
+    p.add_argument("--raw-server-port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.sockets = args.sockets or ([200] if args.quick else [1000, 5000])
+    args.servers = args.servers or list(DEFAULT_SERVERS)
+    args.duration = args.duration or (2.0 if args.quick else 3.0)
+    args.rates = sorted(args.rates or (QUICK_RATES if args.quick else DEFAULT_RATES))
+    args.timeout = args.timeout or (120.0 if args.quick else 3600.0)
+    if args.quiet_wait is None:
+        args.quiet_wait = 3.0 if args.quick else 60.0
+    if args.profile is not None and not args.profile:
+        args.profile = ["daphne"]
+    args.profile = args.profile or []
+    return args
+
+
+def export_ref(ref: str, log_dir: Path) -> tuple[Path, str]:
+    """A clean copy of the repository at ``ref`` (``git archive``), for servers to run from."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    target = log_dir / f"src-{sha[:12]}"
+    if not target.exists():
+        target.mkdir(parents=True)
+        archive = subprocess.Popen(["git", "archive", sha], cwd=REPO, stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-x", "-C", str(target)], stdin=archive.stdout, check=True)
+        assert archive.stdout is not None
+        archive.stdout.close()
+        if archive.wait() != 0:
+            raise BenchError(f"git archive {sha} failed")
+    return target, sha
+
+
+def describe_tree(path: Path) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=path, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                               capture_output=True, text=True).stdout.strip()
+        return f"working tree at {sha}" + (" with uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return str(path)
+
+
+def service_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("JWT_SECRET", JWT_SECRET_DEFAULT)
+    env.setdefault("DJANGO_SETTINGS_MODULE", "realtime_project.settings")
+    env.setdefault("REALTIME_IDLE_TIMEOUT_S", "3600")
+    if not (env.get("DATABASE_URL") and env.get("REDIS_URL")):
+        sys.path.insert(0, str(REPO))
+        try:
+            from realtime_project.embedded import ensure_services
+        except ImportError:
+            ensure_services = None
+        if ensure_services is not None:
+            env.update(ensure_services(env))
+        env.setdefault("DATABASE_URL", "postgresql://postgres@127.0.0.1:54329/realtime")
+        env.setdefault("REDIS_URL", "redis://127.0.0.1:63799/0")
+    return env
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    if signum == signal.SIGALRM:
+        raise TimeoutError("global time budget exceeded")
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.raw_server_port:
+        run_raw_server(args.raw_server_port)
+        return 0
+    available = [s for s in args.servers if s != "uvicorn-sansio"
+                 or importlib.util.find_spec("uvicorn.protocols.websockets.websockets_sansio_impl")]
+    if len(available) != len(args.servers):
+        print("uvicorn-sansio is not available in this uvicorn: skipped", flush=True)
+    args.servers = available
+    started = time.monotonic()
+    args.deadline = started + args.timeout
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGALRM, _on_signal)
+    signal.alarm(int(math.ceil(args.timeout)) + 15)
+    nofile = raise_nofile()
+    if nofile < max(args.sockets) + 200:
+        print(f"warning: RLIMIT_NOFILE is {nofile}, below {max(args.sockets) + 200}", flush=True)
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-broadcast-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    runs: list[Run] = []
+    bench: Bench | None = None
+    try:
+        if args.server_ref:
+            args.server_dir, sha = export_ref(args.server_ref, log_dir)
+            source = f"git {args.server_ref} = {sha[:12]} (exported to {args.server_dir})"
+        else:
+            args.server_dir = REPO
+            source = describe_tree(REPO)
+        env = service_env()
+        bench = Bench(args, env, log_dir)
+        print(f"broadcast bench: servers={' '.join(args.servers)} sockets={' '.join(map(str, args.sockets))} "
+              f"rates={' '.join(f'{r:g}' for r in args.rates)} step={args.duration:g}s client={args.client} "
+              f"workers={args.workers} heartbeat={args.heartbeat:g}s", flush=True)
+        print(f"server code: {source}", flush=True)
+        print("columns: srvCPU = server process CPU, user + system (% of one core; system time includes the loopback "
+              "TCP receive work done in its send calls); (sys) = system share of it; core = busy time of the server's "
+              "CPU when pinned, whoever it is charged to (softirq/ksoftirqd work for the server's sends shows here); lgCPU = load generator (workers "
+              "+ publisher, % of their cores); redis = redis-server CPU; others = every other user process on the "
+              "machine (% of one core); us/dlv = server CPU microseconds per delivery", flush=True)
+        print(f"cpus={os.cpu_count()} pinning: server cpu {sorted(bench.server_cpus) if bench.server_cpus else 'any'}, "
+              f"load generator cpu {sorted(bench.loadgen_cpus) if bench.loadgen_cpus else 'any'} "
+              f"(lgCPU = % of {bench.loadgen_cores} core(s)); redis pid {bench.redis_pid or '?'} unpinned; logs in {log_dir}",
+              flush=True)
+        for n in args.sockets:
+            for kind in args.servers:
+                if time.monotonic() > args.deadline - 30:
+                    print(f"skipping {kind} N={n}: time budget spent", flush=True)
+                    continue
+                print(f"\n== {kind}  N={n}", flush=True)
+                runs.append(bench.run(kind, n, profile=kind in args.profile and n == max(args.sockets)))
+    except (KeyboardInterrupt, TimeoutError, SystemExit) as stop_reason:
+        print(f"\ninterrupted: {stop_reason!r}", flush=True)
+    finally:
+        signal.alarm(0)
+        stop_all()
+        if bench is not None:
+            bench.cleanup_redis()
+    print_summary(runs)
+    for run in runs:
+        if run.profile:
+            print(run.profile + "\n")
+    print(f"total {time.monotonic() - started:.0f}s; logs and raw profiles in {log_dir}")
+    return 0 if runs and all(r.error is None for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
