@@ -25,6 +25,7 @@ from django.conf import settings
 from realtime.authorization import authorize_binding, get_database
 from realtime.bindings import BindingError, parse_binding
 from realtime.hub import ChangeSubscription, Subscription, get_hub
+from realtime.presence import get_store, publish_diff
 from realtime.jwt import Claims, TokenError, verify_token
 from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, Vsn
@@ -37,9 +38,12 @@ from realtime.protocol.session import (
     SendLater,
     Session,
     SessionLimits,
+    SendPresenceState,
     Subscribe,
     SubscribeChanges,
+    Track,
     Unsubscribe,
+    Untrack,
     system_message,
 )
 
@@ -112,6 +116,9 @@ class RealtimeConsumer(AsyncConsumer):
                     break
         finally:
             self.teardown()
+            if self.tasks:
+                # Let the leaves of this socket's presence reach the others.
+                await asyncio.wait(list(self.tasks), timeout=5)
 
     # --- handshake -------------------------------------------------------
 
@@ -206,6 +213,16 @@ class RealtimeConsumer(AsyncConsumer):
             elif isinstance(effect, SubscribeChanges):
                 # After the join reply, without holding up this socket's other frames.
                 self._spawn(self.subscribe_changes(effect))
+            elif isinstance(effect, SendPresenceState):
+                state = await get_store().state(effect.presence_channel)
+                await self.write(Message(effect.join_ref, None, effect.topic, "presence_state", state))
+            elif isinstance(effect, Track):
+                result = await get_store().track(effect.presence_channel, effect.key, self.socket_id, effect.payload)
+                if result.diff is not None:
+                    await publish_diff(effect.presence_channel, result.diff)
+                await self.write(effect.reply)
+            elif isinstance(effect, Untrack):
+                await self.untrack(effect)
             elif isinstance(effect, SendLater):
                 if effect.delay <= 0:
                     await self.write(effect.message)
@@ -241,6 +258,13 @@ class RealtimeConsumer(AsyncConsumer):
             await self.write(system_message(effect.topic, effect.join_ref, "ok", "postgres_changes", "Subscribed to PostgreSQL"))
         else:
             hub.unsubscribe_changes(self.socket_id, effect.topic)
+
+    async def untrack(self, effect: Untrack) -> None:
+        diff = await get_store().untrack(effect.presence_channel, self.socket_id)
+        if diff is not None:
+            await publish_diff(effect.presence_channel, diff)
+        if effect.reply is not None:
+            await self.write(effect.reply)
 
     def _is_current(self, effect: SubscribeChanges) -> bool:
         """Whether the channel that asked is still joined (not left, closed or re-joined)."""
@@ -314,3 +338,6 @@ class RealtimeConsumer(AsyncConsumer):
                 if isinstance(effect, Unsubscribe):
                     hub.unsubscribe(effect.group, self.socket_id, effect.topic)
                     hub.unsubscribe_changes(self.socket_id, effect.topic)
+                elif isinstance(effect, Untrack):
+                    # The socket is gone; the others still get its leave.
+                    self._spawn(self.untrack(effect))

@@ -27,7 +27,7 @@ from realtime.protocol.serializer import (
     user_broadcast_as_json_payload,
 )
 from realtime.filters import BindingIndex
-from realtime.types import KIND_BINARY, BroadcastMessage, ChangeRun
+from realtime.types import KIND_BINARY, KIND_PRESENCE, BroadcastMessage, ChangeRun
 from realtime.topics import table_group
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ class Frames:
                 return None  # PROTOCOL.md 5.2: vsn 1 receivers get no raw binary
         else:
             payload_json = message["payload"].decode("utf-8")
-        return {"type": "websocket.send", "text": encode_text_raw_payload(vsn, None, None, topic, "broadcast", payload_json)}
+        event = "presence_diff" if message["kind"] == KIND_PRESENCE else "broadcast"
+        return {"type": "websocket.send", "text": encode_text_raw_payload(vsn, None, None, topic, event, payload_json)}
 
 
 class Hub:

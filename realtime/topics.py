@@ -28,3 +28,14 @@ def table_group(schema: str, table: str) -> str:
     """The group that carries one table's changes (one member per subscribed process)."""
     digest = hashlib.blake2b(f"{schema}\x00{table}".encode("utf-8"), digest_size=20).hexdigest()
     return f"rt.pg.{digest}"
+
+
+def presence_channel(sub_topic: str, private: bool) -> str:
+    """The presence store's name for one (sub-topic, private) pair."""
+    return f"{'private' if private else 'public'}:{sub_topic}"
+
+
+def parse_presence_channel(channel: str) -> tuple[str, bool]:
+    """``presence_channel`` back to (sub-topic, private)."""
+    side, _, name = channel.partition(":")
+    return name, side == "private"

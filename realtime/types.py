@@ -12,6 +12,7 @@ JSON = Any
 
 KIND_JSON = "json"  # payload: JSON text of the whole broadcast payload object
 KIND_BINARY = "binary"  # a user broadcast: event, encoding and payload bytes
+KIND_PRESENCE = "presence"  # payload: JSON text of a presence_diff
 
 
 class BroadcastMessage(TypedDict):

@@ -122,6 +122,9 @@ REALTIME_MAX_CHANNELS_PER_CLIENT = env_int("REALTIME_MAX_CHANNELS_PER_CLIENT", 1
 REALTIME_MAX_PAYLOAD_SIZE_KB = env_int("REALTIME_MAX_PAYLOAD_SIZE_KB", 3000)
 REALTIME_MAX_FRAME_BYTES = env_int("REALTIME_MAX_FRAME_BYTES", 5_000_000)
 REALTIME_IDLE_TIMEOUT_S = env_int("REALTIME_IDLE_TIMEOUT_S", 60)
+# Members of a server process that died are removed (and their leaves sent)
+# within this many seconds.
+REALTIME_PRESENCE_TTL_S = env_int("REALTIME_PRESENCE_TTL_S", 15)
 # Opaque project keys (sb_publishable_..., sb_secret_...) accepted at connect.
 REALTIME_PUBLISHABLE_KEYS = env_list("REALTIME_PUBLISHABLE_KEYS", [])
 REALTIME_SECRET_KEYS = env_list("REALTIME_SECRET_KEYS", [])

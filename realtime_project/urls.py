@@ -3,6 +3,7 @@
 from django.contrib import admin
 from django.urls import path
 
+from presence import admin as presence_admin
 from realtime import broadcast_api, views
 
 urlpatterns = [
@@ -11,5 +12,6 @@ urlpatterns = [
     path("api/broadcast", broadcast_api.broadcast_batch),
     path("realtime/v1/api/broadcast/<str:topic>/events/<str:event>", broadcast_api.broadcast_single),
     path("api/broadcast/<str:topic>/events/<str:event>", broadcast_api.broadcast_single),
+    *presence_admin.urls(),
     path("admin/", admin.site.urls),
 ]

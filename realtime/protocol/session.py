@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from realtime.errors import RealtimeError
 from realtime.jwt import Claims, TokenError
 from realtime.protocol.message import Message, UserBroadcast
 from realtime.protocol.payloads import JoinConfig, parse_join_payload
-from realtime.topics import TOPIC_PREFIX, broadcast_group, sub_topic
+from realtime.topics import TOPIC_PREFIX, broadcast_group, presence_channel, sub_topic
 from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,40 @@ class SubscribeChanges:
     claims: Claims
 
 
-Effect = Send | SendLater | Subscribe | Unsubscribe | Publish | Close | SubscribeChanges
+@dataclass(frozen=True, slots=True)
+class SendPresenceState:
+    """Read the topic's presence and push ``presence_state`` to this channel (PROTOCOL.md 6.2)."""
+
+    topic: str
+    join_ref: str | None
+    presence_channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Track:
+    """Store this channel's presence meta, publish the diff, then send ``reply``."""
+
+    group: str
+    topic: str
+    presence_channel: str
+    key: str
+    payload: dict[str, Any]
+    reply: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Untrack:
+    """Remove this channel's presence meta, publish the leave; send ``reply`` if given."""
+
+    group: str
+    topic: str
+    presence_channel: str
+    reply: Message | None = None
+
+
+Effect = (
+    Send | SendLater | Subscribe | Unsubscribe | Publish | Close | SubscribeChanges | SendPresenceState | Track | Untrack
+)
 
 
 # --- state ---------------------------------------------------------------
@@ -101,6 +135,8 @@ class SessionLimits:
     max_channels: int = 100
     max_payload_bytes: int = 3000 * 1000 + 500
     channel_error_backoff: float = 5.0
+    presence_max_calls: int = 5
+    presence_window: float = 30.0
 
 
 @dataclass(slots=True)
@@ -113,10 +149,18 @@ class Channel:
     claims: Claims
     token: str
     group: str
+    presence_key: str = ""
+    tracked: bool = False
+    presence_calls: list[float] = field(default_factory=list)
 
     @property
     def sub_topic(self) -> str:
         return sub_topic(self.topic)
+
+    @property
+    def presence_channel(self) -> str:
+        """The presence store's name for this (private flag, sub-topic) pair."""
+        return presence_channel(self.sub_topic, self.config.private)
 
 
 class JoinRefused(RealtimeError):
@@ -157,6 +201,7 @@ class Session:
     verify: Verifier
     limits: SessionLimits = field(default_factory=SessionLimits)
     channels: dict[str, Channel] = field(default_factory=dict)
+    new_presence_key: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
 
     # --- entry points ----------------------------------------------------
 
@@ -180,12 +225,16 @@ class Session:
             return self._broadcast(channel, msg)
         if msg.event == "access_token":
             return self._access_token(channel, msg, now)
-        # Unknown events (and presence until it exists) get no reply.
+        if msg.event == "presence":
+            return self._presence(channel, msg, now)
+        # Unknown events get no reply.
         return []
 
     def close_all(self) -> list[Effect]:
         """The socket is gone: drop every channel's subscription."""
-        effects: list[Effect] = [Unsubscribe(c.group, c.topic) for c in self.channels.values()]
+        effects: list[Effect] = []
+        for channel in self.channels.values():
+            effects += self._stop(channel)
         self.channels.clear()
         return effects
 
@@ -217,7 +266,7 @@ class Session:
         effects: list[Effect] = []
         old = self.channels.pop(msg.topic, None)
         if old is not None:
-            effects.append(Unsubscribe(old.group, old.topic))
+            effects += self._stop(old)
         self.channels[msg.topic] = channel
         # Subscribe before replying: a broadcast sent after SUBSCRIBED must arrive.
         effects.append(Subscribe(channel.group, channel.topic, config.broadcast_self))
@@ -226,7 +275,7 @@ class Session:
         if old is not None:
             effects.append(Send(_close(old)))
         if config.presence_enabled:
-            effects.append(Send(Message(channel.join_ref, None, channel.topic, "presence_state", {})))
+            effects.append(SendPresenceState(channel.topic, channel.join_ref, channel.presence_channel))
         if config.postgres_changes:
             effects.append(SubscribeChanges(channel.topic, channel.join_ref, config.postgres_changes, channel.claims))
         return effects
@@ -254,7 +303,10 @@ class Session:
                 "Unauthorized", f"You do not have permissions to read from this Channel topic: {sub_topic(topic)}"
             )
         group = broadcast_group(sub_topic(topic), config.private)
-        return Channel(topic=topic, join_ref=msg.join_ref, config=config, claims=claims, token=token, group=group)
+        return Channel(
+            topic=topic, join_ref=msg.join_ref, config=config, claims=claims, token=token, group=group,
+            presence_key=config.presence_key or self.new_presence_key(),
+        )
 
     def _leave(self, msg: Message) -> list[Effect]:
         channel = self.channels.get(msg.topic)
@@ -263,16 +315,21 @@ class Session:
         if msg.join_ref is not None and msg.join_ref != channel.join_ref:
             return []
         del self.channels[msg.topic]
-        return [Unsubscribe(channel.group, channel.topic), Send(_reply(msg, "ok", {})), Send(_close(channel))]
+        return [*self._stop(channel), Send(_reply(msg, "ok", {})), Send(_close(channel))]
+
+    def _stop(self, channel: Channel) -> list[Effect]:
+        """What ending a channel for any reason takes: its presence leave, its subscriptions."""
+        effects: list[Effect] = []
+        if channel.tracked:
+            channel.tracked = False
+            effects.append(Untrack(channel.group, channel.topic, channel.presence_channel))
+        effects.append(Unsubscribe(channel.group, channel.topic))
+        return effects
 
     def _end(self, channel: Channel, message: str) -> list[Effect]:
         """A fatal ``system`` error: the message, then ``phx_close`` (PROTOCOL.md 3.5)."""
         self.channels.pop(channel.topic, None)
-        return [
-            Unsubscribe(channel.group, channel.topic),
-            Send(_system(channel, "error", "system", message)),
-            Send(_close(channel)),
-        ]
+        return [*self._stop(channel), Send(_system(channel, "error", "system", message)), Send(_close(channel))]
 
     # --- pushes on a joined channel ---------------------------------------
 
@@ -303,6 +360,29 @@ class Session:
             effects.append(Send(_reply(msg, "ok", {})))
         return effects
 
+    def _presence(self, channel: Channel, msg: Message, now: float) -> list[Effect]:
+        """``track`` / ``untrack`` (PROTOCOL.md 6.1, limits in 8)."""
+        window_start = now - self.limits.presence_window
+        channel.presence_calls = [t for t in channel.presence_calls if t > window_start]
+        channel.presence_calls.append(now)
+        if len(channel.presence_calls) > self.limits.presence_max_calls:
+            return self._end(channel, "Client presence rate limit exceeded")
+        event, payload = _presence_event(msg.payload)
+        if event == "track":
+            if payload is None:
+                payload = {}
+            if not isinstance(payload, dict):
+                return [Send(_reply(msg, "error", {"reason": "Presence track payload must be a map"}))]
+            size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+            if size > self.limits.max_payload_bytes:
+                return self._end(channel, "Track message size exceeded")
+            channel.tracked = True
+            return [Track(channel.group, channel.topic, channel.presence_channel, channel.presence_key, payload, _reply(msg, "ok", {}))]
+        if event == "untrack":
+            channel.tracked = False
+            return [Untrack(channel.group, channel.topic, channel.presence_channel, _reply(msg, "ok", {}))]
+        return [Send(_reply(msg, "error", {}))]
+
     def _access_token(self, channel: Channel, msg: Message, now: float) -> list[Effect]:
         payload = msg.payload if isinstance(msg.payload, dict) else {}
         token = payload.get("access_token")
@@ -320,6 +400,13 @@ class Session:
             # PROTOCOL.md 3.7: subscriptions take the new claims and report again.
             return [SubscribeChanges(channel.topic, channel.join_ref, channel.config.postgres_changes, claims)]
         return []
+
+
+def _presence_event(payload: Any) -> tuple[str, Any]:
+    if not isinstance(payload, dict):
+        return "", None
+    event = payload.get("event")
+    return (event.lower() if isinstance(event, str) else ""), payload.get("payload", {})
 
 
 def _bypasses_policies(claims: Claims) -> bool:

@@ -17,6 +17,7 @@ from channels.testing import WebsocketCommunicator
 
 from realtime.authorization import close_database
 from realtime.hub import close_hub
+from realtime.presence import close_store
 
 
 def token(role: str = "anon", exp_in: float = 3600, **claims: Any) -> str:
@@ -85,6 +86,7 @@ async def connect() -> AsyncIterator[Any]:
         await communicator.disconnect()
     await close_hub()
     await close_database()
+    await close_store()
     layer = get_channel_layer()
     if layer is not None and hasattr(layer, "close_pools"):
         await layer.close_pools()

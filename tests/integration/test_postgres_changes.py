@@ -19,9 +19,6 @@ from tests.integration.conftest import token
 
 pytestmark = pytest.mark.integration
 
-PUBLICATION = "supabase_realtime"
-
-
 def dsn() -> str:
     return os.environ["DATABASE_URL"]
 
@@ -33,32 +30,38 @@ def execute(*statements: sql.Composable | str, params: Any = None) -> None:
 
 
 @pytest.fixture
-def table() -> Any:
+def publication(settings) -> Any:
+    """A publication of this test's own, so replicators of other tests never see its tables."""
+    name = f"test_pub_{uuid.uuid4().hex[:10]}"
+    execute(ROLES_SQL, sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(name)))
+    settings.REALTIME_PUBLICATION = name
+    yield name
+    execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def table(publication) -> Any:
     """A fresh published table readable by anon; dropped afterwards."""
     name = f"todos_{uuid.uuid4().hex[:8]}"
     ident = sql.Identifier("public", name)
-    execute(ROLES_SQL)
-    with psycopg.connect(dsn(), autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (PUBLICATION,)).fetchone() is None:
-            conn.execute(sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(PUBLICATION)))
     execute(
         sql.SQL(
             "CREATE TABLE {} (id bigint PRIMARY KEY, title text, user_id int, done bool DEFAULT false,"
             " tags text[], meta jsonb)"
         ).format(ident),
         sql.SQL("GRANT SELECT ON {} TO anon, authenticated, service_role").format(ident),
-        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(PUBLICATION), ident),
+        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), ident),
     )
     yield name
     execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
 
 
 @pytest.fixture
-async def listener() -> AsyncIterator[Listener]:
+async def listener(publication) -> AsyncIterator[Listener]:
     slot = f"test_{uuid.uuid4().hex[:10]}"
     layer = get_channel_layer()
     active = asyncio.Event()
-    instance = Listener(dsn(), slot, PUBLICATION, layer, poll_interval=0.01, on_active=active.set)
+    instance = Listener(dsn(), slot, publication, layer, poll_interval=0.01, on_active=active.set)
     stop = asyncio.Event()
     task = asyncio.ensure_future(instance.run(stop))
     await asyncio.wait_for(active.wait(), 10)
@@ -132,12 +135,12 @@ async def test_row_level_filter(connect, table, listener) -> None:  # C48
     assert await client.nothing(0.5)
 
 
-async def test_per_table_channel_isolation(connect, table, listener) -> None:
+async def test_per_table_channel_isolation(connect, table, listener, publication) -> None:
     other = f"{table}_other"
     execute(
         sql.SQL("CREATE TABLE {} (id int PRIMARY KEY)").format(sql.Identifier("public", other)),
         sql.SQL("GRANT SELECT ON {} TO anon").format(sql.Identifier("public", other)),
-        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(PUBLICATION), sql.Identifier("public", other)),
+        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), sql.Identifier("public", other)),
     )
     try:
         posts, users = await connect(), await connect()

@@ -14,8 +14,11 @@ from realtime.protocol.session import (
     Send,
     SendLater,
     Session,
+    SendPresenceState,
     SessionLimits,
     Subscribe,
+    Track,
+    Untrack,
     Unsubscribe,
 )
 
@@ -180,10 +183,82 @@ def test_rejoin_replies_then_closes_the_old_join_ref() -> None:  # C16
     assert any(isinstance(e, Unsubscribe) for e in effects)
 
 
-def test_presence_enabled_join_gets_empty_presence_state_after_the_reply() -> None:  # C12, C23
-    out = frames(join(new_session(), payload={"config": {"presence": {"enabled": True}}}))
-    assert out[0].event == "phx_reply"
-    assert out[1] == Message("1", None, "realtime:room1", "presence_state", {})
+def test_presence_enabled_join_asks_for_presence_state_after_the_reply() -> None:  # C80, C23
+    effects = join(new_session(), payload={"config": {"presence": {"enabled": True}}})
+    kinds = [type(e) for e in effects]
+    assert kinds.index(SendPresenceState) > kinds.index(Send)
+    state = next(e for e in effects if isinstance(e, SendPresenceState))
+    assert (state.topic, state.join_ref, state.presence_channel) == ("realtime:room1", "1", "public:room1")
+
+
+def test_presence_disabled_join_gets_no_presence_state() -> None:  # C80
+    assert not any(isinstance(e, SendPresenceState) for e in join(new_session()))
+
+
+# --- presence -----------------------------------------------------------
+
+
+def presence(session: Session, event: str, payload: Any = None, ref: str = "4", now: float = NOW) -> list[Any]:
+    body: dict[str, Any] = {"type": "presence", "event": event}
+    if payload is not None:
+        body["payload"] = payload
+    return session.handle(Message("1", ref, "realtime:room1", "presence", body), now)
+
+
+def test_track_stores_the_payload_under_the_configured_key() -> None:  # C81, C82, C89
+    session = new_session()
+    join(session, payload={"config": {"presence": {"key": "u1"}}})
+    [track] = presence(session, "TRACK", {"user": "a"})
+    assert isinstance(track, Track)
+    assert (track.key, track.payload, track.presence_channel) == ("u1", {"user": "a"}, "public:room1")
+    assert track.reply == Message("1", "4", "realtime:room1", "phx_reply", {"status": "ok", "response": {}})
+
+
+def test_an_empty_key_gets_a_server_uuid() -> None:  # C82
+    session = new_session()
+    join(session, payload={"config": {"presence": {"key": ""}}})
+    [track] = presence(session, "track", {})
+    assert len(track.key) == 36 and track.key.count("-") == 4
+
+
+def test_non_object_track_payload_is_refused_and_the_channel_stays() -> None:  # C87
+    session = new_session()
+    join(session)
+    out = frames(presence(session, "track", [1, 2]))
+    assert out[0].payload == {"status": "error", "response": {"reason": "Presence track payload must be a map"}}
+    assert "realtime:room1" in session.channels
+
+
+def test_sixth_presence_push_in_the_window_closes_the_channel() -> None:  # C88
+    session = new_session()
+    join(session)
+    for i in range(5):
+        assert isinstance(presence(session, "track", {"n": i}, now=NOW + i)[0], Track)
+    effects = presence(session, "track", {"n": 6}, now=NOW + 6)
+    out = frames(effects)
+    assert out[0].payload["message"] == "Client presence rate limit exceeded" and out[1].event == "phx_close"
+    assert any(isinstance(e, Untrack) for e in effects)
+    session2 = new_session()
+    join(session2)
+    for i in range(6):
+        assert isinstance(presence(session2, "track", {}, now=NOW + i * 7)[0], Track)  # spread over 35 s
+
+
+def test_untrack_and_leave_remove_the_meta() -> None:  # C86
+    session = new_session()
+    join(session)
+    presence(session, "track", {})
+    [untrack] = presence(session, "untrack")
+    assert isinstance(untrack, Untrack) and untrack.reply is not None
+    presence(session, "track", {})
+    effects = session.handle(Message("1", "9", "realtime:room1", "phx_leave", {}), NOW)
+    assert any(isinstance(e, Untrack) and e.reply is None for e in effects)
+
+
+def test_unknown_presence_event_is_an_error_reply() -> None:
+    session = new_session()
+    join(session)
+    assert frames(presence(session, "wave"))[0].payload == {"status": "error", "response": {}}
 
 
 # --- leave --------------------------------------------------------------

@@ -1,0 +1,80 @@
+"""Presence for the sockets of this process: the shared store and diff fan-out.
+
+The state lives in Redis (``presence.store``) so every server process sees
+one presence per topic; each diff travels through the topic's broadcast group
+as a ``presence_diff`` and reaches every channel on the topic, the tracker
+included (PROTOCOL.md 6.2). The first use starts the store's maintenance
+loop: it keeps this process's members alive and emits the leaves of members
+whose process died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import Any
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from presence.store import RedisPresenceStore
+from realtime.topics import TOPIC_PREFIX, broadcast_group, parse_presence_channel
+from realtime.types import KIND_PRESENCE, BroadcastMessage
+
+logger = logging.getLogger(__name__)
+
+PROCESS_ID = f"{uuid.uuid4().hex}"
+
+_stores: dict[asyncio.AbstractEventLoop, tuple[RedisPresenceStore, asyncio.Event, asyncio.Task[None]]] = {}
+
+
+def get_store() -> RedisPresenceStore:
+    """The running loop's store, with its maintenance loop started."""
+    loop = asyncio.get_running_loop()
+    found = _stores.get(loop)
+    if found is None:
+        store = RedisPresenceStore(settings.REDIS_URL, PROCESS_ID, ttl=settings.REALTIME_PRESENCE_TTL_S)
+        stop = asyncio.Event()
+        task = loop.create_task(store.run_maintenance(stop, publish_diff))
+        found = _stores[loop] = (store, stop, task)
+    return found[0]
+
+
+async def close_store() -> None:
+    """Stop the running loop's store (tests, shutdown), sending its members' leaves."""
+    found = _stores.pop(asyncio.get_running_loop(), None)
+    if found is None:
+        return
+    store, stop, task = found
+    try:
+        for channel, diff in await store.untrack_all():
+            await publish_diff(channel, diff)
+    except Exception:
+        logger.exception("could not send the leaves of this process's members")
+    stop.set()
+    try:
+        await asyncio.wait_for(task, 5)
+    except asyncio.TimeoutError:
+        task.cancel()
+    await store.close()
+
+
+async def publish_diff(channel: str, diff: dict[str, Any]) -> None:
+    """Send a presence diff to every channel on the topic, on every process."""
+    name, private = parse_presence_channel(channel)
+    group = broadcast_group(name, private)
+    message = BroadcastMessage(
+        type="realtime.broadcast",
+        group=group,
+        topic=TOPIC_PREFIX + name,
+        origin="",
+        kind=KIND_PRESENCE,
+        event="presence_diff",
+        encoding=1,
+        payload=json.dumps(diff, separators=(",", ":"), ensure_ascii=False).encode("utf-8"),
+    )
+    layer = get_channel_layer()
+    assert layer is not None
+    await layer.group_send(group, message)
