@@ -84,6 +84,8 @@ def session_limits() -> SessionLimits:
         max_channels=settings.REALTIME_MAX_CHANNELS_PER_CLIENT,
         max_payload_bytes=settings.REALTIME_MAX_PAYLOAD_SIZE_KB * 1000 + 500,
         channel_error_backoff=settings.REALTIME_CHANNEL_ERROR_BACKOFF_MS / 1000,
+        presence_max_calls=settings.REALTIME_PRESENCE_MAX_CALLS,
+        presence_window=settings.REALTIME_PRESENCE_WINDOW_MS / 1000,
     )
 
 

@@ -125,6 +125,9 @@ REALTIME_IDLE_TIMEOUT_S = env_int("REALTIME_IDLE_TIMEOUT_S", 60)
 # Members of a server process that died are removed (and their leaves sent)
 # within this many seconds.
 REALTIME_PRESENCE_TTL_S = env_int("REALTIME_PRESENCE_TTL_S", 15)
+# Presence pushes allowed per channel within the window (the 6th closes it).
+REALTIME_PRESENCE_MAX_CALLS = env_int("REALTIME_PRESENCE_MAX_CALLS", 5)
+REALTIME_PRESENCE_WINDOW_MS = env_int("REALTIME_PRESENCE_WINDOW_MS", 30_000)
 # Opaque project keys (sb_publishable_..., sb_secret_...) accepted at connect.
 REALTIME_PUBLISHABLE_KEYS = env_list("REALTIME_PUBLISHABLE_KEYS", [])
 REALTIME_SECRET_KEYS = env_list("REALTIME_SECRET_KEYS", [])
