@@ -1,8 +1,11 @@
 """Run each supabase-js end-to-end file (tests/e2e/js/*.test.mjs) against a live server.
 
 One pytest test per file: ``node --test <file>`` with SUPABASE_URL, ANON_KEY,
-SERVICE_KEY and JWT_SECRET in its environment, from tests/e2e/js. A failure
-shows node's output and the tail of the server log.
+SERVICE_KEY and JWT_SECRET in its environment, from tests/e2e/js. A session
+replicator (``tests.fixtures.replicator``) streams the database to the same
+Redis as the server; the files reach the database through ``PYTHON``
+``tests/e2e/sql.py`` with ``PG_URL``. A failure shows node's output and the
+tail of the server and replicator logs.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.replicator import SHARED_ENV, ReplicatorProcess
 from tests.fixtures.server import ServerProcess
 
 pytestmark = pytest.mark.e2e
@@ -59,14 +64,23 @@ def test_js_suite_is_not_empty() -> None:
 @pytest.mark.timeout(NODE_TIMEOUT_S + 60)
 @pytest.mark.parametrize("js_file", JS_FILES, ids=[path.name for path in JS_FILES])
 def test_supabase_js(
-    js_file: Path, realtime_server: ServerProcess, anon_key: str, service_key: str, node_modules: Path
+    js_file: Path,
+    realtime_server: ServerProcess,
+    replicator: ReplicatorProcess,
+    anon_key: str,
+    service_key: str,
+    node_modules: Path,
 ) -> None:
+    mismatched = [name for name in SHARED_ENV if realtime_server.env.get(name) != replicator.env.get(name)]
+    assert not mismatched, f"server and replicator disagree on {mismatched}"
     env = {
         **os.environ,
         "SUPABASE_URL": realtime_server.url,
         "ANON_KEY": anon_key,
         "SERVICE_KEY": service_key,
         "JWT_SECRET": os.environ["JWT_SECRET"],
+        "PG_URL": replicator.dsn,
+        "PYTHON": sys.executable,
         "NO_COLOR": "1",
     }
     command = [_tool("node"), "--test", "--test-reporter=spec", js_file.name]
@@ -88,15 +102,18 @@ def test_supabase_js(
             f"{' '.join(command)} did not finish within {NODE_TIMEOUT_S} s"
             " (a client left open keeps node alive)\n"
             f"{output}\n--- server log ---\n{realtime_server.log_tail()}"
+            f"\n--- replicator log ---\n{replicator.log_tail()}"
         )
     print(result.stdout)
     if result.returncode != 0:
         pytest.fail(
             f"{' '.join(command)} exited with {result.returncode}\n{result.stdout}\n"
-            f"--- server log ---\n{realtime_server.log_tail()}",
+            f"--- server log ---\n{realtime_server.log_tail()}\n"
+            f"--- replicator log ---\n{replicator.log_tail()}",
             pytrace=False,
         )
     counts = dict(SUMMARY_LINE.findall(result.stdout))
     assert int(counts.get("tests", "0")) > 0, f"{js_file.name} ran no test:\n{result.stdout}"
     assert counts.get("fail") == "0", f"node reported failures:\n{result.stdout}"
     realtime_server.check_alive()
+    assert replicator.is_running(), replicator.describe("died during the run")

@@ -5,7 +5,10 @@
  * Node 20 has no global WebSocket (realtime-js 2.119 only finds one on Node 22+),
  * so every client is given `ws` as its `transport`.
  */
+import { execFile } from 'node:child_process'
 import { createHmac, randomUUID } from 'node:crypto'
+import { fileURLToPath } from 'node:url'
+import { promisify } from 'node:util'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { createClient } from '@supabase/supabase-js'
 import WebSocket from 'ws'
@@ -44,6 +47,25 @@ export function mintToken({ role = 'anon', expIn = 3600, secret = JWT_SECRET, ..
   const signingInput = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(body)}`
   const signature = createHmac('sha256', secret).update(signingInput).digest('base64url')
   return `${signingInput}.${signature}`
+}
+
+const SQL_SCRIPT = fileURLToPath(new URL('../sql.py', import.meta.url))
+const execFileAsync = promisify(execFile)
+
+/**
+ * Run SQL statements through tests/e2e/sql.py (Python `PYTHON`, database
+ * `PG_URL`), each in its own transaction; resolves with the rows of the last
+ * statement that returned any.
+ */
+export async function sql(...statements) {
+  const python = requireEnv('PYTHON')
+  requireEnv('PG_URL')
+  try {
+    const { stdout } = await execFileAsync(python, [SQL_SCRIPT, ...statements], { maxBuffer: 64 * 1024 * 1024 })
+    return JSON.parse(stdout)
+  } catch (error) {
+    throw new Error(`SQL failed: ${statements.join('; ').slice(0, 400)}\n${error.stderr ?? error.message}`)
+  }
 }
 
 /** A sub-topic unique to one test, so parallel or repeated runs never share a room. */
