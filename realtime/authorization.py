@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +25,6 @@ from realtime.filters import FilterError, compile_conditions, parse_filter
 from realtime.jwt import Claims
 
 logger = logging.getLogger(__name__)
-
-PUBLICATION_TTL_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +50,6 @@ class Database:
         self.pool = AsyncConnectionPool(dsn, min_size=0, max_size=4, open=False, kwargs={"autocommit": True})
         self._opened = False
         self._open_lock = asyncio.Lock()
-        self._published: tuple[float, frozenset[tuple[str, str]]] = (0.0, frozenset())
 
     async def _ensure_open(self) -> None:
         if not self._opened:
@@ -68,19 +64,14 @@ class Database:
             self._opened = False
 
     async def published_tables(self) -> frozenset[tuple[str, str]]:
-        """(schema, table) pairs in the publication, cached for a few seconds."""
-        fetched_at, tables = self._published
-        if time.monotonic() - fetched_at < PUBLICATION_TTL_S:
-            return tables
+        """(schema, table) pairs in the publication now (read at every subscribe, as the reference does)."""
         await self._ensure_open()
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
                 "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = %s",
                 (self.publication,),
             )
-            tables = frozenset((str(s), str(t)) for s, t in await cursor.fetchall())
-        self._published = (time.monotonic(), tables)
-        return tables
+            return frozenset((str(s), str(t)) for s, t in await cursor.fetchall())
 
     async def columns(self, schema: str, table: str) -> list[Column]:
         await self._ensure_open()
@@ -112,6 +103,8 @@ class Database:
                 return f"ERROR 22023 (invalid_parameter_value) {error.diag.message_primary or error}"
             except psycopg.errors.UndefinedObject as error:  # role does not exist
                 return f"ERROR 42704 (undefined_object) {error.diag.message_primary or error}"
+            except psycopg.errors.UndefinedTable as error:  # dropped since it was listed
+                return f"ERROR 42P01 (undefined_table) {error.diag.message_primary or error}"
         return None
 
 
@@ -139,6 +132,14 @@ async def authorize_binding(db: Database, binding: Binding, claims: Claims) -> A
     Raises:
         BindingError: with the reference's subscribe-time message.
     """
+    conditions = ()
+    if binding.filter is not None:
+        try:
+            conditions = parse_filter(binding.filter)
+        except FilterError as error:
+            if error.postgres_error is None:
+                raise BindingError(error.message) from None
+            raise _unable(binding, error.postgres_error) from None
     published = await db.published_tables()
     tables = tuple(
         sorted(
@@ -160,14 +161,12 @@ async def authorize_binding(db: Database, binding: Binding, claims: Claims) -> A
         for name in binding.select or ():
             if name not in types:
                 raise _unable(binding, f"ERROR P0001 (raise_exception) invalid column for select {name}")
-        if binding.filter is not None:
+        if conditions:
             try:
-                matcher = compile_conditions(parse_filter(binding.filter), types)
+                matcher = compile_conditions(conditions, types)
             except FilterError as error:
-                if error.postgres_error is None:
-                    raise BindingError(error.message) from None
                 # The reference finds these in the database, hence the wrapping.
-                raise _unable(binding, error.postgres_error) from None
+                raise _unable(binding, error.postgres_error or error.message) from None
     allowed = []
     for schema, table in tables:
         denied = await db.can_select(claims, schema, table)

@@ -278,7 +278,13 @@ class RealtimeConsumer(AsyncConsumer):
     async def write(self, msg: Message) -> None:
         if self.closed:
             return
-        await self.base_send({"type": "websocket.send", "text": encode_text(self.vsn, msg)})
+        try:
+            await self.base_send({"type": "websocket.send", "text": encode_text(self.vsn, msg)})
+        except Exception as error:
+            # The peer is gone (daphne raises Disconnected, uvicorn a ClientDisconnected
+            # or RuntimeError); the disconnect event ends this consumer.
+            logger.debug("write to a closed socket=%s: %s", self.socket_id, error)
+            self.closed = True
 
     def _spawn_write(self, msg: Message) -> None:
         self._spawn(self.write(msg))

@@ -91,6 +91,15 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
         lines.append(b"connection: close")
         self.sendData(b"\r\n".join(lines) + b"\r\n\r\n" + body)
 
+    def serverClose(self, code: int | None = None) -> None:  # noqa: N802
+        # autobahn's sendClose() accepts only 1000 and 3000-4999 from
+        # applications; the server codes of RFC 6455 section 7.4.1 (1001 going
+        # away, 1009 too big, 1011 internal error) go out as a plain close frame.
+        if code is not None and code != 1000 and not 3000 <= code <= 4999:
+            self.sendCloseFrame(code=code, isReply=False)
+            return
+        super().serverClose(code)
+
     # --- 2. direct frame writes ------------------------------------------
 
     def serverSend(self, content: str | bytes, binary: bool = False) -> None:  # noqa: N802
