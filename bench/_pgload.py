@@ -1,0 +1,472 @@
+"""Load generator for ``bench/postgres_changes.py``: postgres_changes subscribers and the row writer.
+
+``sub`` workers open COUNT sockets, join each to ``realtime:bench`` with one
+postgres_changes INSERT binding on ``public.bench_rows`` (unfiltered, or
+``id=eq.N`` with a different N per socket), wait for the "Subscribed to
+PostgreSQL" system push, then count the changes they receive with a latency
+histogram per step. The row's ``payload`` starts with ``<step>|`` and its
+``sent_ns`` column holds the writer's ``time.time_ns()`` just before the
+statement that commits it, so latency = receipt - sent_ns includes the commit.
+
+The ``writer`` inserts rows into ``bench_rows`` at a target rate (or as fast as
+it can) in batched statements, one row per change.
+
+Both are driven by JSON lines on stdin and answer with JSON lines on stdout.
+Usage: ``python bench/_pgload.py sub|writer CONFIG_JSON``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _loadgen as lg  # noqa: E402
+
+TOPIC = "realtime:bench"
+TABLE = "bench_rows"
+SUBSCRIBED = b"Subscribed to PostgreSQL"
+SENT_KEY = b'"sent_ns":'
+PAYLOAD_KEY = b'"payload":"'
+ID_KEY = b'"record":{"id":'
+
+FINE_US, FINE_N = 100, 1000
+MID_US, MID_N = 10_000, 990
+COARSE_US, COARSE_N = 250_000, 480
+FINE_END_US = FINE_US * FINE_N
+MID_END_US = FINE_END_US + MID_US * MID_N
+NBUCKETS = FINE_N + MID_N + COARSE_N
+
+
+def bucket(lat_us: int) -> int:
+    """Histogram index: 0.1 ms buckets to 100 ms, 10 ms to 10 s, 250 ms to 130 s."""
+    if lat_us < FINE_END_US:
+        return lat_us // FINE_US if lat_us > 0 else 0
+    if lat_us < MID_END_US:
+        return FINE_N + (lat_us - FINE_END_US) // MID_US
+    return min(FINE_N + MID_N + (lat_us - MID_END_US) // COARSE_US, NBUCKETS - 1)
+
+
+def bucket_upper_ms(index: int) -> float:
+    if index < FINE_N:
+        return (index + 1) * FINE_US / 1000
+    if index < FINE_N + MID_N:
+        return (FINE_END_US + (index - FINE_N + 1) * MID_US) / 1000
+    return (MID_END_US + (index - FINE_N - MID_N + 1) * COARSE_US) / 1000
+
+
+def percentile_ms(hist: list[int], total: int, q: float) -> float | None:
+    """The q-quantile (upper bucket edge, ms); inf when it falls in the open last bucket."""
+    if total <= 0:
+        return None
+    rank = max(1, -(-int(q * total * 1_000_000) // 1_000_000))
+    seen = 0
+    for index, count in enumerate(hist):
+        seen += count
+        if seen >= rank:
+            return float("inf") if index == len(hist) - 1 else bucket_upper_ms(index)
+    return float("inf")
+
+
+def new_stats(now_ns: int) -> list[Any]:
+    """[count, first_ns, last_ns, histogram, max_us]."""
+    return [0, now_ns, now_ns, [0] * NBUCKETS, 0]
+
+
+def join_frame(filter_id: int | None) -> bytes:
+    binding: dict[str, Any] = {"event": "INSERT", "schema": "public", "table": TABLE}
+    if filter_id is not None:
+        binding["filter"] = f"id=eq.{filter_id}"
+    return json.dumps(["1", "1", TOPIC, "phx_join", {"config": {"postgres_changes": [binding]}}],
+                      separators=(",", ":")).encode()
+
+
+def wait_subscribed(conn: lg.LiteConn, deadline: float) -> None:
+    """Block until the join's ok reply and the "Subscribed to PostgreSQL" push have arrived."""
+    replied = False
+    while True:
+        frame = conn.recv_text(deadline)
+        if b'"phx_reply"' in frame and frame.startswith(b'["1","1"'):
+            if b'"status":"ok"' not in frame:
+                raise lg.HandshakeError("join refused: " + frame[:300].decode("utf-8", "replace"))
+            replied = True
+        elif b'"system"' in frame:
+            if b'"status":"ok"' in frame and SUBSCRIBED in frame:
+                if not replied:
+                    raise lg.HandshakeError("system push before the join reply")
+                return
+            if b'"status":"error"' in frame:
+                raise lg.HandshakeError("subscription failed: " + frame[:300].decode("utf-8", "replace"))
+
+
+def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | None]], list[str]]:
+    """Open and subscribe the worker's sockets, ``batch`` at a time."""
+    host, port, path = cfg["host"], int(cfg["port"]), cfg["path"]
+    timeout = float(cfg.get("timeout", 60))
+    batch = int(cfg.get("batch", 20))
+    ids: list[int | None] = list(cfg["filter_ids"]) if cfg.get("filter_ids") else [None] * int(cfg["count"])
+    done: list[tuple[lg.LiteConn, int | None]] = []
+    errors: list[str] = []
+    for start in range(0, len(ids), batch):
+        group: list[tuple[lg.LiteConn, int | None]] = []
+        for filter_id in ids[start:start + batch]:
+            try:
+                group.append((lg.LiteConn(host, port, timeout), filter_id))
+            except OSError as error:
+                errors.append(f"connect: {error!r}")
+        deadline = time.monotonic() + timeout
+        for stage in ("send", "recv", "join", "wait"):
+            alive = []
+            for conn, filter_id in group:
+                try:
+                    if stage == "send":
+                        conn.send_handshake(host, port, path)
+                    elif stage == "recv":
+                        conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
+                        conn.recv_handshake()
+                    elif stage == "join":
+                        conn.send(1, join_frame(filter_id))
+                    else:
+                        wait_subscribed(conn, deadline)
+                    alive.append((conn, filter_id))
+                except (OSError, lg.HandshakeError) as error:
+                    errors.append(f"{stage}: {error!r}"[:300])
+                    conn.close()
+            group = alive
+        done.extend(group)
+    for conn, _ in done:
+        conn.pending.clear()
+        conn.sock.setblocking(False)
+    return done, errors
+
+
+def run_sub_worker(cfg: dict[str, Any]) -> None:
+    started = time.monotonic()
+    subscribed, errors = open_subscribed(cfg)
+    wanted = len(cfg["filter_ids"]) if cfg.get("filter_ids") else int(cfg["count"])
+    lg.emit({"ready": True, "joined": len(subscribed), "failed": wanted - len(subscribed),
+             "joined_ids": [i for _, i in subscribed if i is not None], "errors": errors[:5],
+             "setup_s": round(time.monotonic() - started, 3)})
+    conns = [c for c, _ in subscribed]
+    want_id: dict[int, int | None] = {c.fd: i for c, i in subscribed}
+    by_fd: dict[int, lg.LiteConn] = {c.fd: c for c in conns}
+    ep = select.epoll(max(16, len(conns) + 2))
+    for conn in conns:
+        ep.register(conn.fd, select.EPOLLIN)
+    ep.register(0, select.EPOLLIN)
+    stats: dict[int, list[Any]] = {}
+    counters = {"frames": 0, "changes": 0, "other": 0, "misrouted": 0, "closed": 0, "write_errors": 0}
+    close_reasons: dict[str, int] = {}
+    pending_out: set[lg.LiteConn] = set()
+    heartbeat_s = float(cfg.get("heartbeat_s", 30) or 0)
+    hb_start = time.monotonic()
+    hb_done = 0
+    ctl_buf = b""
+
+    def drop(conn: lg.LiteConn, reason: str) -> None:
+        if by_fd.pop(conn.fd, None) is None:
+            return
+        counters["closed"] += 1
+        close_reasons[reason] = close_reasons.get(reason, 0) + 1
+        try:
+            ep.unregister(conn.fd)
+        except OSError:
+            pass
+        pending_out.discard(conn)
+        conn.close()
+
+    def write(conn: lg.LiteConn, frame: bytes) -> None:
+        if conn.out:
+            conn.out += frame
+            return
+        try:
+            sent = conn.sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            counters["write_errors"] += 1
+            drop(conn, f"write {errno.errorcode.get(error.errno or 0, error)}")
+            return
+        if sent < len(frame):
+            conn.out = frame[sent:]
+            pending_out.add(conn)
+
+    def handle_control(line: bytes) -> bool:
+        msg = json.loads(line)
+        cmd = msg.get("cmd")
+        if cmd == "count":
+            st = stats.get(int(msg["step"]))
+            lg.emit({"recv": st[0] if st else 0, "changes": counters["changes"]})
+        elif cmd == "stats":
+            reply = lg.stats_reply(stats, int(msg["step"]), remove=bool(msg.get("remove", True)))
+            reply["cpu"] = time.process_time()
+            lg.emit(reply)
+        elif cmd == "status":
+            lg.emit({"open": len(by_fd), "cpu": time.process_time(), "counters": counters, "close_reasons": close_reasons})
+        elif cmd == "quit":
+            lg.emit({"bye": True})
+            return False
+        else:
+            lg.emit({"error": f"unknown command {cmd!r}"})
+        return True
+
+    batch_wait = float(cfg.get("batch_wait_ms", 0.5)) / 1000
+    batch_events = 64 if batch_wait > 0 and len(conns) > 64 else 0
+    rbuf = bytearray(1 << 18)
+    rview = memoryview(rbuf)
+    running = True
+    while running:
+        events = ep.poll(0.05)
+        if len(events) < batch_events:
+            time.sleep(batch_wait)
+            events = ep.poll(0)
+        now = time.time_ns()
+        for fd, _ in events:
+            if fd == 0:
+                chunk = os.read(0, 65536)
+                if not chunk:
+                    running = False
+                    break
+                ctl_buf += chunk
+                while b"\n" in ctl_buf:
+                    line, ctl_buf = ctl_buf.split(b"\n", 1)
+                    if line.strip() and not handle_control(line):
+                        running = False
+                continue
+            conn = by_fd.get(fd)
+            if conn is None:
+                continue
+            try:
+                got = conn.sock.recv_into(rbuf)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as error:
+                drop(conn, f"recv {errno.errorcode.get(error.errno or 0, error)}")
+                continue
+            if not got:
+                drop(conn, "eof")
+                continue
+            data = rview[:got].tobytes()
+            if conn.buf:
+                data = conn.buf + data
+                conn.buf = b""
+            expect_id = want_id.get(fd)
+            pos, n = 0, len(data)
+            while n - pos >= 2:
+                length = data[pos + 1] & 0x7F
+                if length < 126:
+                    hl = 2
+                elif length == 126:
+                    if n - pos < 4:
+                        break
+                    length = (data[pos + 2] << 8) | data[pos + 3]
+                    hl = 4
+                else:
+                    if n - pos < 10:
+                        break
+                    length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                    hl = 10
+                end = pos + hl + length
+                if end > n:
+                    break
+                opcode = data[pos] & 0x0F
+                counters["frames"] += 1
+                if opcode == 1:
+                    j = data.rfind(SENT_KEY, pos + hl, end)
+                    k = data.rfind(PAYLOAD_KEY, pos + hl, j) if j > 0 else -1
+                    if k > 0:
+                        counters["changes"] += 1
+                        step = int(data[k + 11 : data.index(b"|", k + 11, j)])
+                        lat = (now - int(data[j + 10 : data.index(b"}", j, end)])) // 1000
+                        if expect_id is not None:
+                            r = data.find(ID_KEY, pos + hl, k)
+                            if r < 0 or int(data[r + 15 : data.index(b",", r, k)]) != expect_id:
+                                counters["misrouted"] += 1
+                        st = stats.get(step)
+                        if st is None:
+                            st = stats[step] = new_stats(now)
+                        st[0] += 1
+                        st[2] = now
+                        st[3][bucket(lat)] += 1
+                        if lat > st[4]:
+                            st[4] = lat
+                    else:
+                        counters["other"] += 1
+                elif opcode == 9:
+                    write(conn, lg.client_frame(0xA, data[pos + hl : end]))
+                elif opcode == 8:
+                    code = int.from_bytes(data[pos + hl : pos + hl + 2], "big") if length >= 2 else 1005
+                    write(conn, lg.client_frame(8, data[pos + hl : pos + hl + 2]))
+                    drop(conn, f"close {code}")
+                    break
+                elif opcode != 0xA:
+                    counters["other"] += 1
+                pos = end
+            if pos < n and fd in by_fd:
+                conn.buf = data[pos:]
+        if pending_out:
+            for conn in list(pending_out):
+                out, conn.out = conn.out, b""
+                pending_out.discard(conn)
+                write(conn, out)
+        if heartbeat_s > 0 and conns:
+            due = int((time.monotonic() - hb_start) / heartbeat_s * len(conns))
+            while hb_done < due:
+                conn = conns[hb_done % len(conns)]
+                hb_done += 1
+                if by_fd.get(conn.fd) is conn:
+                    write(conn, lg.client_frame(1, lg.HEARTBEAT_FRAME))
+    for conn in list(by_fd.values()):
+        conn.close()
+
+
+# --- writer ----------------------------------------------------------------------
+
+
+def record_latency(hist: list[int], elapsed_ns: int) -> None:
+    hist[bucket(elapsed_ns // 1000)] += 1
+
+
+class Writer:
+    """Inserts ``bench_rows`` in batched statements; ids cycle over ``[id_base, id_base + id_space)``.
+
+    Each wrap of the cycle (and the start of a run with ``truncate_first``) empties the
+    table with TRUNCATE in the same transaction, so every id is inserted once per cycle.
+    """
+
+    def __init__(self, dsn: str, payload_pad: int) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(dsn, autocommit=True, application_name="realtime bench writer")
+        self.pad = "x" * payload_pad
+        self.backend_pid = int(self.conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+        self.insert_sql = (f"INSERT INTO {TABLE} (id, payload, sent_ns) "
+                           "SELECT g, %s, %s FROM generate_series(%s::bigint, %s::bigint) g")
+
+    def segments(self, pos: int, k: int, base: int, space: int, truncate_first: bool) -> list[tuple[bool, int, int]]:
+        out = []
+        while k > 0:
+            off = pos % space
+            n = min(k, space - off)
+            out.append((off == 0 and (pos > 0 or truncate_first), base + off, base + off + n - 1))
+            pos += n
+            k -= n
+        return out
+
+    def insert(self, step: int, segments: list[tuple[bool, int, int]]) -> tuple[int, int]:
+        payload = f"{step}|{self.pad}"
+        if len(segments) == 1 and not segments[0][0]:
+            _, lo, hi = segments[0]
+            sent_ns = time.time_ns()
+            self.conn.execute(self.insert_sql, (payload, sent_ns, lo, hi))
+            return sent_ns, time.time_ns()
+        sent_ns = time.time_ns()
+        with self.conn.transaction():
+            for truncate, lo, hi in segments:
+                if truncate:
+                    self.conn.execute(f"TRUNCATE {TABLE}")
+                self.conn.execute(self.insert_sql, (payload, sent_ns, lo, hi))
+        return sent_ns, time.time_ns()
+
+    def run(self, msg: dict[str, Any]) -> dict[str, Any]:
+        step = int(msg["step"])
+        rate = float(msg.get("rate") or 0)
+        duration = float(msg.get("duration") or 0)
+        rows_limit = int(msg.get("rows") or 0)
+        base, space = int(msg["id_base"]), int(msg["id_space"])
+        truncate_first = bool(msg.get("truncate_first"))
+        tick = float(msg.get("tick_ms", 5)) / 1000
+        max_batch = int(msg.get("max_batch", 500))
+        total = round(rate * duration) if rate else (rows_limit or 1 << 62)
+        hist = [0] * NBUCKETS
+        commits = 0
+        sent = 0
+        pos = 0
+        first_ns = last_ns = 0
+        t0 = time.monotonic()
+        end = t0 + duration if duration else float("inf")
+        next_tick = t0
+        while sent < total:
+            now = time.monotonic()
+            if rate:
+                due = min(total, int((now - t0) * rate) + 1)
+            else:
+                if now >= end:
+                    break
+                due = total
+            k = min(due - sent, max_batch)
+            if k > 0:
+                segs = self.segments(pos, k, base, space, truncate_first)
+                sent_ns, done_ns = self.insert(step, segs)
+                if not first_ns:
+                    first_ns = sent_ns
+                last_ns = done_ns
+                record_latency(hist, done_ns - sent_ns)
+                commits += 1
+                sent += k
+                pos += k
+            if rate and sent < total:
+                next_tick = max(next_tick + tick, time.monotonic() - tick)
+                delay = max(next_tick, t0 + sent / rate) - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+        wall = time.monotonic() - t0
+        return {"sent": sent, "commits": commits, "wall": wall, "rate": sent / wall if wall > 0 else 0.0,
+                "first_ns": first_ns, "last_ns": last_ns,
+                "commit_p50_ms": percentile_ms(hist, commits, 0.5), "commit_p99_ms": percentile_ms(hist, commits, 0.99),
+                "rows_per_commit": sent / commits if commits else 0.0, "cpu": time.process_time()}
+
+    def marker(self, marker_id: int) -> dict[str, Any]:
+        """A committed row no subscriber counts; returns an LSN just before its commit record."""
+        with self.conn.transaction():
+            self.conn.execute(self.insert_sql, ("0|marker", time.time_ns(), marker_id, marker_id))
+            lsn = self.conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+        return {"lsn": lsn}
+
+
+def run_writer(cfg: dict[str, Any]) -> None:
+    writer = Writer(cfg["dsn"], int(cfg.get("payload_pad", 16)))
+    lg.emit({"ready": True, "backend_pid": writer.backend_pid})
+    for line in sys.stdin.buffer:
+        if not line.strip():
+            continue
+        msg = json.loads(line)
+        cmd = msg.get("cmd")
+        try:
+            if cmd == "run":
+                lg.emit(writer.run(msg))
+            elif cmd == "marker":
+                lg.emit(writer.marker(int(msg["id"])))
+            elif cmd == "sql":
+                writer.conn.execute(msg["sql"])
+                lg.emit({"ok": True})
+            elif cmd == "quit":
+                lg.emit({"bye": True})
+                break
+            else:
+                lg.emit({"error": f"unknown command {cmd!r}"})
+        except Exception as error:
+            lg.emit({"error": f"{type(error).__name__}: {error}"[:500]})
+    writer.conn.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[1] not in {"sub", "writer"}:
+        print("usage: _pgload.py sub|writer CONFIG_JSON", file=sys.stderr)
+        return 2
+    cfg = json.loads(argv[2])
+    if argv[1] == "sub":
+        run_sub_worker(cfg)
+    else:
+        run_writer(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
