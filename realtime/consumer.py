@@ -86,6 +86,7 @@ def session_limits() -> SessionLimits:
         channel_error_backoff=settings.REALTIME_CHANNEL_ERROR_BACKOFF_MS / 1000,
         presence_max_calls=settings.REALTIME_PRESENCE_MAX_CALLS,
         presence_window=settings.REALTIME_PRESENCE_WINDOW_MS / 1000,
+        private_only=settings.REALTIME_PRIVATE_ONLY,
     )
 
 

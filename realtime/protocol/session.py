@@ -137,6 +137,7 @@ class SessionLimits:
     channel_error_backoff: float = 5.0
     presence_max_calls: int = 5
     presence_window: float = 30.0
+    private_only: bool = False
 
 
 @dataclass(slots=True)
@@ -276,6 +277,9 @@ class Session:
             effects.append(Send(_close(old)))
         if config.presence_enabled:
             effects.append(SendPresenceState(channel.topic, channel.join_ref, channel.presence_channel))
+        if config.replication_ready:
+            # Broadcast delivery needs no replication connection here: it is ready at once.
+            effects.append(Send(_system(channel, "ok", "system", "Replication connection established")))
         if config.postgres_changes:
             effects.append(SubscribeChanges(channel.topic, channel.join_ref, config.postgres_changes, channel.claims))
         return effects
@@ -285,6 +289,8 @@ class Session:
         topic = msg.topic
         if topic == TOPIC_PREFIX:
             raise JoinRefused("TopicNameRequired", "You must provide a topic name")
+        if self.limits.private_only and not config.private:
+            raise JoinRefused("PrivateOnly", "This project only allows private channels")
         if topic not in self.channels and len(self.channels) >= self.limits.max_channels:
             raise JoinRefused("ChannelRateLimitReached", "Too many channels")
         claims, token = self.claims, self.token

@@ -391,3 +391,18 @@ def test_token_expiry_closes_the_channel() -> None:  # C35
     assert out[0].payload["message"] == "Token has expired 1 seconds ago"
     assert out[1].event == "phx_close"
     assert session.next_deadline() is None
+
+
+def test_private_only_refuses_public_joins() -> None:  # C28
+    session = new_session(private_only=True)
+    out = frames(join(session))
+    assert out[0].payload["response"] == {"reason": "PrivateOnly: This project only allows private channels"}
+
+
+def test_replication_ready_gets_its_system_message_after_the_reply() -> None:  # C31
+    out = frames(join(new_session(), payload={"config": {"broadcast": {"replication_ready": True}}}))
+    assert out[0].event == "phx_reply"
+    assert out[1] == Message(
+        "1", None, "realtime:room1", "system",
+        {"message": "Replication connection established", "status": "ok", "extension": "system", "channel": "room1"},
+    )
