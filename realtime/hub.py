@@ -27,6 +27,7 @@ from realtime.protocol.serializer import (
     user_broadcast_as_json_payload,
 )
 from realtime.filters import BindingIndex
+from realtime.cork import corked
 from realtime.types import KIND_BINARY, KIND_PRESENCE, BroadcastMessage, ChangeRun
 from realtime.topics import table_group
 
@@ -333,23 +334,30 @@ class Hub:
         route = self._change_groups.get(run["group"])
         if not route:
             return
-        for change in run["changes"]:
-            change_type = change["type"]
-            data_json = change["data"].decode("utf-8")
-            record = old_record = None
-            if route.filtered:
-                parsed = json.loads(data_json)
-                record, old_record = parsed.get("record"), parsed.get("old_record")
-            for key, ids in route.route(change_type, record, old_record).items():
-                sub = route.subscriptions[key]
-                payload = '{"ids":' + json.dumps(ids) + ',"data":' + data_json + "}"
-                text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
-                try:
-                    await sub.send({"type": "websocket.send", "text": text})
-                    self.delivered += 1
-                except Exception:
-                    self.failed += 1
-                    logger.debug("change write failed socket=%s", sub.socket_id, exc_info=True)
+        with corked():
+            for change in run["changes"]:
+                change_type = change["type"]
+                data_json = change["data"].decode("utf-8")
+                record = old_record = None
+                if route.filtered:
+                    parsed = json.loads(data_json)
+                    record, old_record = parsed.get("record"), parsed.get("old_record")
+                # Channels with the same topic, ids and vsn get the same frame: build it once.
+                frames: dict[tuple[Vsn, str, tuple[int, ...]], dict[str, Any]] = {}
+                for key, ids in route.route(change_type, record, old_record).items():
+                    sub = route.subscriptions[key]
+                    frame_key = (sub.vsn, sub.topic, tuple(ids))
+                    frame = frames.get(frame_key)
+                    if frame is None:
+                        payload = '{"ids":' + json.dumps(ids) + ',"data":' + data_json + "}"
+                        text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
+                        frame = frames[frame_key] = {"type": "websocket.send", "text": text}
+                    try:
+                        await sub.send(frame)
+                        self.delivered += 1
+                    except Exception:
+                        self.failed += 1
+                        logger.debug("change write failed socket=%s", sub.socket_id, exc_info=True)
 
     def _members(self, group: str) -> tuple[Subscription, ...]:
         snapshot = self._snapshots.get(group)

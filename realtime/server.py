@@ -16,6 +16,10 @@
    usual, which keeps ordering. TLS transports, compression and anything
    unusual always take autobahn's normal path.
 
+3. **Corking.** Inside ``corked()`` the direct writes of each connection are
+   held and written with one ``send()`` at the end of the block, so a run of
+   changes costs one system call per socket. Outside daphne it does nothing.
+
 ``RealtimeServer`` installs the protocol; ``manage.py runserver`` uses it.
 """
 
@@ -29,6 +33,8 @@ from autobahn.websocket.types import ConnectionDeny
 from daphne import ws_protocol
 from daphne.server import Server
 from twisted.internet import tcp
+
+from realtime import cork
 
 logger = logging.getLogger(__name__)
 
@@ -112,24 +118,38 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
             or transport.TLS
             or transport.disconnecting
         ):
+            self._flush_corked()
             super().serverSend(content, binary)
             return
         frame = _encode_frame(content, binary)
         if 0 < self.maxMessagePayloadSize < len(frame) - 2:
+            self._flush_corked()
             super().serverSend(content, binary)
             return
+        if not cork.hold(self, frame):
+            self._write_now(frame)
+
+    def _flush_corked(self) -> None:
+        held = cork.release(self)
+        if held:
+            self._write_now(held)
+
+    def _write_now(self, data: bytes) -> None:
+        transport = self.transport
+        if transport.disconnecting:
+            return
         if transport.dataBuffer or transport._tempDataBuffer:
-            transport.write(frame)  # keep order behind what is already queued
+            transport.write(data)  # keep order behind what is already queued
             return
         try:
-            sent = transport.socket.send(frame)
+            sent = transport.socket.send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
-            transport.write(frame)  # let Twisted see and report the error
+            transport.write(data)  # let Twisted see and report the error
             return
-        if sent < len(frame):
-            transport.write(frame[sent:])
+        if sent < len(data):
+            transport.write(data[sent:])
 
 
 # The hub hands the same message object to every socket on a topic; keeping

@@ -112,15 +112,22 @@ def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(sorted(dict(pairs).items(), key=_jsonb_key))
 
 
+def _not_json(name: str) -> Any:
+    # Postgres json never holds NaN or Infinity; text that does is not json.
+    raise ValueError(f"{name} is not JSON")
+
+
 def _jsonb(text: str) -> JsonValue:
     # jsonb output is already in jsonb key order; Decimal keeps the digits.
-    value: JsonValue = json.loads(text, parse_float=Decimal)
+    value: JsonValue = json.loads(text, parse_float=Decimal, parse_constant=_not_json)
     return value
 
 
 def _json(text: str) -> JsonValue:
     # to_jsonb(json) goes through jsonb, which reorders and deduplicates keys.
-    value: JsonValue = json.loads(text, parse_float=Decimal, object_pairs_hook=_jsonb_object)
+    value: JsonValue = json.loads(
+        text, parse_float=Decimal, object_pairs_hook=_jsonb_object, parse_constant=_not_json
+    )
     return value
 
 
