@@ -40,6 +40,7 @@ class AuthorizedBinding:
     binding: Binding
     tables: tuple[tuple[str, str], ...]  # (schema, table) pairs it covers
     matcher: Any  # realtime.filters matcher, or None without a filter
+    columns: frozenset[str] | None = None  # ``select`` plus the primary key; None = every column
 
 
 class Database:
@@ -85,6 +86,18 @@ class Database:
                 (schema, table),
             )
             return [Column(str(name), str(typ)) for name, typ in await cursor.fetchall()]
+
+    async def primary_key(self, schema: str, table: str) -> tuple[str, ...]:
+        await self._ensure_open()
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT a.attname::text FROM pg_index i"
+                " JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+                " WHERE i.indisprimary AND n.nspname = %s AND c.relname = %s ORDER BY a.attnum",
+                (schema, table),
+            )
+            return tuple(str(name) for (name,) in await cursor.fetchall())
 
     async def can_select(self, claims: Claims, schema: str, table: str, columns: tuple[str, ...] = ()) -> str | None:
         """None if ``claims.role`` may read the table (and columns), else the database's message."""
@@ -154,6 +167,7 @@ async def authorize_binding(db: Database, binding: Binding, claims: Claims) -> A
             f"given connect parameters: {binding.describe()}"
         )
     matcher = None
+    selected: frozenset[str] | None = None
     if not binding.wildcard:
         schema, table = tables[0]
         columns = await db.columns(schema, table)
@@ -161,6 +175,9 @@ async def authorize_binding(db: Database, binding: Binding, claims: Claims) -> A
         for name in binding.select or ():
             if name not in types:
                 raise _unable(binding, f"ERROR P0001 (raise_exception) invalid column for select {name}")
+        if binding.select:
+            # PROTOCOL.md 4.1: primary key columns are always kept.
+            selected = frozenset(binding.select) | frozenset(await db.primary_key(schema, table))
         if conditions:
             try:
                 matcher = compile_conditions(conditions, types)
@@ -176,7 +193,7 @@ async def authorize_binding(db: Database, binding: Binding, claims: Claims) -> A
             raise _unable(binding, denied)
     if not allowed:
         raise _unable(binding, "ERROR 42501 (insufficient_privilege) permission denied for every table")
-    return AuthorizedBinding(binding, tuple(allowed), matcher)
+    return AuthorizedBinding(binding, tuple(allowed), matcher, selected)
 
 
 _databases: dict[asyncio.AbstractEventLoop, Database] = {}

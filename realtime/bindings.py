@@ -118,3 +118,19 @@ def _parse_select(value: Any, wildcard: bool) -> tuple[str, ...] | None:
             "Provide an explicit schema and table name."
         )
     return tuple(value)
+
+
+def select_columns(data_json: str, keep: frozenset[str]) -> str:
+    """A change's ``data`` JSON with ``record``, ``old_record`` and ``columns`` cut to ``keep``."""
+    from decimal import Decimal
+
+    from replication.values import encode_json
+
+    data = json.loads(data_json, parse_float=Decimal)
+    for name in ("record", "old_record"):
+        row = data.get(name)
+        if isinstance(row, dict):
+            data[name] = {column: value for column, value in row.items() if column in keep}
+    if isinstance(data.get("columns"), list):
+        data["columns"] = [c for c in data["columns"] if isinstance(c, dict) and c.get("name") in keep]
+    return encode_json(data)

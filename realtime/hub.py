@@ -27,6 +27,7 @@ from realtime.protocol.serializer import (
     user_broadcast_as_json_payload,
 )
 from realtime.filters import BindingIndex
+from realtime.bindings import select_columns
 from realtime.cork import corked
 from realtime.types import KIND_BINARY, KIND_PRESENCE, BroadcastMessage, ChangeRun
 from realtime.topics import table_group
@@ -114,6 +115,19 @@ class TableRoute:
         for entry in [e for e in self._filtered if e[0] == key]:
             del self._filtered[entry]
             self._index.remove(entry)
+
+    def columns(self, key: SubKey, ids: list[int]) -> frozenset[str] | None:
+        """The columns a channel receives for a change matching ``ids``: None means all.
+
+        A channel whose matching bindings all ``select`` columns gets their union.
+        """
+        selected: frozenset[str] = frozenset()
+        for authorized in self.subscriptions[key].bindings:
+            if authorized.binding.id in ids:
+                if authorized.columns is None:
+                    return None
+                selected |= authorized.columns
+        return selected or None
 
     def route(self, change_type: str, record: Any, old_record: Any) -> dict[SubKey, list[int]]:
         """Channel -> ids of its bindings that the change satisfies (PROTOCOL.md 4.5 ``ids``)."""
@@ -342,14 +356,16 @@ class Hub:
                 if route.filtered:
                     parsed = json.loads(data_json)
                     record, old_record = parsed.get("record"), parsed.get("old_record")
-                # Channels with the same topic, ids and vsn get the same frame: build it once.
-                frames: dict[tuple[Vsn, str, tuple[int, ...]], dict[str, Any]] = {}
+                # Channels with the same topic, ids, columns and vsn get the same frame: build it once.
+                frames: dict[tuple[Vsn, str, tuple[int, ...], frozenset[str] | None], dict[str, Any]] = {}
                 for key, ids in route.route(change_type, record, old_record).items():
                     sub = route.subscriptions[key]
-                    frame_key = (sub.vsn, sub.topic, tuple(ids))
+                    columns = route.columns(key, ids)
+                    frame_key = (sub.vsn, sub.topic, tuple(ids), columns)
                     frame = frames.get(frame_key)
                     if frame is None:
-                        payload = '{"ids":' + json.dumps(ids) + ',"data":' + data_json + "}"
+                        data = data_json if columns is None else select_columns(data_json, columns)
+                        payload = '{"ids":' + json.dumps(ids) + ',"data":' + data + "}"
                         text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
                         frame = frames[frame_key] = {"type": "websocket.send", "text": text}
                     try:

@@ -220,3 +220,18 @@ async def test_replication_listener_retry(connect, table, listener) -> None:
     insert(table, {"id": 42})
     frame = await client.recv_event("postgres_changes", timeout=5)
     assert frame[4]["data"]["record"]["id"] == 42
+
+
+async def test_select_keeps_only_the_chosen_columns_and_the_key(connect, table, listener) -> None:  # C60
+    client = await connect()
+    await subscribe(client, "realtime:select", [{"event": "INSERT", "schema": "public", "table": table, "select": ["title"]}])
+    insert(table, {"id": 3, "title": "t", "user_id": 9})
+    data = (await client.recv_event("postgres_changes", timeout=10))[4]["data"]
+    assert data["record"] == {"id": 3, "title": "t"}
+    assert [c["name"] for c in data["columns"]] == ["id", "title"]
+    reply = await client.join(
+        "realtime:select-wild", {"postgres_changes": [{"event": "*", "schema": "public", "table": "*", "select": ["title"]}]}, ref="3"
+    )
+    assert reply[4]["status"] == "ok"
+    system = await client.recv_event("system", timeout=10)
+    assert system[4]["message"].startswith("Column selection is not supported for wildcard subscriptions")
