@@ -1,0 +1,214 @@
+"""Presence shared by two daphne processes on one Redis, and swept when one is killed.
+
+Each test starts its own pair of servers (``start_server``, default
+``REALTIME_PRESENCE_TTL_S``) because one of them is killed with SIGKILL. The
+clients speak vsn 2.0.0 text frames over the ``websockets`` client
+(PROTOCOL.md 2.2, 6.2): a member tracked on one process appears in the other
+process's ``presence_state`` and ``presence_diff``; the members of a process
+that dies without a word leave, for every survivor, within the TTL
+(PROTOCOL.md 6.2 "Leaves", checklist C86).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.fixtures.server import ServerProcess, mint_token, start_server
+
+pytestmark = pytest.mark.integration
+
+PRESENCE_TTL_S = 15.0
+WAIT_S = 10.0
+LEAVE_WAIT_S = PRESENCE_TTL_S + 15.0
+
+Frame = list[Any]
+
+
+class PresenceClient:
+    """One vsn 2.0.0 socket on one topic that records every text frame it receives."""
+
+    def __init__(self, ws: ClientConnection, name: str, token: str) -> None:
+        self.ws = ws
+        self.name = name
+        self.token = token
+        self.frames: list[Frame] = []
+        self.topic = ""
+        self.join_ref: str | None = None
+        self._ref = 0
+        self._arrived = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, server: ServerProcess, name: str) -> PresenceClient:
+        token = mint_token("anon")
+        ws = await connect(f"{server.ws_url}?apikey={token}&vsn=2.0.0", open_timeout=WAIT_S)
+        return cls(ws, name, token)
+
+    async def _read(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for message in self.ws:
+                if isinstance(message, str):
+                    async with self._arrived:
+                        self.frames.append(json.loads(message))
+                        self._arrived.notify_all()
+
+    async def push(self, event: str, payload: Any) -> str:
+        self._ref += 1
+        ref = str(self._ref)
+        join_ref = ref if event == "phx_join" else self.join_ref
+        await self.ws.send(json.dumps([join_ref, ref, self.topic, event, payload]))
+        return ref
+
+    async def wait_for(self, predicate: Callable[[Frame], bool], what: str, timeout: float = WAIT_S) -> Frame:
+        async def first() -> Frame:
+            async with self._arrived:
+                while True:
+                    for frame in self.frames:
+                        if predicate(frame):
+                            return frame
+                    await self._arrived.wait()
+
+        try:
+            return await asyncio.wait_for(first(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"{self.name}: no {what} within {timeout} s; frames: {self.frames!r}") from None
+
+    async def join(self, topic: str, key: str) -> dict[str, Any]:
+        """Join with presence on under ``key``; the ``presence_state`` that follows the reply."""
+        self.topic = topic
+        config = {"broadcast": {"ack": False, "self": False}, "presence": {"enabled": True, "key": key}}
+        ref = await self.push("phx_join", {"config": config, "access_token": self.token})
+        self.join_ref = ref
+        reply = await self.wait_for(lambda f: f[3] == "phx_reply" and f[1] == ref, "join reply")
+        assert reply[4]["status"] == "ok", f"{self.name}: join refused: {reply!r}"
+        state = await self.wait_for(lambda f: f[3] == "presence_state", "presence_state")
+        assert state[0] == ref and state[1] is None and state[2] == topic, state
+        assert self.frames.index(state) > self.frames.index(reply), "presence_state came before the join reply"
+        result: dict[str, Any] = state[4]
+        return result
+
+    async def track(self, payload: dict[str, Any]) -> None:
+        ref = await self.push("presence", {"type": "presence", "event": "track", "payload": payload})
+        reply = await self.wait_for(lambda f: f[3] == "phx_reply" and f[1] == ref, "track reply")
+        assert reply[4] == {"status": "ok", "response": {}}, f"{self.name}: track refused: {reply!r}"
+
+    def diffs(self) -> list[dict[str, Any]]:
+        return [frame[4] for frame in self.frames if frame[3] == "presence_diff"]
+
+    async def wait_diff(self, predicate: Callable[[dict[str, Any]], bool], what: str, timeout: float = WAIT_S) -> dict[str, Any]:
+        frame = await self.wait_for(lambda f: f[3] == "presence_diff" and predicate(f[4]), what, timeout)
+        assert frame[0] is None and frame[1] is None and frame[2] == self.topic, frame
+        diff: dict[str, Any] = frame[4]
+        assert set(diff) == {"joins", "leaves"}, diff
+        return diff
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self._reader
+
+
+def joined(key: str, user: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda diff: any(meta.get("user") == user for meta in diff["joins"].get(key, {}).get("metas", []))
+
+
+def left(key: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda diff: key in diff["leaves"]
+
+
+def users(state: dict[str, Any], key: str) -> list[str]:
+    return [meta["user"] for meta in state.get(key, {}).get("metas", [])]
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    with start_server() as first, start_server() as second:
+        yield first, second
+
+
+@pytest.fixture
+async def clients(servers: tuple[ServerProcess, ServerProcess]) -> AsyncIterator[Callable[[ServerProcess, str], Awaitable[PresenceClient]]]:
+    opened: list[PresenceClient] = []
+
+    async def _open(server: ServerProcess, name: str) -> PresenceClient:
+        client = await PresenceClient.open(server, name)
+        opened.append(client)
+        return client
+
+    yield _open
+    await asyncio.gather(*(client.close() for client in opened))
+
+
+def room() -> str:
+    return f"realtime:presence-procs-{uuid.uuid4().hex[:8]}"
+
+
+async def track_on_both(
+    servers: tuple[ServerProcess, ServerProcess], clients: Callable[[ServerProcess, str], Awaitable[PresenceClient]]
+) -> tuple[PresenceClient, PresenceClient]:
+    """Alice tracks on the first process, then Bob joins and tracks on the second; each sees the other."""
+    first, second = servers
+    topic = room()
+    alice = await clients(first, "alice on first")
+    assert await alice.join(topic, "alice") == {}
+    await alice.track({"user": "alice"})
+    await alice.wait_diff(joined("alice", "alice"), "alice's own join")
+
+    bob = await clients(second, "bob on second")
+    state = await bob.join(topic, "bob")
+    assert list(state) == ["alice"], state
+    assert users(state, "alice") == ["alice"]
+    assert isinstance(state["alice"]["metas"][0]["phx_ref"], str)
+    await bob.track({"user": "bob"})
+
+    diff = await alice.wait_diff(joined("bob", "bob"), "bob's join from the other process")
+    assert diff["leaves"] == {} and list(diff["joins"]) == ["bob"], diff
+    assert isinstance(diff["joins"]["bob"]["metas"][0]["phx_ref"], str)
+    await bob.wait_diff(joined("bob", "bob"), "bob's own join")
+    assert not any(joined("alice", "alice")(d) for d in bob.diffs()), "bob got alice's join as a diff too"
+    return alice, bob
+
+
+async def test_a_member_tracked_on_one_process_is_seen_from_the_other(servers, clients) -> None:  # C81, C83
+    alice, bob = await track_on_both(servers, clients)
+
+    carol = await clients(servers[0], "carol on first")
+    state = await carol.join(alice.topic, "carol")
+    assert sorted(state) == ["alice", "bob"], state
+    assert users(state, "alice") == ["alice"] and users(state, "bob") == ["bob"]
+    for server in servers:
+        server.check_alive()
+
+
+async def test_the_members_of_a_killed_process_leave_within_the_ttl(servers, clients) -> None:  # C86
+    first, second = servers
+    alice, bob = await track_on_both(servers, clients)
+    assert second.process is not None
+
+    second.process.kill()
+    killed_at = time.monotonic()
+    second.process.wait(5)
+    diff = await alice.wait_diff(left("bob"), "bob's leave after kill -9", timeout=LEAVE_WAIT_S)
+    elapsed = time.monotonic() - killed_at
+    print(f"\npresence leave after SIGKILL of the other process: {elapsed:.2f} s (TTL {PRESENCE_TTL_S:g} s)")
+
+    assert diff["joins"] == {}, diff
+    assert list(diff["leaves"]) == ["bob"], diff
+    assert users(diff["leaves"], "bob") == ["bob"]
+    assert elapsed <= PRESENCE_TTL_S, f"the leave took {elapsed:.2f} s, more than the {PRESENCE_TTL_S:g} s TTL"
+    assert not any(left("alice")(d) for d in alice.diffs()), alice.diffs()
+
+    dave = await clients(first, "dave on first")
+    state = await dave.join(alice.topic, "dave")
+    assert list(state) == ["alice"], f"ghost members after the sweep: {state}"
+    assert users(state, "alice") == ["alice"]
+    first.check_alive()
