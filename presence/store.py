@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from presence.keys import (
@@ -440,7 +440,13 @@ class RedisPresenceStore:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = Redis.from_url(self.url, **self._redis_options)
+            # A blocking pool waits for a free connection during a burst of
+            # tracks instead of failing them (redis-py's default pool raises).
+            options = dict(self._redis_options)
+            pool = BlockingConnectionPool.from_url(
+                self.url, max_connections=options.pop("max_connections", 100), timeout=10, **options
+            )
+            client = Redis.from_pool(pool)
             self._clients[loop] = client
         return client
 

@@ -80,7 +80,16 @@ CHANNEL_LAYERS = {
         "CONFIG": {
             # channels_redis blocks 5 s per receive (BZPOPMIN); redis-py's own
             # 5 s read timeout would fire first and fail every idle receive.
-            "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
+            # redis-py's pool raises once 100 connections are busy; a burst of
+            # publishes from many sockets needs more.
+            "hosts": [
+                {
+                    "address": REDIS_URL,
+                    "socket_timeout": 15,
+                    "socket_connect_timeout": 5,
+                    "max_connections": env_int("REALTIME_REDIS_MAX_CONNECTIONS", 500),
+                }
+            ],
             # One hub inbox per process receives every topic's fan-out, so it
             # needs room for bursts; the layer drops (and we count) beyond it.
             "capacity": env_int("REALTIME_LAYER_CAPACITY", 10_000),

@@ -92,3 +92,17 @@ async def test_several_sockets_with_one_key_show_several_metas(connect) -> None:
     await watcher.join(room, {"presence": {"enabled": True}})
     state = (await watcher.recv_event("presence_state"))[4]
     assert len(state["same"]["metas"]) == 2
+
+
+async def test_a_burst_of_tracks_from_many_sockets_is_answered(connect) -> None:
+    import asyncio
+
+    room = topic()
+    clients = [await connect() for _ in range(150)]
+    for client in clients:
+        await client.join(room)
+    await asyncio.gather(
+        *(c.push("1", "5", room, "presence", {"type": "presence", "event": "track", "payload": {"n": i}}) for i, c in enumerate(clients))
+    )
+    replies = await asyncio.gather(*(c.recv_event("phx_reply", timeout=20) for c in clients))
+    assert all(reply[4]["status"] == "ok" for reply in replies)
