@@ -346,8 +346,12 @@ class Writer:
         self.conn = psycopg.connect(dsn, autocommit=True, application_name="realtime bench writer")
         self.pad = "x" * payload_pad
         self.backend_pid = int(self.conn.execute("SELECT pg_backend_pid()").fetchone()[0])
-        self.insert_sql = (f"INSERT INTO {TABLE} (id, payload, sent_ns) "
-                           "SELECT g, %s, %s FROM generate_series(%s::bigint, %s::bigint) g")
+        from psycopg import sql
+
+        self.insert_sql = sql.SQL(
+            "INSERT INTO {} (id, payload, sent_ns) SELECT g, %s, %s FROM generate_series(%s::bigint, %s::bigint) g"
+        ).format(sql.Identifier(TABLE))
+        self.truncate_sql = sql.SQL("TRUNCATE {}").format(sql.Identifier(TABLE))
 
     def segments(self, pos: int, k: int, base: int, space: int, truncate_first: bool) -> list[tuple[bool, int, int]]:
         out = []
@@ -370,7 +374,7 @@ class Writer:
         with self.conn.transaction():
             for truncate, lo, hi in segments:
                 if truncate:
-                    self.conn.execute(f"TRUNCATE {TABLE}")
+                    self.conn.execute(self.truncate_sql)
                 self.conn.execute(self.insert_sql, (payload, sent_ns, lo, hi))
         return sent_ns, time.time_ns()
 

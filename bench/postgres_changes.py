@@ -227,7 +227,7 @@ class Bench:
 
     # --- database ---------------------------------------------------------
 
-    def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    def sql(self, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
         cursor = self.pg.execute(query, params)
         return cursor.fetchall() if cursor.description else []
 
@@ -251,14 +251,17 @@ class Bench:
                 print(f"  dropped stale slot {name} of a previous run", flush=True)
 
     def setup_table(self) -> None:
-        publication = self.args.publication
-        if not self.sql("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)):
-            self.sql(f'CREATE PUBLICATION "{publication}"')
-        self.sql(f"DROP TABLE IF EXISTS public.{TABLE}")
-        self.sql(f"CREATE TABLE public.{TABLE} (id bigint PRIMARY KEY, payload text, sent_ns bigint)")
+        from psycopg import sql
+
+        publication = sql.Identifier(self.args.publication)
+        table = sql.Identifier("public", TABLE)
+        if not self.sql("SELECT 1 FROM pg_publication WHERE pubname = %s", (self.args.publication,)):
+            self.sql(sql.SQL("CREATE PUBLICATION {}").format(publication))
+        self.sql(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+        self.sql(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, payload text, sent_ns bigint)").format(table))
         self.table_created = True
-        self.sql(f"GRANT SELECT ON public.{TABLE} TO anon")
-        self.sql(f'ALTER PUBLICATION "{publication}" ADD TABLE public.{TABLE}')
+        self.sql(sql.SQL("GRANT SELECT ON {} TO anon").format(table))
+        self.sql(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(publication, table))
 
     def create_slot(self, name: str) -> None:
         self.sql("SET statement_timeout = '60s'")

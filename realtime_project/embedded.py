@@ -525,7 +525,9 @@ def _wait_pg_ready(port: int) -> None:
         time.sleep(0.2)
 
 
-def _psql(port: int, sql: str) -> str:
+def _psql(port: int, sql: str, **variables: str) -> str:
+    """Run ``sql`` (read from stdin, so ``:'name'`` interpolates ``variables`` safely)."""
+    settings = [arg for name, value in variables.items() for arg in ("-v", f"{name}={value}")]
     result = subprocess.run(
         [
             str(_pg_bin("psql")),
@@ -543,9 +545,9 @@ def _psql(port: int, sql: str) -> str:
             PG_SUPERUSER,
             "-d",
             "postgres",
-            "-c",
-            sql,
+            *settings,
         ],
+        input=sql,
         capture_output=True,
         text=True,
         timeout=60,
@@ -557,7 +559,7 @@ def _psql(port: int, sql: str) -> str:
 
 
 def _ensure_database(port: int) -> None:
-    exists = _psql(port, f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'")
+    exists = _psql(port, "SELECT 1 FROM pg_database WHERE datname = :'db'", db=PG_DATABASE)
     if exists != "1":
         result = subprocess.run(
             [str(_pg_bin("createdb")), "-h", HOST, "-p", str(port), "-U", PG_SUPERUSER, PG_DATABASE],
