@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 DENIAL_EXTENSION = "websocket.http.response"
+DIRECT_WRITE = "realtime.write"  # scope key of a server's synchronous frame writer
 
 
 class HandshakeRefused(Exception):
@@ -208,7 +209,10 @@ class RealtimeConsumer(AsyncConsumer):
             elif isinstance(effect, Subscribe):
                 await hub.subscribe(
                     effect.group,
-                    Subscription(self.socket_id, effect.topic, self.vsn, effect.self_broadcast, self.base_send),
+                    Subscription(
+                        self.socket_id, effect.topic, self.vsn, effect.self_broadcast, self.base_send,
+                        self.scope.get(DIRECT_WRITE),
+                    ),
                 )
             elif isinstance(effect, Unsubscribe):
                 hub.unsubscribe(effect.group, self.socket_id, effect.topic)
@@ -255,7 +259,9 @@ class RealtimeConsumer(AsyncConsumer):
         if not self._is_current(effect):
             return
         await hub.subscribe_changes(
-            ChangeSubscription(self.socket_id, effect.topic, self.vsn, self.base_send, tuple(authorized))
+            ChangeSubscription(
+                self.socket_id, effect.topic, self.vsn, self.base_send, tuple(authorized), self.scope.get(DIRECT_WRITE)
+            )
         )
         if self._is_current(effect):
             await self.write(system_message(effect.topic, effect.join_ref, "ok", "postgres_changes", "Subscribed to PostgreSQL"))

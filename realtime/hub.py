@@ -35,6 +35,10 @@ from realtime.topics import table_group
 logger = logging.getLogger(__name__)
 
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
+# A server may offer a synchronous writer for ``websocket.send`` messages
+# (``realtime.server`` does under daphne): the fan-out path then skips the
+# per-message coroutine and checks of the ASGI send.
+DirectWrite = Callable[[dict[str, Any]], None]
 
 # channels_redis forgets a group membership after group_expiry (a day by
 # default); re-adding every joined group keeps long-lived topics alive and
@@ -53,6 +57,7 @@ class Subscription:
     vsn: Vsn
     self_broadcast: bool
     send: AsgiSend
+    write: DirectWrite | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -64,6 +69,7 @@ class ChangeSubscription:
     vsn: Vsn
     send: AsgiSend
     bindings: tuple[Any, ...]  # realtime.authorization.AuthorizedBinding
+    write: DirectWrite | None = None
 
     def tables(self) -> set[tuple[str, str]]:
         return {table for b in self.bindings for table in b.tables}
@@ -337,7 +343,10 @@ class Hub:
             if frame is None:
                 continue
             try:
-                await sub.send(frame)
+                if sub.write is not None:
+                    sub.write(frame)
+                else:
+                    await sub.send(frame)
                 self.delivered += 1
             except Exception:
                 self.failed += 1
@@ -369,7 +378,10 @@ class Hub:
                         text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
                         frame = frames[frame_key] = {"type": "websocket.send", "text": text}
                     try:
-                        await sub.send(frame)
+                        if sub.write is not None:
+                            sub.write(frame)
+                        else:
+                            await sub.send(frame)
                         self.delivered += 1
                     except Exception:
                         self.failed += 1

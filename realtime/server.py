@@ -20,6 +20,10 @@
    held and written with one ``send()`` at the end of the block, so a run of
    changes costs one system call per socket. Outside daphne it does nothing.
 
+4. **A direct writer in the scope.** ``scope["realtime.write"]`` writes a
+   ``websocket.send`` message synchronously, so the hub's fan-out skips
+   daphne's per-message coroutine and lookups (3-4 us of about 10 per delivery).
+
 ``RealtimeServer`` installs the protocol; ``manage.py runserver`` uses it.
 """
 
@@ -39,6 +43,7 @@ from realtime import cork
 logger = logging.getLogger(__name__)
 
 DENIAL_EXTENSION = "websocket.http.response"
+DIRECT_WRITE = "realtime.write"  # the scope key realtime.consumer reads
 _OPCODE_TEXT = 0x81  # FIN + text
 _OPCODE_BINARY = 0x82  # FIN + binary
 
@@ -129,6 +134,20 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
         if not cork.hold(self, frame):
             self._write_now(frame)
 
+    def write_message(self, message: dict[str, Any]) -> None:
+        """Write a ``websocket.send`` message now (the hub's fan-out path).
+
+        Daphne's ASGI send wraps each message in a coroutine that looks the
+        connection up and checks its headers; the hub only writes to accepted
+        sockets it is subscribed for, so it calls this instead. A closed
+        connection raises, and the hub counts the failed write.
+        """
+        text = message.get("text")
+        if text is not None:
+            self.serverSend(text, False)
+        else:
+            self.serverSend(message["bytes"], True)
+
     def _flush_corked(self) -> None:
         held = cork.release(self)
         if held:
@@ -188,4 +207,5 @@ class RealtimeServer(Server):
     def create_application(self, protocol: Any, scope: dict[str, Any]) -> Any:
         if scope.get("type") == "websocket" and isinstance(protocol, RealtimeWebSocketProtocol):
             scope.setdefault("extensions", {})[DENIAL_EXTENSION] = {}
+            scope[DIRECT_WRITE] = protocol.write_message
         return super().create_application(protocol, scope)
