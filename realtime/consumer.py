@@ -31,7 +31,6 @@ from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, Vsn
 from realtime.protocol.serializer import decode_binary, decode_text, encode_text, parse_vsn
 from realtime.protocol.session import (
-    Close,
     Effect,
     Publish,
     Send,
@@ -235,8 +234,6 @@ class RealtimeConsumer(AsyncConsumer):
                     await self.write(effect.message)
                 else:
                     self.loop.call_later(effect.delay, self._spawn_write, effect.message)
-            elif isinstance(effect, Close):
-                await self.close(effect.code)
         self._schedule_expiry()
 
     async def subscribe_changes(self, effect: SubscribeChanges) -> None:

@@ -1,12 +1,13 @@
-"""Per-process fan-out of broadcasts to the local sockets.
+"""Per-process fan-out of broadcasts, presence diffs and changes to the local sockets.
 
 A stock consumer per socket would join every group itself and receive each
 message through the channel layer once per socket (200-300 us of CPU per
-delivery). Instead one ``Hub`` per event loop joins each topic's group once,
-receives each message once for the whole process, encodes each frame shape
-once (vsn 1.0.0 text, vsn 2.0.0 text, vsn 2.0.0 binary) and hands the same
-ASGI message to every local socket's ``send``. Groups stay the cross-process
-mechanism; nothing here knows about SQL or tokens.
+delivery). Instead one ``Hub`` per event loop joins each topic's (or table's)
+group once, receives each message once for the whole process, encodes each
+frame shape once (vsn 1.0.0 text, vsn 2.0.0 text, vsn 2.0.0 binary) and hands
+the same ASGI message to every local socket. Changes are routed per table
+through ``TableRoute``, which indexes filtered bindings by their eq value.
+Groups stay the cross-process mechanism; nothing here knows about SQL or tokens.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 ``Session.handle`` takes one decoded client message and the current time and
 returns what the socket must do, in order: frames to send (now or after a
-delay), hub subscriptions to add or drop, broadcasts to publish, a close. It
-performs no I/O and reads no clock, so every protocol rule is unit-testable.
-Rules follow PROTOCOL.md sections 2.4 (control), 3 (join), 3.7 (tokens) and 5.1
-(broadcast).
+delay), hub subscriptions to add or drop, broadcasts to publish, bindings to
+check, presence to track. It performs no I/O and reads no clock, so every
+protocol rule is unit-testable. Rules follow PROTOCOL.md sections 2.4
+(control), 3 (join), 3.7 (tokens), 5.1 (broadcast) and 6 (presence).
 """
 
 from __future__ import annotations
@@ -74,11 +74,6 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
-class Close:
-    code: int
-
-
-@dataclass(frozen=True, slots=True)
 class SubscribeChanges:
     """Check and register a channel's postgres_changes bindings, then report in a ``system`` message.
 
@@ -123,7 +118,7 @@ class Untrack:
 
 
 Effect = (
-    Send | SendLater | Subscribe | Unsubscribe | Publish | Close | SubscribeChanges | SendPresenceState | Track | Untrack
+    Send | SendLater | Subscribe | Unsubscribe | Publish | SubscribeChanges | SendPresenceState | Track | Untrack
 )
 
 
