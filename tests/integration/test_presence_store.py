@@ -8,6 +8,7 @@ import os
 import socket
 import time
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,16 @@ pytestmark = pytest.mark.integration
 MakeStore = Callable[..., RedisPresenceStore]
 
 
+def store_url() -> str:
+    """REDIS_URL on a database of its own: server processes running during the
+    session sweep dead processes in the default database, which would race
+    these tests' own sweepers."""
+    return urlunsplit(urlsplit(os.environ["REDIS_URL"])._replace(path="/13"))
+
+
 @pytest.fixture
 async def redis_client() -> AsyncIterator[Redis]:
-    client = Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
+    client = Redis.from_url(store_url(), decode_responses=True)
     yield client
     await client.aclose()
 
@@ -60,7 +68,7 @@ async def make_store(redis_client: Redis) -> AsyncIterator[MakeStore]:
 
     def _make(ttl: float = 15.0, process_id: str | None = None, **options: Any) -> RedisPresenceStore:
         store = RedisPresenceStore(
-            os.environ["REDIS_URL"], process_id or f"test-{uuid.uuid4().hex}", ttl=ttl, **options
+            store_url(), process_id or f"test-{uuid.uuid4().hex}", ttl=ttl, **options
         )
         stores.append(store)
         return store
