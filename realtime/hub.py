@@ -42,9 +42,11 @@ AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 DirectWrite = Callable[[dict[str, Any]], None]
 
 # channels_redis forgets a group membership after group_expiry (a day by
-# default); re-adding every joined group keeps long-lived topics alive and
-# repairs memberships lost to a Redis restart.
+# default); re-adding every joined group keeps long-lived topics alive. A
+# Redis restart loses them all at once: a cheap check every few seconds
+# notices and re-adds them without waiting for the next refresh.
 MEMBERSHIP_REFRESH_S = 60.0
+MEMBERSHIP_CHECK_S = 2.0
 RECEIVE_RETRY_S = 1.0
 CLOSE_TIMEOUT_S = 2.0
 
@@ -319,14 +321,39 @@ class Hub:
                 await self.deliver_changes(message)  # type: ignore[arg-type]
 
     async def _refresh_forever(self) -> None:
+        """Keep memberships alive; re-add them all at once when Redis lost them (a restart)."""
+        since_refresh = 0.0
         while True:
-            await asyncio.sleep(MEMBERSHIP_REFRESH_S)
-            for group in list(self._joined):
-                try:
-                    assert self._channel_name is not None
-                    await self._layer.group_add(group, self._channel_name)
-                except Exception:
-                    logger.exception("hub could not refresh group %s", group)
+            await asyncio.sleep(MEMBERSHIP_CHECK_S)
+            since_refresh += MEMBERSHIP_CHECK_S
+            try:
+                lost = await self._memberships_lost()
+            except Exception:
+                logger.warning("hub could not check its group memberships", exc_info=True)
+                continue
+            if lost:
+                logger.warning("hub group memberships were lost (Redis restarted?); re-adding %d", len(self._joined))
+            if lost or since_refresh >= MEMBERSHIP_REFRESH_S:
+                since_refresh = 0.0
+                await self._refresh_all()
+
+    async def _memberships_lost(self) -> bool:
+        """Whether Redis no longer lists this process in one of its groups (all go at once in a restart)."""
+        if not self._joined or self._channel_name is None:
+            return False
+        group = next(iter(self._joined))
+        # channels_redis keeps a group's members in a sorted set (_group_key); its API has no lookup.
+        layer: Any = self._layer
+        async with layer.connection(layer.consistent_hash(group)) as connection:
+            return await connection.zscore(layer._group_key(group), self._channel_name) is None
+
+    async def _refresh_all(self) -> None:
+        for group in list(self._joined):
+            try:
+                assert self._channel_name is not None
+                await self._layer.group_add(group, self._channel_name)
+            except Exception:
+                logger.exception("hub could not refresh group %s", group)
 
     # --- delivery --------------------------------------------------------
 

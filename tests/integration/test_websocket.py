@@ -218,3 +218,24 @@ async def test_the_process_joins_a_topic_group_once_and_leaves_it_with_its_last_
     await a.recv_event("phx_close")
     await a.join(room, ref="5")
     assert await members() == 1
+
+
+async def test_memberships_lost_in_redis_are_restored_within_seconds(connect) -> None:
+    """A Redis restart forgets every group member; the hub re-adds itself without waiting a minute."""
+    import asyncio
+
+    from channels.layers import get_channel_layer
+
+    from realtime.topics import broadcast_group, sub_topic
+
+    layer = get_channel_layer()
+    room = topic()
+    group = broadcast_group(sub_topic(room), False)
+    a, b = await connect(), await connect()
+    await a.join(room)
+    await b.join(room)
+    async with layer.connection(layer.consistent_hash(group)) as redis:
+        await redis.delete(layer._group_key(group))
+    await asyncio.sleep(3)
+    await a.push("1", "2", room, "broadcast", broadcast_payload(after="restart"))
+    assert (await b.recv(timeout=3))[4] == broadcast_payload(after="restart")
