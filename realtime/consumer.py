@@ -22,7 +22,7 @@ from channels.consumer import AsyncConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from realtime.authorization import authorize_binding, get_database
+from realtime.authorization import AuthorizedBinding, authorize_binding, get_database
 from realtime.bindings import BindingError, parse_binding
 from realtime.hub import ChangeSubscription, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
@@ -107,6 +107,9 @@ class RealtimeConsumer(AsyncConsumer):
         self.expiry_at: float | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
+        # topic -> (the subscription that registered it, the tables it covers)
+        self.change_tables: dict[str, tuple[SubscribeChanges, frozenset[tuple[str, str]]]] = {}
+        self.publication_watch: asyncio.Future[None] | None = None
         try:
             while True:
                 message = await receive()
@@ -238,21 +241,27 @@ class RealtimeConsumer(AsyncConsumer):
 
     async def subscribe_changes(self, effect: SubscribeChanges) -> None:
         """Check a channel's bindings in the database, register them, report (PROTOCOL.md 3.4, 4.3)."""
-        hub = get_hub()
+        authorized = await self._authorize_bindings(effect, report=True)
+        if authorized is not None:
+            await self._register_changes(effect, authorized)
+
+    async def _authorize_bindings(self, effect: SubscribeChanges, report: bool) -> list[AuthorizedBinding] | None:
         try:
             db = get_database()
-            authorized = [await authorize_binding(db, parse_binding(raw), effect.claims) for raw in effect.bindings]
+            return [await authorize_binding(db, parse_binding(raw), effect.claims) for raw in effect.bindings]
         except BindingError as error:
-            if self._is_current(effect):
-                hub.unsubscribe_changes(self.socket_id, effect.topic)
-                await self.write(system_message(effect.topic, effect.join_ref, "error", "postgres_changes", error.message))
-            return
+            message = error.message
         except Exception:
             logger.exception("postgres_changes subscription failed socket=%s topic=%s", self.socket_id, effect.topic)
-            if self._is_current(effect):
-                message = "Realtime was unable to connect to the project database"
-                await self.write(system_message(effect.topic, effect.join_ref, "error", "postgres_changes", message))
-            return
+            message = "Realtime was unable to connect to the project database"
+        if report and self._is_current(effect):
+            get_hub().unsubscribe_changes(self.socket_id, effect.topic)
+            self.change_tables.pop(effect.topic, None)
+            await self.write(system_message(effect.topic, effect.join_ref, "error", "postgres_changes", message))
+        return None
+
+    async def _register_changes(self, effect: SubscribeChanges, authorized: list[AuthorizedBinding]) -> None:
+        hub = get_hub()
         if not self._is_current(effect):
             return
         await hub.subscribe_changes(
@@ -260,10 +269,28 @@ class RealtimeConsumer(AsyncConsumer):
                 self.socket_id, effect.topic, self.vsn, self.base_send, tuple(authorized), self.scope.get(DIRECT_WRITE)
             )
         )
-        if self._is_current(effect):
-            await self.write(system_message(effect.topic, effect.join_ref, "ok", "postgres_changes", "Subscribed to PostgreSQL"))
-        else:
+        if not self._is_current(effect):
             hub.unsubscribe_changes(self.socket_id, effect.topic)
+            return
+        self.change_tables[effect.topic] = (effect, frozenset(t for a in authorized for t in a.tables))
+        if self.publication_watch is None:
+            self.publication_watch = asyncio.ensure_future(self._watch_publication())
+        await self.write(system_message(effect.topic, effect.join_ref, "ok", "postgres_changes", "Subscribed to PostgreSQL"))
+
+    async def _watch_publication(self) -> None:
+        """Follow publication changes: schema-wide bindings gain or lose tables (PROTOCOL.md 3.5)."""
+        while not self.closed:
+            await asyncio.sleep(settings.REALTIME_PUBLICATION_CHECK_S)
+            for topic, (effect, tables) in list(self.change_tables.items()):
+                if not self._is_current(effect):
+                    self.change_tables.pop(topic, None)
+                    continue
+                channel = self.session.channels[topic] if self.session else None
+                if channel is not None and channel.claims is not effect.claims:
+                    continue  # a token refresh is resubscribing this channel
+                authorized = await self._authorize_bindings(effect, report=False)
+                if authorized is not None and frozenset(t for a in authorized for t in a.tables) != tables:
+                    await self._register_changes(effect, authorized)
 
     async def untrack(self, effect: Untrack) -> None:
         diff = await get_store().untrack(effect.presence_channel, self.socket_id)
@@ -340,6 +367,9 @@ class RealtimeConsumer(AsyncConsumer):
         task.add_done_callback(self.tasks.discard)
 
     def teardown(self) -> None:
+        if self.publication_watch is not None:
+            self.publication_watch.cancel()
+            self.publication_watch = None
         for timer in (self.idle_timer, self.expiry_timer):
             if timer is not None:
                 timer.cancel()

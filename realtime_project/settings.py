@@ -123,6 +123,8 @@ LOGGING = {
 # replicator's logical slot.
 REALTIME_PUBLICATION = env_str("REALTIME_PUBLICATION", "supabase_realtime")
 REALTIME_SLOT = env_str("REALTIME_SLOT", "realtime_django")
+# How often joined channels re-read the publication's tables (PROTOCOL.md 3.5).
+REALTIME_PUBLICATION_CHECK_S = env_int("REALTIME_PUBLICATION_CHECK_S", 60)
 # JSON object of claims every token must carry, e.g. {"iss": "supabase"}.
 REALTIME_JWT_CLAIM_VALIDATORS = env_json_object("JWT_CLAIM_VALIDATORS")
 REALTIME_CONNECT_ERROR_BACKOFF_MS = env_int("REALTIME_CONNECT_ERROR_BACKOFF_MS", 2000)

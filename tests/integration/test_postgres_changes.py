@@ -235,3 +235,23 @@ async def test_select_keeps_only_the_chosen_columns_and_the_key(connect, table, 
     assert reply[4]["status"] == "ok"
     system = await client.recv_event("system", timeout=10)
     assert system[4]["message"].startswith("Column selection is not supported for wildcard subscriptions")
+
+
+async def test_schema_binding_follows_tables_added_to_the_publication(connect, table, listener, publication, settings) -> None:  # C59
+    settings.REALTIME_PUBLICATION_CHECK_S = 1
+    client = await connect()
+    [binding_id] = await subscribe(client, "realtime:schema", [{"event": "*", "schema": "public"}])
+    later = f"{table}_later"
+    execute(
+        sql.SQL("CREATE TABLE {} (id int PRIMARY KEY)").format(sql.Identifier("public", later)),
+        sql.SQL("GRANT SELECT ON {} TO anon").format(sql.Identifier("public", later)),
+        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), sql.Identifier("public", later)),
+    )
+    try:
+        system = await client.recv_event("system", timeout=5)
+        assert system[4]["message"] == "Subscribed to PostgreSQL"
+        insert(later, {"id": 7})
+        frame = await client.recv_event("postgres_changes", timeout=10)
+        assert frame[4]["ids"] == [binding_id] and frame[4]["data"]["table"] == later
+    finally:
+        execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier("public", later)))
