@@ -255,3 +255,26 @@ async def test_schema_binding_follows_tables_added_to_the_publication(connect, t
         assert frame[4]["ids"] == [binding_id] and frame[4]["data"]["table"] == later
     finally:
         execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier("public", later)))
+
+
+async def test_a_dropped_slot_is_recreated_and_later_changes_flow(connect, table, listener) -> None:
+    client = await connect()
+    await subscribe(client, "realtime:dropped", [{"event": "INSERT", "schema": "public", "table": table}])
+    for _ in range(50):  # the listener holds the slot only during each peek
+        try:
+            execute("SELECT pg_drop_replication_slot(%s)", params=(listener.slot,))
+            break
+        except psycopg.errors.ObjectInUse:
+            await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the slot stayed in use")
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        with psycopg.connect(dsn(), autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (listener.slot,)).fetchone():
+                break
+        assert asyncio.get_running_loop().time() < deadline, "the slot was not recreated"
+        await asyncio.sleep(0.1)
+    insert(table, {"id": 99})
+    frame = await client.recv_event("postgres_changes", timeout=5)
+    assert frame[4]["data"]["record"]["id"] == 99
