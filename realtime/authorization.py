@@ -139,7 +139,9 @@ def _unable(binding: Binding, detail: str) -> BindingError:
     )
 
 
-async def authorize_binding(db: Database, binding: Binding, claims: Claims) -> AuthorizedBinding:
+async def authorize_binding(
+    db: Database, binding: Binding, claims: Claims, published: frozenset[tuple[str, str]] | None = None
+) -> AuthorizedBinding:
     """Run the database checks for one binding.
 
     Raises:
@@ -153,7 +155,8 @@ async def authorize_binding(db: Database, binding: Binding, claims: Claims) -> A
             if error.postgres_error is None:
                 raise BindingError(error.message) from None
             raise _unable(binding, error.postgres_error) from None
-    published = await db.published_tables()
+    if published is None:
+        published = await db.published_tables()
     tables = tuple(
         sorted(
             (schema, table)

@@ -19,7 +19,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from realtime.jwt import Claims, TokenError, verify_token
+from realtime.jwt import Claims, TokenError, opaque_key_claims, verify_token
 from realtime.topics import broadcast_group
 from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
 
@@ -58,8 +58,9 @@ def _authenticate(request: HttpRequest) -> Claims | None:
     token = token or request.headers.get("apikey", "").strip()
     if not token:
         return None
-    if token in settings.REALTIME_SECRET_KEYS:
-        return Claims(role="service_role", exp=float("inf"), sub=None, raw={"role": "service_role"})
+    claims = opaque_key_claims(token, settings.REALTIME_SECRET_KEYS)
+    if claims is not None:
+        return claims
     try:
         return verify_token(token, settings.JWT_SECRET, time.time(), settings.REALTIME_JWT_CLAIM_VALIDATORS)
     except TokenError as error:

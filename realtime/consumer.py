@@ -26,7 +26,7 @@ from realtime.authorization import AuthorizedBinding, authorize_binding, get_dat
 from realtime.bindings import BindingError, parse_binding
 from realtime.hub import ChangeSubscription, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
-from realtime.jwt import Claims, TokenError, verify_token
+from realtime.jwt import Claims, TokenError, opaque_key_claims, verify_token
 from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, Vsn
 from realtime.protocol.serializer import decode_binary, decode_text, encode_text, parse_vsn
@@ -69,10 +69,9 @@ def connect_claims(token: str | None, now: float) -> Claims:
     """Authenticate the connect token (PROTOCOL.md 1.2-1.3)."""
     if not token:
         raise HandshakeRefused(401, "API key is missing")
-    if token in settings.REALTIME_SECRET_KEYS:
-        return Claims(role="service_role", exp=math.inf, sub=None, raw={"role": "service_role"})
-    if token in settings.REALTIME_PUBLISHABLE_KEYS:
-        return Claims(role="anon", exp=math.inf, sub=None, raw={"role": "anon"})
+    claims = opaque_key_claims(token, settings.REALTIME_SECRET_KEYS, settings.REALTIME_PUBLISHABLE_KEYS)
+    if claims is not None:
+        return claims
     try:
         return verifier(token, now)
     except TokenError as error:
@@ -248,7 +247,9 @@ class RealtimeConsumer(AsyncConsumer):
     async def _authorize_bindings(self, effect: SubscribeChanges, report: bool) -> list[AuthorizedBinding] | None:
         try:
             db = get_database()
-            return [await authorize_binding(db, parse_binding(raw), effect.claims) for raw in effect.bindings]
+            bindings = [parse_binding(raw) for raw in effect.bindings]
+            published = await db.published_tables()  # once for all of the channel's bindings
+            return [await authorize_binding(db, binding, effect.claims, published) for binding in bindings]
         except BindingError as error:
             message = error.message
         except Exception:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,15 @@ def check_claims(raw: dict[str, Any], now: float, validators: dict[str, Any] | N
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def opaque_key_claims(token: str, secret_keys: Iterable[str], publishable_keys: Iterable[str] = ()) -> Claims | None:
+    """The claims a configured opaque project key stands for (PROTOCOL.md 1.2), or None."""
+    if token in secret_keys:
+        return Claims(role="service_role", exp=math.inf, sub=None, raw={"role": "service_role"})
+    if token in publishable_keys:
+        return Claims(role="anon", exp=math.inf, sub=None, raw={"role": "anon"})
+    return None
 
 
 def mint_token(secret: str, role: str, now: float, expires_in: int, **claims: Any) -> str:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
 
-import jwt
 import pytest
 from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import channel_layers, get_channel_layer
@@ -17,12 +14,12 @@ from channels.testing import WebsocketCommunicator
 
 from realtime.authorization import close_database
 from realtime.hub import close_hub
+from tests.fixtures.server import mint_token
 from realtime.presence import close_store
 
 
 def token(role: str = "anon", exp_in: float = 3600, **claims: Any) -> str:
-    payload = {"role": role, "exp": int(time.time() + exp_in), **claims}
-    return jwt.encode(payload, os.environ["JWT_SECRET"], algorithm="HS256")
+    return mint_token(role, exp_in=exp_in, **claims)  # type: ignore[arg-type]  # a float exp_in works too
 
 
 class Client:
