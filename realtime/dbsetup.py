@@ -3,8 +3,13 @@
 Supabase projects already have the ``anon``, ``authenticated`` and
 ``service_role`` roles; a plain PostgreSQL does not. Creating them (if
 missing) and letting the connecting user switch to them (``SET ROLE`` for
-authorization checks) is all the server needs. Run by the ``realtime``
-migration and by the test fixtures. Idempotent.
+authorization checks) is all the server needs. Supabase policies call
+``auth.uid()``, ``auth.role()`` and ``auth.jwt()``; where the database has no
+such functions, ``AUTH_SQL`` creates them, reading the claims the server sets
+for every check, so policies written for Supabase work unchanged.
+
+Run by the ``realtime`` migrations and by the test fixtures (``SETUP_SQL`` is
+all of it, in order). Idempotent.
 """
 
 ROLES_SQL = """
@@ -28,3 +33,38 @@ BEGIN
 END
 $realtime$;
 """
+
+AUTH_SQL = """
+DO $realtime$
+BEGIN
+  CREATE SCHEMA IF NOT EXISTS auth;
+  GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role;
+  IF to_regprocedure('auth.uid()') IS NULL THEN
+    CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $f$
+      SELECT coalesce(
+        nullif(current_setting('request.jwt.claim.sub', true), ''),
+        nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub'
+      )::uuid
+    $f$;
+  END IF;
+  IF to_regprocedure('auth.role()') IS NULL THEN
+    CREATE FUNCTION auth.role() RETURNS text LANGUAGE sql STABLE AS $f$
+      SELECT coalesce(
+        nullif(current_setting('request.jwt.claim.role', true), ''),
+        nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'role'
+      )::text
+    $f$;
+  END IF;
+  IF to_regprocedure('auth.jwt()') IS NULL THEN
+    CREATE FUNCTION auth.jwt() RETURNS jsonb LANGUAGE sql STABLE AS $f$
+      SELECT coalesce(
+        nullif(current_setting('request.jwt.claim', true), ''),
+        nullif(current_setting('request.jwt.claims', true), '')
+      )::jsonb
+    $f$;
+  END IF;
+END
+$realtime$;
+"""
+
+SETUP_SQL = ROLES_SQL + AUTH_SQL

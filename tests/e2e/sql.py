@@ -2,8 +2,8 @@
 
     python tests/e2e/sql.py [--roles] STATEMENT [STATEMENT ...]
 
-``--roles`` first creates the API roles as ``manage.py migrate`` does
-(``realtime.dbsetup.ROLES_SQL``). Each statement runs in its own transaction (autocommit) against ``PG_URL``
+``--roles`` first prepares the database as ``manage.py migrate`` does
+(``realtime.dbsetup.SETUP_SQL``: API roles, ``auth`` functions). Each statement runs in its own transaction (autocommit) against ``PG_URL``
 (else ``DATABASE_URL``); the rows of the last statement that returns any are
 printed as one JSON array of objects on stdout. An error exits with status 1
 and the database's message on stderr.
@@ -34,9 +34,9 @@ def run(statements: list[str], dsn: str) -> list[dict[str, Any]]:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--roles"]:
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from realtime.dbsetup import ROLES_SQL
+        from realtime.dbsetup import SETUP_SQL
 
-        argv = [ROLES_SQL, *argv[1:]]
+        argv = [SETUP_SQL, *argv[1:]]
     dsn = os.environ.get("PG_URL") or os.environ.get("DATABASE_URL")
     if not dsn:
         print("PG_URL (or DATABASE_URL) is required", file=sys.stderr)

@@ -13,7 +13,7 @@ import pytest
 from channels.layers import get_channel_layer
 from psycopg import sql
 
-from realtime.dbsetup import ROLES_SQL
+from realtime.dbsetup import SETUP_SQL
 from replication.listener import Listener
 from tests.integration.conftest import token
 
@@ -33,7 +33,7 @@ def execute(*statements: sql.Composable | str, params: Any = None) -> None:
 def publication(settings) -> Any:
     """A publication of this test's own, so replicators of other tests never see its tables."""
     name = f"test_pub_{uuid.uuid4().hex[:10]}"
-    execute(ROLES_SQL, sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(name)))
+    execute(SETUP_SQL, sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(name)))
     settings.REALTIME_PUBLICATION = name
     yield name
     execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))

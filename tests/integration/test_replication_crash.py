@@ -26,7 +26,7 @@ from psycopg import sql
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from realtime.dbsetup import ROLES_SQL
+from realtime.dbsetup import SETUP_SQL
 from tests.fixtures.replicator import ReplicatorProcess, start_replicator, unique_slot
 from tests.fixtures.server import ServerProcess, mint_token, start_server
 
@@ -87,7 +87,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     table, publication = f"crash_{suffix}", f"crash_{suffix}"
     ident = sql.Identifier("public", table)
     with psycopg.connect(dsn(), autocommit=True) as conn:
-        conn.execute(ROLES_SQL)
+        conn.execute(SETUP_SQL)
         conn.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, note text)").format(ident))
         conn.execute(sql.SQL("GRANT SELECT ON {} TO anon, authenticated, service_role").format(ident))
         conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(publication), ident))
