@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 class Column:
     name: str
     type: str  # pg_type.typname
+    readable: bool = True  # the subscriber's role may SELECT it (column privileges)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,15 @@ class AuthorizedBinding:
     tables: tuple[tuple[str, str], ...]  # (schema, table) pairs it covers
     matcher: Any  # realtime.filters matcher, or None without a filter
     columns: frozenset[str] | None = None  # ``select`` plus the primary key; None = every column
+    # Tables where the role may read only some columns (C47): those columns.
+    readable: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
+
+    def columns_of(self, table: tuple[str, str]) -> frozenset[str] | None:
+        """The columns this binding delivers from ``table``; None means every column."""
+        limit = self.readable.get(table)
+        if limit is None:
+            return self.columns
+        return limit if self.columns is None else self.columns & limit
 
 
 class Database:
@@ -52,7 +63,7 @@ class Database:
         self._opened = False
         self._open_lock = asyncio.Lock()
 
-    async def _ensure_open(self) -> None:
+    async def open(self) -> None:
         if not self._opened:
             async with self._open_lock:
                 if not self._opened:
@@ -66,7 +77,7 @@ class Database:
 
     async def published_tables(self) -> frozenset[tuple[str, str]]:
         """(schema, table) pairs in the publication now (read at every subscribe, as the reference does)."""
-        await self._ensure_open()
+        await self.open()
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
                 "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = %s",
@@ -74,21 +85,26 @@ class Database:
             )
             return frozenset((str(s), str(t)) for s, t in await cursor.fetchall())
 
-    async def columns(self, schema: str, table: str) -> list[Column]:
-        await self._ensure_open()
+    async def columns(self, schema: str, table: str, role: str | None = None) -> list[Column]:
+        """The table's columns in attnum order; with ``role``, whether it may SELECT each."""
+        await self.open()
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
-                "SELECT a.attname::text, t.typname::text FROM pg_attribute a"
+                "SELECT a.attname::text, t.typname::text,"
+                " CASE WHEN %s::text IS NULL THEN true WHEN r.oid IS NULL THEN false"
+                " ELSE has_column_privilege(r.oid, c.oid, a.attnum, 'SELECT') END"
+                " FROM pg_attribute a"
                 " JOIN pg_type t ON t.oid = a.atttypid"
                 " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " LEFT JOIN pg_roles r ON r.rolname = %s"
                 " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped"
                 " ORDER BY a.attnum",
-                (schema, table),
+                (role, role, schema, table),
             )
-            return [Column(str(name), str(typ)) for name, typ in await cursor.fetchall()]
+            return [Column(str(name), str(typ), bool(ok)) for name, typ, ok in await cursor.fetchall()]
 
     async def primary_key(self, schema: str, table: str) -> tuple[str, ...]:
-        await self._ensure_open()
+        await self.open()
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
                 "SELECT a.attname::text FROM pg_index i"
@@ -101,7 +117,7 @@ class Database:
 
     async def can_select(self, claims: Claims, schema: str, table: str, columns: tuple[str, ...] = ()) -> str | None:
         """None if ``claims.role`` may read the table (and columns), else the database's message."""
-        await self._ensure_open()
+        await self.open()
         async with self.pool.connection() as conn:
             try:
                 async with conn.transaction(force_rollback=True):
@@ -110,14 +126,11 @@ class Database:
                     await conn.execute(
                         sql.SQL("SELECT {} FROM {}.{} LIMIT 0").format(target, sql.Identifier(schema), sql.Identifier(table))
                     )
-            except psycopg.errors.InsufficientPrivilege as error:
-                return f"ERROR 42501 (insufficient_privilege) {error.diag.message_primary or error}"
-            except psycopg.errors.InvalidParameterValue as error:  # unknown role
-                return f"ERROR 22023 (invalid_parameter_value) {error.diag.message_primary or error}"
-            except psycopg.errors.UndefinedObject as error:  # role does not exist
-                return f"ERROR 42704 (undefined_object) {error.diag.message_primary or error}"
-            except psycopg.errors.UndefinedTable as error:  # dropped since it was listed
-                return f"ERROR 42P01 (undefined_table) {error.diag.message_primary or error}"
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise  # the database, not this subscriber
+            except psycopg.DatabaseError as error:
+                # Denied, an unknown role, a dropped table, or a policy that raises.
+                return database_error_text(error)
         return None
 
 
@@ -130,6 +143,15 @@ async def set_request_context(conn: psycopg.AsyncConnection[Any], claims: Claims
         " set_config('request.jwt.claim.role', %s, true)",
         (json.dumps(claims.raw), claims.sub or "", claims.role),
     )
+
+
+def database_error_text(error: psycopg.Error) -> str:
+    """``ERROR 42501 (insufficient_privilege) permission denied for table x``, as the reference words it."""
+    code = error.sqlstate or "XX000"
+    name = type(error).__name__
+    condition = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    message = error.diag.message_primary or str(error)
+    return f"ERROR {code} ({condition}) {message}"
 
 
 def _unable(binding: Binding, detail: str) -> BindingError:
@@ -173,8 +195,9 @@ async def authorize_binding(
     selected: frozenset[str] | None = None
     if not binding.wildcard:
         schema, table = tables[0]
-        columns = await db.columns(schema, table)
-        types = {c.name: c.type for c in columns}
+        columns = await db.columns(schema, table, claims.role)
+        # PROTOCOL.md 4.3: a column the role cannot SELECT is as good as absent.
+        types = {c.name: c.type for c in columns if c.readable}
         for name in binding.select or ():
             if name not in types:
                 raise _unable(binding, f"ERROR P0001 (raise_exception) invalid column for select {name}")
@@ -188,15 +211,19 @@ async def authorize_binding(
                 # The reference finds these in the database, hence the wrapping.
                 raise _unable(binding, error.postgres_error or error.message) from None
     allowed = []
+    readable: dict[tuple[str, str], frozenset[str]] = {}
     for schema, table in tables:
         denied = await db.can_select(claims, schema, table)
         if denied is None:
             allowed.append((schema, table))
+            table_columns = columns if not binding.wildcard else await db.columns(schema, table, claims.role)
+            if not all(c.readable for c in table_columns):
+                readable[(schema, table)] = frozenset(c.name for c in table_columns if c.readable)
         elif not binding.wildcard:
             raise _unable(binding, denied)
     if not allowed:
         raise _unable(binding, "ERROR 42501 (insufficient_privilege) permission denied for every table")
-    return AuthorizedBinding(binding, tuple(allowed), matcher, selected)
+    return AuthorizedBinding(binding, tuple(allowed), matcher, selected, readable)
 
 
 _databases: dict[asyncio.AbstractEventLoop, Database] = {}

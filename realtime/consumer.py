@@ -267,7 +267,8 @@ class RealtimeConsumer(AsyncConsumer):
             return
         await hub.subscribe_changes(
             ChangeSubscription(
-                self.socket_id, effect.topic, self.vsn, self.base_send, tuple(authorized), self.scope.get(DIRECT_WRITE)
+                self.socket_id, effect.topic, self.vsn, self.base_send, tuple(authorized), self.scope.get(DIRECT_WRITE),
+                claims=effect.claims,
             )
         )
         if not self._is_current(effect):

@@ -8,6 +8,13 @@ frame shape once (vsn 1.0.0 text, vsn 2.0.0 text, vsn 2.0.0 binary) and hands
 the same ASGI message to every local socket. Changes are routed per table
 through ``TableRoute``, which indexes filtered bindings by their eq value.
 Groups stay the cross-process mechanism; nothing here knows about SQL or tokens.
+
+Row level security: each channel with postgres_changes belongs to a claim set
+(its role and claims), registered per table in the process's ``Registration``
+so the replicator checks each claim set once per run of changes. A run from a
+table with RLS carries the verdicts; a claim set the replicator did not check
+(it read the registry before the channel registered) is checked here through
+``row_check``, once per run and claim set, never skipped.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from channels.layers import BaseChannelLayer, get_channel_layer
 
@@ -33,6 +41,10 @@ from realtime.cork import corked
 from realtime.types import KIND_BINARY, KIND_PRESENCE, BroadcastMessage, ChangeRun
 from realtime.topics import table_group
 
+if TYPE_CHECKING:
+    from realtime.claimsets import Registration
+    from realtime.jwt import Claims
+
 logger = logging.getLogger(__name__)
 
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
@@ -40,6 +52,8 @@ AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 # (``realtime.server`` does under daphne): the fan-out path then skips the
 # per-message coroutine and checks of the ASGI send.
 DirectWrite = Callable[[dict[str, Any]], None]
+# (claims, schema, table, primary keys as JSON) -> one byte per key, 1 if visible.
+RowCheck = Callable[["Claims", str, str, list[bytes]], Awaitable[bytes]]
 
 # channels_redis forgets a group membership after group_expiry (a day by
 # default); re-adding every joined group keeps long-lived topics alive. A
@@ -73,6 +87,8 @@ class ChangeSubscription:
     send: AsgiSend
     bindings: tuple[Any, ...]  # realtime.authorization.AuthorizedBinding
     write: DirectWrite | None = None
+    claims: Claims | None = None  # for row level security checks
+    claim_set: str = ""  # id of the claims in the registry (set by the hub)
 
     def tables(self) -> set[tuple[str, str]]:
         return {table for b in self.bindings for table in b.tables}
@@ -95,6 +111,7 @@ class TableRoute:
         self._unfiltered: dict[SubKey, list[Any]] = {}  # bindings without a filter, per channel
         self._filtered: dict[tuple[SubKey, int], Any] = {}
         self._index: BindingIndex[tuple[SubKey, int]] = BindingIndex()
+        self.claim_sets: dict[str, tuple[Claims | None, int]] = {}  # claim set -> (claims, channels)
 
     def __bool__(self) -> bool:
         return bool(self.subscriptions)
@@ -106,6 +123,8 @@ class TableRoute:
     def add(self, key: SubKey, subscription: ChangeSubscription) -> None:
         self.remove(key)
         self.subscriptions[key] = subscription
+        _, count = self.claim_sets.get(subscription.claim_set, (None, 0))
+        self.claim_sets[subscription.claim_set] = (subscription.claims, count + 1)
         for authorized in subscription.bindings:
             if (self.schema, self.table) not in authorized.tables:
                 continue
@@ -118,8 +137,14 @@ class TableRoute:
                 self._index.add(entry, matcher, matcher.eq_column, matcher.eq_value)
 
     def remove(self, key: SubKey) -> None:
-        if self.subscriptions.pop(key, None) is None:
+        subscription = self.subscriptions.pop(key, None)
+        if subscription is None:
             return
+        claims, count = self.claim_sets[subscription.claim_set]
+        if count <= 1:
+            del self.claim_sets[subscription.claim_set]
+        else:
+            self.claim_sets[subscription.claim_set] = (claims, count - 1)
         self._unfiltered.pop(key, None)
         for entry in [e for e in self._filtered if e[0] == key]:
             del self._filtered[entry]
@@ -128,15 +153,18 @@ class TableRoute:
     def columns(self, key: SubKey, ids: list[int]) -> frozenset[str] | None:
         """The columns a channel receives for a change matching ``ids``: None means all.
 
-        A channel whose matching bindings all ``select`` columns gets their union.
+        A channel whose matching bindings all ``select`` columns, or whose role
+        may read only some columns (C47), gets their union.
         """
+        table = (self.schema, self.table)
         selected: frozenset[str] = frozenset()
         for authorized in self.subscriptions[key].bindings:
             if authorized.binding.id in ids:
-                if authorized.columns is None:
+                columns = authorized.columns_of(table)
+                if columns is None:
                     return None
-                selected |= authorized.columns
-        return selected or None
+                selected |= columns
+        return selected
 
     def route(self, change_type: str, record: Any, old_record: Any) -> dict[SubKey, list[int]]:
         """Channel -> ids of its bindings that the change satisfies (PROTOCOL.md 4.5 ``ids``)."""
@@ -203,8 +231,12 @@ class Frames:
 class Hub:
     """Joins each topic group once per process and writes its messages to local sockets."""
 
-    def __init__(self, layer: BaseChannelLayer) -> None:
+    def __init__(
+        self, layer: BaseChannelLayer, registration: Registration | None = None, row_check: RowCheck | None = None
+    ) -> None:
         self._layer = layer
+        self._registration = registration
+        self._row_check = row_check
         self._channel_name: str | None = None
         self._started: asyncio.Lock = asyncio.Lock()
         self._groups: dict[str, dict[tuple[str, str], Subscription]] = {}
@@ -240,11 +272,20 @@ class Hub:
                 self._spawn(self._reconcile(group))
 
     async def subscribe_changes(self, subscription: ChangeSubscription) -> None:
-        """Register a channel's bindings; returns once every table's group is joined."""
+        """Register a channel's bindings; returns once every table's group is joined.
+
+        A channel re-subscribing (new bindings or claims) replaces its earlier
+        subscription; its claim set is registered before this returns.
+        """
         await self._ensure_started()
         key = (subscription.socket_id, subscription.topic)
         tables = {table_group(schema, table): (schema, table) for schema, table in subscription.tables()}
-        stale = [g for g, route in self._change_groups.items() if key in route.subscriptions and g not in tables]
+        if self._registration is not None and subscription.claims is not None:
+            subscription.claim_set = await self._registration.add(tables.values(), subscription.claims)
+        previous = {g: route.subscriptions[key] for g, route in self._change_groups.items() if key in route.subscriptions}
+        for group, old in previous.items():
+            self._unregister(self._change_groups[group], old)
+        stale = [g for g in previous if g not in tables]
         for group, (schema, table) in tables.items():
             route = self._change_groups.get(group)
             if route is None:
@@ -262,11 +303,19 @@ class Hub:
 
     def _drop_change_member(self, group: str, key: SubKey) -> None:
         route = self._change_groups[group]
+        subscription = route.subscriptions.get(key)
+        if subscription is not None:
+            self._unregister(route, subscription)
         route.remove(key)
         if not route:
             del self._change_groups[group]
             if not self._wanted(group):
                 self._spawn(self._reconcile(group))
+
+    def _unregister(self, route: TableRoute, subscription: ChangeSubscription) -> None:
+        """Count one channel of its claim set off the route's table in the registry (in the background)."""
+        if self._registration is not None and subscription.claim_set:
+            self._spawn(self._registration.remove([(route.schema, route.table)], subscription.claim_set))
 
     def _wanted(self, group: str) -> bool:
         return group in self._groups or group in self._change_groups
@@ -385,8 +434,11 @@ class Hub:
         route = self._change_groups.get(run["group"])
         if not route:
             return
+        rls = run.get("rls", False)
+        visible = await self._visibility(route, run) if rls else {}
         with corked():
-            for change in run["changes"]:
+            for position, change in enumerate(run["changes"]):
+                checked = rls and "key" in change
                 change_type = change["type"]
                 data_json = change["data"].decode("utf-8")
                 record = old_record = None
@@ -397,6 +449,10 @@ class Hub:
                 frames: dict[tuple[Vsn, str, tuple[int, ...], frozenset[str] | None], dict[str, Any]] = {}
                 for key, ids in route.route(change_type, record, old_record).items():
                     sub = route.subscriptions[key]
+                    if checked:
+                        verdict = visible.get(sub.claim_set)
+                        if verdict is None or not verdict[position]:
+                            continue  # PROTOCOL.md 4.4: a row the subscriber cannot see is not sent at all
                     columns = route.columns(key, ids)
                     frame_key = (sub.vsn, sub.topic, tuple(ids), columns)
                     frame = frames.get(frame_key)
@@ -414,6 +470,30 @@ class Hub:
                     except Exception:
                         self.failed += 1
                         logger.debug("change write failed socket=%s", sub.socket_id, exc_info=True)
+
+    async def _visibility(self, route: TableRoute, run: ChangeRun) -> dict[str, bytes]:
+        """Verdicts per claim set for an RLS run: the replicator's, plus checks of the ones it missed."""
+        visible = dict(run.get("visible") or {})
+        missing = {c: claims for c, (claims, _) in route.claim_sets.items() if c not in visible}
+        if not missing:
+            return visible
+        positions = [i for i, change in enumerate(run["changes"]) if "key" in change]
+        if not positions:
+            return visible
+        keys = [run["changes"][i]["key"] for i in positions]
+        for claim_set, claims in missing.items():
+            if claims is None or self._row_check is None:
+                continue  # no way to check: the rows stay undelivered
+            try:
+                verdict = await self._row_check(claims, route.schema, route.table, keys)
+            except Exception:
+                logger.exception("row level security check failed on %s.%s", route.schema, route.table)
+                continue
+            per_change = bytearray(b"\x01" * len(run["changes"]))
+            for position, seen in zip(positions, verdict):
+                per_change[position] = seen
+            visible[claim_set] = bytes(per_change)
+        return visible
 
     def _members(self, group: str) -> tuple[Subscription, ...]:
         snapshot = self._snapshots.get(group)
@@ -446,6 +526,11 @@ class Hub:
         self._groups.clear()
         self._change_groups.clear()
         self._snapshots.clear()
+        if self._registration is not None:
+            try:
+                await self._registration.aclose()
+            except Exception:
+                logger.warning("could not remove this process's claim sets from Redis", exc_info=True)
 
 
 async def close_hub() -> None:
@@ -453,6 +538,8 @@ async def close_hub() -> None:
     hub = _hubs.pop(asyncio.get_running_loop(), None)
     if hub is not None:
         await hub.aclose()
+        if hub._registration is not None:
+            await hub._registration.redis.aclose()
 
 
 _hubs: dict[asyncio.AbstractEventLoop, Hub] = {}
@@ -463,8 +550,16 @@ def get_hub() -> Hub:
     loop = asyncio.get_running_loop()
     hub = _hubs.get(loop)
     if hub is None:
+        from django.conf import settings
+        from redis.asyncio import Redis
+
+        from realtime.claimsets import Registration
+        from realtime.visibility import check_rows
+
         layer = get_channel_layer()
         if layer is None:
             raise RuntimeError("CHANNEL_LAYERS is not configured")
-        hub = _hubs[loop] = Hub(layer)
+        redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=15)
+        registration = Registration(redis, settings.REALTIME_REDIS_PREFIX, uuid.uuid4().hex)
+        hub = _hubs[loop] = Hub(layer, registration, check_rows)
     return hub

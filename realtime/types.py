@@ -6,7 +6,7 @@ dicts, lists, str, int and bytes.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 JSON = Any
 
@@ -33,10 +33,17 @@ class ChangeRun(TypedDict):
 
     Each ``data`` is the JSON text of the change's ``data`` object (PROTOCOL.md
     4.5), encoded once by the replicator.
+
+    On a table with row level security (``rls``), INSERT and UPDATE changes
+    carry ``key`` (JSON of the row's primary key) and ``visible`` maps each
+    checked claim set to one byte per change: 1 if that claim set may see it.
+    A claim set missing from ``visible`` was not checked by the replicator.
     """
 
     type: Literal["realtime.changes"]
     group: str
     schema: str
     table: str
-    changes: list[dict[str, Any]]  # {"type": "INSERT"|"UPDATE"|"DELETE", "data": bytes}
+    changes: list[dict[str, Any]]  # {"type": "INSERT"|"UPDATE"|"DELETE", "data": bytes[, "key": bytes]}
+    rls: NotRequired[bool]
+    visible: NotRequired[dict[str, bytes]]

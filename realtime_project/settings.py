@@ -74,6 +74,8 @@ DATABASES = {"default": database_from_url(DATABASE_URL)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:63799/0")
+# Prefix of every Redis key the server writes (channel layer, RLS claim-set registry).
+REALTIME_REDIS_PREFIX = env_str("REALTIME_LAYER_PREFIX", "realtime")
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -95,7 +97,7 @@ CHANNEL_LAYERS = {
             "capacity": env_int("REALTIME_LAYER_CAPACITY", 10_000),
             "expiry": 60,
             "group_expiry": 86_400,
-            "prefix": env_str("REALTIME_LAYER_PREFIX", "realtime"),
+            "prefix": REALTIME_REDIS_PREFIX,
         },
     }
 }

@@ -6,11 +6,16 @@ old_record and errors, encoded to JSON once here. Consecutive changes of one
 table are packed into one ``realtime.changes`` message for that table's
 group, so a bulk load costs one layer message per run, not per row, and each
 table's changes stay in commit order.
+
+On a table with row level security the run is marked ``rls``: each INSERT
+and UPDATE carries its primary key (``key``) for the per-subscriber
+visibility check, and a DELETE's ``old_record`` is cut to the primary key
+(PROTOCOL.md 4.4, 4.5).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -66,8 +71,11 @@ class ChangeDecoder:
     def add_primary_keys(self, keys: Mapping[int, tuple[str, ...]]) -> None:
         self.primary_keys.update(keys)
 
-    def build(self, messages: Iterable[pgoutput.PgoutputMessage]) -> Batch:
-        """Changes of every complete transaction in ``messages``, as runs per table."""
+    def build(self, messages: Iterable[pgoutput.PgoutputMessage], rls: Collection[int] = ()) -> Batch:
+        """Changes of every complete transaction in ``messages``, as runs per table.
+
+        ``rls``: oids of the relations with row level security enabled.
+        """
         batch = Batch()
         committed_at = ""
         run: ChangeRun | None = None
@@ -75,7 +83,7 @@ class ChangeDecoder:
         for message in messages:
             if isinstance(message, pgoutput.Begin):
                 committed_at = commit_timestamp(message.commit_time)
-            elif isinstance(message, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
+            elif isinstance(message, pgoutput.ROW_CHANGES):
                 relation = self.cache.relation(message.relation_oid)
                 if run is None or run_oid != relation.oid or len(run["changes"]) >= MAX_RUN_CHANGES:
                     run = ChangeRun(
@@ -86,9 +94,14 @@ class ChangeDecoder:
                         changes=[],
                     )
                     run_oid = relation.oid
+                    if relation.oid in rls:
+                        run["rls"] = True
                     batch.runs.append(run)
-                change_type, data = self.change(relation, message, committed_at)
-                run["changes"].append({"type": change_type, "data": data})
+                change_type, data, key = self.change(relation, message, committed_at, relation.oid in rls)
+                if key is None:
+                    run["changes"].append({"type": change_type, "data": data})
+                else:
+                    run["changes"].append({"type": change_type, "data": data, "key": key})
                 batch.changes += 1
             elif isinstance(message, pgoutput.Commit):
                 batch.transactions += 1
@@ -96,8 +109,15 @@ class ChangeDecoder:
             # Truncate, Origin, Message and Type carry nothing to deliver (TRUNCATE never is).
         return batch
 
-    def change(self, relation: pgoutput.Relation, message: ChangeMessage, committed_at: str) -> tuple[str, bytes]:
-        """One change's type and the JSON of its ``data`` object."""
+    def change(
+        self, relation: pgoutput.Relation, message: ChangeMessage, committed_at: str, rls: bool = False
+    ) -> tuple[str, bytes, bytes | None]:
+        """One change's type, the JSON of its ``data`` object, and (``rls`` only) its key.
+
+        The key is the JSON of the new row's primary key values, for INSERT and
+        UPDATE on a table with row level security: the rows a visibility check
+        looks up.
+        """
         change_type = {pgoutput.Insert: "INSERT", pgoutput.Update: "UPDATE", pgoutput.Delete: "DELETE"}[type(message)]
         keys = self.primary_keys.get(relation.oid, ())
         if not keys:
@@ -107,7 +127,7 @@ class ChangeDecoder:
             }
             if change_type != "INSERT":
                 data["old_record"] = {}
-            return change_type, values.encode_json(data).encode("utf-8")
+            return change_type, values.encode_json(data).encode("utf-8"), None
         columns = self.cache.columns(relation.oid)
         typed = [(c.name, c.value_type) for c in columns]
         data = {
@@ -137,8 +157,14 @@ class ChangeDecoder:
                 else:
                     record = data.get("record", {})
                     old_record = {name: record[name] for name in keys if name in record}
+            elif rls and change_type == "DELETE":
+                # PROTOCOL.md 4.4: DELETE is never checked against RLS, so it reveals only the key.
+                old_record = {name: old_record[name] for name in keys if name in old_record}
             data["old_record"] = old_record
         data["errors"] = None
+        key = None
+        if rls and change_type != "DELETE":
+            key = values.encode_json({name: data["record"].get(name) for name in keys}).encode("utf-8")
         encoded = values.encode_json(data).encode("utf-8")
         if len(encoded) > self.max_payload_bytes:
             for name in ("record", "old_record"):
@@ -146,4 +172,4 @@ class ChangeDecoder:
                     data[name] = {k: v for k, v in data[name].items() if len(values.encode_json(v)) <= LARGE_VALUE_BYTES}
             data["errors"] = [ERROR_TOO_LARGE]
             encoded = values.encode_json(data).encode("utf-8")
-        return change_type, encoded
+        return change_type, encoded, key

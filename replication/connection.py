@@ -112,6 +112,17 @@ class SlotReader:
         cursor = await self._conn().execute("SELECT oid::bigint, typname::text FROM pg_type")
         return {int(oid): str(name) for oid, name in await cursor.fetchall()}
 
+    async def rls_relations(self, relation_oids: set[int]) -> frozenset[int]:
+        """The relations among ``relation_oids`` with row level security enabled, now.
+
+        Read for every batch: enabling RLS sends no Relation message, and a
+        change must never be delivered unchecked once it is on.
+        """
+        cursor = await self._conn().execute(
+            "SELECT oid::bigint FROM pg_class WHERE oid = ANY(%s) AND relrowsecurity", (list(relation_oids),)
+        )
+        return frozenset(int(oid) for (oid,) in await cursor.fetchall())
+
     async def primary_keys(self, relation_oids: set[int]) -> dict[int, tuple[str, ...]]:
         """Primary key column names (in key order) of each relation; () for none."""
         cursor = await self._conn().execute(

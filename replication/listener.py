@@ -6,6 +6,11 @@ table's group, and only then advance the slot past the last published commit.
 A crash anywhere before the advance replays those transactions after restart:
 changes are delivered at least once, in commit order per table.
 
+Changes to a table with row level security are checked before they are
+published: for each claim set subscribed to the table on any server process
+(``realtime.claimsets``), one query per run decides which rows it may see
+(``realtime.visibility``), and the run carries the verdicts to every process.
+
 One replicator per slot is active: it holds a session advisory lock; others
 wait as standbys and take over when its connection ends. Failures retry with
 backoff (first retry within 1 s, at most 5 s apart).
@@ -17,9 +22,15 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import psycopg
 from channels.layers import BaseChannelLayer
 
+from realtime.claimsets import Directory
+from realtime.types import ChangeRun
+from realtime.visibility import RowChecker
+from replication import pgoutput
 from replication.changes import ChangeDecoder
 from replication.connection import SlotReader
 
@@ -49,6 +60,7 @@ class ListenerStats:
     transactions: int = 0
     changes: int = 0
     published_runs: int = 0
+    rls_queries: int = 0
     active: bool = False
     last_error: str = ""
 
@@ -67,6 +79,7 @@ class Listener:
         poll_interval: float = 0.01,
         max_payload_bytes: int = 1_048_576,
         on_active: Callable[[], None] | None = None,
+        directory: Directory | None = None,
     ) -> None:
         self.dsn = dsn
         self.slot = slot
@@ -76,6 +89,9 @@ class Listener:
         self.poll_interval = poll_interval
         self.max_payload_bytes = max_payload_bytes
         self.on_active = on_active
+        self.directory = directory
+        self.checker = RowChecker()
+        self.check_conn: psycopg.AsyncConnection[Any] | None = None
         self.stats = ListenerStats()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -98,6 +114,12 @@ class Listener:
                     await reader.close()
                 except Exception:
                     logger.debug("closing the slot connection failed", exc_info=True)
+                if self.check_conn is not None:
+                    try:
+                        await self.check_conn.close()
+                    except Exception:
+                        logger.debug("closing the check connection failed", exc_info=True)
+                    self.check_conn = None
 
     async def _serve(self, reader: SlotReader, stop: asyncio.Event, backoff: Backoff) -> None:
         await reader.connect()
@@ -129,7 +151,11 @@ class Listener:
                 decoder.add_primary_keys(await reader.primary_keys(missing))
             if decoder.cache.unknown_type_oids():
                 decoder.cache.add_type_names(await reader.type_names())
-            batch = decoder.build(messages)
+            changed = {m.relation_oid for m in messages if isinstance(m, pgoutput.ROW_CHANGES)}
+            rls = await reader.rls_relations(changed) if changed else frozenset()
+            batch = decoder.build(messages, rls)
+            if rls:
+                await self._check_rows(batch.runs)
             for run in batch.runs:
                 await self.layer.group_send(run["group"], run)
                 self.stats.published_runs += 1
@@ -137,6 +163,37 @@ class Listener:
             self.stats.transactions += batch.transactions
             if batch.confirm_lsn is not None:
                 await reader.advance(batch.confirm_lsn)
+
+
+    async def _check_rows(self, runs: list[ChangeRun]) -> None:
+        """Attach to each RLS run which of its changes each subscribed claim set may see."""
+        if self.directory is None:
+            return  # every server process checks for itself
+        for run in runs:
+            if not run.get("rls"):
+                continue
+            claim_sets = await self.directory.claim_sets((run["schema"], run["table"]))
+            positions = [i for i, change in enumerate(run["changes"]) if "key" in change]
+            if not claim_sets or not positions:
+                continue
+            keys = [run["changes"][i]["key"] for i in positions]
+            conn = await self._check_connection()
+            visible: dict[str, bytes] = {}
+            for claim_set, claims in claim_sets.items():
+                verdict = await self.checker.visible(conn, claims, run["schema"], run["table"], keys)
+                per_change = bytearray(b"\x01" * len(run["changes"]))
+                for position, seen in zip(positions, verdict):
+                    per_change[position] = seen
+                visible[claim_set] = bytes(per_change)
+            run["visible"] = visible
+        self.stats.rls_queries = self.checker.queries
+
+    async def _check_connection(self) -> psycopg.AsyncConnection[Any]:
+        if self.check_conn is None or self.check_conn.closed:
+            self.check_conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, application_name=f"realtime replicate {self.slot} checks"
+            )
+        return self.check_conn
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:

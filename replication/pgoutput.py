@@ -355,6 +355,9 @@ class Unsupported:
     data: bytes
 
 
+# The messages that carry a changed row (each has ``relation_oid``).
+ROW_CHANGES = (Insert, Update, Delete)
+
 PgoutputMessage: TypeAlias = (
     Begin
     | Commit

@@ -25,12 +25,14 @@ def step(name: str) -> list[bytes]:
     return [bytes.fromhex(m["hex"]) for m in entry["messages"]]
 
 
-def decode(name: str, keys: dict[str, tuple[str, ...]] | None = None, **options: Any) -> tuple[list[dict[str, Any]], Any]:
+def decode(
+    name: str, keys: dict[str, tuple[str, ...]] | None = None, rls: bool = False, **options: Any
+) -> tuple[list[dict[str, Any]], Any]:
     decoder = ChangeDecoder(TYPE_NAMES, **options)
     messages = decoder.parse(step(name))
     by_name = {m.name: m.oid for m in messages if isinstance(m, pgoutput.Relation)}
     decoder.add_primary_keys({oid: (keys or {}).get(table, ("id",)) for table, oid in by_name.items()})
-    batch = decoder.build(messages)
+    batch = decoder.build(messages, set(by_name.values()) if rls else ())
     changes = [json.loads(c["data"]) | {"_type": c["type"]} for run in batch.runs for c in run["changes"]]
     return changes, batch
 
@@ -52,6 +54,23 @@ def test_default_identity_update_and_delete_carry_the_key_only() -> None:  # C44
     assert "record" not in delete and delete["old_record"] == {"id": 1}
     assert all(c["errors"] is None for c in changes)
     assert batch.confirm_lsn is not None and batch.transactions >= 1
+
+
+def test_rls_tables_carry_row_keys_and_cut_delete_to_the_key() -> None:  # C45
+    changes, batch = decode("identity_full", rls=True)
+    [run] = batch.runs
+    assert run["rls"] is True
+    for raw, change in zip(run["changes"], changes):
+        if change["type"] == "DELETE":
+            # PROTOCOL.md 4.4: never RLS-checked, so FULL identity still reveals only the key.
+            assert "key" not in raw and change["old_record"] == {"id": change["old_record"]["id"]}
+        else:
+            assert json.loads(raw["key"]) == {"id": change["record"]["id"]}
+    update = next(c for c in changes if c["type"] == "UPDATE")
+    assert update["old_record"] == {"id": 1, "title": "a", "score": 1.5}  # UPDATE keeps the old values
+    plain, plain_batch = decode("identity_full")
+    assert "rls" not in plain_batch.runs[0] and all("key" not in c for c in plain_batch.runs[0]["changes"])
+    assert next(c for c in plain if c["type"] == "DELETE")["old_record"] != {"id": 1}
 
 
 def test_full_identity_carries_every_previous_value() -> None:  # C44

@@ -12,9 +12,11 @@ import signal
 from typing import Any
 
 from channels.layers import get_channel_layer
+from redis.asyncio import Redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from realtime.claimsets import Directory
 from replication.listener import Listener
 
 logger = logging.getLogger("replication")
@@ -44,6 +46,14 @@ class Command(BaseCommand):
         asyncio.run(self._run(listener))
 
     async def _run(self, listener: Listener) -> None:
+        redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=15)
+        listener.directory = Directory(redis, settings.REALTIME_REDIS_PREFIX)
+        try:
+            await self._serve(listener)
+        finally:
+            await redis.aclose()
+
+    async def _serve(self, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 

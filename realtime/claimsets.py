@@ -1,0 +1,249 @@
+"""Which claim sets are subscribed to which tables, across every server process.
+
+Row level security is checked once per distinct claim set (role and JWT
+claims), not once per socket: subscribers with identical claims see the same
+rows. The replicator runs those checks, so it must know every claim set
+subscribed to a table on any server process. This registry keeps that in
+Redis:
+
+- ``{prefix}:rls:process:{pid}``: hash, ``schema \\x1f table \\x1f fingerprint`` -> claims JSON,
+  one per server process (``Registration``), holding what its sockets use;
+- ``{prefix}:rls:processes``: sorted set, process id -> liveness deadline (ms);
+- ``{prefix}:rls:version``: bumped on every change, so a reader reloads only then.
+
+A process heartbeats (deadline and hash) every ``ttl / 3`` seconds and
+rewrites its hash if Redis lost it. Readers drop the entries of processes
+whose deadline passed: a process that died stops costing checks within
+``ttl``. A reader that finds nothing for a subscriber is not a leak: the
+server process checks any claim set the replicator did not (``realtime.hub``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from realtime.jwt import Claims
+
+logger = logging.getLogger(__name__)
+
+SEPARATOR = "\x1f"
+Table = tuple[str, str]
+
+
+def fingerprint(claims: Claims) -> str:
+    """One short id per distinct (role, claims): equal claims share every check."""
+    canonical = json.dumps([claims.role, claims.raw], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=12).hexdigest()
+
+
+def encode_claims(claims: Claims) -> str:
+    return json.dumps({"role": claims.role, "claims": claims.raw}, separators=(",", ":"), default=str)
+
+
+def decode_claims(text: str | bytes) -> Claims:
+    value = json.loads(text)
+    raw = value["claims"] if isinstance(value.get("claims"), dict) else {}
+    sub = raw.get("sub")
+    exp = raw.get("exp")
+    return Claims(
+        role=str(value["role"]),
+        exp=float(exp) if isinstance(exp, (int, float)) else float("inf"),
+        sub=sub if isinstance(sub, str) else None,
+        raw=raw,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+
+    @property
+    def processes(self) -> str:
+        return f"{self.prefix}:rls:processes"
+
+    @property
+    def version(self) -> str:
+        return f"{self.prefix}:rls:version"
+
+    def process(self, process_id: str) -> str:
+        return f"{self.prefix}:rls:process:{process_id}"
+
+
+def _field(table: Table, claim_set: str) -> str:
+    return SEPARATOR.join((table[0], table[1], claim_set))
+
+
+class Registration:
+    """One server process's claim sets per table, reference-counted by its channels."""
+
+    def __init__(self, redis: Redis, prefix: str, process_id: str, ttl: float = 15.0) -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.process_id = process_id
+        self.ttl = ttl
+        self._counts: dict[str, int] = {}  # field -> channels using it
+        self._claims: dict[str, str] = {}  # field -> claims JSON
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def add(self, tables: Iterable[Table], claims: Claims) -> str:
+        """Count one more channel of ``claims`` on ``tables``; returns its claim set id.
+
+        Returns once Redis has the entry, so a replicator that reads the
+        registry after this returns checks this claim set.
+        """
+        claim_set = fingerprint(claims)
+        new: dict[str, str] = {}
+        for table in tables:
+            field = _field(table, claim_set)
+            count = self._counts.get(field, 0)
+            self._counts[field] = count + 1
+            if count == 0:
+                new[field] = self._claims[field] = encode_claims(claims)
+        async with self._lock:  # also waits for another channel's write of the same entry
+            if new:
+                await self._write(new)
+        self._ensure_heartbeat()
+        return claim_set
+
+    async def remove(self, tables: Iterable[Table], claim_set: str) -> None:
+        """One channel of ``claim_set`` left ``tables``."""
+        gone = []
+        for table in tables:
+            field = _field(table, claim_set)
+            count = self._counts.get(field, 0)
+            if count <= 1:
+                self._counts.pop(field, None)
+                self._claims.pop(field, None)
+                if count == 1:
+                    gone.append(field)
+            else:
+                self._counts[field] = count - 1
+        if gone:
+            async with self._lock:
+                gone = [field for field in gone if field not in self._counts]  # unless re-added meanwhile
+                if not gone:
+                    return
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.hdel(self.keys.process(self.process_id), *gone)
+                pipe.incr(self.keys.version)
+                await pipe.execute()
+
+    async def _write(self, entries: dict[str, str]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.keys.process(self.process_id), mapping=entries)
+        pipe.zadd(self.keys.processes, {self.process_id: self._deadline()})
+        pipe.incr(self.keys.version)
+        await pipe.execute()
+
+    def _deadline(self) -> int:
+        return int((time.time() + self.ttl) * 1000)
+
+    def _ensure_heartbeat(self) -> None:
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.ensure_future(self._heartbeat_forever())
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self.heartbeat()
+            except Exception:
+                logger.warning("could not refresh this process's claim sets in Redis", exc_info=True)
+
+    async def heartbeat(self) -> None:
+        """Push the deadline out; rewrite the entries if Redis no longer has them (a restart)."""
+        async with self._lock:
+            key = self.keys.process(self.process_id)
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zadd(self.keys.processes, {self.process_id: self._deadline()})
+            pipe.hlen(key)
+            _, stored = await pipe.execute()
+            if stored != len(self._claims) and self._claims:
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.delete(key)
+                pipe.hset(key, mapping=dict(self._claims))
+                pipe.incr(self.keys.version)
+                await pipe.execute()
+
+    async def aclose(self) -> None:
+        """Forget this process's entries (clean shutdown)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        self._counts.clear()
+        self._claims.clear()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.process(self.process_id))
+        pipe.zrem(self.keys.processes, self.process_id)
+        pipe.incr(self.keys.version)
+        await pipe.execute()
+
+
+class Directory:
+    """The replicator's view of the registry: claim sets per table, reloaded when it changed."""
+
+    def __init__(self, redis: Redis, prefix: str, max_age: float = 5.0) -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.max_age = max_age
+        self._version: Any = None
+        self._loaded_at = float("-inf")
+        self._tables: dict[Table, dict[str, Claims]] = {}
+
+    async def claim_sets(self, table: Table) -> dict[str, Claims]:
+        """Claim set id -> claims, for every live process's channels on ``table``."""
+        await self.refresh()
+        return self._tables.get(table, {})
+
+    async def refresh(self) -> None:
+        version = await self.redis.get(self.keys.version)
+        now = time.monotonic()
+        if version == self._version and now - self._loaded_at < self.max_age:
+            return
+        self._tables = await self._load()
+        self._version, self._loaded_at = version, now
+
+    async def _load(self) -> dict[Table, dict[str, Claims]]:
+        now_ms = int(time.time() * 1000)
+        dead = await self.redis.zrangebyscore(self.keys.processes, "-inf", now_ms - 1)
+        if dead:
+            pipe = self.redis.pipeline(transaction=True)
+            for process_id in dead:
+                pipe.delete(self.keys.process(_text(process_id)))
+            pipe.zrem(self.keys.processes, *dead)
+            pipe.incr(self.keys.version)
+            await pipe.execute()
+        live = await self.redis.zrangebyscore(self.keys.processes, now_ms, "+inf")
+        tables: dict[Table, dict[str, Claims]] = {}
+        if not live:
+            return tables
+        pipe = self.redis.pipeline(transaction=False)
+        for process_id in live:
+            pipe.hgetall(self.keys.process(_text(process_id)))
+        for entries in await pipe.execute():
+            for field, value in entries.items():
+                parts = _text(field).split(SEPARATOR)
+                if len(parts) != 3:
+                    continue
+                schema, table, claim_set = parts
+                sets = tables.setdefault((schema, table), {})
+                if claim_set not in sets:
+                    try:
+                        sets[claim_set] = decode_claims(value)
+                    except (ValueError, KeyError, TypeError):
+                        logger.warning("ignoring an unreadable claim set entry %r", field)
+        return tables
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value

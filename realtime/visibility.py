@@ -1,0 +1,115 @@
+"""Which changed rows a claim set may see: one query per claim set and batch.
+
+PROTOCOL.md 4.4: on a table with row level security, an INSERT or UPDATE
+reaches a subscriber only if the subscriber's role, with its JWT claims set,
+can SELECT the row as it is now. The reference asks once per subscriber and
+change; here one query answers for a whole run of changes and every socket
+that shares the claims::
+
+    SELECT e.o FROM jsonb_array_elements($keys) WITH ORDINALITY AS e(j, o)
+      CROSS JOIN LATERAL jsonb_populate_record(NULL::schema.table, e.j) AS k
+     WHERE EXISTS (SELECT 1 FROM schema.table r WHERE r.pk = k.pk ...)
+
+run as the subscriber (``set_request_context``) in a transaction that is
+always rolled back. ``jsonb_populate_record`` gives the key values the
+column types, so the lookup uses the primary key index. Names are composed
+with ``sql.Identifier``; the keys are a bound parameter.
+
+A policy that fails (raises, or a claim that does not cast) denies that claim
+set only, and is logged with the database's message. Losing the connection
+raises: the caller retries the whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from realtime.authorization import get_database, set_request_context
+from realtime.jwt import Claims
+
+logger = logging.getLogger(__name__)
+
+ROLE_CACHE_S = 60.0
+STATEMENT_TIMEOUT_MS = 5000
+
+# Errors of the connection, not of one claim set's policies: the check is retried.
+CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+class RowChecker:
+    """Visibility checks on one connection; remembers which roles bypass RLS."""
+
+    def __init__(self) -> None:
+        self._bypass: dict[str, tuple[bool, float]] = {}
+        self.queries = 0  # visibility queries run (benchmarks report it)
+
+    async def visible(
+        self, conn: psycopg.AsyncConnection[Any], claims: Claims, schema: str, table: str, keys: Sequence[bytes]
+    ) -> bytes:
+        """One byte per key: 1 if ``claims`` may SELECT that row now, else 0."""
+        if not keys:
+            return b""
+        if await self._bypasses(conn, claims.role):
+            return b"\x01" * len(keys)
+        rows = [json.loads(key) for key in keys]
+        names = list(rows[0])
+        if not names:
+            return b"\x00" * len(keys)
+        target = sql.Identifier(schema, table)
+        match = sql.SQL(" AND ").join(
+            sql.SQL("r.{0} = k.{0}").format(sql.Identifier(name)) for name in names
+        )
+        query = sql.SQL(
+            "SELECT e.o FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(j, o)"
+            " CROSS JOIN LATERAL jsonb_populate_record(NULL::{target}, e.j) AS k"
+            " WHERE EXISTS (SELECT 1 FROM {target} r WHERE {match})"
+        ).format(target=target, match=match)
+        verdict = bytearray(len(keys))
+        try:
+            async with conn.transaction(force_rollback=True):
+                await set_request_context(conn, claims)
+                await conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(STATEMENT_TIMEOUT_MS),))
+                self.queries += 1
+                cursor = await conn.execute(query, (json.dumps(rows),))
+                for (ordinal,) in await cursor.fetchall():
+                    verdict[int(ordinal) - 1] = 1
+        except CONNECTION_ERRORS:
+            raise
+        except psycopg.Error as error:
+            diag = getattr(error, "diag", None)
+            logger.warning(
+                "row level security check failed for role=%s sub=%s on %s.%s; not delivering to it: %s",
+                claims.role, claims.sub, schema, table, (diag.message_primary if diag else None) or error,
+            )
+            return b"\x00" * len(keys)
+        return bytes(verdict)
+
+    async def _bypasses(self, conn: psycopg.AsyncConnection[Any], role: str) -> bool:
+        """Superusers and BYPASSRLS roles (``service_role``) see every row: no query per change."""
+        now = time.monotonic()
+        known = self._bypass.get(role)
+        if known is not None and now - known[1] < ROLE_CACHE_S:
+            return known[0]
+        cursor = await conn.execute("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = %s", (role,))
+        row = await cursor.fetchone()
+        bypass = bool(row and row[0])
+        self._bypass[role] = (bypass, now)
+        return bypass
+
+
+_checker = RowChecker()
+
+
+async def check_rows(claims: Claims, schema: str, table: str, keys: list[bytes]) -> bytes:
+    """A server process's own check (``realtime.hub``'s ``row_check``), on its join-time pool."""
+    db = get_database()
+    await db.open()
+    async with db.pool.connection() as conn:
+        return await _checker.visible(conn, claims, schema, table, keys)
