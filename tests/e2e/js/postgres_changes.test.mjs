@@ -1,55 +1,15 @@
 import { before, test } from 'node:test'
 import assert from 'node:assert/strict'
-import { randomUUID } from 'node:crypto'
-import { Inbox, QUIET_MS, Scenario, WAIT_MS, mintToken, sleep, sql, uniqueTopic } from './helpers.mjs'
+import { QUIET_MS, Scenario, WAIT_MS, mintToken, sleep, sql, uniqueTopic } from './helpers.mjs'
+import { PUBLICATION, SUBSCRIBED, TODO_COLUMNS, changes, createTable, subscribeChanges } from './changes.mjs'
 
-const PUBLICATION = 'supabase_realtime'
-const SUBSCRIBED = 'Subscribed to PostgreSQL'
 const TIMESTAMP = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/
 const NO_PRIMARY_KEY = 'Error 400: Bad Request, no primary key'
 const NOT_PUBLISHED = 'Unable to subscribe to changes with given parameters. Please check Realtime is enabled'
-const TODO_COLUMNS = 'id bigint PRIMARY KEY, title text, n int4, done bool, meta jsonb, tags text[], note text'
 
 before(async () => {
   await sql('--roles')
 })
-
-/**
- * A fresh `public` table readable by the API roles, in the publication unless
- * `publish` is false; dropped after the test.
- */
-async function createTable(t, columns = TODO_COLUMNS, { publish = true, identity = null } = {}) {
-  const name = `pc_${randomUUID().replaceAll('-', '').slice(0, 12)}`
-  const statements = [
-    `CREATE TABLE public.${name} (${columns})`,
-    `GRANT SELECT ON public.${name} TO anon, authenticated, service_role`,
-  ]
-  if (identity) statements.push(`ALTER TABLE public.${name} REPLICA IDENTITY ${identity}`)
-  if (publish) statements.push(`ALTER PUBLICATION ${PUBLICATION} ADD TABLE public.${name}`)
-  await sql(...statements)
-  t.after(() => sql(`DROP TABLE IF EXISTS public.${name}`))
-  return name
-}
-
-/** An inbox of the callback payloads of one `postgres_changes` binding (call before subscribing). */
-function changes(s, channel, binding) {
-  const box = new Inbox(s, `${channel.topic} postgres_changes ${JSON.stringify(binding)}`)
-  channel.on('postgres_changes', binding, box.push)
-  return box
-}
-
-/** Subscribe, then wait for the channel's "Subscribed to PostgreSQL"; resolves with its system inbox. */
-async function subscribeChanges(s, channel) {
-  const system = s.inbox(channel, '*', 'system')
-  await s.subscribe(channel)
-  const message = await system.waitFor((m) => m.extension === 'postgres_changes', WAIT_MS, 'the postgres_changes system message')
-  assert.deepEqual(
-    message,
-    { message: SUBSCRIBED, status: 'ok', extension: 'postgres_changes', channel: channel.subTopic },
-    s.error('expected "Subscribed to PostgreSQL"').message
-  )
-  return system
-}
 
 /** Subscribe and resolve with the first postgres_changes system message, expected to be an error. */
 async function subscribeError(s, channel) {
