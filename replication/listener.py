@@ -60,7 +60,8 @@ class ListenerStats:
     transactions: int = 0
     changes: int = 0
     published_runs: int = 0
-    rls_queries: int = 0
+    rls_runs: int = 0  # runs of changes checked for row level security
+    rls_queries: int = 0  # visibility queries those checks ran
     active: bool = False
     last_error: str = ""
 
@@ -186,6 +187,7 @@ class Listener:
                     per_change[position] = seen
                 visible[claim_set] = bytes(per_change)
             run["visible"] = visible
+            self.stats.rls_runs += 1
         self.stats.rls_queries = self.checker.queries
 
     async def _check_connection(self) -> psycopg.AsyncConnection[Any]:

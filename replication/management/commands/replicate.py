@@ -70,4 +70,8 @@ class Command(BaseCommand):
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-        logger.info("stopped after %d changes", listener.stats.changes)
+        stats = listener.stats
+        logger.info(
+            "stopped after %d changes; %d row level security queries for %d runs",
+            stats.changes, stats.rls_queries, stats.rls_runs,
+        )
