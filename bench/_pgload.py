@@ -4,12 +4,17 @@
 postgres_changes INSERT binding on ``public.bench_rows`` (unfiltered, or
 ``id=eq.N`` with a different N per socket), wait for the "Subscribed to
 PostgreSQL" system push, then count the changes they receive with a latency
-histogram per step. The row's ``payload`` starts with ``<step>|`` and its
+histogram per step. Optional, for other tables and row level security:
+``table`` (default ``bench_rows``), ``access_tokens`` (one per socket, sent as
+the join's ``access_token``) and ``owners`` (one per socket: a change whose
+``user_id`` is not the socket's owner is counted as ``leaked``). The row's ``payload`` starts with ``<step>|`` and its
 ``sent_ns`` column holds the writer's ``time.time_ns()`` just before the
 statement that commits it, so latency = receipt - sent_ns includes the commit.
 
-The ``writer`` inserts rows into ``bench_rows`` at a target rate (or as fast as
-it can) in batched statements, one row per change.
+The ``writer`` inserts rows into ``bench_rows`` (or ``table``) at a target rate
+(or as fast as it can) in batched statements, one row per change. With
+``owners`` (a list of uuids) each row's ``user_id`` is ``owners[id % len]``
+(NULL for the negative ids of markers).
 
 Both are driven by JSON lines on stdin and answer with JSON lines on stdout.
 Usage: ``python bench/_pgload.py sub|writer CONFIG_JSON``.
@@ -35,6 +40,7 @@ SUBSCRIBED = b"Subscribed to PostgreSQL"
 SENT_KEY = b'"sent_ns":'
 PAYLOAD_KEY = b'"payload":"'
 ID_KEY = b'"record":{"id":'
+OWNER_KEY = b'"user_id":'
 
 FINE_US, FINE_N = 100, 1000
 MID_US, MID_N = 10_000, 990
@@ -79,12 +85,14 @@ def new_stats(now_ns: int) -> list[Any]:
     return [0, now_ns, now_ns, [0] * NBUCKETS, 0]
 
 
-def join_frame(filter_id: int | None) -> bytes:
-    binding: dict[str, Any] = {"event": "INSERT", "schema": "public", "table": TABLE}
+def join_frame(filter_id: int | None, table: str = TABLE, access_token: str | None = None) -> bytes:
+    binding: dict[str, Any] = {"event": "INSERT", "schema": "public", "table": table}
     if filter_id is not None:
         binding["filter"] = f"id=eq.{filter_id}"
-    return json.dumps(["1", "1", TOPIC, "phx_join", {"config": {"postgres_changes": [binding]}}],
-                      separators=(",", ":")).encode()
+    payload: dict[str, Any] = {"config": {"postgres_changes": [binding]}}
+    if access_token is not None:
+        payload["access_token"] = access_token
+    return json.dumps(["1", "1", TOPIC, "phx_join", payload], separators=(",", ":")).encode()
 
 
 def wait_subscribed(conn: lg.LiteConn, deadline: float) -> None:
@@ -105,25 +113,32 @@ def wait_subscribed(conn: lg.LiteConn, deadline: float) -> None:
                 raise lg.HandshakeError("subscription failed: " + frame[:300].decode("utf-8", "replace"))
 
 
-def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | None]], list[str]]:
-    """Open and subscribe the worker's sockets, ``batch`` at a time."""
+def socket_count(cfg: dict[str, Any]) -> int:
+    return len(cfg["filter_ids"]) if cfg.get("filter_ids") else int(cfg["count"])
+
+
+def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | None, int]], list[str]]:
+    """Open and subscribe the worker's sockets, ``batch`` at a time: (conn, filter id, socket index)."""
     host, port, path = cfg["host"], int(cfg["port"]), cfg["path"]
     timeout = float(cfg.get("timeout", 60))
     batch = int(cfg.get("batch", 20))
-    ids: list[int | None] = list(cfg["filter_ids"]) if cfg.get("filter_ids") else [None] * int(cfg["count"])
-    done: list[tuple[lg.LiteConn, int | None]] = []
+    table = str(cfg.get("table") or TABLE)
+    count = socket_count(cfg)
+    ids: list[int | None] = list(cfg["filter_ids"]) if cfg.get("filter_ids") else [None] * count
+    tokens: list[str | None] = list(cfg.get("access_tokens") or [None] * count)
+    done: list[tuple[lg.LiteConn, int | None, int]] = []
     errors: list[str] = []
     for start in range(0, len(ids), batch):
-        group: list[tuple[lg.LiteConn, int | None]] = []
-        for filter_id in ids[start:start + batch]:
+        group: list[tuple[lg.LiteConn, int | None, int]] = []
+        for index in range(start, min(start + batch, len(ids))):
             try:
-                group.append((lg.LiteConn(host, port, timeout), filter_id))
+                group.append((lg.LiteConn(host, port, timeout), ids[index], index))
             except OSError as error:
                 errors.append(f"connect: {error!r}")
         deadline = time.monotonic() + timeout
         for stage in ("send", "recv", "join", "wait"):
             alive = []
-            for conn, filter_id in group:
+            for conn, filter_id, index in group:
                 try:
                     if stage == "send":
                         conn.send_handshake(host, port, path)
@@ -131,16 +146,16 @@ def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | 
                         conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
                         conn.recv_handshake()
                     elif stage == "join":
-                        conn.send(1, join_frame(filter_id))
+                        conn.send(1, join_frame(filter_id, table, tokens[index]))
                     else:
                         wait_subscribed(conn, deadline)
-                    alive.append((conn, filter_id))
+                    alive.append((conn, filter_id, index))
                 except (OSError, lg.HandshakeError) as error:
                     errors.append(f"{stage}: {error!r}"[:300])
                     conn.close()
             group = alive
         done.extend(group)
-    for conn, _ in done:
+    for conn, _, _ in done:
         conn.pending.clear()
         conn.sock.setblocking(False)
     return done, errors
@@ -149,19 +164,26 @@ def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | 
 def run_sub_worker(cfg: dict[str, Any]) -> None:
     started = time.monotonic()
     subscribed, errors = open_subscribed(cfg)
-    wanted = len(cfg["filter_ids"]) if cfg.get("filter_ids") else int(cfg["count"])
+    wanted = socket_count(cfg)
+    owners: list[str] | None = cfg.get("owners")
+    joined_by_owner: dict[str, int] = {}
+    if owners:
+        for _, _, index in subscribed:
+            joined_by_owner[owners[index]] = joined_by_owner.get(owners[index], 0) + 1
     lg.emit({"ready": True, "joined": len(subscribed), "failed": wanted - len(subscribed),
-             "joined_ids": [i for _, i in subscribed if i is not None], "errors": errors[:5],
-             "setup_s": round(time.monotonic() - started, 3)})
-    conns = [c for c, _ in subscribed]
-    want_id: dict[int, int | None] = {c.fd: i for c, i in subscribed}
+             "joined_ids": [i for _, i, _ in subscribed if i is not None], "joined_by_owner": joined_by_owner,
+             "errors": errors[:5], "setup_s": round(time.monotonic() - started, 3)})
+    conns = [c for c, _, _ in subscribed]
+    want_id: dict[int, int | None] = {c.fd: i for c, i, _ in subscribed}
+    # The bytes that follow ``"user_id":`` in a change this socket may see.
+    want_owner: dict[int, bytes] = {c.fd: f'"{owners[index]}"'.encode() for c, _, index in subscribed} if owners else {}
     by_fd: dict[int, lg.LiteConn] = {c.fd: c for c in conns}
     ep = select.epoll(max(16, len(conns) + 2))
     for conn in conns:
         ep.register(conn.fd, select.EPOLLIN)
     ep.register(0, select.EPOLLIN)
     stats: dict[int, list[Any]] = {}
-    counters = {"frames": 0, "changes": 0, "other": 0, "misrouted": 0, "closed": 0, "write_errors": 0}
+    counters = {"frames": 0, "changes": 0, "other": 0, "misrouted": 0, "leaked": 0, "closed": 0, "write_errors": 0}
     close_reasons: dict[str, int] = {}
     pending_out: set[lg.LiteConn] = set()
     heartbeat_s = float(cfg.get("heartbeat_s", 30) or 0)
@@ -257,6 +279,7 @@ def run_sub_worker(cfg: dict[str, Any]) -> None:
                 data = conn.buf + data
                 conn.buf = b""
             expect_id = want_id.get(fd)
+            expect_owner = want_owner.get(fd)
             pos, n = 0, len(data)
             while n - pos >= 2:
                 length = data[pos + 1] & 0x7F
@@ -288,6 +311,10 @@ def run_sub_worker(cfg: dict[str, Any]) -> None:
                             r = data.find(ID_KEY, pos + hl, k)
                             if r < 0 or int(data[r + 15 : data.index(b",", r, k)]) != expect_id:
                                 counters["misrouted"] += 1
+                        if expect_owner is not None:
+                            r = data.find(OWNER_KEY, pos + hl, end)
+                            if r < 0 or not data.startswith(expect_owner, r + len(OWNER_KEY)):
+                                counters["leaked"] += 1
                         st = stats.get(step)
                         if st is None:
                             st = stats[step] = new_stats(now)
@@ -338,9 +365,10 @@ class Writer:
 
     Each wrap of the cycle (and the start of a run with ``truncate_first``) empties the
     table with TRUNCATE in the same transaction, so every id is inserted once per cycle.
+    With ``owners``, the table has a ``user_id uuid`` column set to ``owners[id % len(owners)]``.
     """
 
-    def __init__(self, dsn: str, payload_pad: int) -> None:
+    def __init__(self, dsn: str, payload_pad: int, table: str = TABLE, owners: list[str] | None = None) -> None:
         import psycopg
 
         self.conn = psycopg.connect(dsn, autocommit=True, application_name="realtime bench writer")
@@ -348,10 +376,17 @@ class Writer:
         self.backend_pid = int(self.conn.execute("SELECT pg_backend_pid()").fetchone()[0])
         from psycopg import sql
 
-        self.insert_sql = sql.SQL(
-            "INSERT INTO {} (id, payload, sent_ns) SELECT g, %s, %s FROM generate_series(%s::bigint, %s::bigint) g"
-        ).format(sql.Identifier(TABLE))
-        self.truncate_sql = sql.SQL("TRUNCATE {}").format(sql.Identifier(TABLE))
+        if owners:
+            self.insert_sql = sql.SQL(
+                "INSERT INTO {} (id, user_id, payload, sent_ns) SELECT g, "
+                "CASE WHEN g >= 0 THEN ({}::uuid[])[1 + mod(g, {})] END, %s, %s "
+                "FROM generate_series(%s::bigint, %s::bigint) g"
+            ).format(sql.Identifier(table), sql.Literal(list(owners)), sql.Literal(len(owners)))
+        else:
+            self.insert_sql = sql.SQL(
+                "INSERT INTO {} (id, payload, sent_ns) SELECT g, %s, %s FROM generate_series(%s::bigint, %s::bigint) g"
+            ).format(sql.Identifier(table))
+        self.truncate_sql = sql.SQL("TRUNCATE {}").format(sql.Identifier(table))
 
     def segments(self, pos: int, k: int, base: int, space: int, truncate_first: bool) -> list[tuple[bool, int, int]]:
         out = []
@@ -435,7 +470,7 @@ class Writer:
 
 
 def run_writer(cfg: dict[str, Any]) -> None:
-    writer = Writer(cfg["dsn"], int(cfg.get("payload_pad", 16)))
+    writer = Writer(cfg["dsn"], int(cfg.get("payload_pad", 16)), str(cfg.get("table") or TABLE), cfg.get("owners"))
     lg.emit({"ready": True, "backend_pid": writer.backend_pid})
     for line in sys.stdin.buffer:
         if not line.strip():

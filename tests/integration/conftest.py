@@ -3,19 +3,45 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
 
+import psycopg
 import pytest
 from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
+from psycopg import sql
 
 from realtime.authorization import close_database
+from realtime.dbsetup import SETUP_SQL
 from realtime.hub import close_hub
 from tests.fixtures.server import mint_token
 from realtime.presence import close_store
+
+
+def dsn() -> str:
+    """The database the in-process application uses."""
+    return os.environ["DATABASE_URL"]
+
+
+def execute(*statements: sql.Composable | str, params: Any = None) -> None:
+    with psycopg.connect(dsn(), autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement, params)
+
+
+@pytest.fixture
+def publication(settings) -> Any:
+    """A publication of this test's own, so replicators of other tests never see its tables."""
+    name = f"test_pub_{uuid.uuid4().hex[:10]}"
+    execute(SETUP_SQL, sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(name)))
+    settings.REALTIME_PUBLICATION = name
+    yield name
+    execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
 
 
 def token(role: str = "anon", exp_in: float = 3600, **claims: Any) -> str:

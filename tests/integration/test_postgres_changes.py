@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,31 +12,10 @@ import pytest
 from channels.layers import get_channel_layer
 from psycopg import sql
 
-from realtime.dbsetup import SETUP_SQL
 from replication.listener import Listener
-from tests.integration.conftest import token
+from tests.integration.conftest import dsn, execute, token
 
 pytestmark = pytest.mark.integration
-
-def dsn() -> str:
-    return os.environ["DATABASE_URL"]
-
-
-def execute(*statements: sql.Composable | str, params: Any = None) -> None:
-    with psycopg.connect(dsn(), autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement, params)
-
-
-@pytest.fixture
-def publication(settings) -> Any:
-    """A publication of this test's own, so replicators of other tests never see its tables."""
-    name = f"test_pub_{uuid.uuid4().hex[:10]}"
-    execute(SETUP_SQL, sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(name)))
-    settings.REALTIME_PUBLICATION = name
-    yield name
-    execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
-
 
 @pytest.fixture
 def table(publication) -> Any:

@@ -12,109 +12,52 @@ that dies without a word leave, for every survivor, within the TTL
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
-
-from tests.fixtures.server import ServerProcess, mint_token, start_server
+from tests.fixtures.phoenix import WAIT_S, PhoenixClient, is_text
+from tests.fixtures.server import ServerProcess, start_server
 
 pytestmark = pytest.mark.integration
 
 PRESENCE_TTL_S = 15.0
-WAIT_S = 10.0
 LEAVE_WAIT_S = PRESENCE_TTL_S + 15.0
 
-Frame = list[Any]
 
 
-class PresenceClient:
-    """One vsn 2.0.0 socket on one topic that records every text frame it receives."""
+class PresenceClient(PhoenixClient):
+    """A socket on one topic with presence on."""
 
-    def __init__(self, ws: ClientConnection, name: str, token: str) -> None:
-        self.ws = ws
-        self.name = name
-        self.token = token
-        self.frames: list[Frame] = []
-        self.topic = ""
-        self.join_ref: str | None = None
-        self._ref = 0
-        self._arrived = asyncio.Condition()
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def open(cls, server: ServerProcess, name: str) -> PresenceClient:
-        token = mint_token("anon")
-        ws = await connect(f"{server.ws_url}?apikey={token}&vsn=2.0.0", open_timeout=WAIT_S)
-        return cls(ws, name, token)
-
-    async def _read(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for message in self.ws:
-                if isinstance(message, str):
-                    async with self._arrived:
-                        self.frames.append(json.loads(message))
-                        self._arrived.notify_all()
-
-    async def push(self, event: str, payload: Any) -> str:
-        self._ref += 1
-        ref = str(self._ref)
-        join_ref = ref if event == "phx_join" else self.join_ref
-        await self.ws.send(json.dumps([join_ref, ref, self.topic, event, payload]))
-        return ref
-
-    async def wait_for(self, predicate: Callable[[Frame], bool], what: str, timeout: float = WAIT_S) -> Frame:
-        async def first() -> Frame:
-            async with self._arrived:
-                while True:
-                    for frame in self.frames:
-                        if predicate(frame):
-                            return frame
-                    await self._arrived.wait()
-
-        try:
-            return await asyncio.wait_for(first(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"{self.name}: no {what} within {timeout} s; frames: {self.frames!r}") from None
+    topic = ""
 
     async def join(self, topic: str, key: str) -> dict[str, Any]:
         """Join with presence on under ``key``; the ``presence_state`` that follows the reply."""
         self.topic = topic
         config = {"broadcast": {"ack": False, "self": False}, "presence": {"enabled": True, "key": key}}
-        ref = await self.push("phx_join", {"config": config, "access_token": self.token})
-        self.join_ref = ref
-        reply = await self.wait_for(lambda f: f[3] == "phx_reply" and f[1] == ref, "join reply")
-        assert reply[4]["status"] == "ok", f"{self.name}: join refused: {reply!r}"
-        state = await self.wait_for(lambda f: f[3] == "presence_state", "presence_state")
-        assert state[0] == ref and state[1] is None and state[2] == topic, state
+        reply = await self.join_topic(topic, config)
+        state = await self.wait_for(lambda f: is_text(f, "presence_state"), "presence_state")
+        assert state[0] == reply[0] and state[1] is None and state[2] == topic, state
         assert self.frames.index(state) > self.frames.index(reply), "presence_state came before the join reply"
         result: dict[str, Any] = state[4]
         return result
 
     async def track(self, payload: dict[str, Any]) -> None:
-        ref = await self.push("presence", {"type": "presence", "event": "track", "payload": payload})
-        reply = await self.wait_for(lambda f: f[3] == "phx_reply" and f[1] == ref, "track reply")
+        ref = await self.push(self.topic, "presence", {"type": "presence", "event": "track", "payload": payload})
+        reply = await self.wait_for(lambda f: is_text(f, "phx_reply") and f[1] == ref, "track reply")
         assert reply[4] == {"status": "ok", "response": {}}, f"{self.name}: track refused: {reply!r}"
 
     def diffs(self) -> list[dict[str, Any]]:
-        return [frame[4] for frame in self.frames if frame[3] == "presence_diff"]
+        return [frame[4] for frame in self.frames if is_text(frame, "presence_diff")]
 
     async def wait_diff(self, predicate: Callable[[dict[str, Any]], bool], what: str, timeout: float = WAIT_S) -> dict[str, Any]:
-        frame = await self.wait_for(lambda f: f[3] == "presence_diff" and predicate(f[4]), what, timeout)
+        frame = await self.wait_for(lambda f: is_text(f, "presence_diff") and predicate(f[4]), what, timeout)
         assert frame[0] is None and frame[1] is None and frame[2] == self.topic, frame
         diff: dict[str, Any] = frame[4]
         assert set(diff) == {"joins", "leaves"}, diff
         return diff
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self._reader
 
 
 def joined(key: str, user: str) -> Callable[[dict[str, Any]], bool]:

@@ -20,8 +20,8 @@ from redis.asyncio import Redis
 
 from realtime.claimsets import Directory
 from replication.listener import Listener
-from tests.integration.conftest import token
-from tests.integration.test_postgres_changes import dsn, execute, insert, publication, subscribe  # noqa: F401
+from tests.integration.conftest import dsn, execute, token
+from tests.integration.test_postgres_changes import insert, subscribe
 
 pytestmark = pytest.mark.integration
 

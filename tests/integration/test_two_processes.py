@@ -8,7 +8,6 @@ payload]`` text frames, kind-3 binary pushes and kind-4 binary deliveries.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import struct
 import time
@@ -18,79 +17,23 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
-
+from tests.fixtures.phoenix import WAIT_S, Frame, is_text
+from tests.fixtures.phoenix import PhoenixClient as BaseClient
 from tests.fixtures.server import ServerProcess, mint_token, start_server
 
 pytestmark = pytest.mark.integration
 
 TOPIC = "realtime:room1"
-WAIT_S = 10.0
 QUIET_S = 0.5
 IDLE_S = 7.0
 
-Frame = list[Any] | bytes
 
 
-class PhoenixClient:
-    """One vsn 2.0.0 socket that records every frame it receives."""
-
-    def __init__(self, ws: ClientConnection, name: str, token: str) -> None:
-        self.ws = ws
-        self.name = name
-        self.token = token
-        self.frames: list[Frame] = []
-        self.join_refs: dict[str, str] = {}
-        self._ref = 0
-        self._arrived = asyncio.Condition()
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def open(cls, server: ServerProcess, name: str) -> PhoenixClient:
-        token = mint_token("anon")
-        ws = await connect(f"{server.ws_url}?apikey={token}&vsn=2.0.0", open_timeout=WAIT_S)
-        return cls(ws, name, token)
-
-    async def _read(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for message in self.ws:
-                frame: Frame = message if isinstance(message, bytes) else json.loads(message)
-                async with self._arrived:
-                    self.frames.append(frame)
-                    self._arrived.notify_all()
-
-    def next_ref(self) -> str:
-        self._ref += 1
-        return str(self._ref)
-
-    async def push(self, topic: str, event: str, payload: Any) -> str:
-        ref = self.next_ref()
-        join_ref = ref if event == "phx_join" else self.join_refs.get(topic)
-        await self.ws.send(json.dumps([join_ref, ref, topic, event, payload]))
-        return ref
-
-    async def wait_for(self, predicate: Callable[[Frame], bool], what: str, timeout: float = WAIT_S) -> Frame:
-        async def first() -> Frame:
-            async with self._arrived:
-                while True:
-                    for frame in self.frames:
-                        if predicate(frame):
-                            return frame
-                    await self._arrived.wait()
-
-        try:
-            return await asyncio.wait_for(first(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"{self.name}: no {what} within {timeout} s; frames: {self.frames!r}") from None
+class PhoenixClient(BaseClient):
+    """A broadcast client on ``TOPIC`` unless told otherwise."""
 
     async def join(self, topic: str = TOPIC, self_broadcast: bool = False) -> None:
-        config = {"broadcast": {"ack": False, "self": self_broadcast}, "presence": {"enabled": False}}
-        ref = await self.push(topic, "phx_join", {"config": config, "access_token": self.token})
-        self.join_refs[topic] = ref
-        reply = await self.wait_for(lambda f: is_text(f, "phx_reply") and f[1] == ref, f"join reply for {topic}")
-        assert isinstance(reply, list)
-        assert reply[4]["status"] == "ok", f"{self.name}: join refused: {reply!r}"
+        await self.join_topic(topic, {"broadcast": {"ack": False, "self": self_broadcast}, "presence": {"enabled": False}})
 
     async def leave(self, topic: str = TOPIC) -> None:
         ref = await self.push(topic, "phx_leave", {})
@@ -112,13 +55,6 @@ class PhoenixClient:
         """Deliveries of ``event`` carrying ``nonce``, as text frames or kind-4 binary frames."""
         return [frame for frame in self.frames if delivered_event(frame, nonce) == event]
 
-    async def close(self) -> None:
-        await self.ws.close()
-        await self._reader
-
-
-def is_text(frame: Frame, event: str) -> bool:
-    return isinstance(frame, list) and len(frame) >= 5 and frame[3] == event
 
 
 def decode_kind4(frame: bytes) -> tuple[str, str, int, bytes]:
