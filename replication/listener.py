@@ -14,6 +14,12 @@ published: for each claim set subscribed to the table on any server process
 One replicator per slot is active: it holds a session advisory lock; others
 wait as standbys and take over when its connection ends. Failures retry with
 backoff (first retry within 1 s, at most 5 s apart).
+
+When Redis fails (a restart loses every group membership), the changes not
+yet published stay in the slot, and the listener waits ``LAYER_RECOVERY_S``
+after Redis answers again before publishing them: long enough for every
+server process's hub to notice and re-add its memberships, so the changes
+committed during the outage reach their subscribers instead of empty groups.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import psycopg
 from channels.layers import BaseChannelLayer
 
 from realtime.claimsets import Directory
+from realtime.hub import MEMBERSHIP_CHECK_S, RECEIVE_RETRY_S
 from realtime.types import ChangeRun
 from realtime.visibility import RowChecker
 from replication import pgoutput
@@ -37,6 +44,12 @@ from replication.connection import SlotReader
 logger = logging.getLogger(__name__)
 
 STANDBY_POLL_S = 1.0
+LAYER_RECOVERY_S = MEMBERSHIP_CHECK_S + RECEIVE_RETRY_S + 1.0
+PROBE_GROUP = "realtime.replicator-probe"  # never has members
+
+
+class LayerUnavailable(Exception):
+    """Publishing to the channel layer (or reading the registry in Redis) failed."""
 
 
 @dataclass(slots=True)
@@ -93,6 +106,8 @@ class Listener:
         self.directory = directory
         self.checker = RowChecker()
         self.check_conn: psycopg.AsyncConnection[Any] | None = None
+        self.layer_recovery = LAYER_RECOVERY_S
+        self._layer_failed = False
         self.stats = ListenerStats()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -105,7 +120,10 @@ class Listener:
                 raise
             except Exception as error:
                 self.stats.active = False
-                self.stats.last_error = f"{type(error).__name__}: {error}"
+                cause = error.__cause__ if isinstance(error, LayerUnavailable) and error.__cause__ else error
+                self.stats.last_error = f"{type(cause).__name__}: {cause}"
+                if isinstance(error, LayerUnavailable):
+                    self._layer_failed = True
                 delay = backoff.next()
                 logger.warning("replication failed (%s); retrying in %.1fs", self.stats.last_error, delay)
                 await _wait(stop, delay)
@@ -155,11 +173,22 @@ class Listener:
             changed = {m.relation_oid for m in messages if isinstance(m, pgoutput.ROW_CHANGES)}
             rls = await reader.rls_relations(changed) if changed else frozenset()
             batch = decoder.build(messages, rls)
-            if rls:
-                await self._check_rows(batch.runs)
-            for run in batch.runs:
-                await self.layer.group_send(run["group"], run)
-                self.stats.published_runs += 1
+            try:
+                if rls:
+                    await self._check_rows(batch.runs)
+                if self._layer_failed and batch.runs:
+                    await self.layer.group_send(PROBE_GROUP, {"type": "realtime.probe"})  # raises while Redis is down
+                    logger.info("Redis is back; publishing in %.1fs, once the servers rejoined their groups", self.layer_recovery)
+                    if await _wait(stop, self.layer_recovery):
+                        return
+                    self._layer_failed = False
+                for run in batch.runs:
+                    await self.layer.group_send(run["group"], run)
+                    self.stats.published_runs += 1
+            except (psycopg.Error, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                raise LayerUnavailable(str(error)) from error
             self.stats.changes += batch.changes
             self.stats.transactions += batch.transactions
             if batch.confirm_lsn is not None:

@@ -1,4 +1,4 @@
-"""Replicator crashes: a SIGKILL loses no change, and a standby takes over within 5 s.
+"""Replicator crashes: a SIGKILL loses no change, a standby takes over within 5 s, Redis restarts lose nothing.
 
 Each test runs its own daphne server and ``manage.py replicate`` processes on
 a private publication, layer prefix and slot, so no other listener publishes
@@ -14,21 +14,25 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import redis
 from psycopg import sql
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from realtime.dbsetup import SETUP_SQL
+from realtime_project.embedded import redis_server_path
 from tests.fixtures.replicator import ReplicatorProcess, start_replicator, unique_slot
-from tests.fixtures.server import ServerProcess, mint_token, start_server
+from tests.fixtures.server import ServerProcess, free_port, mint_token, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -80,8 +84,8 @@ class Stack:
         return int(row[0]) if row else 0
 
 
-@pytest.fixture
-def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+@contextlib.contextmanager
+def make_stack(request: pytest.FixtureRequest, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
     failed_before = request.session.testsfailed
     suffix = uuid.uuid4().hex[:10]
     table, publication = f"crash_{suffix}", f"crash_{suffix}"
@@ -91,7 +95,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
         conn.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, note text)").format(ident))
         conn.execute(sql.SQL("GRANT SELECT ON {} TO anon, authenticated, service_role").format(ident))
         conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(publication), ident))
-    env = {"REALTIME_PUBLICATION": publication, "REALTIME_LAYER_PREFIX": f"crash-{suffix}"}
+    env = {"REALTIME_PUBLICATION": publication, "REALTIME_LAYER_PREFIX": f"crash-{suffix}", **(extra_env or {})}
     try:
         server = start_server(env=env)
         created = Stack(table, publication, unique_slot("crash"), env, server)
@@ -110,6 +114,60 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
         with psycopg.connect(dsn(), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication)))
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
+
+
+@pytest.fixture
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    with make_stack(request) as created:
+        yield created
+
+
+class PrivateRedis:
+    """A Redis server of one test's own (the bundled binary, no persistence), to kill and restart."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(redis_server_path()), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def redis_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Stack, PrivateRedis]]:
+    private = PrivateRedis(tmp_path)
+    private.start()
+    try:
+        with make_stack(request, {"REDIS_URL": private.url}) as created:
+            yield created, private
+    finally:
+        private.kill()
 
 
 class Subscriber:
@@ -289,3 +347,28 @@ async def test_standby_takes_over_within_5s(stack: Stack, subscribe: Any) -> Non
     assert delivered_in <= TAKEOVER_LIMIT_S, f"the change took {delivered_in:.2f} s after the kill"
     assert standby.is_active()
     assert subscriber.ids == [1, 2]
+
+
+@pytest.mark.timeout(90)
+async def test_a_redis_restart_loses_no_committed_change(redis_stack: tuple[Stack, PrivateRedis], subscribe: Any) -> None:
+    stack, private_redis = redis_stack
+    replicator = stack.start_replicator()
+    await asyncio.to_thread(replicator.wait_active, ACTIVE_TIMEOUT_S)
+    subscriber = await subscribe(stack)
+    async with await psycopg.AsyncConnection.connect(dsn(), autocommit=True) as conn:
+        await conn.execute(stack.insert_sql(), (1, 100))
+        await subscriber.wait_until(lambda: len(set(subscriber.ids)) >= 100, "the changes before the restart", WAIT_S)
+
+        private_redis.kill()  # a restart without persistence: every group membership is gone
+        await conn.execute(stack.insert_sql(), (101, 200))  # committed while Redis is down
+        await asyncio.sleep(1.0)
+        restarted_at = time.monotonic()
+        await asyncio.to_thread(private_redis.start)
+        await conn.execute(stack.insert_sql(), (201, 300))
+
+        done_at = await subscriber.wait_until(
+            lambda: len(set(subscriber.ids)) >= 300, "every change after the restart", DELIVERY_TIMEOUT_S
+        )
+    print(f"all 300 changes delivered {done_at - restarted_at:.2f} s after Redis came back")
+    assert sorted(set(subscriber.ids)) == list(range(1, 301))
+    assert replicator.is_running() and stack.server.process is not None and stack.server.process.poll() is None
