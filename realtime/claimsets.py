@@ -94,12 +94,15 @@ class Registration:
         self._claims: dict[str, str] = {}  # field -> claims JSON
         self._heartbeat: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._dirty = False  # Redis may hold entries this process no longer has
 
     async def add(self, tables: Iterable[Table], claims: Claims) -> str:
         """Count one more channel of ``claims`` on ``tables``; returns its claim set id.
 
         Returns once Redis has the entry, so a replicator that reads the
-        registry after this returns checks this claim set.
+        registry after this returns checks this claim set. If Redis cannot be
+        written, the heartbeat writes it later; meanwhile the server process
+        checks the claim set itself (``realtime.hub``).
         """
         claim_set = fingerprint(claims)
         new: dict[str, str] = {}
@@ -111,7 +114,10 @@ class Registration:
                 new[field] = self._claims[field] = encode_claims(claims)
         async with self._lock:  # also waits for another channel's write of the same entry
             if new:
-                await self._write(new)
+                try:
+                    await self._write(new)
+                except Exception:
+                    logger.warning("could not register a claim set in Redis; retrying with the heartbeat", exc_info=True)
         self._ensure_heartbeat()
         return claim_set
 
@@ -136,7 +142,12 @@ class Registration:
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.hdel(self.keys.process(self.process_id), *gone)
                 pipe.incr(self.keys.version)
-                await pipe.execute()
+                try:
+                    await pipe.execute()
+                except Exception:
+                    # Costs the replicator a useless check until the heartbeat rewrites the hash.
+                    logger.warning("could not unregister a claim set in Redis", exc_info=True)
+                    self._dirty = True
 
     async def _write(self, entries: dict[str, str]) -> None:
         pipe = self.redis.pipeline(transaction=True)
@@ -168,7 +179,8 @@ class Registration:
             pipe.zadd(self.keys.processes, {self.process_id: self._deadline()})
             pipe.hlen(key)
             _, stored = await pipe.execute()
-            if stored != len(self._claims) and self._claims:
+            if self._dirty or (stored != len(self._claims) and self._claims):
+                self._dirty = False
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.delete(key)
                 pipe.hset(key, mapping=dict(self._claims))
