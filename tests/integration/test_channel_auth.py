@@ -5,51 +5,24 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from realtime.authorization import Database
 from realtime.channel_auth import check_policies, headers_json
-from realtime.dbsetup import SETUP_SQL
 from realtime.jwt import Claims
 from realtime.protocol.session import Extension, Permissions
+from tests.integration.conftest import execute, sql_literal
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("realtime_schema")]
 
 BROADCAST, PRESENCE = Extension.BROADCAST, Extension.PRESENCE
 AUTHENTICATED = Claims("authenticated", 4_000_000_000, "3f0e4c2a-8a47-4e55-9a4b-1f0d7c5e2b10", {"role": "authenticated"})
 EVERYTHING = {"read": (BROADCAST, PRESENCE), "write": (BROADCAST, PRESENCE)}
 
-Policy = Callable[..., None]
-
-
-def execute(*statements: str | sql.Composable) -> None:
-    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def schema() -> None:
-    execute(SETUP_SQL)
-
-
-@pytest.fixture
-def policy() -> Iterator[Policy]:
-    """``policy("FOR SELECT TO authenticated USING (...)")`` on realtime.messages; dropped afterwards."""
-    names: list[str] = []
-
-    def create(body: str) -> None:
-        name = f"test_{uuid.uuid4().hex[:12]}"
-        names.append(name)
-        execute(sql.SQL("CREATE POLICY {} ON realtime.messages ").format(sql.Identifier(name)) + sql.SQL(body))
-
-    yield create
-    for name in names:
-        execute(sql.SQL("DROP POLICY IF EXISTS {} ON realtime.messages").format(sql.Identifier(name)))
+Policy = Callable[[str], None]
 
 
 @pytest.fixture
@@ -63,27 +36,23 @@ def room() -> str:
     return f"room-{uuid.uuid4().hex[:8]}"
 
 
-def literal(value: str) -> str:
-    return sql.Literal(value).as_string(None)
-
-
 async def test_a_topic_policy_admits_its_topic_and_not_another(db: Database, policy: Policy) -> None:  # C91
     room1, room2 = room(), room()
-    policy(f"FOR SELECT TO authenticated USING (realtime.topic() = {literal(room1)})")
+    policy(f"FOR SELECT TO authenticated USING (realtime.topic() = {sql_literal(room1)})")
     assert await check_policies(db, AUTHENTICATED, room1, read=(BROADCAST,)) == Permissions(read=frozenset({BROADCAST}))
     assert await check_policies(db, AUTHENTICATED, room2, read=(BROADCAST,)) == Permissions()
 
 
 async def test_read_without_write(db: Database, policy: Policy) -> None:  # C92
     topic = room()
-    policy(f"FOR SELECT TO authenticated USING (realtime.topic() = {literal(topic)})")
+    policy(f"FOR SELECT TO authenticated USING (realtime.topic() = {sql_literal(topic)})")
     granted = await check_policies(db, AUTHENTICATED, topic, **EVERYTHING)
     assert granted == Permissions(read=frozenset({BROADCAST, PRESENCE}))
 
 
 async def test_presence_only_policies_grant_presence_alone(db: Database, policy: Policy) -> None:  # C93
     topic = room()
-    only_presence = f"realtime.topic() = {literal(topic)} AND extension = 'presence'"
+    only_presence = f"realtime.topic() = {sql_literal(topic)} AND extension = 'presence'"
     policy(f"FOR SELECT TO authenticated USING ({only_presence})")
     policy(f"FOR INSERT TO authenticated WITH CHECK ({only_presence})")
     granted = await check_policies(db, AUTHENTICATED, topic, **EVERYTHING)
@@ -101,10 +70,10 @@ async def test_a_policy_that_raises_denies_and_logs_the_database_message(
         f"GRANT EXECUTE ON FUNCTION public.{function}() TO authenticated",
     )
     try:
-        raising = f"CASE WHEN realtime.topic() = {literal(topic)} THEN public.{function}() ELSE false END"
+        raising = f"CASE WHEN realtime.topic() = {sql_literal(topic)} THEN public.{function}() ELSE false END"
         policy(f"FOR SELECT TO authenticated USING ({raising})")
         policy(f"FOR INSERT TO authenticated WITH CHECK ({raising})")
-        policy(f"FOR SELECT TO authenticated USING (realtime.topic() = {literal(other)})")
+        policy(f"FOR SELECT TO authenticated USING (realtime.topic() = {sql_literal(other)})")
         with caplog.at_level(logging.WARNING, logger="realtime.channel_auth"):
             assert await check_policies(db, AUTHENTICATED, topic, **EVERYTHING) == Permissions()
         assert "policy exploded on purpose" in caplog.text
@@ -127,7 +96,7 @@ async def test_without_policies_nothing_is_granted(db: Database) -> None:  # C90
 async def test_policies_see_the_claims_the_user_id_and_the_x_headers(db: Database, policy: Policy) -> None:
     topic = room()
     policy(
-        f"FOR SELECT TO authenticated USING (realtime.topic() = {literal(topic)}"
+        f"FOR SELECT TO authenticated USING (realtime.topic() = {sql_literal(topic)}"
         " AND auth.uid() = '3f0e4c2a-8a47-4e55-9a4b-1f0d7c5e2b10'"
         " AND auth.jwt() ->> 'team' = 'red'"
         " AND current_setting('request.headers', true)::jsonb ->> 'x-room-key' = 'k1')"
@@ -146,7 +115,7 @@ async def test_a_role_the_database_does_not_know_is_denied(db: Database) -> None
 
 async def test_checks_leave_no_rows_behind(db: Database, policy: Policy) -> None:
     topic = room()
-    policy(f"FOR ALL TO authenticated USING (realtime.topic() = {literal(topic)}) WITH CHECK (true)")
+    policy(f"FOR ALL TO authenticated USING (realtime.topic() = {sql_literal(topic)}) WITH CHECK (true)")
     assert await check_policies(db, AUTHENTICATED, topic, **EVERYTHING) == Permissions(
         read=frozenset({BROADCAST, PRESENCE}), write=frozenset({BROADCAST, PRESENCE})
     )
