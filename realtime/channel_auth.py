@@ -60,7 +60,7 @@ async def check_policies(
     async with db.connection() as conn:
         async with conn.transaction(force_rollback=True):
             await conn.execute(_CONTEXT, (sub_topic, headers))
-            probes = []
+            probes: list[tuple[Extension, Any]] = []
             for extension in read:
                 cursor = await conn.execute(_PROBE, (sub_topic, extension.value))
                 row = await cursor.fetchone()

@@ -36,6 +36,7 @@ from realtime.protocol.serializer import decode_binary, decode_text, encode_text
 from realtime.protocol.session import (
     Authorize,
     Effect,
+    Permissions,
     Publish,
     Send,
     SendLater,
@@ -262,6 +263,7 @@ class RealtimeConsumer(AsyncConsumer):
 
     async def authorize(self, check: Authorize) -> None:
         """Evaluate a private channel's policies and hand the verdict to the session (PROTOCOL.md 7)."""
+        permissions: Permissions | None
         try:
             permissions = await check_policies(
                 get_database(), check.claims, sub_topic(check.topic), self.policy_headers, check.read, check.write
