@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,13 @@ class Database:
         if self._opened:
             await self.pool.close()
             self._opened = False
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled autocommit connection, for checks kept in other modules (``realtime.channel_auth``)."""
+        await self.open()
+        async with self.pool.connection() as conn:
+            yield conn
 
     async def published_tables(self) -> frozenset[tuple[str, str]]:
         """(schema, table) pairs in the publication now (read at every subscribe, as the reference does)."""

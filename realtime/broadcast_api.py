@@ -3,7 +3,9 @@
 ``POST /realtime/v1/api/broadcast`` takes a batch of JSON messages;
 ``POST /realtime/v1/api/broadcast/<topic>/events/<event>`` sends one message
 whose body is the payload, JSON or raw bytes. Both answer 202 with an empty
-body once every accepted message is in the channel layer.
+body once every accepted message is in the channel layer. A private message
+needs broadcast write on its sub-topic as the request's claims, decided by
+the ``realtime.messages`` policies (``realtime.channel_auth``, PROTOCOL.md 7).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from realtime.channel_auth import headers_json, private_writes
 from realtime.jwt import Claims, TokenError, opaque_key_claims, verify_token
 from realtime.topics import broadcast_group
 from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
@@ -72,9 +75,8 @@ def _unauthorized() -> JsonResponse:
     return JsonResponse({"message": "Unauthorized"}, status=401)
 
 
-def _may_write_private(claims: Claims) -> bool:
-    # Without realtime.messages policies only a role that bypasses them may write.
-    return claims.role == "service_role"
+def _private_writes(request: HttpRequest, claims: Claims) -> Callable[[str], Awaitable[bool]]:
+    return private_writes(claims, headers_json(request.headers.items()))
 
 
 def _max_payload_bytes() -> int:
@@ -145,10 +147,11 @@ async def broadcast_batch(request: HttpRequest) -> HttpResponse:
     checked = [_validate(item) for item in messages]
     if any(errors for errors, _ in checked):
         return JsonResponse({"errors": {"messages": [errors for errors, _ in checked]}}, status=422)
+    may_write = _private_writes(request, claims)
     for item, (_, encoded) in zip(messages, checked):
         assert encoded is not None
         private = bool(item.get("private", False))
-        if private and not _may_write_private(claims):
+        if private and not await may_write(item["topic"]):
             continue  # PROTOCOL.md 5.3: dropped silently, still 202
         await _publish(_message(item["topic"], private, KIND_JSON, item["event"], 1, encoded))
     return HttpResponse(status=202)
@@ -177,7 +180,7 @@ async def broadcast_single(request: HttpRequest, topic: str, event: str) -> Http
     if len(body) > _max_payload_bytes():
         return JsonResponse({"errors": {"payload": ["Payload size exceeds tenant limit"]}}, status=422)
     private = request.GET.get("private", "").strip().lower() == "true"
-    if private and not _may_write_private(claims):
+    if private and not await _private_writes(request, claims)(topic):
         return JsonResponse({"message": "Unauthorized"}, status=403)
     await _publish(_message(topic, private, KIND_BINARY, event, encoding, body))
     return HttpResponse(status=202)

@@ -3,8 +3,9 @@
 One ``RealtimeConsumer`` per socket. It authenticates the handshake
 (PROTOCOL.md 1), decodes frames with the serializer, asks the ``Session`` what
 to do, and carries out the effects: writing frames, hub subscriptions and
-broadcasts through the channel layer. It parses nothing itself and never
-builds group names or SQL.
+broadcasts through the channel layer, private channel policy checks
+(``realtime.channel_auth``) whose verdicts go back to the session. It parses
+nothing itself and never builds group names or SQL.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -24,6 +26,7 @@ from django.conf import settings
 
 from realtime.authorization import AuthorizedBinding, authorize_binding, get_database
 from realtime.bindings import BindingError, parse_binding
+from realtime.channel_auth import check_policies, headers_json
 from realtime.hub import ChangeSubscription, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
 from realtime.jwt import Claims, TokenError, opaque_key_claims, verify_token
@@ -31,7 +34,9 @@ from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, Vsn
 from realtime.protocol.serializer import decode_binary, decode_text, encode_text, parse_vsn
 from realtime.protocol.session import (
+    Authorize,
     Effect,
+    Permissions,
     Publish,
     Send,
     SendLater,
@@ -45,6 +50,7 @@ from realtime.protocol.session import (
     Untrack,
     system_message,
 )
+from realtime.topics import sub_topic
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +112,10 @@ class RealtimeConsumer(AsyncConsumer):
         self.expiry_at: float | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
+        # One session step (state change plus its effects) at a time, whether a
+        # frame, a policy verdict or the expiry timer started it.
+        self.step_lock = asyncio.Lock()
+        self.policy_headers = "{}"
         # topic -> (the subscription that registered it, the tables it covers)
         self.change_tables: dict[str, tuple[SubscribeChanges, frozenset[tuple[str, str]]]] = {}
         self.publication_watch: asyncio.Future[None] | None = None
@@ -142,6 +152,9 @@ class RealtimeConsumer(AsyncConsumer):
             return
         self.session = Session(
             socket_id=self.socket_id, claims=claims, token=token, verify=verifier, limits=session_limits()
+        )
+        self.policy_headers = headers_json(
+            (key.decode("latin-1"), value.decode("latin-1")) for key, value in self.scope.get("headers", [])
         )
         await self.base_send({"type": "websocket.accept"})
         self.idle_timer = self.loop.call_later(settings.REALTIME_IDLE_TIMEOUT_S, self._check_idle)
@@ -186,11 +199,18 @@ class RealtimeConsumer(AsyncConsumer):
         except FrameError as error:
             logger.info("malformed frame dropped socket=%s reason=%s", self.socket_id, error.message)
             return
-        try:
-            await self.run(self.session.handle(msg, time.time()))
-        except Exception:
-            logger.exception("socket=%s failed on event=%s topic=%s", self.socket_id, msg.event, msg.topic)
-            await self.close(CLOSE_INTERNAL_ERROR)
+        await self.step(lambda session: session.handle(msg, time.time()), msg.event, msg.topic)
+
+    async def step(self, advance: Callable[[Session], list[Effect]], event: str, topic: str) -> None:
+        """Advance the session and carry out the effects, one step at a time per socket."""
+        if self.session is None or self.closed:
+            return
+        async with self.step_lock:
+            try:
+                await self.run(advance(self.session))
+            except Exception:
+                logger.exception("socket=%s failed on event=%s topic=%s", self.socket_id, event, topic)
+                await self.close(CLOSE_INTERNAL_ERROR)
 
     async def run(self, effects: list[Effect]) -> None:
         """Carry out the session's effects, in order."""
@@ -231,12 +251,27 @@ class RealtimeConsumer(AsyncConsumer):
                 await self.write(effect.reply)
             elif isinstance(effect, Untrack):
                 await self.untrack(effect)
+            elif isinstance(effect, Authorize):
+                # The verdict comes back as a later step; this socket's other frames go on meanwhile.
+                self._spawn(self.authorize(effect))
             elif isinstance(effect, SendLater):
                 if effect.delay <= 0:
                     await self.write(effect.message)
                 else:
                     self.loop.call_later(effect.delay, self._spawn_write, effect.message)
         self._schedule_expiry()
+
+    async def authorize(self, check: Authorize) -> None:
+        """Evaluate a private channel's policies and hand the verdict to the session (PROTOCOL.md 7)."""
+        permissions: Permissions | None
+        try:
+            permissions = await check_policies(
+                get_database(), check.claims, sub_topic(check.topic), self.policy_headers, check.read, check.write
+            )
+        except Exception:
+            logger.exception("policy check failed socket=%s topic=%s", self.socket_id, check.topic)
+            permissions = None
+        await self.step(lambda session: session.authorized(check, permissions, time.time()), "authorize", check.topic)
 
     async def subscribe_changes(self, effect: SubscribeChanges) -> None:
         """Check a channel's bindings in the database, register them, report (PROTOCOL.md 3.4, 4.3)."""
@@ -359,7 +394,7 @@ class RealtimeConsumer(AsyncConsumer):
         self.expiry_timer = None
         self.expiry_at = None
         if self.session is not None and not self.closed:
-            self._spawn(self.run(self.session.expire(time.time())))
+            self._spawn(self.step(lambda session: session.expire(time.time()), "expiry", ""))
 
     # --- lifecycle -------------------------------------------------------
 

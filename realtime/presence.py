@@ -1,9 +1,9 @@
 """Presence for the sockets of this process: the shared store and diff fan-out.
 
 The state lives in Redis (``presence.store``) so every server process sees
-one presence per topic; each diff travels through the topic's broadcast group
-as a ``presence_diff`` and reaches every channel on the topic, the tracker
-included (PROTOCOL.md 6.2). The first use starts the store's maintenance
+one presence per topic; each diff travels through the topic's presence group
+(``topics.presence_group``) as a ``presence_diff`` and reaches every channel on
+the topic that may read presence, the tracker included (PROTOCOL.md 6.2, 7). The first use starts the store's maintenance
 loop: it keeps this process's members alive and emits the leaves of members
 whose process died.
 """
@@ -20,7 +20,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from presence.store import RedisPresenceStore
-from realtime.topics import TOPIC_PREFIX, broadcast_group, parse_presence_channel
+from realtime.topics import TOPIC_PREFIX, parse_presence_channel, presence_group
 from realtime.types import KIND_PRESENCE, BroadcastMessage
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ async def close_store() -> None:
 async def publish_diff(channel: str, diff: dict[str, Any]) -> None:
     """Send a presence diff to every channel on the topic, on every process."""
     name, private = parse_presence_channel(channel)
-    group = broadcast_group(name, private)
+    group = presence_group(name, private)
     message = BroadcastMessage(
         type="realtime.broadcast",
         group=group,

@@ -18,10 +18,26 @@ def sub_topic(topic: str) -> str:
     return topic[len(TOPIC_PREFIX):] if topic.startswith(TOPIC_PREFIX) else topic
 
 
+def _digest(sub_topic: str) -> str:
+    return hashlib.blake2b(sub_topic.encode("utf-8"), digest_size=20).hexdigest()
+
+
 def broadcast_group(sub_topic: str, private: bool) -> str:
     """The group that carries broadcasts for one (sub-topic, private) pair."""
-    digest = hashlib.blake2b(sub_topic.encode("utf-8"), digest_size=20).hexdigest()
-    return f"rt.bc.{'priv' if private else 'pub'}.{digest}"
+    return f"rt.bc.{'priv' if private else 'pub'}.{_digest(sub_topic)}"
+
+
+def presence_group(sub_topic: str, private: bool) -> str:
+    """The group that carries presence diffs for one (sub-topic, private) pair.
+
+    A public topic's diffs share its broadcast group (one membership per
+    channel). On a private topic, reading broadcasts and reading presence are
+    granted by separate policies (PROTOCOL.md 7), so its diffs have a group of
+    their own that only members with presence read join.
+    """
+    if not private:
+        return broadcast_group(sub_topic, private)
+    return f"rt.pr.priv.{_digest(sub_topic)}"
 
 
 def table_group(schema: str, table: str) -> str:

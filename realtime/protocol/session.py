@@ -3,9 +3,17 @@
 ``Session.handle`` takes one decoded client message and the current time and
 returns what the socket must do, in order: frames to send (now or after a
 delay), hub subscriptions to add or drop, broadcasts to publish, bindings to
-check, presence to track. It performs no I/O and reads no clock, so every
-protocol rule is unit-testable. Rules follow PROTOCOL.md sections 2.4
-(control), 3 (join), 3.7 (tokens), 5.1 (broadcast) and 6 (presence).
+check, presence to track, policies to evaluate. It performs no I/O and reads
+no clock, so every protocol rule is unit-testable. Rules follow PROTOCOL.md
+sections 2.4 (control), 3 (join), 3.7 (tokens), 5.1 (broadcast), 6 (presence)
+and 7 (private channels).
+
+Private channels need the database's verdict before a join is answered, a
+refreshed token is taken, or the first broadcast or track is carried out.
+The session then returns an ``Authorize`` effect and waits: the consumer
+evaluates the policies and hands the result to ``Session.authorized``, which
+returns what follows. Pushes on a channel arriving meanwhile are held and
+replayed in order once the verdict is in.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from realtime.bindings import binding_id
@@ -22,7 +31,7 @@ from realtime.errors import RealtimeError
 from realtime.jwt import Claims, TokenError
 from realtime.protocol.message import Message, UserBroadcast
 from realtime.protocol.payloads import JoinConfig, parse_join_payload
-from realtime.topics import TOPIC_PREFIX, broadcast_group, presence_channel, sub_topic
+from realtime.topics import TOPIC_PREFIX, broadcast_group, presence_channel, presence_group, sub_topic
 from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
 
 logger = logging.getLogger(__name__)
@@ -30,6 +39,21 @@ logger = logging.getLogger(__name__)
 PHOENIX_TOPIC = "phoenix"
 
 Verifier = Callable[[str, float], Claims]
+
+
+class Extension(StrEnum):
+    """What a ``realtime.messages`` row, and so a policy, is about (PROTOCOL.md 7)."""
+
+    BROADCAST = "broadcast"
+    PRESENCE = "presence"
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """What the policies granted one role on one private sub-topic: extensions it may read, write."""
+
+    read: frozenset[Extension] = frozenset()
+    write: frozenset[Extension] = frozenset()
 
 
 # --- effects -------------------------------------------------------------
@@ -117,8 +141,28 @@ class Untrack:
     reply: Message | None = None
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Authorize:
+    """Evaluate a private channel's policies as ``claims``; pass the result to ``Session.authorized``.
+
+    ``read`` and ``write`` name the extensions to evaluate. ``refresh`` marks the
+    re-check of a new ``access_token`` (``token``). A result is applied only if
+    the channel still waits for this very effect (compared by identity), so a
+    leave or re-join during the check makes its result void.
+    """
+
+    topic: str
+    join_ref: str | None
+    claims: Claims
+    token: str
+    read: tuple[Extension, ...] = ()
+    write: tuple[Extension, ...] = ()
+    refresh: bool = False
+
+
 Effect = (
     Send | SendLater | Subscribe | Unsubscribe | Publish | SubscribeChanges | SendPresenceState | Track | Untrack
+    | Authorize
 )
 
 
@@ -148,10 +192,28 @@ class Channel:
     presence_key: str = ""
     tracked: bool = False
     presence_calls: list[float] = field(default_factory=list)
+    # Private channels only: the evaluated read flags, and the write flags
+    # cached until the token changes; a missing key is "not evaluated yet".
+    read: dict[Extension, bool] = field(default_factory=dict)
+    write: dict[Extension, bool] = field(default_factory=dict)
+    checking: Authorize | None = None  # the policy check this channel waits for
+    deferred: list[tuple[Message, float]] = field(default_factory=list)  # pushes held meanwhile
 
     @property
     def sub_topic(self) -> str:
         return sub_topic(self.topic)
+
+    def groups(self) -> list[str]:
+        """The groups this channel receives from: all of them on a public topic, the readable ones on a private one."""
+        if not self.config.private:
+            return [self.group]
+        groups = [self.group] if self.read.get(Extension.BROADCAST) else []
+        if self.read.get(Extension.PRESENCE):
+            groups.append(presence_group(self.sub_topic, True))
+        return groups
+
+    def may_read(self, extension: Extension) -> bool:
+        return not self.config.private or self.read.get(extension, False)
 
     @property
     def presence_channel(self) -> str:
@@ -161,6 +223,19 @@ class Channel:
 
 class JoinRefused(RealtimeError):
     """A join the server answers with an error reply (PROTOCOL.md 3.2)."""
+
+
+@dataclass(slots=True)
+class PendingJoin:
+    """A private join that passed every other check and waits for its read check."""
+
+    msg: Message
+    channel: Channel
+    check: Authorize
+
+
+def _read_denied(topic: str) -> str:
+    return f"You do not have permissions to read from this Channel topic: {sub_topic(topic)}"
 
 
 def _reply(msg: Message, status: str, response: Any) -> Message:
@@ -197,6 +272,7 @@ class Session:
     verify: Verifier
     limits: SessionLimits = field(default_factory=SessionLimits)
     channels: dict[str, Channel] = field(default_factory=dict)
+    pending_joins: dict[str, PendingJoin] = field(default_factory=dict)
     new_presence_key: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
 
     # --- entry points ----------------------------------------------------
@@ -217,8 +293,12 @@ class Session:
         if msg.join_ref is not None and msg.join_ref != channel.join_ref:
             # PROTOCOL.md 2.4: a stale join_ref is dropped silently.
             return []
+        if channel.checking is not None:
+            # Held until the channel's policy check is answered, so pushes keep their order.
+            channel.deferred.append((msg, now))
+            return []
         if msg.event == "broadcast":
-            return self._broadcast(channel, msg)
+            return self._broadcast(channel, msg, now)
         if msg.event == "access_token":
             return self._access_token(channel, msg, now)
         if msg.event == "presence":
@@ -226,12 +306,40 @@ class Session:
         # Unknown events get no reply.
         return []
 
+    def authorized(self, check: Authorize, permissions: Permissions | None, now: float) -> list[Effect]:
+        """Act on the outcome of an ``Authorize`` effect; ``None`` means the database could not be asked."""
+        pending = self.pending_joins.get(check.topic)
+        if pending is not None and pending.check is check:
+            del self.pending_joins[check.topic]
+            return self._join_authorized(pending, permissions)
+        channel = self.channels.get(check.topic)
+        if channel is None or channel.checking is not check:
+            return []  # left, re-joined or ended while the database answered
+        channel.checking = None
+        if check.refresh:
+            effects = self._refresh_authorized(channel, check, permissions)
+        else:
+            effects = self._record(channel, check, permissions)
+        if self.channels.get(check.topic) is not channel:
+            return effects
+        held, channel.deferred = channel.deferred, []
+        for msg, at in held:
+            effects += self.handle(msg, at)
+        if permissions is None:
+            # Denied for the pushes that waited; the next one asks the database again.
+            for extension in check.read:
+                channel.read.pop(extension, None)
+            for extension in check.write:
+                channel.write.pop(extension, None)
+        return effects
+
     def close_all(self) -> list[Effect]:
         """The socket is gone: drop every channel's subscription."""
         effects: list[Effect] = []
         for channel in self.channels.values():
             effects += self._stop(channel)
         self.channels.clear()
+        self.pending_joins.clear()
         return effects
 
     def next_deadline(self) -> float | None:
@@ -254,23 +362,49 @@ class Session:
         config = parse_join_payload(msg.payload)
         if config.errors:
             logger.info("InvalidJoinPayload topic=%s errors=%s", msg.topic, "; ".join(config.errors))
+        # A newer join of the topic makes an earlier one still being authorized void.
+        self.pending_joins.pop(msg.topic, None)
         try:
             channel = self._admit(msg, config, now)
         except JoinRefused as error:
-            return [SendLater(self.limits.channel_error_backoff, _reply(msg, "error", {"reason": error.reason}))]
+            return self._refuse(msg, error)
+        if config.private:
+            # PROTOCOL.md 7: read is probed for broadcast, and for presence if it is on at join.
+            read = (Extension.BROADCAST, Extension.PRESENCE) if config.presence_enabled else (Extension.BROADCAST,)
+            check = Authorize(channel.topic, channel.join_ref, channel.claims, channel.token, read=read)
+            self.pending_joins[msg.topic] = PendingJoin(msg, channel, check)
+            return [check]
+        return self._open(msg, channel)
 
+    def _join_authorized(self, pending: PendingJoin, permissions: Permissions | None) -> list[Effect]:
+        msg, channel = pending.msg, pending.channel
+        if permissions is None:
+            return self._refuse(
+                msg, JoinRefused("UnableToConnectToProject", "Realtime was unable to connect to the project database")
+            )
+        channel.read = {extension: extension in permissions.read for extension in pending.check.read}
+        if not any(channel.read.values()):
+            return self._refuse(msg, JoinRefused("Unauthorized", _read_denied(msg.topic)))
+        return self._open(msg, channel)
+
+    def _refuse(self, msg: Message, error: JoinRefused) -> list[Effect]:
+        return [SendLater(self.limits.channel_error_backoff, _reply(msg, "error", {"reason": error.reason}))]
+
+    def _open(self, msg: Message, channel: Channel) -> list[Effect]:
+        """Make an admitted channel current: subscribe, reply, then its first pushes (PROTOCOL.md 3.3-3.4)."""
+        config = channel.config
         effects: list[Effect] = []
         old = self.channels.pop(msg.topic, None)
         if old is not None:
             effects += self._stop(old)
         self.channels[msg.topic] = channel
         # Subscribe before replying: a broadcast sent after SUBSCRIBED must arrive.
-        effects.append(Subscribe(channel.group, channel.topic, config.broadcast_self))
+        effects += [Subscribe(group, channel.topic, config.broadcast_self) for group in channel.groups()]
         bindings = [{**binding, "id": binding_id(binding)} for binding in config.postgres_changes]
         effects.append(Send(_reply(msg, "ok", {"postgres_changes": bindings})))
         if old is not None:
             effects.append(Send(_close(old)))
-        if config.presence_enabled:
+        if config.presence_enabled and channel.may_read(Extension.PRESENCE):
             effects.append(SendPresenceState(channel.topic, channel.join_ref, channel.presence_channel))
         if config.replication_ready:
             # Broadcast delivery needs no replication connection here: it is ready at once.
@@ -286,7 +420,7 @@ class Session:
             raise JoinRefused("TopicNameRequired", "You must provide a topic name")
         if self.limits.private_only and not config.private:
             raise JoinRefused("PrivateOnly", "This project only allows private channels")
-        if topic not in self.channels and len(self.channels) >= self.limits.max_channels:
+        if topic not in self.channels and len(self.channels.keys() | self.pending_joins.keys()) >= self.limits.max_channels:
             raise JoinRefused("ChannelRateLimitReached", "Too many channels")
         claims, token = self.claims, self.token
         access_token = config.access_token
@@ -298,11 +432,6 @@ class Session:
             token = access_token
         elif claims.exp <= now:
             raise JoinRefused("InvalidJWTToken", f"Token has expired {int(now - claims.exp)} seconds ago")
-        if config.private and not _bypasses_policies(claims):
-            # Without realtime.messages policies nobody but a bypassing role may read.
-            raise JoinRefused(
-                "Unauthorized", f"You do not have permissions to read from this Channel topic: {sub_topic(topic)}"
-            )
         group = broadcast_group(sub_topic(topic), config.private)
         return Channel(
             topic=topic, join_ref=msg.join_ref, config=config, claims=claims, token=token, group=group,
@@ -310,6 +439,9 @@ class Session:
         )
 
     def _leave(self, msg: Message) -> list[Effect]:
+        pending = self.pending_joins.get(msg.topic)
+        if pending is not None and msg.join_ref in (None, pending.channel.join_ref):
+            del self.pending_joins[msg.topic]  # its read check's result will be void
         channel = self.channels.get(msg.topic)
         if channel is None:
             return [Send(_reply(msg, "ok", {}))]
@@ -324,7 +456,7 @@ class Session:
         if channel.tracked:
             channel.tracked = False
             effects.append(Untrack(channel.group, channel.topic, channel.presence_channel))
-        effects.append(Unsubscribe(channel.group, channel.topic))
+        effects += [Unsubscribe(group, channel.topic) for group in channel.groups()]
         return effects
 
     def _end(self, channel: Channel, message: str) -> list[Effect]:
@@ -334,7 +466,7 @@ class Session:
 
     # --- pushes on a joined channel ---------------------------------------
 
-    def _broadcast(self, channel: Channel, msg: Message) -> list[Effect]:
+    def _broadcast(self, channel: Channel, msg: Message, now: float) -> list[Effect]:
         body = msg.payload
         if isinstance(body, UserBroadcast):
             size = len(body.payload)
@@ -352,6 +484,12 @@ class Session:
             )
         else:
             return []
+        if channel.config.private:
+            check = self._check(channel, msg, now, write=(Extension.BROADCAST,))
+            if check is not None:
+                return check
+            if not channel.write[Extension.BROADCAST]:
+                return []  # PROTOCOL.md 5.1: dropped without a reply, even with ack
         ack = channel.config.broadcast_ack
         if size > self.limits.max_payload_bytes:
             # PROTOCOL.md 5.1: dropped; the error reply's response is a bare string.
@@ -363,13 +501,20 @@ class Session:
 
     def _presence(self, channel: Channel, msg: Message, now: float) -> list[Effect]:
         """``track`` / ``untrack`` (PROTOCOL.md 6.1, limits in 8)."""
+        event, payload = _presence_event(msg.payload)
+        if event == "track" and channel.config.private:
+            # PROTOCOL.md 7: presence write, and presence read if it was off at join.
+            check = self._check(channel, msg, now, read=(Extension.PRESENCE,), write=(Extension.PRESENCE,))
+            if check is not None:
+                return check
         window_start = now - self.limits.presence_window
         channel.presence_calls = [t for t in channel.presence_calls if t > window_start]
         channel.presence_calls.append(now)
         if len(channel.presence_calls) > self.limits.presence_max_calls:
             return self._end(channel, "Client presence rate limit exceeded")
-        event, payload = _presence_event(msg.payload)
         if event == "track":
+            if channel.config.private and not channel.write[Extension.PRESENCE]:
+                return [Send(_reply(msg, "error", {}))]
             if payload is None:
                 payload = {}
             if not isinstance(payload, dict):
@@ -393,14 +538,61 @@ class Session:
             claims = self.verify(token, now)
         except TokenError as error:
             return self._end(channel, error.message)
-        if channel.config.private and not _bypasses_policies(claims):
-            return self._end(channel, f"You do not have permissions to read from this Channel topic: {channel.sub_topic}")
+        if channel.config.private:
+            # PROTOCOL.md 3.7: re-check every read evaluated so far with the new claims.
+            check = Authorize(channel.topic, channel.join_ref, claims, token, read=tuple(channel.read), refresh=True)
+            channel.checking = check
+            return [check]
+        return self._take_token(channel, claims, token)
+
+    def _take_token(self, channel: Channel, claims: Claims, token: str) -> list[Effect]:
         channel.claims = claims
         channel.token = token
         if channel.config.postgres_changes:
             # PROTOCOL.md 3.7: subscriptions take the new claims and report again.
             return [SubscribeChanges(channel.topic, channel.join_ref, channel.config.postgres_changes, claims)]
         return []
+
+    def _refresh_authorized(self, channel: Channel, check: Authorize, permissions: Permissions | None) -> list[Effect]:
+        """Take a refreshed token on a private channel, or end the channel (PROTOCOL.md 3.7)."""
+        if permissions is None:
+            return self._end(channel, "Realtime was unable to connect to the project database")
+        granted = {extension: extension in permissions.read for extension in check.read}
+        if not any(granted.values()):
+            return self._end(channel, _read_denied(channel.topic))
+        if any(channel.read.get(extension) and not allowed for extension, allowed in granted.items()):
+            return self._end(channel, f"You no longer have permission to read from this Channel topic: {channel.sub_topic}")
+        channel.write.clear()  # write verdicts belong to the old token
+        return self._record(channel, check, permissions) + self._take_token(channel, check.claims, check.token)
+
+    # --- private channel policies ------------------------------------------
+
+    def _check(
+        self, channel: Channel, msg: Message, now: float,
+        read: tuple[Extension, ...] = (), write: tuple[Extension, ...] = (),
+    ) -> list[Effect] | None:
+        """Ask for the verdicts this push needs and the channel lacks, holding the push; None if all are known."""
+        read = tuple(extension for extension in read if extension not in channel.read)
+        write = tuple(extension for extension in write if extension not in channel.write)
+        if not read and not write:
+            return None
+        check = Authorize(channel.topic, channel.join_ref, channel.claims, channel.token, read=read, write=write)
+        channel.checking = check
+        channel.deferred.append((msg, now))
+        return [check]
+
+    def _record(self, channel: Channel, check: Authorize, permissions: Permissions | None) -> list[Effect]:
+        """Store the verdicts of ``check`` (all denied without an answer); subscribe to what became readable."""
+        before = channel.groups()
+        granted = permissions or Permissions()
+        for extension in check.read:
+            channel.read[extension] = extension in granted.read
+        for extension in check.write:
+            channel.write[extension] = extension in granted.write
+        return [
+            Subscribe(group, channel.topic, channel.config.broadcast_self)
+            for group in channel.groups() if group not in before
+        ]
 
 
 def _presence_event(payload: Any) -> tuple[str, Any]:
@@ -409,6 +601,3 @@ def _presence_event(payload: Any) -> tuple[str, Any]:
     event = payload.get("event")
     return (event.lower() if isinstance(event, str) else ""), payload.get("payload", {})
 
-
-def _bypasses_policies(claims: Claims) -> bool:
-    return claims.role == "service_role"

@@ -3,7 +3,7 @@
     python tests/e2e/sql.py [--roles] STATEMENT [STATEMENT ...]
 
 ``--roles`` first prepares the database as ``manage.py migrate`` does
-(``realtime.dbsetup.SETUP_SQL``: API roles, ``auth`` functions). Each statement runs in its own transaction (autocommit) against ``PG_URL``
+(``realtime.dbsetup.SETUP_SQL``: API roles, ``auth`` functions, ``realtime.messages``). Each statement runs in its own transaction (autocommit) against ``PG_URL``
 (else ``DATABASE_URL``); the rows of the last statement that returns any are
 printed as one JSON array of objects on stdout. An error exits with status 1
 and the database's message on stderr.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -42,6 +42,32 @@ def publication(settings) -> Any:
     settings.REALTIME_PUBLICATION = name
     yield name
     execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def realtime_schema() -> None:
+    """The database prepared as ``manage.py migrate`` does: API roles, ``auth`` functions, ``realtime.messages``."""
+    execute(SETUP_SQL)
+
+
+@pytest.fixture
+def policy(realtime_schema: None) -> Iterator[Callable[[str], None]]:
+    """``policy("FOR SELECT TO authenticated USING (...)")`` on ``realtime.messages``; dropped after the test."""
+    names: list[str] = []
+
+    def create(body: str) -> None:
+        name = f"test_{uuid.uuid4().hex[:12]}"
+        names.append(name)
+        execute(sql.SQL("CREATE POLICY {} ON realtime.messages ").format(sql.Identifier(name)) + sql.SQL(body))
+
+    yield create
+    for name in names:
+        execute(sql.SQL("DROP POLICY IF EXISTS {} ON realtime.messages").format(sql.Identifier(name)))
+
+
+def sql_literal(value: str) -> str:
+    """``value`` quoted as an SQL string literal, for policy text in tests."""
+    return sql.Literal(value).as_string(None)
 
 
 def token(role: str = "anon", exp_in: float = 3600, **claims: Any) -> str:

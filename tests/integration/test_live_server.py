@@ -20,6 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.fixtures.server import ServerProcess, mint_token, start_server
+from tests.integration.conftest import sql_literal
 
 pytestmark = pytest.mark.integration
 
@@ -161,14 +162,16 @@ async def test_rest_batch_refusals(realtime_server: ServerProcess) -> None:  # C
     assert json.loads(raw) == {"errors": {"messages": [{}, {"payload": ["can't be blank"]}]}}
 
 
-async def test_rest_batch_private_without_write_is_accepted_and_dropped(realtime_server: ServerProcess) -> None:  # C75
+async def test_rest_batch_private_without_write_is_accepted_and_dropped(realtime_server: ServerProcess, policy) -> None:  # C75
     topic = room()
+    sub = topic.removeprefix("realtime:")
     ws = await joined(realtime_server, topic, {"private": True}, role="service_role")
-    message = {"topic": topic.removeprefix("realtime:"), "event": "e", "payload": {}, "private": True}
+    message = {"topic": sub, "event": "e", "payload": {}, "private": True}
     status, _ = post(realtime_server, "/realtime/v1/api/broadcast", json.dumps({"messages": [message]}).encode(), bearer("anon"))
     assert status == 202
     assert await quiet(ws)
-    status, _ = post(realtime_server, "/realtime/v1/api/broadcast", json.dumps({"messages": [message]}).encode(), bearer())
+    policy(f"FOR INSERT TO anon WITH CHECK (realtime.topic() = {sql_literal(sub)} AND extension = 'broadcast')")
+    status, _ = post(realtime_server, "/realtime/v1/api/broadcast", json.dumps({"messages": [message]}).encode(), bearer("anon"))
     assert status == 202
     assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))[4]["event"] == "e"
     await ws.close()
@@ -185,10 +188,22 @@ async def test_rest_single_message(realtime_server: ServerProcess) -> None:  # C
     assert json.loads(await asyncio.wait_for(v1.recv(), WAIT))["payload"] == {"type": "broadcast", "event": "ping", "payload": {"a": 1}}
     status, raw = post(realtime_server, path, b"hi", {**bearer(), "Content-Type": "text/plain"})
     assert status == 415 and json.loads(raw)["error"].startswith("Unsupported Media Type")
-    status, raw = post(realtime_server, path + "?private=true", b"{}", bearer("anon"))
-    assert (status, json.loads(raw)) == (403, {"message": "Unauthorized"})
     await v2.close()
     await v1.close()
+
+
+async def test_rest_single_private_message_needs_write(realtime_server: ServerProcess, policy) -> None:  # C76
+    topic = room()
+    sub = topic.removeprefix("realtime:")
+    ws = await joined(realtime_server, topic, {"private": True}, role="service_role")
+    path = f"/realtime/v1/api/broadcast/{sub}/events/ping?private=true"
+    status, raw = post(realtime_server, path, b"{}", bearer("anon"))
+    assert (status, json.loads(raw)) == (403, {"message": "Unauthorized"})
+    assert await quiet(ws)
+    policy(f"FOR INSERT TO anon WITH CHECK (realtime.topic() = {sql_literal(sub)})")
+    assert post(realtime_server, path, b'{"a":1}', bearer("anon")) == (202, b"")
+    assert await asyncio.wait_for(ws.recv(), WAIT) == bytes([4, len(topic), 4, 0, 1]) + topic.encode() + b"ping" + b'{"a":1}'
+    await ws.close()
 
 
 # --- robustness -----------------------------------------------------------

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import uuid
 
+import psycopg
 import pytest
 
-from tests.integration.conftest import token
+from tests.integration.conftest import sql_literal, token
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,7 @@ async def test_broadcast_no_cross_topic_leak(connect) -> None:
     assert (await b.recv())[4] == broadcast_payload(public=1)
 
 
-async def test_public_and_private_topics_are_isolated(connect) -> None:  # C71
+async def test_public_and_private_topics_are_isolated(connect, realtime_schema) -> None:  # C71
     service = token("service_role")
     pub, priv = await connect(apikey=service), await connect(apikey=service)
     room = topic()
@@ -239,3 +240,38 @@ async def test_memberships_lost_in_redis_are_restored_within_seconds(connect) ->
     await asyncio.sleep(3)
     await a.push("1", "2", room, "broadcast", broadcast_payload(after="restart"))
     assert (await b.recv(timeout=3))[4] == broadcast_payload(after="restart")
+
+
+# --- private channels (PROTOCOL.md 7) ----------------------------------------
+
+
+async def test_private_member_gets_what_its_policies_allow(connect, policy) -> None:  # C91, C92
+    room = topic()
+    sub = room.removeprefix("realtime:")
+    policy(f"FOR SELECT TO authenticated USING (realtime.topic() = {sql_literal(sub)})")
+    member = await connect(apikey=token("authenticated"))
+    admin = await connect(apikey=token("service_role"))
+    reply = await member.join(room, {"private": True, "broadcast": {"ack": True}})
+    assert reply[4] == {"status": "ok", "response": {"postgres_changes": []}}
+    await admin.join(room, {"private": True})
+    await member.push("1", "2", room, "broadcast", broadcast_payload(n=1))
+    assert await admin.nothing(0.5)  # read without write: dropped, and no ack
+    assert await member.nothing(0.1)
+    await admin.push("1", "3", room, "broadcast", broadcast_payload(n=2))
+    assert await member.recv() == [None, None, room, "broadcast", broadcast_payload(n=2)]
+    other = await member.join(f"{room}-2", {"private": True}, ref="5")
+    assert other[4]["response"] == {"reason": f"Unauthorized: You do not have permissions to read from this Channel topic: {sub}-2"}
+
+
+async def test_private_join_is_refused_with_a_reason_when_the_database_fails(connect, monkeypatch) -> None:
+    async def unreachable(*args, **kwargs):
+        raise psycopg.OperationalError("connection refused")
+
+    monkeypatch.setattr("realtime.consumer.check_policies", unreachable)
+    client = await connect()
+    room = topic()
+    reply = await client.join(room, {"private": True})
+    assert reply == ["1", "1", room, "phx_reply", {"status": "error", "response": {
+        "reason": "UnableToConnectToProject: Realtime was unable to connect to the project database"}}]
+    await client.push(None, "9", "phoenix", "heartbeat", {})
+    assert (await client.recv())[4] == {"status": "ok", "response": {}}  # the socket goes on

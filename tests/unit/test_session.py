@@ -10,6 +10,9 @@ from realtime.bindings import binding_id
 from realtime.jwt import Claims, TokenError, check_claims
 from realtime.protocol.message import Message, UserBroadcast
 from realtime.protocol.session import (
+    Authorize,
+    Extension,
+    Permissions,
     Publish,
     Send,
     SendLater,
@@ -21,6 +24,7 @@ from realtime.protocol.session import (
     Untrack,
     Unsubscribe,
 )
+from realtime.topics import broadcast_group, presence_group
 
 pytestmark = pytest.mark.unit
 
@@ -152,15 +156,9 @@ def test_opaque_access_token_joins_with_the_connect_token() -> None:  # C26
 def test_string_config_still_joins_and_string_private_counts() -> None:  # C27
     assert frames(join(new_session(), payload={"config": "x"}))[0].payload["status"] == "ok"
     session = new_session()
-    out = frames(join(session, payload={"config": {"private": "True"}}))
-    # anon cannot read a private topic without policies: the flag was understood.
-    assert out[0].payload["response"]["reason"].startswith("Unauthorized: You do not have permissions")
-
-
-def test_private_join_is_open_to_service_role() -> None:
-    session = Session("s", Claims("service_role", NOW + 60, None, {}), "t", fake_verify, SessionLimits(channel_error_backoff=0))
-    out = frames(join(session, payload={"config": {"private": True}}))
-    assert out[0].payload["status"] == "ok"
+    effects = join(session, payload={"config": {"private": "True"}})
+    # A private join waits for its policies: the flag was understood.
+    assert [type(e) for e in effects] == [Authorize]
 
 
 def test_channel_limit_refuses_one_more_and_a_leave_frees_a_slot() -> None:  # C30
@@ -332,11 +330,11 @@ def test_many_topics_are_multiplexed_on_one_socket() -> None:
 
 
 def test_public_and_private_channels_of_one_sub_topic_use_different_groups() -> None:  # C71
-    admin = Session("s", Claims("service_role", NOW + 60, None, {}), "t", fake_verify, SessionLimits(channel_error_backoff=0))
-    join(admin, topic="realtime:room1", ref="1", payload={"config": {"private": False}})
-    public_group = admin.channels["realtime:room1"].group
-    join(admin, topic="realtime:room1", ref="2", payload={"config": {"private": True}})
-    assert admin.channels["realtime:room1"].group != public_group
+    session = new_session()
+    join(session, topic="realtime:room1", ref="1", payload={"config": {"private": False}})
+    public_group = session.channels["realtime:room1"].group
+    join_private(session, ref="2")
+    assert session.channels["realtime:room1"].group != public_group
 
 
 # --- tokens -------------------------------------------------------------
@@ -406,3 +404,237 @@ def test_replication_ready_gets_its_system_message_after_the_reply() -> None:  #
         "1", None, "realtime:room1", "system",
         {"message": "Replication connection established", "status": "ok", "extension": "system", "channel": "room1"},
     )
+
+
+# --- private channels -----------------------------------------------------
+
+
+READ_ALL = Permissions(read=frozenset(Extension))
+READ_BROADCAST = Permissions(read=frozenset({Extension.BROADCAST}))
+
+
+def join_private(
+    session: Session, permissions: Permissions | None = READ_ALL, ref: str = "1", config: dict[str, Any] | None = None
+) -> list[Any]:
+    """Join ``realtime:room1`` privately and answer its read check with ``permissions``."""
+    [check] = join(session, ref=ref, payload={"config": {"private": True, **(config or {})}})
+    assert isinstance(check, Authorize)
+    return session.authorized(check, permissions, NOW)
+
+
+def checks(effects: list[Any]) -> list[Authorize]:
+    return [e for e in effects if isinstance(e, Authorize)]
+
+
+def subscribed(effects: list[Any]) -> set[str]:
+    return {e.group for e in effects if isinstance(e, Subscribe)}
+
+
+BROADCAST_GROUP = broadcast_group("room1", True)
+PRESENCE_GROUP = presence_group("room1", True)
+
+
+def test_private_join_waits_for_the_broadcast_read_check_as_the_joining_claims() -> None:
+    session = new_session()
+    [check] = join(session, payload={"config": {"private": True}})
+    assert isinstance(check, Authorize)
+    assert (check.topic, check.join_ref, check.claims, check.read, check.write) == (
+        "realtime:room1", "1", CONNECT, (Extension.BROADCAST,), ()
+    )
+    assert session.channels == {}
+
+
+def test_private_join_with_presence_on_also_probes_presence_read() -> None:
+    [check] = join(new_session(), payload={"config": {"private": True, "presence": {"enabled": True}}})
+    assert check.read == (Extension.BROADCAST, Extension.PRESENCE)
+
+
+def test_private_join_with_broadcast_read_subscribes_then_replies_ok() -> None:
+    effects = join_private(new_session(), READ_BROADCAST)
+    kinds = [type(e) for e in effects]
+    assert kinds.index(Subscribe) < kinds.index(Send)
+    assert subscribed(effects) == {BROADCAST_GROUP}
+    assert frames(effects) == [
+        Message("1", "1", "realtime:room1", "phx_reply", {"status": "ok", "response": {"postgres_changes": []}})
+    ]
+
+
+def test_private_join_without_read_is_unauthorized() -> None:  # C90
+    session = new_session()
+    out = frames(join_private(session, Permissions()))
+    assert out == [
+        Message("1", "1", "realtime:room1", "phx_reply", {"status": "error", "response": {
+            "reason": "Unauthorized: You do not have permissions to read from this Channel topic: room1"}})
+    ]
+    assert session.channels == {}
+
+
+def test_private_join_when_the_database_cannot_answer_is_refused_with_a_clear_reason() -> None:
+    out = frames(join_private(new_session(), None))
+    assert out[0].payload["response"] == {
+        "reason": "UnableToConnectToProject: Realtime was unable to connect to the project database"
+    }
+
+
+def test_read_verdict_after_a_leave_or_a_rejoin_is_ignored() -> None:
+    session = new_session()
+    [check] = join(session, payload={"config": {"private": True}})
+    session.handle(Message("1", "2", "realtime:room1", "phx_leave", {}), NOW)
+    assert session.authorized(check, READ_ALL, NOW) == []
+    assert session.channels == {}
+    [first] = join(session, ref="3", payload={"config": {"private": True}})
+    [second] = join(session, ref="4", payload={"config": {"private": True}})
+    assert session.authorized(first, READ_ALL, NOW) == []
+    assert frames(session.authorized(second, READ_ALL, NOW))[0].ref == "4"
+
+
+def test_presence_only_read_gets_presence_but_no_broadcast_group() -> None:  # C93
+    effects = join_private(
+        new_session(), Permissions(read=frozenset({Extension.PRESENCE})), config={"presence": {"enabled": True}}
+    )
+    assert subscribed(effects) == {PRESENCE_GROUP}
+    assert any(isinstance(e, SendPresenceState) for e in effects)
+
+
+def test_presence_on_without_presence_read_gets_no_presence_state() -> None:
+    effects = join_private(new_session(), READ_BROADCAST, config={"presence": {"enabled": True}})
+    assert subscribed(effects) == {BROADCAST_GROUP}
+    assert not any(isinstance(e, SendPresenceState) for e in effects)
+
+
+def private_broadcast(session: Session, ref: str, n: int = 0) -> list[Any]:
+    return broadcast(session, {"type": "broadcast", "event": "e", "payload": {"n": n}}, ref=ref)
+
+
+def test_first_private_broadcast_asks_for_write_and_later_pushes_wait_in_order() -> None:
+    session = new_session()
+    join_private(session, config={"broadcast": {"ack": True}})
+    [check] = private_broadcast(session, "2", n=1)
+    assert isinstance(check, Authorize) and (check.read, check.write) == ((), (Extension.BROADCAST,))
+    assert private_broadcast(session, "3", n=2) == []  # held: the verdict is not in yet
+    effects = session.authorized(check, Permissions(write=frozenset({Extension.BROADCAST})), NOW)
+    published = [e.message["payload"] for e in effects if isinstance(e, Publish)]
+    assert published == [b'{"type":"broadcast","event":"e","payload":{"n":1}}', b'{"type":"broadcast","event":"e","payload":{"n":2}}']
+    assert [m.ref for m in frames(effects)] == ["2", "3"]  # the acks
+    again = private_broadcast(session, "4")
+    assert checks(again) == [] and len([e for e in again if isinstance(e, Publish)]) == 1  # the verdict is cached
+
+
+def test_private_broadcast_without_write_is_dropped_without_ack() -> None:  # C92
+    session = new_session()
+    join_private(session, config={"broadcast": {"ack": True}})
+    [check] = private_broadcast(session, "2")
+    assert session.authorized(check, READ_ALL, NOW) == []
+    assert private_broadcast(session, "3") == []
+
+
+def test_write_check_the_database_cannot_answer_drops_the_waiting_push_and_the_next_asks_again() -> None:
+    session = new_session()
+    join_private(session, config={"broadcast": {"ack": True}})
+    [check] = private_broadcast(session, "2")
+    assert session.authorized(check, None, NOW) == []
+    assert len(checks(private_broadcast(session, "3"))) == 1
+
+
+def test_track_without_presence_write_gets_an_error_reply() -> None:  # C95
+    session = new_session()
+    join_private(session, config={"presence": {"enabled": True}})
+    [check] = presence(session, "track", {"user": "a"})
+    assert (check.read, check.write) == ((), (Extension.PRESENCE,))  # read was probed at join
+    out = frames(session.authorized(check, READ_ALL, NOW))
+    assert out == [Message("1", "4", "realtime:room1", "phx_reply", {"status": "error", "response": {}})]
+    assert not session.channels["realtime:room1"].tracked
+
+
+def test_first_track_with_presence_off_at_join_evaluates_presence_read_too() -> None:
+    session = new_session()
+    effects = join_private(session, READ_BROADCAST)
+    assert subscribed(effects) == {BROADCAST_GROUP}
+    [check] = presence(session, "track", {"user": "a"})
+    assert (check.read, check.write) == ((Extension.PRESENCE,), (Extension.PRESENCE,))
+    granted = Permissions(read=frozenset({Extension.PRESENCE}), write=frozenset({Extension.PRESENCE}))
+    effects = session.authorized(check, granted, NOW)
+    assert subscribed(effects) == {PRESENCE_GROUP}
+    assert [type(e) for e in effects] == [Subscribe, Track]
+    assert isinstance(presence(session, "track", {"user": "b"}, ref="5")[0], Track)
+
+
+def refresh(session: Session, token: str) -> list[Any]:
+    return session.handle(Message("1", "9", "realtime:room1", "access_token", {"access_token": token}), NOW)
+
+
+def test_private_refresh_rechecks_read_with_the_new_claims() -> None:
+    session = new_session()
+    join_private(session, READ_BROADCAST)
+    [check] = refresh(session, f"authenticated:{NOW + 60}")
+    assert check.refresh and check.claims.role == "authenticated" and check.read == (Extension.BROADCAST,)
+    assert session.channels["realtime:room1"].claims == CONNECT  # not taken before the verdict
+    assert session.authorized(check, READ_BROADCAST, NOW) == []
+    assert session.channels["realtime:room1"].claims.role == "authenticated"
+
+
+def test_private_refresh_without_read_sends_the_permission_error_then_close() -> None:  # C94
+    session = new_session()
+    join_private(session, READ_BROADCAST)
+    [check] = refresh(session, f"authenticated:{NOW + 60}")
+    out = frames(session.authorized(check, Permissions(), NOW))
+    assert out == [
+        Message("1", None, "realtime:room1", "system", {
+            "message": "You do not have permissions to read from this Channel topic: room1",
+            "status": "error", "extension": "system", "channel": "room1"}),
+        Message("1", "1", "realtime:room1", "phx_close", {}),
+    ]
+    assert session.channels == {}
+
+
+def test_private_refresh_losing_one_read_closes_with_no_longer() -> None:
+    session = new_session()
+    join_private(session, READ_ALL, config={"presence": {"enabled": True}})
+    [check] = refresh(session, f"authenticated:{NOW + 60}")
+    out = frames(session.authorized(check, READ_BROADCAST, NOW))
+    assert out[0].payload["message"] == "You no longer have permission to read from this Channel topic: room1"
+    assert out[1].event == "phx_close"
+
+
+def test_private_refresh_resets_the_write_verdicts() -> None:
+    session = new_session()
+    join_private(session)
+    [write] = private_broadcast(session, "2")
+    session.authorized(write, READ_ALL, NOW)  # write denied for the connect token
+    [check] = refresh(session, f"authenticated:{NOW + 60}")
+    session.authorized(check, READ_ALL, NOW)
+    [again] = private_broadcast(session, "3")
+    assert again.write == (Extension.BROADCAST,) and again.claims.role == "authenticated"
+
+
+def test_pushes_during_a_refresh_check_wait_for_its_verdict() -> None:
+    session = new_session()
+    join_private(session)
+    [check] = refresh(session, f"authenticated:{NOW + 60}")
+    assert private_broadcast(session, "2") == []
+    [write] = session.authorized(check, READ_ALL, NOW)
+    assert isinstance(write, Authorize) and write.claims.role == "authenticated"
+
+
+def test_private_refresh_the_database_cannot_answer_closes_the_channel() -> None:
+    session = new_session()
+    join_private(session)
+    [check] = refresh(session, f"authenticated:{NOW + 60}")
+    out = frames(session.authorized(check, None, NOW))
+    assert out[0].payload["message"] == "Realtime was unable to connect to the project database"
+    assert out[1].event == "phx_close"
+
+
+def test_leaving_a_private_channel_drops_every_group_it_joined() -> None:
+    session = new_session()
+    join_private(session, config={"presence": {"enabled": True}})
+    effects = session.handle(Message("1", "2", "realtime:room1", "phx_leave", {}), NOW)
+    assert {e.group for e in effects if isinstance(e, Unsubscribe)} == {BROADCAST_GROUP, PRESENCE_GROUP}
+
+
+def test_joins_waiting_for_their_check_count_toward_the_channel_limit() -> None:  # C30
+    session = new_session(max_channels=2)
+    join(session, topic="realtime:a", ref="1", payload={"config": {"private": True}})
+    join(session, topic="realtime:b", ref="2", payload={"config": {"private": True}})
+    out = frames(join(session, topic="realtime:c", ref="3"))
+    assert out[0].payload["response"] == {"reason": "ChannelRateLimitReached: Too many channels"}
