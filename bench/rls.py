@@ -17,8 +17,8 @@ belongs to user ``id % users``, so each change is authorized for
 sockets/users sockets and must reach no other: a change a socket receives
 whose ``user_id`` is not its user's is counted as a leak.
 
-Steps: the writer inserts at rising rates (10, 40, 100 changes/s, then as fast
-as it can up to ``--max-rows``), a fixed time per step. The replicator is
+Steps: the writer inserts at rising rates (10, 40, 100, 200 changes/s, then as
+fast as it can up to ``--max-rows``), a fixed time per step. The replicator is
 restarted around every step, so the line it logs when it stops ("stopped
 after N changes; Q row level security queries for R runs") gives that step's
 visibility queries per change batch (Q / R), per change (Q / N) and changes
@@ -32,10 +32,15 @@ reference server's way, one query per socket and change. For each of
 ``--naive-changes`` rows and each of the sockets, in its own transaction:
 ``SET LOCAL ROLE authenticated``, ``set_config('request.jwt.claims', ...)``,
 ``SELECT EXISTS(SELECT 1 FROM public.bench_rls WHERE id = $1)``, on one
-connection as fast as it goes. Each check can yield at most one delivery, so
-its ceiling of authorized deliveries/s is checks/s times the visible fraction
-(1 / users); the summary compares it with the deliveries/s measured in the
-max step.
+connection as fast as it goes (the fastest of ``--naive-passes`` passes
+counts). Each check can yield at most one delivery, so its ceiling of
+authorized deliveries/s is checks/s times the visible fraction (1 / users);
+the summary compares it with the deliveries/s measured in the max step.
+
+Targets, printed as PASS/FAIL: at most 10 visibility queries per change batch
+whatever the socket count; at least 4,000 authorized deliveries/s at a step
+with p99 <= 150 ms and no loss (the highest such fixed-rate step is reported;
+the max step is a burst, not a sustained rate); no leaks.
 
 Usage::
 
@@ -47,6 +52,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import math
@@ -65,6 +71,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(1, str(REPO))
 
 import _loadgen as lg  # noqa: E402
 import _pgload as pl  # noqa: E402
@@ -94,7 +101,8 @@ class Naive:
     sockets: int = 0
     checks: int = 0
     visible: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the fastest pass
+    passes: list[float] = field(default_factory=list)  # checks/s of every pass
     cpu_bench_pct: float = 0.0
     cpu_backend_pct: float = 0.0
     error: str | None = None
@@ -123,7 +131,6 @@ class Step:
     p99_ms: float | None = None
     max_ms: float = 0.0
     deliveries_per_s: float = 0.0
-    changes_per_s: float = 0.0
     lag_s: float | None = None
     caught_up: bool = False
     cpu: dict[str, float] = field(default_factory=dict)
@@ -182,7 +189,6 @@ class Bench(pc.Bench):
         self.joined_by_owner: dict[str, int] = {}
         self.publication_created = False
         self.rls_table_created = False
-        self.markers = 0
         self.steps_done: list[Step] = []
 
     # --- database ---------------------------------------------------------
@@ -206,7 +212,6 @@ class Bench(pc.Bench):
     def setup_table(self) -> None:
         from psycopg import sql
 
-        sys.path.insert(0, str(REPO))
         from realtime.dbsetup import SETUP_SQL
 
         self.sql(SETUP_SQL)
@@ -222,39 +227,50 @@ class Bench(pc.Bench):
         self.sql(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(self.args.publication), table))
         self.publication_created = True
 
-    def naive(self, changes: int, sockets: int) -> Naive:
-        """The reference's check: one transaction and query per socket and change, on one connection."""
+    def naive(self, changes: int, sockets: int, passes: int) -> Naive:
+        """The reference's check: one transaction and query per socket and change, on one connection.
+
+        The fastest of ``passes`` passes counts: the baseline gets the benefit of any noise.
+        """
         import psycopg
+        from psycopg import sql
 
         result = Naive(changes=changes, sockets=sockets)
         ids = list(range(1, changes + 1))
-        self.sql(f"INSERT INTO public.{TABLE} (id, user_id, payload, sent_ns) "
-                 "SELECT g, (%s::uuid[])[1 + mod(g, %s)], 'naive', 0 FROM unnest(%s::bigint[]) g",
+        table = sql.Identifier("public", TABLE)
+        self.sql(sql.SQL("INSERT INTO {} (id, user_id, payload, sent_ns) "
+                         "SELECT g, (%s::uuid[])[1 + mod(g, %s)], 'naive', 0 FROM unnest(%s::bigint[]) g").format(table),
                  (self.owners, len(self.owners), ids))
         self.next_id = changes + 1
         # Socket s belongs to user s % users, as in the subscriber processes.
         claims_json = [json.dumps(self.claims[s % len(self.owners)]) for s in range(sockets)]
-        check = f"SELECT EXISTS(SELECT 1 FROM public.{TABLE} WHERE id = %s)"
+        set_role = sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(ROLE))
+        check = sql.SQL("SELECT EXISTS(SELECT 1 FROM {} WHERE id = %s)").format(table)
         with psycopg.connect(self.dsn, autocommit=True, application_name="realtime bench naive rls") as conn:
             backend = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
             for row_id in ids[:2]:  # warm the plan and the caches
                 with conn.transaction():
-                    conn.execute(f"SET LOCAL ROLE {ROLE}")
+                    conn.execute(set_role)
                     conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (claims_json[0],))
                     conn.execute(check, (row_id,))
-            cpu0 = (time.process_time(), bc.cpu_seconds(backend))
-            t0 = time.perf_counter()
-            for row_id in ids:
-                for claims in claims_json:
-                    with conn.transaction():
-                        conn.execute(f"SET LOCAL ROLE {ROLE}")
-                        conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (claims,))
-                        if conn.execute(check, (row_id,)).fetchone()[0]:  # type: ignore[index]
-                            result.visible += 1
-                    result.checks += 1
-            result.seconds = time.perf_counter() - t0
-            result.cpu_bench_pct = 100 * (time.process_time() - cpu0[0]) / result.seconds
-            result.cpu_backend_pct = 100 * (bc.cpu_seconds(backend) - cpu0[1]) / result.seconds
+            for _ in range(max(1, passes)):
+                checks = visible = 0
+                cpu0 = (time.process_time(), bc.cpu_seconds(backend))
+                t0 = time.perf_counter()
+                for row_id in ids:
+                    for claims in claims_json:
+                        with conn.transaction():
+                            conn.execute(set_role)
+                            conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (claims,))
+                            if conn.execute(check, (row_id,)).fetchone()[0]:  # type: ignore[index]
+                                visible += 1
+                        checks += 1
+                seconds = time.perf_counter() - t0
+                result.passes.append(checks / seconds)
+                if not result.seconds or seconds < result.seconds:
+                    result.checks, result.visible, result.seconds = checks, visible, seconds
+                    result.cpu_bench_pct = 100 * (time.process_time() - cpu0[0]) / seconds
+                    result.cpu_backend_pct = 100 * (bc.cpu_seconds(backend) - cpu0[1]) / seconds
         expected_visible = sum(1 for row_id in ids for s in range(sockets) if s % len(self.owners) == row_id % len(self.owners))
         if result.visible != expected_visible:
             result.error = f"{result.visible:,} checks said visible, {expected_visible:,} expected"
@@ -271,10 +287,6 @@ class Bench(pc.Bench):
         if not info or not info.get("ready"):
             raise BenchError(f"writer did not start: {info}")
         self.writer_backend = int(info["backend_pid"])
-
-    def marker(self) -> int:
-        self.markers += 1
-        return super().marker()
 
     def start_rls_workers(self, n: int) -> int:
         """Open ``n`` sockets over the workers; socket i uses user i % users's token."""
@@ -408,7 +420,6 @@ class Bench(pc.Bench):
             last_ns = max([int(r["last_ns"]) for r in replies if r["recv"]] or [int(reply["last_ns"])])
             window = max(float(reply["wall"]), (last_ns - int(reply["first_ns"])) / 1e9, 1e-6)
             st.deliveries_per_s = st.received / window
-            st.changes_per_s = st.rows / window
             st.caught_up = caught_up_at is not None
             if caught_up_at is not None:
                 st.lag_s = max(0.0, caught_up_at - written)
@@ -472,8 +483,6 @@ class Bench(pc.Bench):
 
 
 def _jwt_payload(token: str) -> str:
-    import base64
-
     body = token.split(".")[1]
     return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
 
@@ -521,7 +530,8 @@ def print_summary(args: argparse.Namespace, naive: Naive | None, steps: list[Ste
     if naive is not None and naive.checks:
         print(f"\n  naive (one query per socket and change, one connection): {naive.checks:,} checks "
               f"({naive.changes} changes x {naive.sockets:,} sockets) in {naive.seconds:.2f}s = "
-              f"{naive.checks_per_s:,.0f} checks/s; {naive.visible:,} visible; bench process CPU "
+              f"{naive.checks_per_s:,.0f} checks/s (fastest pass; checks/s of each: "
+              f"{', '.join(f'{r:,.0f}' for r in naive.passes)}); {naive.visible:,} visible; bench process CPU "
               f"{naive.cpu_bench_pct:.0f}%, its backend {naive.cpu_backend_pct:.0f}%"
               + (f"  ERROR: {naive.error}" if naive.error else ""))
         print(f"    ceiling of authorized deliveries/s = checks/s x {naive.visible / naive.checks:.2f} visible = "
@@ -549,15 +559,15 @@ def print_summary(args: argparse.Namespace, naive: Naive | None, steps: list[Ste
     ok = bool(measured) and worst is not None and worst <= QUERIES_PER_BATCH_TARGET
     print(f"    <= {QUERIES_PER_BATCH_TARGET:g} RLS queries per change batch ({args.sockets:,} sockets): "
           f"worst {pc.fmt(worst, '.1f')} -> {'PASS' if ok else 'FAIL'}")
-    good = [s for s in steps if s.meets_latency]
+    good = [s for s in steps if s.meets_latency and s.rate]  # the max step is a burst, not a sustained rate
     best = max(good, key=lambda s: s.deliveries_per_s, default=None)
     if best is None:
-        print(f"    >= {DELIVERIES_TARGET:,.0f} authorized deliveries/s with p99 <= {P99_TARGET_MS:g} ms: no step met "
+        print(f"    >= {DELIVERIES_TARGET:,.0f} authorized deliveries/s with p99 <= {P99_TARGET_MS:g} ms: no fixed-rate step met "
               f"p99 <= {P99_TARGET_MS:g} ms without loss -> FAIL")
     else:
         ok = best.deliveries_per_s >= DELIVERIES_TARGET
         print(f"    >= {DELIVERIES_TARGET:,.0f} authorized deliveries/s with p99 <= {P99_TARGET_MS:g} ms: highest such "
-              f"step {best.label} changes/s: {best.deliveries_per_s:,.0f} deliveries/s, p99 {pc.fmt(best.p99_ms, '.1f')} ms "
+              f"fixed-rate step {best.label} changes/s: {best.deliveries_per_s:,.0f} deliveries/s, p99 {pc.fmt(best.p99_ms, '.1f')} ms "
               f"-> {'PASS' if ok else 'FAIL'}")
     leaks = sum(s.leaked for s in steps)
     print(f"    no delivery to a socket whose user does not own the row: {leaks:,} leaks -> "
@@ -572,7 +582,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small run, about a minute")
     p.add_argument("--sockets", type=int, help="subscribed sockets (default 1000; quick: 200)")
     p.add_argument("--users", type=int, default=10, help="distinct users (claim sets) the sockets are spread over")
-    p.add_argument("--rates", type=float, nargs="+", help="target changes/s per step, 0 = max (default 10 40 100 0)")
+    p.add_argument("--rates", type=float, nargs="+", help="target changes/s per step, 0 = max (default 10 40 100 200 0)")
     p.add_argument("--duration", type=float, help="seconds per fixed-rate step (default 10; quick: 2)")
     p.add_argument("--max-duration", type=float, help="seconds of writing in the max step (default 5; quick: 2)")
     p.add_argument("--max-rows", type=int, help="stop the max step after this many rows (default 1500; quick: 300)")
@@ -580,6 +590,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default 30; quick: 10)")
     p.add_argument("--drain-limit-max", type=float, help="the same for the max step (default 90; quick: 20)")
     p.add_argument("--naive-changes", type=int, help="changes checked by the naive baseline (default 20; quick: 5)")
+    p.add_argument("--naive-passes", type=int, help="passes of the naive baseline, the fastest counts "
+                   "(default 3; quick: 1)")
     p.add_argument("--max-batch", type=int, default=500, help="max rows per insert statement")
     p.add_argument("--tick-ms", type=float, default=5.0, help="writer batching interval at fixed rates (ms)")
     p.add_argument("--payload-pad", type=int, default=16, help="bytes of padding in each row's payload")
@@ -593,13 +605,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sockets = args.sockets or (200 if q else 1000)
     if args.users < 1 or args.sockets < args.users:
         p.error("need at least one user and one socket per user")
-    args.rates = sorted(args.rates if args.rates is not None else [10, 40, 100, 0], key=lambda r: (r == 0, r))
+    args.rates = sorted(args.rates if args.rates is not None else [10, 40, 100, 200, 0], key=lambda r: (r == 0, r))
     args.duration = args.duration or (2.0 if q else 10.0)
     args.max_duration = args.max_duration or (2.0 if q else 5.0)
     args.max_rows = args.max_rows or (300 if q else 1500)
     args.drain_limit = args.drain_limit or (10.0 if q else 30.0)
     args.drain_limit_max = args.drain_limit_max or (20.0 if q else 90.0)
     args.naive_changes = args.naive_changes or (5 if q else 20)
+    args.naive_passes = args.naive_passes or (1 if q else 3)
     args.timeout = args.timeout or (240.0 if q else 900.0)
     args.publication = ""  # set per run by Bench
     return args
@@ -630,10 +643,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.publication}; layer prefix {bench.prefix}; logs in {log_dir}", flush=True)
         bench.drop_stale()
         bench.setup_table()
-        print(f"\n== naive baseline: {args.naive_changes} changes x {args.sockets:,} sockets, one query each ...",
-              flush=True)
-        naive = bench.naive(args.naive_changes, args.sockets)
-        print(f"  {naive.checks:,} checks in {naive.seconds:.2f}s = {naive.checks_per_s:,.0f} checks/s "
+        print(f"\n== naive baseline: {args.naive_changes} changes x {args.sockets:,} sockets, one query each, "
+              f"{args.naive_passes} pass(es) ...", flush=True)
+        naive = bench.naive(args.naive_changes, args.sockets, args.naive_passes)
+        print(f"  fastest pass: {naive.checks:,} checks in {naive.seconds:.2f}s = {naive.checks_per_s:,.0f} checks/s "
               f"({naive.visible:,} visible) -> ceiling {naive.ceiling:,.0f} authorized deliveries/s"
               + (f"  ERROR: {naive.error}" if naive.error else ""), flush=True)
         bench.create_slot(bench.slot)
