@@ -28,6 +28,9 @@ from realtime.jwt import Claims
 
 logger = logging.getLogger(__name__)
 
+CHECK_TIMEOUT_MS = 5000  # statement_timeout of every check run as a subscriber
+POOL_TIMEOUT_S = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class Column:
@@ -60,7 +63,12 @@ class Database:
 
     def __init__(self, dsn: str, publication: str) -> None:
         self.publication = publication
-        self.pool = AsyncConnectionPool(dsn, min_size=0, max_size=4, open=False, kwargs={"autocommit": True})
+        # Joins wait at most POOL_TIMEOUT_S for a connection: a database that is
+        # down fails the join with a clear reason before the client gives up.
+        self.pool = AsyncConnectionPool(
+            dsn, min_size=0, max_size=4, open=False, timeout=POOL_TIMEOUT_S,
+            kwargs={"autocommit": True, "connect_timeout": int(POOL_TIMEOUT_S)},
+        )
         self._opened = False
         self._open_lock = asyncio.Lock()
 
@@ -143,13 +151,18 @@ class Database:
 
 
 async def set_request_context(conn: psycopg.AsyncConnection[Any], claims: Claims) -> None:
-    """Inside a transaction: become the subscriber's role with its claims visible to policies."""
+    """Inside a transaction: become the subscriber's role with its claims visible to policies.
+
+    A policy check that runs longer than ``CHECK_TIMEOUT_MS`` is cancelled (and
+    counts as denied), so one slow policy cannot hold up joins or deliveries.
+    """
     await conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(claims.role)))
     await conn.execute(
         "SELECT set_config('request.jwt.claims', %s, true),"
         " set_config('request.jwt.claim.sub', %s, true),"
-        " set_config('request.jwt.claim.role', %s, true)",
-        (json.dumps(claims.raw), claims.sub or "", claims.role),
+        " set_config('request.jwt.claim.role', %s, true),"
+        " set_config('statement_timeout', %s, true)",
+        (json.dumps(claims.raw), claims.sub or "", claims.role, str(CHECK_TIMEOUT_MS)),
     )
 
 

@@ -37,7 +37,6 @@ from realtime.jwt import Claims
 logger = logging.getLogger(__name__)
 
 ROLE_CACHE_S = 60.0
-STATEMENT_TIMEOUT_MS = 5000
 
 # Errors of the connection, not of one claim set's policies: the check is retried.
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
@@ -75,7 +74,6 @@ class RowChecker:
         try:
             async with conn.transaction(force_rollback=True):
                 await set_request_context(conn, claims)
-                await conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(STATEMENT_TIMEOUT_MS),))
                 self.queries += 1
                 cursor = await conn.execute(query, (json.dumps(rows),))
                 for (ordinal,) in await cursor.fetchall():
