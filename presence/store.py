@@ -160,6 +160,86 @@ def _script(source: str) -> _Script:
     return _Script(source, hashlib.sha1(source.encode()).hexdigest())
 
 
+_Call = tuple[_Script, Sequence[str], Sequence[str | int | float], "asyncio.Future[Any]"]
+
+
+class _ScriptBatch:
+    """Script calls of one event loop, sent together: one pipeline per round trip.
+
+    A call made while no pipeline is in flight goes out on the next loop
+    iteration (with whatever else was called in this one); calls made while a
+    pipeline is in flight go out together when it returns. Each call gets its
+    own result or error; a script Redis does not know yet is sent in full.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        self.pending: list[_Call] = []
+        self.sending = False
+
+    async def call(self, script: _Script, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending.append((script, keys, args, done))
+        if not self.sending:
+            self.sending = True
+            task = asyncio.ensure_future(self._send())
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+        return await done
+
+    async def _send(self) -> None:
+        try:
+            while self.pending:
+                calls, self.pending = self.pending, []
+                try:
+                    results = await self._run(calls)
+                except Exception as error:
+                    results = [error] * len(calls)
+                except BaseException:
+                    # Cancelled (shutdown): every waiting call fails instead of waiting forever.
+                    _settle(calls + self.pending, [RedisError("presence store call cancelled")] * (len(calls) + len(self.pending)))
+                    self.pending = []
+                    raise
+                _settle(calls, results)
+        finally:
+            self.sending = False
+
+    async def _run(self, calls: list[_Call]) -> list[Any]:
+        if len(calls) == 1:
+            script, keys, args, _ = calls[0]
+            try:
+                return [await self.client.evalsha(script.sha, len(keys), *keys, *args)]
+            except NoScriptError:
+                return [await self.client.eval(script.source, len(keys), *keys, *args)]
+            except Exception as error:
+                return [error]
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args, _ in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        results = list(await pipe.execute(raise_on_error=False))
+        for index, result in enumerate(results):
+            if isinstance(result, NoScriptError):
+                script, keys, args, _ = calls[index]
+                try:
+                    results[index] = await self.client.eval(script.source, len(keys), *keys, *args)
+                except Exception as error:
+                    results[index] = error
+        return results
+
+
+def _settle(calls: list[_Call], results: list[Any]) -> None:
+    for (*_, done), result in zip(calls, results):
+        if done.done():
+            continue
+        if isinstance(result, BaseException):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
 # KEYS: alive, processes
 # ARGV: process_id, liveness_ms
 # Returns 1 if the liveness key still existed, else 0.
@@ -426,6 +506,7 @@ class RedisPresenceStore:
             **redis_options,
         }
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Redis] = weakref.WeakKeyDictionary()
+        self._batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ScriptBatch] = weakref.WeakKeyDictionary()
         # socket id -> channel -> the entry this process last wrote for it.
         self._local: dict[str, dict[str, Entry]] = {}
         # phx_ref -> an entry whose write or removal failed; heartbeat() removes it.
@@ -451,16 +532,18 @@ class RedisPresenceStore:
         return client
 
     async def close(self) -> None:
+        self._batches.pop(asyncio.get_running_loop(), None)
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.aclose()
 
     async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
-        client = self._client()
-        try:
-            return await client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await client.eval(script.source, len(keys), *keys, *args)
+        """Run a script; calls made while others are on their way share one pipeline (one round trip)."""
+        loop = asyncio.get_running_loop()
+        batch = self._batches.get(loop)
+        if batch is None:
+            batch = self._batches[loop] = _ScriptBatch(self._client())
+        return await batch.call(script, keys, args)
 
     # Tracking
 

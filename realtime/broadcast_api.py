@@ -16,13 +16,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from realtime.channel_auth import headers_json, private_writes
 from realtime.jwt import Claims, TokenError, opaque_key_claims, verify_token
+from realtime.publisher import get_publisher
 from realtime.topics import broadcast_group
 from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
 
@@ -84,9 +84,7 @@ def _max_payload_bytes() -> int:
 
 
 async def _publish(message: BroadcastMessage) -> None:
-    layer = get_channel_layer()
-    assert layer is not None
-    await layer.group_send(message["group"], message)
+    await get_publisher().publish(message)
 
 
 def _message(sub_topic: str, private: bool, kind: str, event: str, encoding: int, payload: bytes) -> BroadcastMessage:

@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from channels.consumer import AsyncConsumer
-from channels.layers import get_channel_layer
 from django.conf import settings
 
 from realtime.authorization import AuthorizedBinding, authorize_binding, get_database
@@ -29,6 +28,7 @@ from realtime.bindings import BindingError, parse_binding
 from realtime.channel_auth import check_policies, headers_json
 from realtime.hub import ChangeSubscription, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
+from realtime.publisher import get_publisher
 from realtime.jwt import Claims, TokenError, opaque_key_claims, verify_token
 from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, Vsn
@@ -219,10 +219,8 @@ class RealtimeConsumer(AsyncConsumer):
             if isinstance(effect, Send):
                 await self.write(effect.message)
             elif isinstance(effect, Publish):
-                layer = get_channel_layer()
-                assert layer is not None
                 try:
-                    await layer.group_send(effect.group, effect.message)
+                    await get_publisher().publish(effect.message)
                 except Exception:
                     # The rest of this batch is the ack of this broadcast: not sent.
                     logger.exception("broadcast publish failed socket=%s", self.socket_id)

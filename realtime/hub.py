@@ -366,6 +366,10 @@ class Hub:
             kind = message.get("type")
             if kind == "realtime.broadcast":
                 await self.deliver(message)  # type: ignore[arg-type]
+            elif kind == "realtime.batch":
+                with corked():  # one write per socket for the whole batch
+                    for item in message["messages"]:
+                        await self.deliver(item)
             elif kind == "realtime.changes":
                 await self.deliver_changes(message)  # type: ignore[arg-type]
 

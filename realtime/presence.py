@@ -16,14 +16,17 @@ import logging
 import uuid
 from typing import Any
 
-from channels.layers import get_channel_layer
 from django.conf import settings
 
 from presence.store import RedisPresenceStore
+from realtime.publisher import get_publisher
 from realtime.topics import TOPIC_PREFIX, parse_presence_channel, presence_group
 from realtime.types import KIND_PRESENCE, BroadcastMessage
 
 logger = logging.getLogger(__name__)
+
+# Diffs of one topic published within this many seconds travel as one batch.
+DIFF_LINGER_S = 0.005
 
 PROCESS_ID = f"{uuid.uuid4().hex}"
 
@@ -75,6 +78,4 @@ async def publish_diff(channel: str, diff: dict[str, Any]) -> None:
         encoding=1,
         payload=json.dumps(diff, separators=(",", ":"), ensure_ascii=False).encode("utf-8"),
     )
-    layer = get_channel_layer()
-    assert layer is not None
-    await layer.group_send(group, message)
+    await get_publisher().publish(message, linger=DIFF_LINGER_S)

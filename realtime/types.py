@@ -28,6 +28,14 @@ class BroadcastMessage(TypedDict):
     payload: bytes
 
 
+class BatchMessage(TypedDict):
+    """``realtime.batch``: broadcasts to one group that queued up behind each other, in order."""
+
+    type: Literal["realtime.batch"]
+    group: str
+    messages: list[BroadcastMessage]
+
+
 class ChangeRun(TypedDict):
     """``realtime.changes``: consecutive changes of one table, in commit order.
 

@@ -21,6 +21,7 @@ from realtime.dbsetup import SETUP_SQL
 from realtime.hub import close_hub
 from tests.fixtures.server import mint_token
 from realtime.presence import close_store
+from realtime.publisher import close_publisher
 
 
 def dsn() -> str:
@@ -136,6 +137,7 @@ async def connect() -> AsyncIterator[Any]:
     await close_hub()
     await close_database()
     await close_store()
+    close_publisher()
     layer = get_channel_layer()
     if layer is not None and hasattr(layer, "close_pools"):
         await layer.close_pools()
