@@ -481,3 +481,18 @@ async def test_an_update_that_never_reached_redis_leaves_the_old_meta(
     monkeypatch.undo()
     assert await store.heartbeat() == [(channel, {"joins": {}, "leaves": {"ann": {"metas": [first.entry.meta]}}})]
     assert await store.state(channel) == {}
+
+
+async def test_tracks_made_together_share_pipelines_and_each_gets_its_own_result(
+    make_store: MakeStore, channel: str, redis_client: Redis
+) -> None:
+    store = make_store()
+    await redis_client.script_flush()  # the first pipeline meets scripts Redis does not know
+    results = await asyncio.gather(*(store.track(channel, f"k{n}", f"s{n}", {"n": n}) for n in range(60)))
+    assert [r.kind for r in results] == [TrackKind.JOINED] * 60
+    assert [r.entry.key for r in results] == [f"k{n}" for n in range(60)]
+    state = await store.state(channel)
+    assert sorted(state) == sorted(f"k{n}" for n in range(60))
+    assert all(state[f"k{n}"]["metas"][0]["n"] == n for n in range(60))
+    updated = await asyncio.gather(*(store.track(channel, f"k{n}", f"s{n}", {"n": n + 100}) for n in range(60)))
+    assert [r.kind for r in updated] == [TrackKind.UPDATED] * 60

@@ -275,3 +275,21 @@ async def test_private_join_is_refused_with_a_reason_when_the_database_fails(con
         "reason": "UnableToConnectToProject: Realtime was unable to connect to the project database"}}]
     await client.push(None, "9", "phoenix", "heartbeat", {})
     assert (await client.recv())[4] == {"status": "ok", "response": {}}  # the socket goes on
+
+
+async def test_a_burst_of_broadcasts_arrives_complete_and_in_order(connect) -> None:
+    """Broadcasts of several senders queue behind each other and travel as batches; each still
+    arrives as its own frame, every sender's in the order sent."""
+    room = topic()
+    receiver = await connect()
+    await receiver.join(room)
+    senders = [await connect() for _ in range(4)]
+    for sender in senders:
+        await sender.join(room)
+    for n in range(10):
+        for s, sender in enumerate(senders):
+            await sender.push("1", str(n + 10), room, "broadcast", broadcast_payload(s=s, n=n))
+    frames = [(await receiver.recv_event("broadcast", timeout=5))[4]["payload"] for _ in range(40)]
+    for s in range(4):
+        assert [f["n"] for f in frames if f["s"] == s] == list(range(10))
+    assert await receiver.nothing(0.3)
