@@ -284,7 +284,8 @@ class Hub:
             subscription.claim_set = await self._registration.add(tables.values(), subscription.claims)
         previous = {g: route.subscriptions[key] for g, route in self._change_groups.items() if key in route.subscriptions}
         for group, old in previous.items():
-            self._unregister(self._change_groups[group], old)
+            if group in tables:  # replaced below; the stale ones are unregistered as they are dropped
+                self._unregister(self._change_groups[group], old)
         stale = [g for g in previous if g not in tables]
         for group, (schema, table) in tables.items():
             route = self._change_groups.get(group)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from realtime.authorization import AuthorizedBinding
 from realtime.bindings import parse_binding
 from realtime.filters import compile_filter
-from realtime.hub import ChangeSubscription, TableRoute
+from realtime.hub import ChangeSubscription, Hub, TableRoute
+from realtime.jwt import Claims
 from realtime.protocol.message import Vsn
 
 pytestmark = pytest.mark.unit
@@ -68,3 +70,65 @@ def test_removed_channels_get_nothing() -> None:
     assert list(route.route("INSERT", {"id": 1}, None)) == [("b", "realtime:t")]
     route.remove(("b", "realtime:t"))
     assert not route
+
+
+class IdleLayer:
+    """Just enough of a channel layer for the hub's bookkeeping: nothing ever arrives."""
+
+    async def new_channel(self, prefix: str = "") -> str:
+        return prefix + "test!1"
+
+    async def group_add(self, group: str, channel: str) -> None:
+        return None
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        return None
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+class CountingRegistration:
+    """Records the channels counted per (table, claim set), as the Redis registry would."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[tuple[str, str], str], int] = {}
+
+    async def add(self, tables: Any, claims: Any) -> str:
+        claim_set = f"set-{claims.sub}"
+        for table in tables:
+            self.counts[(table, claim_set)] = self.counts.get((table, claim_set), 0) + 1
+        return claim_set
+
+    async def remove(self, tables: Any, claim_set: str) -> None:
+        for table in tables:
+            self.counts[(table, claim_set)] -= 1  # below zero: a channel was counted off twice
+
+    def live(self) -> dict[tuple[tuple[str, str], str], int]:
+        return {entry: count for entry, count in self.counts.items() if count}
+
+
+async def test_the_registry_counts_each_channel_once_through_resubscribes_and_leaves() -> None:
+    registration = CountingRegistration()
+    hub = Hub(IdleLayer(), registration)  # type: ignore[arg-type]
+    alice = Claims("authenticated", 4e9, "alice", {"sub": "alice"})
+
+    def channel(socket: str, *tables: str) -> ChangeSubscription:
+        bindings = tuple(
+            AuthorizedBinding(parse_binding({"event": "*", "schema": "public", "table": t}), (("public", t),), None)
+            for t in tables
+        )
+        return ChangeSubscription(socket, "realtime:t", Vsn.V2, _send, bindings, claims=alice)
+
+    await hub.subscribe_changes(channel("a", "todos", "posts"))
+    await hub.subscribe_changes(channel("b", "todos"))
+    assert registration.live() == {(("public", "todos"), "set-alice"): 2, (("public", "posts"), "set-alice"): 1}
+    await hub.subscribe_changes(channel("a", "todos"))  # a token refresh or a publication change: posts is gone
+    await asyncio.sleep(0)
+    assert registration.live() == {(("public", "todos"), "set-alice"): 2}
+    hub.unsubscribe_changes("a", "realtime:t")
+    hub.unsubscribe_changes("b", "realtime:t")
+    await asyncio.sleep(0)
+    assert registration.live() == {}
+    await hub.aclose()
