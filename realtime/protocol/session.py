@@ -442,6 +442,10 @@ class Session:
         pending = self.pending_joins.get(msg.topic)
         if pending is not None and msg.join_ref in (None, pending.channel.join_ref):
             del self.pending_joins[msg.topic]  # its read check's result will be void
+            # Leaving the join being checked leaves the topic: an older channel on it ends too.
+            old = self.channels.pop(msg.topic, None)
+            stopped = self._stop(old) if old is not None else []
+            return [*stopped, Send(_reply(msg, "ok", {})), Send(_close(pending.channel))]
         channel = self.channels.get(msg.topic)
         if channel is None:
             return [Send(_reply(msg, "ok", {}))]

@@ -488,6 +488,19 @@ def test_read_verdict_after_a_leave_or_a_rejoin_is_ignored() -> None:
     assert frames(session.authorized(second, READ_ALL, NOW))[0].ref == "4"
 
 
+def test_leaving_a_rejoin_being_checked_ends_the_topic_with_a_reply() -> None:
+    session = new_session()
+    join_private(session, READ_ALL, ref="1")
+    [check] = join(session, ref="5", payload={"config": {"private": True}})
+    effects = session.handle(Message("5", "6", "realtime:room1", "phx_leave", {}), NOW)
+    assert frames(effects) == [
+        Message("5", "6", "realtime:room1", "phx_reply", {"status": "ok", "response": {}}),
+        Message("5", "5", "realtime:room1", "phx_close", {}),
+    ]
+    assert {e.group for e in effects if isinstance(e, Unsubscribe)} == {BROADCAST_GROUP}  # the older channel ends
+    assert session.channels == {} and session.authorized(check, READ_ALL, NOW) == []
+
+
 def test_presence_only_read_gets_presence_but_no_broadcast_group() -> None:  # C93
     effects = join_private(
         new_session(), Permissions(read=frozenset({Extension.PRESENCE})), config={"presence": {"enabled": True}}
@@ -629,7 +642,7 @@ def test_leaving_a_private_channel_drops_every_group_it_joined() -> None:
     session = new_session()
     join_private(session, config={"presence": {"enabled": True}})
     effects = session.handle(Message("1", "2", "realtime:room1", "phx_leave", {}), NOW)
-    assert {e.group for e in effects if isinstance(e, Unsubscribe)} == {BROADCAST_GROUP, PRESENCE_GROUP}
+    assert {e.group for e in effects if isinstance(e, Unsubscribe)} == {BROADCAST_GROUP}  # the older channel ends
 
 
 def test_joins_waiting_for_their_check_count_toward_the_channel_limit() -> None:  # C30
