@@ -21,8 +21,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from realtime.channel_auth import headers_json, private_writes
-from realtime.jwt import Claims, TokenError, opaque_key_claims, verify_token
+from realtime.jwt import Claims, TokenError, opaque_key_claims
 from realtime.publisher import get_publisher
+from realtime.tokens import verify
 from realtime.topics import broadcast_group
 from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
 
@@ -65,7 +66,7 @@ def _authenticate(request: HttpRequest) -> Claims | None:
     if claims is not None:
         return claims
     try:
-        return verify_token(token, settings.JWT_SECRET, time.time(), settings.REALTIME_JWT_CLAIM_VALIDATORS)
+        return verify(token, time.time())
     except TokenError as error:
         logger.info("REST broadcast refused: %s", error.reason)
         return None

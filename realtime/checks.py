@@ -7,6 +7,8 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 
+from realtime.jwt import load_jwks
+
 
 @checks.register("realtime")
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
@@ -29,4 +31,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         )
     if settings.REALTIME_MAX_CHANNELS_PER_CLIENT < 1:
         messages.append(checks.Error("REALTIME_MAX_CHANNELS_PER_CLIENT must be at least 1.", id="realtime.E002"))
+    if settings.REALTIME_JWT_JWKS:
+        try:
+            load_jwks(settings.REALTIME_JWT_JWKS)
+        except ValueError as error:
+            messages.append(checks.Error(str(error), hint="Use the JWKS of the project's signing keys.", id="realtime.E003"))
     return messages

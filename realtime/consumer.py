@@ -29,7 +29,8 @@ from realtime.channel_auth import check_policies, headers_json
 from realtime.hub import ChangeSubscription, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
 from realtime.publisher import get_publisher
-from realtime.jwt import Claims, TokenError, opaque_key_claims, verify_token
+from realtime.jwt import Claims, TokenError, opaque_key_claims
+from realtime.tokens import verify
 from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, Vsn
 from realtime.protocol.serializer import decode_binary, decode_text, encode_text, parse_vsn
@@ -67,10 +68,6 @@ class HandshakeRefused(Exception):
         self.error = error
 
 
-def verifier(token: str, now: float) -> Claims:
-    return verify_token(token, settings.JWT_SECRET, now, settings.REALTIME_JWT_CLAIM_VALIDATORS)
-
-
 def connect_claims(token: str | None, now: float) -> Claims:
     """Authenticate the connect token (PROTOCOL.md 1.2-1.3)."""
     if not token:
@@ -79,7 +76,7 @@ def connect_claims(token: str | None, now: float) -> Claims:
     if claims is not None:
         return claims
     try:
-        return verifier(token, now)
+        return verify(token, now)
     except TokenError as error:
         raise HandshakeRefused(error.handshake_status, error.handshake_message) from None
 
@@ -151,7 +148,7 @@ class RealtimeConsumer(AsyncConsumer):
             await self.refuse(refusal.status, refusal.error)
             return
         self.session = Session(
-            socket_id=self.socket_id, claims=claims, token=token, verify=verifier, limits=session_limits()
+            socket_id=self.socket_id, claims=claims, token=token, verify=verify, limits=session_limits()
         )
         self.policy_headers = headers_json(
             (key.decode("latin-1"), value.decode("latin-1")) for key, value in self.scope.get("headers", [])

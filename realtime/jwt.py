@@ -7,6 +7,7 @@ shorter texts for some of them (PROTOCOL.md 1.3), given by ``handshake_message``
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable
@@ -18,6 +19,48 @@ import jwt as pyjwt
 from realtime.errors import RealtimeError
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+# Asymmetric algorithms and the JWKS key type (kty) each needs.
+KEY_TYPES = {
+    **{f"{family}{bits}": "RSA" for family in ("RS", "PS") for bits in (256, 384, 512)},
+    **{f"ES{bits}": "EC" for bits in (256, 384, 512)},
+    "EdDSA": "OKP",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """A JWKS (``{"keys": [...]}``): each key by its ``kid``, as (kty, key usable by PyJWT)."""
+
+    keys: dict[str, tuple[str, Any]]
+
+    def find(self, kid: Any, kty: str) -> Any:
+        """The key with ``kid`` of type ``kty``, or None."""
+        found = self.keys.get(kid) if isinstance(kid, str) else None
+        return found[1] if found is not None and found[0] == kty else None
+
+
+@functools.lru_cache(maxsize=8)
+def load_jwks(text: str) -> KeySet:
+    """Parse a JWKS document (the ``JWT_JWKS`` setting).
+
+    Raises:
+        ValueError: not a JWKS, or a key PyJWT cannot use.
+    """
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"JWT_JWKS is not JSON: {error}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError('JWT_JWKS must be a JSON object {"keys": [...]}')
+    keys: dict[str, tuple[str, Any]] = {}
+    for entry in document["keys"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
+            raise ValueError("every JWT_JWKS key needs a string kid")
+        try:
+            keys[entry["kid"]] = (str(entry.get("kty")), pyjwt.PyJWK(entry).key)
+        except (pyjwt.PyJWKError, pyjwt.InvalidKeyError, ValueError, TypeError) as error:
+            raise ValueError(f"JWT_JWKS key {entry['kid']!r} cannot be used: {error}") from None
+    return KeySet(keys)
 
 
 class TokenError(RealtimeError):
@@ -43,8 +86,14 @@ def _malformed() -> TokenError:
     return TokenError("MalformedJWT", "The token provided is not a valid JWT")
 
 
-def verify_token(token: Any, secret: str, now: float, validators: dict[str, Any] | None = None) -> Claims:
-    """Verify an HS256/384/512 token signed with ``secret``.
+def verify_token(
+    token: Any, secret: str, now: float, validators: dict[str, Any] | None = None, jwks: KeySet | None = None
+) -> Claims:
+    """Verify a token signed with ``secret`` (HS256/384/512) or a key of ``jwks`` named by its ``kid``.
+
+    HMAC tokens use the ``oct`` key matching their ``kid`` if ``jwks`` has
+    one, else ``secret``; RS*, PS*, ES* and EdDSA tokens need a ``kid``
+    matching a key of the right type (PROTOCOL.md 1.2).
 
     Raises:
         TokenError: with the reference's code and message for each failure.
@@ -56,9 +105,14 @@ def verify_token(token: Any, secret: str, now: float, validators: dict[str, Any]
     except (pyjwt.DecodeError, ValueError, TypeError):
         raise _malformed() from None
     alg = header.get("alg")
-    if alg not in HMAC_ALGORITHMS:
+    kid = header.get("kid")
+    key: Any = None
+    if alg in HMAC_ALGORITHMS:
+        key = (jwks.find(kid, "oct") if jwks is not None else None) or secret
+    elif alg in KEY_TYPES and jwks is not None:
+        key = jwks.find(kid, KEY_TYPES[alg])
+    if key is None:
         message = "Failed to generate JWT signer, check your JWT secret or JWKS configuration"
-        kid = header.get("kid")
         if isinstance(kid, str):
             message = (
                 f'Failed to generate JWT signer for key ID (kid) "{kid}", '
@@ -68,7 +122,7 @@ def verify_token(token: Any, secret: str, now: float, validators: dict[str, Any]
     try:
         raw = pyjwt.decode(
             token,
-            secret,
+            key,
             algorithms=[alg],
             options={
                 "verify_signature": True,

@@ -129,6 +129,8 @@ REALTIME_SLOT = env_str("REALTIME_SLOT", "realtime_django")
 REALTIME_PUBLICATION_CHECK_S = env_int("REALTIME_PUBLICATION_CHECK_S", 60)
 # JSON object of claims every token must carry, e.g. {"iss": "supabase"}.
 REALTIME_JWT_CLAIM_VALIDATORS = env_json_object("JWT_CLAIM_VALIDATORS")
+# JWKS ({"keys": [...]}) for RS/PS/ES/EdDSA tokens and kid-named HMAC keys; empty: JWT_SECRET only.
+REALTIME_JWT_JWKS = env_str("JWT_JWKS", "")
 REALTIME_CONNECT_ERROR_BACKOFF_MS = env_int("REALTIME_CONNECT_ERROR_BACKOFF_MS", 2000)
 REALTIME_CHANNEL_ERROR_BACKOFF_MS = env_int("REALTIME_CHANNEL_ERROR_BACKOFF_MS", 5000)
 # Refuse public channels (PROTOCOL.md 3.2 PrivateOnly).

@@ -259,3 +259,25 @@ async def test_uvicorn_serves_the_same_protocol() -> None:
         assert await refused(ws_url(server, apikey=None)) == (401, {"error": "API key is missing"})
         await a.close()
         await b.close()
+
+
+async def test_jwks_signed_tokens_upgrade_and_an_unknown_kid_is_refused() -> None:  # C7
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private_key.public_key()))
+    jwks = json.dumps({"keys": [{**public_jwk, "kid": "project-key-1", "use": "sig"}]})
+    claims = {"role": "authenticated", "exp": 4102444800, "sub": "u1"}
+    good = jwt.encode(claims, private_key, algorithm="RS256", headers={"kid": "project-key-1"})
+    unknown = jwt.encode(claims, private_key, algorithm="RS256", headers={"kid": "rotated-away"})
+    with start_server(env={"JWT_JWKS": jwks}) as server:
+        async with connect(ws_url(server, apikey=good), open_timeout=WAIT) as ws:
+            await ws.send(json.dumps(["1", "1", room(), "phx_join", {"config": {}, "access_token": good}]))
+            assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))[4]["status"] == "ok"
+        assert await refused(ws_url(server, apikey=unknown)) == (401, {"error": (
+            'Failed to generate JWT signer for key ID (kid) "rotated-away", check your JWT secret or JWKS configuration'
+        )})
+        # HS256 with the JWT secret keeps working next to the JWKS.
+        async with connect(ws_url(server, apikey=mint_token("anon")), open_timeout=WAIT):
+            pass

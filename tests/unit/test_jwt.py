@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import jwt as pyjwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from realtime.jwt import TokenError, mint_token, verify_token
+from realtime.jwt import KeySet, TokenError, load_jwks, mint_token, verify_token
 
 pytestmark = pytest.mark.unit
 
@@ -81,3 +83,70 @@ def test_claim_validators_refuse_a_different_value() -> None:  # C8
     with pytest.raises(TokenError) as caught:
         verify_token(bad, SECRET, NOW, {"iss": "x"})
     assert (caught.value.handshake_status, caught.value.handshake_message) == (500, "Error connecting to Realtime")
+
+
+# --- JWKS (C7) ---------------------------------------------------------------
+
+
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+ED_KEY = ed25519.Ed25519PrivateKey.generate()
+CLAIMS = {"role": "authenticated", "exp": NOW + 60, "sub": "u1"}
+
+
+def public_jwk(algorithm: Any, key: Any, kid: str) -> dict[str, Any]:
+    return {**json.loads(algorithm.to_jwk(key.public_key())), "kid": kid}
+
+
+def key_set() -> KeySet:
+    algorithms = pyjwt.algorithms
+    keys = [
+        public_jwk(algorithms.RSAAlgorithm, RSA_KEY, "rsa-1"),
+        public_jwk(algorithms.ECAlgorithm, EC_KEY, "ec-1"),
+        public_jwk(algorithms.OKPAlgorithm, ED_KEY, "ed-1"),
+        {"kty": "oct", "kid": "hmac-1", "k": base64.urlsafe_b64encode(b"k" * 40).rstrip(b"=").decode()},
+    ]
+    return load_jwks(json.dumps({"keys": keys}))
+
+
+@pytest.mark.parametrize(
+    ("alg", "key", "kid"),
+    [("RS256", RSA_KEY, "rsa-1"), ("RS512", RSA_KEY, "rsa-1"), ("PS256", RSA_KEY, "rsa-1"),
+     ("ES256", EC_KEY, "ec-1"), ("EdDSA", ED_KEY, "ed-1")],
+)
+def test_asymmetric_tokens_verify_with_the_jwks_key_named_by_kid(alg: str, key: Any, kid: str) -> None:
+    token = pyjwt.encode(CLAIMS, key, algorithm=alg, headers={"kid": kid})
+    assert verify_token(token, SECRET, NOW, jwks=key_set()).sub == "u1"
+
+
+def test_an_unknown_kid_or_a_key_of_the_wrong_type_has_no_signer() -> None:
+    for kid in ("nope", "ec-1"):  # ec-1 exists but cannot verify RS256
+        token = pyjwt.encode(CLAIMS, RSA_KEY, algorithm="RS256", headers={"kid": kid})
+        with pytest.raises(TokenError) as caught:
+            verify_token(token, SECRET, NOW, jwks=key_set())
+        assert caught.value.code == "JwtSignerError"
+        assert caught.value.message == (
+            f'Failed to generate JWT signer for key ID (kid) "{kid}", check your JWT secret or JWKS configuration'
+        )
+
+
+def test_a_jwks_token_signed_by_another_key_fails_the_signature() -> None:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    token = pyjwt.encode(CLAIMS, other, algorithm="RS256", headers={"kid": "rsa-1"})
+    with pytest.raises(TokenError) as caught:
+        verify_token(token, SECRET, NOW, jwks=key_set())
+    assert caught.value.code == "JwtSignatureError"
+
+
+def test_hmac_tokens_use_the_oct_key_of_their_kid_else_the_secret() -> None:
+    by_kid = pyjwt.encode(CLAIMS, b"k" * 40, algorithm="HS256", headers={"kid": "hmac-1"})
+    assert verify_token(by_kid, SECRET, NOW, jwks=key_set()).role == "authenticated"
+    by_secret = pyjwt.encode(CLAIMS, SECRET, algorithm="HS256", headers={"kid": "not-in-the-set"})
+    assert verify_token(by_secret, SECRET, NOW, jwks=key_set()).role == "authenticated"
+
+
+@pytest.mark.parametrize("text", ["not json", "[]", '{"keys": {}}', '{"keys": [{"kty": "RSA"}]}',
+                                  '{"keys": [{"kid": "x", "kty": "RSA", "n": "??"}]}'])
+def test_a_bad_jwks_is_reported(text: str) -> None:
+    with pytest.raises(ValueError):
+        load_jwks(text)
