@@ -150,20 +150,30 @@ class Database:
         return None
 
 
-async def set_request_context(conn: psycopg.AsyncConnection[Any], claims: Claims) -> None:
-    """Inside a transaction: become the subscriber's role with its claims visible to policies.
+def context_statement(claims: Claims) -> sql.Composed:
+    """One statement that makes the transaction act as the subscriber, as the reference sets it up.
 
-    A policy check that runs longer than ``CHECK_TIMEOUT_MS`` is cancelled (and
-    counts as denied), so one slow policy cannot hold up joins or deliveries.
+    ``role`` (as ``SET LOCAL ROLE`` would), ``request.jwt.claims`` and the
+    ``request.jwt.claim.sub`` / ``.role`` settings policies read, and a
+    ``statement_timeout`` of ``CHECK_TIMEOUT_MS`` so that one slow policy
+    cannot hold up joins or deliveries (it counts as denied). The values are
+    quoted literals, so the statement can travel with others in one round trip.
     """
-    await conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(claims.role)))
-    await conn.execute(
-        "SELECT set_config('request.jwt.claims', %s, true),"
-        " set_config('request.jwt.claim.sub', %s, true),"
-        " set_config('request.jwt.claim.role', %s, true),"
-        " set_config('statement_timeout', %s, true)",
-        (json.dumps(claims.raw), claims.sub or "", claims.role, str(CHECK_TIMEOUT_MS)),
+    return sql.SQL(
+        "SELECT set_config('role', {role}, true), set_config('request.jwt.claims', {claims}, true),"
+        " set_config('request.jwt.claim.sub', {sub}, true), set_config('request.jwt.claim.role', {role}, true),"
+        " set_config('statement_timeout', {timeout}, true)"
+    ).format(
+        role=sql.Literal(claims.role),
+        claims=sql.Literal(json.dumps(claims.raw)),
+        sub=sql.Literal(claims.sub or ""),
+        timeout=sql.Literal(str(CHECK_TIMEOUT_MS)),
     )
+
+
+async def set_request_context(conn: psycopg.AsyncConnection[Any], claims: Claims) -> None:
+    """Inside a transaction: become the subscriber's role with its claims visible to policies."""
+    await conn.execute(context_statement(claims))
 
 
 def database_error_text(error: psycopg.Error) -> str:

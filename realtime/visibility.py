@@ -10,8 +10,8 @@ that shares the claims::
       CROSS JOIN LATERAL jsonb_populate_record(NULL::schema.table, e.j) AS k
      WHERE EXISTS (SELECT 1 FROM schema.table r WHERE r.pk = k.pk ...)
 
-run as the subscriber (``set_request_context``) in a transaction that is
-always rolled back. ``jsonb_populate_record`` gives the key values the
+run as the subscriber (``context_statement``) in a transaction that is
+always rolled back, all of it in one round trip. ``jsonb_populate_record`` gives the key values the
 column types, so the lookup uses the primary key index. Names are composed
 with ``sql.Identifier``; the keys are a bound parameter.
 
@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from realtime.authorization import get_database, set_request_context
+from realtime.authorization import context_statement, get_database
 from realtime.jwt import Claims
 
 logger = logging.getLogger(__name__)
@@ -65,22 +65,26 @@ class RowChecker:
         match = sql.SQL(" AND ").join(
             sql.SQL("r.{0} = k.{0}").format(sql.Identifier(name)) for name in names
         )
-        query = sql.SQL(
-            "SELECT e.o FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(j, o)"
+        # One round trip: open, act as the subscriber, look the rows up, roll back.
+        statement = sql.SQL(
+            "BEGIN; {context};"
+            " SELECT e.o FROM jsonb_array_elements({keys}::jsonb) WITH ORDINALITY AS e(j, o)"
             " CROSS JOIN LATERAL jsonb_populate_record(NULL::{target}, e.j) AS k"
-            " WHERE EXISTS (SELECT 1 FROM {target} r WHERE {match})"
-        ).format(target=target, match=match)
+            " WHERE EXISTS (SELECT 1 FROM {target} r WHERE {match}); ROLLBACK"
+        ).format(context=context_statement(claims), keys=sql.Literal(json.dumps(rows)), target=target, match=match)
         verdict = bytearray(len(keys))
+        self.queries += 1
         try:
-            async with conn.transaction(force_rollback=True):
-                await set_request_context(conn, claims)
-                self.queries += 1
-                cursor = await conn.execute(query, (json.dumps(rows),))
-                for (ordinal,) in await cursor.fetchall():
-                    verdict[int(ordinal) - 1] = 1
+            cursor = await conn.execute(statement)
+            cursor.nextset()  # past BEGIN
+            cursor.nextset()  # past the context
+            for (ordinal,) in await cursor.fetchall():
+                verdict[int(ordinal) - 1] = 1
         except CONNECTION_ERRORS:
             raise
         except psycopg.Error as error:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await conn.execute("ROLLBACK")  # the failed statement left the transaction open
             diag = getattr(error, "diag", None)
             logger.warning(
                 "row level security check failed for role=%s sub=%s on %s.%s; not delivering to it: %s",
