@@ -151,19 +151,21 @@ class Database:
 
 
 def context_statement(claims: Claims) -> sql.Composed:
-    """One statement that makes the transaction act as the subscriber, as the reference sets it up.
+    """The statements that make the transaction act as the subscriber, as the reference sets it up.
 
-    ``role`` (as ``SET LOCAL ROLE`` would), ``request.jwt.claims`` and the
+    ``SET LOCAL ROLE``, then ``request.jwt.claims`` and the
     ``request.jwt.claim.sub`` / ``.role`` settings policies read, and a
     ``statement_timeout`` of ``CHECK_TIMEOUT_MS`` so that one slow policy
-    cannot hold up joins or deliveries (it counts as denied). The values are
-    quoted literals, so the statement can travel with others in one round trip.
+    cannot hold up joins or deliveries (it counts as denied). The role is an
+    identifier and the values are quoted literals (no parameters), so these
+    statements can travel with others in one round trip.
     """
     return sql.SQL(
-        "SELECT set_config('role', {role}, true), set_config('request.jwt.claims', {claims}, true),"
+        "SET LOCAL ROLE {ident}; SELECT set_config('request.jwt.claims', {claims}, true),"
         " set_config('request.jwt.claim.sub', {sub}, true), set_config('request.jwt.claim.role', {role}, true),"
         " set_config('statement_timeout', {timeout}, true)"
     ).format(
+        ident=sql.Identifier(claims.role),
         role=sql.Literal(claims.role),
         claims=sql.Literal(json.dumps(claims.raw)),
         sub=sql.Literal(claims.sub or ""),

@@ -76,9 +76,13 @@ class RowChecker:
         self.queries += 1
         try:
             cursor = await conn.execute(statement)
-            cursor.nextset()  # past BEGIN
-            cursor.nextset()  # past the context
-            for (ordinal,) in await cursor.fetchall():
+            found: list[Any] = []
+            while True:  # the lookup is the last statement that returns rows
+                if cursor.description is not None:
+                    found = await cursor.fetchall()
+                if not cursor.nextset():
+                    break
+            for (ordinal,) in found:
                 verdict[int(ordinal) - 1] = 1
         except CONNECTION_ERRORS:
             raise
