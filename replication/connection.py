@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 LOCK_NAMESPACE = "realtime.replication"
 
 
+class SlotMissing(RuntimeError):
+    """The slot this reader owns was dropped under it."""
+
+
 @dataclass(frozen=True, slots=True)
 class SlotRow:
     """One pgoutput message as the slot returns it."""
@@ -102,6 +106,21 @@ class SlotReader:
             (self.slot, max_changes, self.publication),
         )
         return [SlotRow(parse_lsn(lsn), int(xid), bytes(data)) for lsn, xid, data in await cursor.fetchall()]
+
+    async def wal_position(self) -> str:
+        """How far WAL is flushed: decoding reads up to there, so unchanged means nothing new to decode.
+
+        Raises:
+            SlotMissing: the slot was dropped (it is recreated on the retry).
+        """
+        cursor = await self._conn().execute(
+            "SELECT pg_current_wal_flush_lsn()::text, EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s)",
+            (self.slot,),
+        )
+        row = await cursor.fetchone()
+        if row is None or not row[1]:
+            raise SlotMissing(f"replication slot {self.slot} does not exist")
+        return str(row[0])
 
     async def advance(self, lsn: int) -> None:
         """Consume everything up to ``lsn`` (a commit's end position)."""

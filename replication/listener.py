@@ -158,12 +158,19 @@ class Listener:
         logger.info("active: streaming slot %s of publication %s", self.slot, self.publication)
         if self.on_active is not None:
             self.on_active()
+        idle_at = ""  # the flushed WAL position read before the last peek that found nothing
         while not stop.is_set():
-            rows = await reader.peek(self.batch_changes)
+            # Peeking decodes from the slot's position even when nothing is new;
+            # while no WAL has been flushed since an empty peek, skip it (it
+            # read everything flushed up to at least that position).
+            position = await reader.wal_position()
+            rows = [] if position == idle_at else await reader.peek(self.batch_changes)
             if not rows:
+                idle_at = position
                 if await _wait(stop, self.poll_interval):
                     return
                 continue
+            idle_at = ""
             messages = decoder.parse(row.data for row in rows)
             missing = decoder.relations_without_keys(messages)
             if missing:
