@@ -7,13 +7,15 @@ change; here one query answers for a whole run of changes and every socket
 that shares the claims::
 
     SELECT e.o FROM jsonb_array_elements($keys) WITH ORDINALITY AS e(j, o)
-      CROSS JOIN LATERAL jsonb_populate_record(NULL::schema.table, e.j) AS k
+      CROSS JOIN LATERAL jsonb_to_record(e.j) AS k(pk pk_type, ...)
      WHERE EXISTS (SELECT 1 FROM schema.table r WHERE r.pk = k.pk ...)
 
 run as the subscriber (``context_statement``) in a transaction that is
-always rolled back, all of it in one round trip. ``jsonb_populate_record`` gives the key values the
-column types, so the lookup uses the primary key index. Names are composed
-with ``sql.Identifier``; the keys are a bound parameter.
+always rolled back, all of it in one round trip. ``jsonb_to_record`` gives
+the key values the key columns' types, so the lookup uses the primary key
+index. Names are composed with ``sql.Identifier``, the keys are a quoted
+literal, and the types are spelled by the catalog's own ``format_type``
+(never by a client).
 
 A policy that fails (raises, or a claim that does not cast) denies that claim
 set only, and is logged with the database's message. Losing the connection
@@ -47,6 +49,7 @@ class RowChecker:
 
     def __init__(self) -> None:
         self._bypass: dict[str, tuple[bool, float]] = {}
+        self._types: dict[tuple[str, str], tuple[dict[str, str], float]] = {}
         self.queries = 0  # visibility queries run (benchmarks report it)
 
     async def visible(
@@ -65,16 +68,23 @@ class RowChecker:
         match = sql.SQL(" AND ").join(
             sql.SQL("r.{0} = k.{0}").format(sql.Identifier(name)) for name in names
         )
-        # One round trip: open, act as the subscriber, look the rows up, roll back.
-        statement = sql.SQL(
-            "BEGIN; {context};"
-            " SELECT e.o FROM jsonb_array_elements({keys}::jsonb) WITH ORDINALITY AS e(j, o)"
-            " CROSS JOIN LATERAL jsonb_populate_record(NULL::{target}, e.j) AS k"
-            " WHERE EXISTS (SELECT 1 FROM {target} r WHERE {match}); ROLLBACK"
-        ).format(context=context_statement(claims), keys=sql.Literal(json.dumps(rows)), target=target, match=match)
         verdict = bytearray(len(keys))
-        self.queries += 1
         try:
+            types = await self._key_types(conn, schema, table)
+            columns = sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(types[name])) for name in names
+            )
+            # One round trip: open, act as the subscriber, look the rows up, roll back.
+            statement = sql.SQL(
+                "BEGIN; {context};"
+                " SELECT e.o FROM jsonb_array_elements({keys}::jsonb) WITH ORDINALITY AS e(j, o)"
+                " CROSS JOIN LATERAL jsonb_to_record(e.j) AS k({columns})"
+                " WHERE EXISTS (SELECT 1 FROM {target} r WHERE {match}); ROLLBACK"
+            ).format(
+                context=context_statement(claims), keys=sql.Literal(json.dumps(rows)), columns=columns,
+                target=target, match=match,
+            )
+            self.queries += 1
             cursor = await conn.execute(statement)
             found: list[Any] = []
             while True:  # the lookup is the last statement that returns rows
@@ -86,7 +96,7 @@ class RowChecker:
                 verdict[int(ordinal) - 1] = 1
         except CONNECTION_ERRORS:
             raise
-        except psycopg.Error as error:
+        except (psycopg.Error, KeyError) as error:  # KeyError: the key's columns changed under the cache
             if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 await conn.execute("ROLLBACK")  # the failed statement left the transaction open
             diag = getattr(error, "diag", None)
@@ -96,6 +106,26 @@ class RowChecker:
             )
             return b"\x00" * len(keys)
         return bytes(verdict)
+
+    async def _key_types(self, conn: psycopg.AsyncConnection[Any], schema: str, table: str) -> dict[str, str]:
+        """Column -> SQL type of the table's columns, as ``format_type`` spells them (already quoted).
+
+        The key values are typed from these (``jsonb_to_record``) so that the
+        lookup uses the primary key index; only the key columns are converted.
+        """
+        now = time.monotonic()
+        known = self._types.get((schema, table))
+        if known is not None and now - known[1] < ROLE_CACHE_S:
+            return known[0]
+        cursor = await conn.execute(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+            " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+            (schema, table),
+        )
+        types = {str(name): str(spelled) for name, spelled in await cursor.fetchall()}
+        self._types[(schema, table)] = (types, now)
+        return types
 
     async def _bypasses(self, conn: psycopg.AsyncConnection[Any], role: str) -> bool:
         """Superusers and BYPASSRLS roles (``service_role``) see every row: no query per change."""

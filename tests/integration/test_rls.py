@@ -205,3 +205,31 @@ async def test_one_query_per_claim_set_for_a_batch(connect, rls_table, replicato
     assert len(await received_ids(sockets[0])) == 25
     # 50 rows in one transaction, 20 sockets, 2 distinct claim sets: 2 queries.
     assert replicator.checker.queries - before == 2
+
+
+async def test_composite_keys_and_strict_domain_columns_are_checked(connect, publication, listener) -> None:
+    # The lookup types only the key columns: a NOT NULL domain elsewhere in the row must not break it.
+    name = f"strict_{uuid.uuid4().hex[:8]}"
+    ident = sql.Identifier("public", name)
+    domain = sql.Identifier("public", f"{name}_label")
+    execute(
+        sql.SQL("CREATE DOMAIN {} AS text NOT NULL CHECK (VALUE <> '')").format(domain),
+        sql.SQL("CREATE TABLE {} (org text, id bigint, user_id uuid, label {}, PRIMARY KEY (org, id))").format(ident, domain),
+        sql.SQL("GRANT SELECT ON {} TO authenticated").format(ident),
+        sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(ident),
+        sql.SQL("CREATE POLICY owner ON {} FOR SELECT TO authenticated USING (user_id = auth.uid())").format(ident),
+        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), ident),
+    )
+    try:
+        a = await connect(apikey=token("authenticated", sub=USER_A))
+        await subscribe(a, "realtime:strict", binding(name))
+        insert(
+            name,
+            {"org": "x,y", "id": 1, "user_id": USER_B, "label": "b"},
+            {"org": "x,y", "id": 2, "user_id": USER_A, "label": "a"},
+        )
+        frame = await a.recv_event("postgres_changes", timeout=10)
+        assert frame[4]["data"]["record"] == {"org": "x,y", "id": 2, "user_id": USER_A, "label": "a"}
+        assert await a.nothing(0.5)
+    finally:
+        execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident), sql.SQL("DROP DOMAIN IF EXISTS {}").format(domain))
