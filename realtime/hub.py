@@ -38,7 +38,14 @@ from realtime.protocol.serializer import (
 from realtime.filters import BindingIndex
 from realtime.bindings import select_columns
 from realtime.cork import corked
-from realtime.types import KIND_BINARY, KIND_PRESENCE, BroadcastMessage, ChangeRun
+from realtime.types import (
+    KIND_BINARY,
+    KIND_PRESENCE,
+    BroadcastMessage,
+    ChangeRun,
+    checked_positions,
+    verdict_per_change,
+)
 from realtime.topics import table_group
 
 if TYPE_CHECKING:
@@ -482,7 +489,7 @@ class Hub:
         missing = {c: claims for c, (claims, _) in route.claim_sets.items() if c not in visible}
         if not missing:
             return visible
-        positions = [i for i, change in enumerate(run["changes"]) if "key" in change]
+        positions = checked_positions(run)
         if not positions:
             return visible
         keys = [run["changes"][i]["key"] for i in positions]
@@ -494,10 +501,7 @@ class Hub:
             except Exception:
                 logger.exception("row level security check failed on %s.%s", route.schema, route.table)
                 continue
-            per_change = bytearray(b"\x01" * len(run["changes"]))
-            for position, seen in zip(positions, verdict):
-                per_change[position] = seen
-            visible[claim_set] = bytes(per_change)
+            visible[claim_set] = verdict_per_change(run, positions, verdict)
         return visible
 
     def _members(self, group: str) -> tuple[Subscription, ...]:

@@ -1,4 +1,4 @@
-"""Type aliases shared across the app, and the layer messages that cross processes.
+"""Type aliases shared across the app, the layer messages that cross processes, and their helpers.
 
 Layer messages are serialized by channels_redis (msgpack), so they hold only
 dicts, lists, str, int and bytes.
@@ -55,3 +55,16 @@ class ChangeRun(TypedDict):
     changes: list[dict[str, Any]]  # {"type": "INSERT"|"UPDATE"|"DELETE", "data": bytes[, "key": bytes]}
     rls: NotRequired[bool]
     visible: NotRequired[dict[str, bytes]]
+
+
+def checked_positions(run: ChangeRun) -> list[int]:
+    """Positions of the run's changes that a visibility check decides (those carrying a ``key``)."""
+    return [i for i, change in enumerate(run["changes"]) if "key" in change]
+
+
+def verdict_per_change(run: ChangeRun, positions: list[int], verdict: bytes) -> bytes:
+    """A ``visible`` entry: ``verdict`` (one byte per checked position) spread over every change, others 1."""
+    per_change = bytearray(b"\x01" * len(run["changes"]))
+    for position, seen in zip(positions, verdict):
+        per_change[position] = seen
+    return bytes(per_change)

@@ -35,7 +35,7 @@ from channels.layers import BaseChannelLayer
 
 from realtime.claimsets import Directory
 from realtime.hub import MEMBERSHIP_CHECK_S, RECEIVE_RETRY_S
-from realtime.types import ChangeRun
+from realtime.types import ChangeRun, checked_positions, verdict_per_change
 from realtime.visibility import RowChecker
 from replication import pgoutput
 from replication.changes import ChangeDecoder
@@ -201,7 +201,6 @@ class Listener:
             if batch.confirm_lsn is not None:
                 await reader.advance(batch.confirm_lsn)
 
-
     async def _check_rows(self, runs: list[ChangeRun]) -> None:
         """Attach to each RLS run which of its changes each subscribed claim set may see."""
         if self.directory is None:
@@ -210,7 +209,7 @@ class Listener:
             if not run.get("rls"):
                 continue
             claim_sets = await self.directory.claim_sets((run["schema"], run["table"]))
-            positions = [i for i, change in enumerate(run["changes"]) if "key" in change]
+            positions = checked_positions(run)
             if not claim_sets or not positions:
                 continue
             keys = [run["changes"][i]["key"] for i in positions]
@@ -218,10 +217,7 @@ class Listener:
             visible: dict[str, bytes] = {}
             for claim_set, claims in claim_sets.items():
                 verdict = await self.checker.visible(conn, claims, run["schema"], run["table"], keys)
-                per_change = bytearray(b"\x01" * len(run["changes"]))
-                for position, seen in zip(positions, verdict):
-                    per_change[position] = seen
-                visible[claim_set] = bytes(per_change)
+                visible[claim_set] = verdict_per_change(run, positions, verdict)
             run["visible"] = visible
             self.stats.rls_runs += 1
         self.stats.rls_queries = self.checker.queries
