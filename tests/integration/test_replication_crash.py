@@ -106,7 +106,7 @@ def make_stack(request: pytest.FixtureRequest, extra_env: dict[str, str] | None 
             for process in [*created.replicators, server]:
                 process.stop()
                 if failed:
-                    print(process.describe("log") if isinstance(process, ReplicatorProcess) else process._describe("log"))
+                    print(process.describe("log"))
                 process.remove_log()
             if created.replicators:
                 created.replicators[0].drop_slot()
