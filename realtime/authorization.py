@@ -59,7 +59,7 @@ class AuthorizedBinding:
 
 
 class Database:
-    """The server process's small connection pool for join-time checks."""
+    """The server process's small connection pool for its checks (joins, private channels, missed RLS claim sets)."""
 
     def __init__(self, dsn: str, publication: str) -> None:
         self.publication = publication
@@ -72,7 +72,7 @@ class Database:
         self._opened = False
         self._open_lock = asyncio.Lock()
 
-    async def open(self) -> None:
+    async def _ensure_open(self) -> None:
         if not self._opened:
             async with self._open_lock:
                 if not self._opened:
@@ -86,15 +86,14 @@ class Database:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled autocommit connection, for checks kept in other modules (``realtime.channel_auth``)."""
-        await self.open()
+        """A pooled autocommit connection (opening the pool on first use)."""
+        await self._ensure_open()
         async with self.pool.connection() as conn:
             yield conn
 
     async def published_tables(self) -> frozenset[tuple[str, str]]:
         """(schema, table) pairs in the publication now (read at every subscribe, as the reference does)."""
-        await self.open()
-        async with self.pool.connection() as conn:
+        async with self.connection() as conn:
             cursor = await conn.execute(
                 "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = %s",
                 (self.publication,),
@@ -103,8 +102,7 @@ class Database:
 
     async def columns(self, schema: str, table: str, role: str | None = None) -> list[Column]:
         """The table's columns in attnum order; with ``role``, whether it may SELECT each."""
-        await self.open()
-        async with self.pool.connection() as conn:
+        async with self.connection() as conn:
             cursor = await conn.execute(
                 "SELECT a.attname::text, t.typname::text,"
                 " CASE WHEN %s::text IS NULL THEN true WHEN r.oid IS NULL THEN false"
@@ -120,8 +118,7 @@ class Database:
             return [Column(str(name), str(typ), bool(ok)) for name, typ, ok in await cursor.fetchall()]
 
     async def primary_key(self, schema: str, table: str) -> tuple[str, ...]:
-        await self.open()
-        async with self.pool.connection() as conn:
+        async with self.connection() as conn:
             cursor = await conn.execute(
                 "SELECT a.attname::text FROM pg_index i"
                 " JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -133,8 +130,7 @@ class Database:
 
     async def can_select(self, claims: Claims, schema: str, table: str, columns: tuple[str, ...] = ()) -> str | None:
         """None if ``claims.role`` may read the table (and columns), else the database's message."""
-        await self.open()
-        async with self.pool.connection() as conn:
+        async with self.connection() as conn:
             try:
                 async with conn.transaction(force_rollback=True):
                     await set_request_context(conn, claims)

@@ -779,6 +779,12 @@ def _cast(ctype: _ColumnType, text: str) -> Hashable:
     return text
 
 
+def _record_key(record: Mapping[str, Any], column: str, ctype: _ColumnType) -> Any:
+    """The comparison key of ``record[column]``; ``_INVALID`` when it is NULL, absent or mistyped."""
+    raw = record.get(column)
+    return _INVALID if raw is None else _coerce(ctype, raw)
+
+
 def _coerce(ctype: _ColumnType, value: Any) -> Any:
     """The comparison key of a non-NULL typed record value, or ``_INVALID``."""
     kind = ctype.kind
@@ -1033,12 +1039,9 @@ def _compare_predicate(
     column, negated = condition.column, condition.negated
 
     def predicate(record: Mapping[str, Any]) -> bool:
-        raw = record.get(column)
-        if raw is None:
-            return False
-        key = _coerce(ctype, raw)
+        key = _record_key(record, column, ctype)
         if key is _INVALID:
-            return False
+            return False  # NULL, absent or not of the column's type: no comparison holds
         return compare(key, target) is not negated
 
     return predicate
@@ -1050,12 +1053,9 @@ def _in_predicate(
     column, negated = condition.column, condition.negated
 
     def predicate(record: Mapping[str, Any]) -> bool:
-        raw = record.get(column)
-        if raw is None:
-            return False
-        key = _coerce(ctype, raw)
+        key = _record_key(record, column, ctype)
         if key is _INVALID:
-            return False
+            return False  # NULL, absent or not of the column's type: no comparison holds
         if key in targets:
             return not negated
         # x = ANY('{...,NULL}') is NULL, not false, when nothing equals x; NOT NULL is NULL too.

@@ -431,15 +431,9 @@ class Hub:
             frame = frames.for_vsn(sub.vsn)
             if frame is None:
                 continue
-            try:
-                if sub.write is not None:
-                    sub.write(frame)
-                else:
-                    await sub.send(frame)
-                self.delivered += 1
-            except Exception:
-                self.failed += 1
-                logger.debug("broadcast write failed socket=%s", sub.socket_id, exc_info=True)
+            pending = self._write(sub, frame)
+            if pending is not None:
+                await pending
 
     async def deliver_changes(self, run: ChangeRun) -> None:
         """Write each change of a run to every local channel whose bindings it satisfies."""
@@ -473,15 +467,29 @@ class Hub:
                         payload = '{"ids":' + json.dumps(ids) + ',"data":' + data + "}"
                         text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
                         frame = frames[frame_key] = {"type": "websocket.send", "text": text}
-                    try:
-                        if sub.write is not None:
-                            sub.write(frame)
-                        else:
-                            await sub.send(frame)
-                        self.delivered += 1
-                    except Exception:
-                        self.failed += 1
-                        logger.debug("change write failed socket=%s", sub.socket_id, exc_info=True)
+                    pending = self._write(sub, frame)
+                    if pending is not None:
+                        await pending
+
+    def _write(self, sub: Subscription | ChangeSubscription, frame: dict[str, Any]) -> Awaitable[None] | None:
+        """Write ``frame`` to one socket: at once through a direct writer, else the ASGI send to await."""
+        if sub.write is None:
+            return self._send(sub, frame)
+        try:
+            sub.write(frame)
+            self.delivered += 1
+        except Exception:
+            self.failed += 1
+            logger.debug("write failed socket=%s", sub.socket_id, exc_info=True)
+        return None
+
+    async def _send(self, sub: Subscription | ChangeSubscription, frame: dict[str, Any]) -> None:
+        try:
+            await sub.send(frame)
+            self.delivered += 1
+        except Exception:
+            self.failed += 1
+            logger.debug("send failed socket=%s", sub.socket_id, exc_info=True)
 
     async def _visibility(self, route: TableRoute, run: ChangeRun) -> dict[str, bytes]:
         """Verdicts per claim set for an RLS run: the replicator's, plus checks of the ones it missed."""

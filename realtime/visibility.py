@@ -145,7 +145,5 @@ _checker = RowChecker()
 
 async def check_rows(claims: Claims, schema: str, table: str, keys: list[bytes]) -> bytes:
     """A server process's own check (``realtime.hub``'s ``row_check``), on its join-time pool."""
-    db = get_database()
-    await db.open()
-    async with db.pool.connection() as conn:
+    async with get_database().connection() as conn:
         return await _checker.visible(conn, claims, schema, table, keys)
