@@ -11,14 +11,13 @@ that dies without a word leave, for every survivor, within the TTL
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from tests.fixtures.phoenix import WAIT_S, PhoenixClient, is_text
+from tests.fixtures.phoenix import WAIT_S, PhoenixClient, client_opener, is_text
 from tests.fixtures.server import ServerProcess, start_server
 
 pytestmark = pytest.mark.integration
@@ -80,15 +79,8 @@ def servers() -> Iterator[tuple[ServerProcess, ServerProcess]]:
 
 @pytest.fixture
 async def clients(servers: tuple[ServerProcess, ServerProcess]) -> AsyncIterator[Callable[[ServerProcess, str], Awaitable[PresenceClient]]]:
-    opened: list[PresenceClient] = []
-
-    async def _open(server: ServerProcess, name: str) -> PresenceClient:
-        client = await PresenceClient.open(server, name)
-        opened.append(client)
-        return client
-
-    yield _open
-    await asyncio.gather(*(client.close() for client in opened))
+    async with client_opener(PresenceClient) as open_client:
+        yield open_client
 
 
 def room() -> str:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-from tests.fixtures.phoenix import WAIT_S, Frame, is_text
+from tests.fixtures.phoenix import WAIT_S, Frame, client_opener, is_text
 from tests.fixtures.phoenix import PhoenixClient as BaseClient
 from tests.fixtures.server import ServerProcess, mint_token, start_server
 
@@ -89,15 +89,8 @@ def servers() -> Iterator[tuple[ServerProcess, ServerProcess]]:
 
 @pytest.fixture
 async def clients(servers: tuple[ServerProcess, ServerProcess]) -> AsyncIterator[Callable[..., Any]]:
-    opened: list[PhoenixClient] = []
-
-    async def _open(server: ServerProcess, name: str) -> PhoenixClient:
-        client = await PhoenixClient.open(server, name)
-        opened.append(client)
-        return client
-
-    yield _open
-    await asyncio.gather(*(client.close() for client in opened))
+    async with client_opener(PhoenixClient) as open_client:
+        yield open_client
     for server in servers:
         server.check_alive()
 
