@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 TOPIC = "realtime:bench"
@@ -160,6 +161,93 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     return header + key + mask_payload(payload, key)
 
 
+def frame_spans(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
+    """The whole server frames at the start of ``data``: (first header byte, payload start, payload end)
+    each, and where the rest (an incomplete frame) begins."""
+    spans = []
+    pos, n = 0, len(data)
+    while n - pos >= 2:
+        length = data[pos + 1] & 0x7F
+        if length < 126:
+            hl = 2
+        elif length == 126:
+            if n - pos < 4:
+                break
+            length = (data[pos + 2] << 8) | data[pos + 3]
+            hl = 4
+        else:
+            if n - pos < 10:
+                break
+            length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+            hl = 10
+        end = pos + hl + length
+        if end > n:
+            break
+        spans.append((data[pos], pos + hl, end))
+        pos = end
+    return spans, pos
+
+
+def receive(conn: Any, rbuf: bytearray, rview: memoryview) -> bytes | str | None:
+    """What ``conn`` (with ``sock`` and ``buf``) has to read, its buffered tail first.
+
+    None when there is nothing to read now; a string saying why when the
+    socket is gone (the caller drops it).
+    """
+    try:
+        got = conn.sock.recv_into(rbuf)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as error:
+        return f"recv {errno.errorcode.get(error.errno or 0, error)}"
+    if not got:
+        return "eof"
+    data = rview[:got].tobytes()
+    if conn.buf:
+        data = conn.buf + data
+        conn.buf = b""
+    return data
+
+
+def answer_control(
+    line: bytes, stats: dict[int, list[Any]], counters: dict[str, int], close_reasons: dict[str, int], open_sockets: int
+) -> bool:
+    """Answer one command of the controller to a subscriber worker; False after ``quit``."""
+    msg = json.loads(line)
+    cmd = msg.get("cmd")
+    if cmd == "count":
+        st = stats.get(int(msg["step"]))
+        emit({"recv": st[0] if st else 0, "ticks": counters["ticks"]})
+    elif cmd == "stats":
+        reply = stats_reply(stats, int(msg["step"]), remove=bool(msg.get("remove", True)))
+        reply["cpu"] = time.process_time()
+        emit(reply)
+    elif cmd == "status":
+        emit({"open": open_sockets, "cpu": time.process_time(), "counters": counters, "close_reasons": close_reasons})
+    elif cmd == "quit":
+        emit({"bye": True})
+        return False
+    else:
+        emit({"error": f"unknown command {cmd!r}"})
+    return True
+
+
+def read_control(ctl_buf: bytes, handle: Callable[[bytes], bool]) -> tuple[bytes, bool]:
+    """Read the worker's stdin and ``handle`` each whole line; (the unfinished rest, whether to go on).
+
+    End of input, or a line ``handle`` answers False to, stops the worker.
+    """
+    chunk = os.read(0, 65536)
+    if not chunk:
+        return ctl_buf, False
+    ctl_buf += chunk
+    going = True
+    while b"\n" in ctl_buf:
+        line, ctl_buf = ctl_buf.split(b"\n", 1)
+        if line.strip() and not handle(line):
+            going = False
+    return ctl_buf, going
+
 class HandshakeError(Exception):
     pass
 
@@ -215,30 +303,10 @@ class LiteConn:
         if self.buf:
             data = self.buf + data
             self.buf = b""
-        out = []
-        pos, n = 0, len(data)
-        while n - pos >= 2:
-            length = data[pos + 1] & 0x7F
-            if length < 126:
-                hl = 2
-            elif length == 126:
-                if n - pos < 4:
-                    break
-                length = (data[pos + 2] << 8) | data[pos + 3]
-                hl = 4
-            else:
-                if n - pos < 10:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                hl = 10
-            end = pos + hl + length
-            if end > n:
-                break
-            out.append((data[pos] & 0x0F, data[pos + hl : end]))
-            pos = end
-        if pos < n:
+        spans, pos = frame_spans(data)
+        if pos < len(data):
             self.buf = data[pos:]
-        return out
+        return [(b0 & 0x0F, data[start:end]) for b0, start, end in spans]
 
     def recv_text(self, deadline: float) -> bytes:
         """Blocking: the next text frame (answers pings on the way)."""
@@ -395,23 +463,7 @@ def run_lite_worker(cfg: dict[str, Any]) -> None:
             write(conn, data)
 
     def handle_control(line: bytes) -> bool:
-        msg = json.loads(line)
-        cmd = msg.get("cmd")
-        if cmd == "count":
-            st = stats.get(int(msg["step"]))
-            emit({"recv": st[0] if st else 0, "ticks": counters["ticks"]})
-        elif cmd == "stats":
-            reply = stats_reply(stats, int(msg["step"]), remove=bool(msg.get("remove", True)))
-            reply["cpu"] = time.process_time()
-            emit(reply)
-        elif cmd == "status":
-            emit({"open": len(by_fd), "cpu": time.process_time(), "counters": counters, "close_reasons": close_reasons})
-        elif cmd == "quit":
-            emit({"bye": True})
-            return False
-        else:
-            emit({"error": f"unknown command {cmd!r}"})
-        return True
+        return answer_control(line, stats, counters, close_reasons, len(by_fd))
 
     batch_wait = float(cfg.get("batch_wait_ms", 1.0)) / 1000
     batch_events = 64 if batch_wait > 0 else 0
@@ -426,59 +478,27 @@ def run_lite_worker(cfg: dict[str, Any]) -> None:
         now = time.time_ns()
         for fd, _ in events:
             if fd == 0:
-                chunk = os.read(0, 65536)
-                if not chunk:
-                    running = False
+                ctl_buf, running = read_control(ctl_buf, handle_control)
+                if not running:
                     break
-                ctl_buf += chunk
-                while b"\n" in ctl_buf:
-                    line, ctl_buf = ctl_buf.split(b"\n", 1)
-                    if line.strip() and not handle_control(line):
-                        running = False
                 continue
             conn = by_fd.get(fd)
             if conn is None:
                 continue
-            try:
-                got = conn.sock.recv_into(rbuf)
-            except (BlockingIOError, InterruptedError):
+            data = receive(conn, rbuf, rview)
+            if not isinstance(data, bytes):
+                if data is not None:
+                    drop(conn, data)
                 continue
-            except OSError as error:
-                drop(conn, f"recv {errno.errorcode.get(error.errno or 0, error)}")
-                continue
-            if not got:
-                drop(conn, "eof")
-                continue
-            data = rview[:got].tobytes()
-            if conn.buf:
-                data = conn.buf + data
-                conn.buf = b""
-            pos, n = 0, len(data)
-            while n - pos >= 2:
-                length = data[pos + 1] & 0x7F
-                if length < 126:
-                    hl = 2
-                elif length == 126:
-                    if n - pos < 4:
-                        break
-                    length = (data[pos + 2] << 8) | data[pos + 3]
-                    hl = 4
-                else:
-                    if n - pos < 10:
-                        break
-                    length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                    hl = 10
-                end = pos + hl + length
-                if end > n:
-                    break
-                b0 = data[pos]
+            spans, pos = frame_spans(data)
+            for b0, start, end in spans:
                 opcode = b0 & 0x0F
                 counters["frames"] += 1
                 if opcode == 1:
                     if not b0 & 0x80:
                         counters["fragments"] += 1
-                    j = data.rfind(b'"t":', pos + hl, end)
-                    k = data.rfind(b'"s":', pos + hl, j) if j > 0 else -1
+                    j = data.rfind(b'"t":', start, end)
+                    k = data.rfind(b'"s":', start, j) if j > 0 else -1
                     if k > 0:
                         counters["ticks"] += 1
                         step = int(data[k + 4 : data.index(b",", k, j)])
@@ -498,16 +518,15 @@ def run_lite_worker(cfg: dict[str, Any]) -> None:
                         counters["other"] += 1
                 elif opcode == 9:
                     counters["pings"] += 1
-                    write(conn, client_frame(0xA, data[pos + hl : end]))
+                    write(conn, client_frame(0xA, data[start:end]))
                 elif opcode == 8:
-                    code = int.from_bytes(data[pos + hl : pos + hl + 2], "big") if length >= 2 else 1005
-                    write(conn, client_frame(8, data[pos + hl : pos + hl + 2]))
+                    code = int.from_bytes(data[start : start + 2], "big") if end - start >= 2 else 1005
+                    write(conn, client_frame(8, data[start : start + 2]))
                     drop(conn, f"close {code}")
                     break
                 elif opcode != 0xA:
                     counters["other"] += 1
-                pos = end
-            if pos < n and fd in by_fd:
+            if pos < len(data) and fd in by_fd:
                 conn.buf = data[pos:]
         if pending_out:
             flush_pending()
@@ -604,19 +623,7 @@ async def _websockets_worker(cfg: dict[str, Any]) -> None:
             break
         if not line.strip():
             continue
-        msg = json.loads(line)
-        cmd = msg.get("cmd")
-        if cmd == "count":
-            st = stats.get(int(msg["step"]))
-            emit({"recv": st[0] if st else 0, "ticks": counters["ticks"]})
-        elif cmd == "stats":
-            reply = stats_reply(stats, int(msg["step"]), remove=bool(msg.get("remove", True)))
-            reply["cpu"] = time.process_time()
-            emit(reply)
-        elif cmd == "status":
-            emit({"open": open_count[0], "cpu": time.process_time(), "counters": counters, "close_reasons": close_reasons})
-        elif cmd == "quit":
-            emit({"bye": True})
+        if not answer_control(line, stats, counters, close_reasons, open_count[0]):
             break
     for task in tasks:
         task.cancel()

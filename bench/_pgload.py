@@ -259,68 +259,37 @@ def run_sub_worker(cfg: dict[str, Any]) -> None:
         now = time.time_ns()
         for fd, _ in events:
             if fd == 0:
-                chunk = os.read(0, 65536)
-                if not chunk:
-                    running = False
+                ctl_buf, running = lg.read_control(ctl_buf, handle_control)
+                if not running:
                     break
-                ctl_buf += chunk
-                while b"\n" in ctl_buf:
-                    line, ctl_buf = ctl_buf.split(b"\n", 1)
-                    if line.strip() and not handle_control(line):
-                        running = False
                 continue
             conn = by_fd.get(fd)
             if conn is None:
                 continue
-            try:
-                got = conn.sock.recv_into(rbuf)
-            except (BlockingIOError, InterruptedError):
+            data = lg.receive(conn, rbuf, rview)
+            if not isinstance(data, bytes):
+                if data is not None:
+                    drop(conn, data)
                 continue
-            except OSError as error:
-                drop(conn, f"recv {errno.errorcode.get(error.errno or 0, error)}")
-                continue
-            if not got:
-                drop(conn, "eof")
-                continue
-            data = rview[:got].tobytes()
-            if conn.buf:
-                data = conn.buf + data
-                conn.buf = b""
             expect_id = want_id.get(fd)
             expect_owner = want_owner.get(fd)
-            pos, n = 0, len(data)
-            while n - pos >= 2:
-                length = data[pos + 1] & 0x7F
-                if length < 126:
-                    hl = 2
-                elif length == 126:
-                    if n - pos < 4:
-                        break
-                    length = (data[pos + 2] << 8) | data[pos + 3]
-                    hl = 4
-                else:
-                    if n - pos < 10:
-                        break
-                    length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                    hl = 10
-                end = pos + hl + length
-                if end > n:
-                    break
-                opcode = data[pos] & 0x0F
+            spans, pos = lg.frame_spans(data)
+            for b0, start, end in spans:
+                opcode = b0 & 0x0F
                 counters["frames"] += 1
                 if opcode == 1:
-                    j = data.rfind(SENT_KEY, pos + hl, end)
-                    k = data.rfind(PAYLOAD_KEY, pos + hl, j) if j > 0 else -1
+                    j = data.rfind(SENT_KEY, start, end)
+                    k = data.rfind(PAYLOAD_KEY, start, j) if j > 0 else -1
                     if k > 0:
                         counters["changes"] += 1
                         step = int(data[k + 11 : data.index(b"|", k + 11, j)])
                         lat = (now - int(data[j + 10 : data.index(b"}", j, end)])) // 1000
                         if expect_id is not None:
-                            r = data.find(ID_KEY, pos + hl, k)
+                            r = data.find(ID_KEY, start, k)
                             if r < 0 or int(data[r + 15 : data.index(b",", r, k)]) != expect_id:
                                 counters["misrouted"] += 1
                         if expect_owner is not None:
-                            r = data.find(OWNER_KEY, pos + hl, end)
+                            r = data.find(OWNER_KEY, start, end)
                             if r < 0 or not data.startswith(expect_owner, r + len(OWNER_KEY)):
                                 counters["leaked"] += 1
                         st = stats.get(step)
@@ -334,16 +303,15 @@ def run_sub_worker(cfg: dict[str, Any]) -> None:
                     else:
                         counters["other"] += 1
                 elif opcode == 9:
-                    write(conn, lg.client_frame(0xA, data[pos + hl : end]))
+                    write(conn, lg.client_frame(0xA, data[start:end]))
                 elif opcode == 8:
-                    code = int.from_bytes(data[pos + hl : pos + hl + 2], "big") if length >= 2 else 1005
-                    write(conn, lg.client_frame(8, data[pos + hl : pos + hl + 2]))
+                    code = int.from_bytes(data[start : start + 2], "big") if end - start >= 2 else 1005
+                    write(conn, lg.client_frame(8, data[start : start + 2]))
                     drop(conn, f"close {code}")
                     break
                 elif opcode != 0xA:
                     counters["other"] += 1
-                pos = end
-            if pos < n and fd in by_fd:
+            if pos < len(data) and fd in by_fd:
                 conn.buf = data[pos:]
         if pending_out:
             for conn in list(pending_out):

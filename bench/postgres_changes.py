@@ -37,7 +37,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -600,40 +599,12 @@ class Bench:
             st.expected = sum(per_id + (1 if i - FILTER_BASE < extra else 0) for i in joined_ids)
         else:
             st.expected = st.rows * st.receivers
-        caught_up_at = None
-        last, last_change = -1, time.monotonic()
-        while True:
-            now = time.monotonic()
-            if caught_up_at is None and self.confirmed_lsn() > marker_lsn:
-                caught_up_at = now
-            got = sum(int(w.rpc({"cmd": "count", "step": step_id})["recv"]) for w in self.workers)
-            if got != last:
-                last, last_change = got, now
-            if got >= st.expected and caught_up_at is not None:
-                break
-            if now > written + drain_limit:
-                break
-            if caught_up_at is not None and now - last_change > 1.5:
-                break
-            if self.server.poll() is not None:
-                raise BenchError(f"server exited with code {self.server.returncode}")
-            time.sleep(0.02)
+        caught_up_at = self.wait_delivered(step_id, st.expected, marker_lsn, written, drain_limit)
         s1 = self.cpu_snapshot()
         st.wall_s = time.monotonic() - t0
         st.cpu = self.cpu_delta(s0, s1)
-        replies = [w.expect({"cmd": "stats", "step": step_id}, 20) for w in self.workers]
-        hist = [0] * pl.NBUCKETS
-        for r in replies:
-            for i, count in r["hist"]:
-                hist[i] += count
-        st.received = sum(int(r["recv"]) for r in replies)
-        st.p50_ms = pl.percentile_ms(hist, st.received, 0.50)
-        st.p99_ms = pl.percentile_ms(hist, st.received, 0.99)
-        st.max_ms = max([int(r["max_us"]) for r in replies] or [0]) / 1000
-        last_ns = max([int(r["last_ns"]) for r in replies if r["recv"]] or [int(reply["last_ns"])])
-        window = max(float(reply["wall"]), (last_ns - int(reply["first_ns"])) / 1e9, 1e-6)
+        window = self.gather_latency(st, step_id, reply)
         fanout = 1 if filtered else max(1, st.receivers)
-        st.deliveries_per_s = st.received / window
         st.changes_per_s = st.received / fanout / window
         st.caught_up = caught_up_at is not None
         if caught_up_at is not None:
@@ -651,6 +622,54 @@ class Bench:
         if not st.caught_up:
             self.reset_replicator(f"replicator had not caught up {drain_limit:.0f}s after the {label} step with {subs} subscribers")
         return st
+
+    def wait_delivered(
+        self, step_id: int, expected: int, marker_lsn: int, written: float, drain_limit: float
+    ) -> float | None:
+        """Poll the workers until a step's ``expected`` deliveries arrived and the slot passed its marker.
+
+        Gives up ``drain_limit`` s after the writes, or 1.5 s after the last
+        delivery once the replicator has caught up. Returns when it caught up
+        (monotonic), or None if it never did.
+        """
+        assert self.server is not None
+        caught_up_at = None
+        last, last_change = -1, time.monotonic()
+        while True:
+            now = time.monotonic()
+            if caught_up_at is None and self.confirmed_lsn() > marker_lsn:
+                caught_up_at = now
+            got = sum(int(w.rpc({"cmd": "count", "step": step_id})["recv"]) for w in self.workers)
+            if got != last:
+                last, last_change = got, now
+            if got >= expected and caught_up_at is not None:
+                break
+            if now > written + drain_limit:
+                break
+            if caught_up_at is not None and now - last_change > 1.5:
+                break
+            if self.server.poll() is not None:
+                raise BenchError(f"server exited with code {self.server.returncode}")
+            if self.replicator is not None and self.replicator.poll() is not None:
+                raise BenchError(f"replicator exited: {self.log_tail(self.replicator_log)}")
+            time.sleep(0.02)
+        return caught_up_at
+
+    def gather_latency(self, st: Any, step_id: int, reply: dict[str, Any]) -> float:
+        """Fill ``st``'s received, p50/p99/max latency and deliveries/s from the workers; returns the window (s)."""
+        replies = [w.expect({"cmd": "stats", "step": step_id}, 20) for w in self.workers]
+        hist = [0] * pl.NBUCKETS
+        for r in replies:
+            for i, count in r["hist"]:
+                hist[i] += count
+        st.received = sum(int(r["recv"]) for r in replies)
+        st.p50_ms = pl.percentile_ms(hist, st.received, 0.50)
+        st.p99_ms = pl.percentile_ms(hist, st.received, 0.99)
+        st.max_ms = max([int(r["max_us"]) for r in replies] or [0]) / 1000
+        last_ns = max([int(r["last_ns"]) for r in replies if r["recv"]] or [int(reply["last_ns"])])
+        window = max(float(reply["wall"]), (last_ns - int(reply["first_ns"])) / 1e9, 1e-6)
+        st.deliveries_per_s = st.received / window
+        return window
 
     def run_config(self, subs: int, filtered: bool) -> list[Step]:
         steps: list[Step] = []

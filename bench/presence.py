@@ -268,30 +268,19 @@ def run_worker(cfg: dict[str, Any]) -> None:
         now = time.time_ns()
         for fd, _ in events:
             if fd == 0:
-                chunk = os.read(0, 65536)
-                if not chunk:
-                    running = False
+                ctl_buf, running = lg.read_control(ctl_buf, handle_control)
+                if not running:
                     break
-                ctl_buf += chunk
-                while b"\n" in ctl_buf:
-                    line, ctl_buf = ctl_buf.split(b"\n", 1)
-                    if line.strip() and not handle_control(line):
-                        running = False
                 continue
             member = by_fd.get(fd)
             if member is None:
                 continue
-            try:
-                got = member.conn.sock.recv_into(rbuf)
-            except (BlockingIOError, InterruptedError):
+            data = lg.receive(member.conn, rbuf, rview)
+            if not isinstance(data, bytes):
+                if data is not None:
+                    drop(member, data)
                 continue
-            except OSError as error:
-                drop(member, f"recv {error.errno}")
-                continue
-            if not got:
-                drop(member, "eof")
-                continue
-            for opcode, payload in member.conn.frames(rview[:got].tobytes()):
+            for opcode, payload in member.conn.frames(data):
                 if opcode == 1:
                     if b'"presence_diff"' in payload:
                         counters["diffs"] += 1

@@ -74,7 +74,6 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(1, str(REPO))
 
 import _loadgen as lg  # noqa: E402
-import _pgload as pl  # noqa: E402
 import broadcast as bc  # noqa: E402
 import postgres_changes as pc  # noqa: E402
 
@@ -386,40 +385,10 @@ class Bench(pc.Bench):
             marker_lsn = self.marker()
             written = time.monotonic()
             st.expected = self.expected_for(id_base, st.rows)
-            caught_up_at = None
-            last, last_change = -1, time.monotonic()
-            while True:
-                now = time.monotonic()
-                if caught_up_at is None and self.confirmed_lsn() > marker_lsn:
-                    caught_up_at = now
-                got = sum(int(w.rpc({"cmd": "count", "step": step_id})["recv"]) for w in self.workers)
-                if got != last:
-                    last, last_change = got, now
-                if got >= st.expected and caught_up_at is not None:
-                    break
-                if now > written + drain_limit:
-                    break
-                if caught_up_at is not None and now - last_change > 1.5:
-                    break
-                if self.server.poll() is not None:
-                    raise BenchError(f"server exited with code {self.server.returncode}")
-                if self.replicator is not None and self.replicator.poll() is not None:
-                    raise BenchError(f"replicator exited: {self.log_tail(self.replicator_log)}")
-                time.sleep(0.02)
+            caught_up_at = self.wait_delivered(step_id, st.expected, marker_lsn, written, drain_limit)
             s1 = self.cpu_snapshot()
             st.cpu = self.cpu_delta(s0, s1)
-            replies = [w.expect({"cmd": "stats", "step": step_id}, 20) for w in self.workers]
-            hist = [0] * pl.NBUCKETS
-            for r in replies:
-                for i, count in r["hist"]:
-                    hist[i] += count
-            st.received = sum(int(r["recv"]) for r in replies)
-            st.p50_ms = pl.percentile_ms(hist, st.received, 0.50)
-            st.p99_ms = pl.percentile_ms(hist, st.received, 0.99)
-            st.max_ms = max([int(r["max_us"]) for r in replies] or [0]) / 1000
-            last_ns = max([int(r["last_ns"]) for r in replies if r["recv"]] or [int(reply["last_ns"])])
-            window = max(float(reply["wall"]), (last_ns - int(reply["first_ns"])) / 1e9, 1e-6)
-            st.deliveries_per_s = st.received / window
+            self.gather_latency(st, step_id, reply)
             st.caught_up = caught_up_at is not None
             if caught_up_at is not None:
                 st.lag_s = max(0.0, caught_up_at - written)
