@@ -663,20 +663,22 @@ class Bench:
             stop(spy)
 
     def cleanup_redis(self) -> None:
-        url = self.env.get("REDIS_URL")
-        if not url or not self.prefixes:
-            return
-        try:
-            import redis
-        except ImportError:
-            return
-        with contextlib.suppress(Exception):
-            client = redis.Redis.from_url(url, socket_timeout=5)
-            for prefix in self.prefixes:
-                keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-                if keys:
-                    client.delete(*keys)
-            client.close()
+        delete_redis_keys(self.env.get("REDIS_URL"), self.prefixes)
+
+
+def delete_redis_keys(url: str | None, prefixes: list[str]) -> None:
+    """Best effort: remove every key a bench run wrote under its own ``prefixes``."""
+    if not url or not prefixes:
+        return
+    with contextlib.suppress(Exception):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        for prefix in prefixes:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        client.close()
 
 
 def report_server_log(path: Path, label: str) -> None:

@@ -367,14 +367,7 @@ class Bench:
         self.clean_redis()
 
     def clean_redis(self) -> None:
-        with contextlib.suppress(Exception):
-            import redis
-
-            client = redis.Redis.from_url(self.env["REDIS_URL"], socket_timeout=5)
-            keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
-            if keys:
-                client.delete(*keys)
-            client.close()
+        bc.delete_redis_keys(self.env.get("REDIS_URL"), [self.prefix])
 
     def log_tail(self, path: Path | None, lines: int = 12) -> str:
         if path is None or not path.exists():
