@@ -158,19 +158,22 @@ class Listener:
         logger.info("active: streaming slot %s of publication %s", self.slot, self.publication)
         if self.on_active is not None:
             self.on_active()
-        idle_at = ""  # the flushed WAL position read before the last peek that found nothing
+        # Peeking decodes from the slot's position even when nothing is new. Once
+        # a peek finds nothing, each poll first reads how far WAL is flushed and
+        # skips the peek while that has not moved since the last empty one (which
+        # read everything flushed up to at least there). A busy slot is peeked
+        # directly, without the extra query.
+        idle = False
+        idle_at: str | None = None  # the flushed position read before the last empty peek
         while not stop.is_set():
-            # Peeking decodes from the slot's position even when nothing is new;
-            # while no WAL has been flushed since an empty peek, skip it (it
-            # read everything flushed up to at least that position).
-            position = await reader.wal_position()
-            rows = [] if position == idle_at else await reader.peek(self.batch_changes)
+            position = await reader.wal_position() if idle else None
+            rows = [] if position is not None and position == idle_at else await reader.peek(self.batch_changes)
             if not rows:
-                idle_at = position
+                idle, idle_at = True, position
                 if await _wait(stop, self.poll_interval):
                     return
                 continue
-            idle_at = ""
+            idle, idle_at = False, None
             messages = decoder.parse(row.data for row in rows)
             missing = decoder.relations_without_keys(messages)
             if missing:
