@@ -924,6 +924,23 @@ def _on_signal(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def begin_run(args: argparse.Namespace, name: str, grace_s: int) -> tuple[float, int, Path]:
+    """Start a bench run: the time budget (``args.deadline``; SIGALRM ``grace_s`` after it, and
+    SIGTERM, end the run with an exception so it cleans up), the open-file limit raised, the log folder.
+
+    Returns (start time, the open-file limit, the log folder).
+    """
+    started = time.monotonic()
+    args.deadline = started + args.timeout
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGALRM, _on_signal)
+    signal.alarm(int(math.ceil(args.timeout)) + grace_s)
+    nofile = raise_nofile()
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return started, nofile, log_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.raw_server_port:
@@ -934,16 +951,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(available) != len(args.servers):
         print("uvicorn-sansio is not available in this uvicorn: skipped", flush=True)
     args.servers = available
-    started = time.monotonic()
-    args.deadline = started + args.timeout
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGALRM, _on_signal)
-    signal.alarm(int(math.ceil(args.timeout)) + 15)
-    nofile = raise_nofile()
+    started, nofile, log_dir = begin_run(args, "broadcast", 15)
     if nofile < max(args.sockets) + 200:
         print(f"warning: RLIMIT_NOFILE is {nofile}, below {max(args.sockets) + 200}", flush=True)
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-broadcast-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
     bench: Bench | None = None
     try:

@@ -35,13 +35,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -850,23 +848,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _on_signal(signum: int, _frame: Any) -> None:
-    if signum == signal.SIGALRM:
-        raise TimeoutError("global time budget exceeded")
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
-    args.deadline = started + args.timeout
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGALRM, _on_signal)
-    signal.alarm(int(math.ceil(args.timeout)) + 10)
-    bc.raise_nofile()
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-pgchanges-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    started, _, log_dir = bc.begin_run(args, "pgchanges", 10)
     steps: list[Step] = []
     ceiling: Ceiling | None = None
     bench: Bench | None = None

@@ -36,13 +36,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import select
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -678,14 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(json.loads(args.worker))
         return 0
-    started = time.monotonic()
-    args.deadline = started + args.timeout
-    signal.signal(signal.SIGTERM, bc._on_signal)
-    signal.signal(signal.SIGALRM, bc._on_signal)
-    signal.alarm(int(math.ceil(args.timeout)) + 30)
-    bc.raise_nofile()
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-presence-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    started, _, log_dir = bc.begin_run(args, "presence", 30)
     bench: PresenceBench | None = None
     error: str | None = None
     try:

@@ -55,12 +55,10 @@ import argparse
 import base64
 import contextlib
 import json
-import math
 import os
 import re
 import signal
 import sys
-import tempfile
 import time
 import traceback
 import uuid
@@ -589,15 +587,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
-    args.deadline = started + args.timeout
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, pc._on_signal)
-    signal.signal(signal.SIGALRM, pc._on_signal)
-    signal.alarm(int(math.ceil(args.timeout)) + 10)
-    bc.raise_nofile()
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-rls-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    started, _, log_dir = bc.begin_run(args, "rls", 10)
     steps: list[Step] = []
     naive: Naive | None = None
     bench: Bench | None = None
