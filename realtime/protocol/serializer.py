@@ -4,7 +4,8 @@ This module owns the wire format of both serializer versions: vsn 1.0.0 JSON
 objects, vsn 2.0.0 JSON arrays, and the vsn 2.0.0 binary user broadcast frames
 (kind 3 in, kind 4 out). It is pure: no I/O, no Django, no channel layer.
 
-Decoding takes untrusted input and raises only :class:`FrameError`. Encoding
+Decoding takes untrusted input and raises only :class:`FrameError`; every
+frame it refuses is counted in :data:`malformed_frames`. Encoding
 always produces compact JSON (``separators=(",", ":")``, ``ensure_ascii=False``),
 so a payload encoded once with :func:`encode_json` can be spliced into any
 number of frames by :func:`encode_text_raw_payload` and
@@ -31,6 +32,7 @@ __all__ = [
     "encode_text",
     "encode_text_raw_payload",
     "encode_user_broadcast",
+    "malformed_frames",
     "parse_vsn",
     "user_broadcast_as_json_payload",
 ]
@@ -89,6 +91,16 @@ _JSON_WS: Final = " \t\n\r"
 _V2_SHAPE: Final = "expected a JSON array [join_ref, ref, topic, event, payload]"
 _V1_SHAPE: Final = 'expected a JSON object with "topic", "event", "payload", "ref"'
 
+# Frames that decode_text and decode_binary refused in this process. The
+# consumer drops each of them (PROTOCOL.md 2.4), so this is the number of
+# malformed frames dropped.
+malformed_frames = 0
+
+
+def _count_malformed() -> None:
+    global malformed_frames
+    malformed_frames += 1
+
 
 def encode_json(value: Any) -> str:
     """Encode ``value`` exactly as frames embed payloads (compact, UTF-8, no NaN).
@@ -131,10 +143,14 @@ def decode_text(vsn: Vsn, text: str | bytes) -> Message:
     Raises:
         FrameError: the text is not valid JSON of the expected shape.
     """
-    value = _loads_frame(text)
-    if vsn == Vsn.V2:
-        return _message_from_array(value)
-    return _message_from_object(value)
+    try:
+        value = _loads_frame(text)
+        if vsn == Vsn.V2:
+            return _message_from_array(value)
+        return _message_from_object(value)
+    except FrameError:
+        _count_malformed()
+        raise
 
 
 def _loads_frame(text: str | bytes) -> Any:
@@ -275,13 +291,30 @@ def decode_binary(vsn: Vsn, data: bytes) -> Message:
 
     Layout after the kind byte: join_ref_len, ref_len, topic_len, event_len,
     meta_len, encoding, then join_ref, ref, topic, event, meta, payload.
-    Empty join_ref and ref stay ``""``. ``meta`` is kept as raw bytes and the
-    payload is not parsed.
+    Empty join_ref and ref stay ``""``. ``meta`` and the payload are kept as
+    raw bytes; both are checked, never re-encoded:
+
+    - a non-empty ``meta`` must be UTF-8 JSON (PROTOCOL.md 2.3: "JSON or
+      empty"; the reference's ``Jason.decode!`` refuses the frame otherwise),
+      though receivers never get it (5.2);
+    - an encoding 1 payload must be UTF-8 JSON: it is forwarded verbatim as
+      kind 4 encoding 1, and realtime-js throws inside ``onmessage`` on a
+      body its ``JSON.parse`` refuses, so one sender would break every
+      receiver.
 
     Raises:
         FrameError: not vsn 2.0.0, a kind other than 3, a truncated frame,
-            an encoding other than 0 or 1, or a header field that is not UTF-8.
+            an encoding other than 0 or 1, a header field that is not UTF-8,
+            or a meta or JSON payload that is not UTF-8 JSON.
     """
+    try:
+        return _decode_kind3(vsn, data)
+    except FrameError:
+        _count_malformed()
+        raise
+
+
+def _decode_kind3(vsn: Vsn, data: bytes) -> Message:
     if vsn != Vsn.V2:
         raise FrameError("binary frames need vsn 2.0.0")
     if not isinstance(data, bytes):
@@ -312,6 +345,11 @@ def decode_binary(vsn: Vsn, data: bytes) -> Message:
     topic, start = _take_text(data, start, topic_len, "topic")
     event, start = _take_text(data, start, event_len, "event")
     meta = data[start : start + meta_len]
+    if meta:
+        _check_json(meta, "meta")
+    payload = data[fields_end:]
+    if encoding == PayloadEncoding.JSON:
+        _check_json(payload, "JSON payload")
     return Message(
         join_ref=join_ref,
         ref=ref,
@@ -320,10 +358,28 @@ def decode_binary(vsn: Vsn, data: bytes) -> Message:
         payload=UserBroadcast(
             event=event,
             encoding=PayloadEncoding(encoding),
-            payload=data[fields_end:],
+            payload=payload,
             meta=meta,
         ),
     )
+
+
+def _check_json(raw: bytes, field: str) -> None:
+    """Parse ``raw`` once as UTF-8 JSON, the way a receiver's ``JSON.parse`` will.
+
+    Raises:
+        FrameError: ``raw`` is not UTF-8, or not one JSON value.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(f"kind 3 {field} is not valid UTF-8") from None
+    try:
+        _JSON_VALIDATOR.decode(text)
+    except RecursionError:
+        raise FrameError(f"kind 3 {field} is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, huge ints
+        raise FrameError(f"kind 3 {field} is not valid JSON: {str(exc)[:200]}") from None
 
 
 def _take_text(data: bytes, start: int, length: int, field: str) -> tuple[str, int]:

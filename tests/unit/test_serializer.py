@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from realtime.protocol import serializer
 from realtime.protocol.errors import FrameError, ProtocolError
 from realtime.protocol.message import Message, PayloadEncoding, UserBroadcast, Vsn
 from realtime.protocol.serializer import (
@@ -502,6 +503,110 @@ def test_kind3_with_invalid_utf8_header_fields_is_refused(frame: bytes) -> None:
         decode_binary(Vsn.V2, frame)
 
 
+@given(
+    topic=st.binary(max_size=30),
+    event=st.binary(max_size=30),
+    join_ref=st.binary(max_size=5),
+    ref=st.binary(max_size=5),
+)
+@settings(max_examples=150)
+def test_kind3_header_fields_are_text_or_a_frame_error(
+    topic: bytes, event: bytes, join_ref: bytes, ref: bytes
+) -> None:
+    frame = kind3(join_ref, ref, topic, event, b"{}")
+    try:
+        msg = decode_binary(Vsn.V2, frame)
+    except FrameError:
+        with pytest.raises(UnicodeDecodeError):
+            for field in (join_ref, ref, topic, event):
+                field.decode("utf-8")
+    else:
+        assert (msg.join_ref, msg.ref, msg.topic, msg.payload.event) == tuple(
+            field.decode("utf-8") for field in (join_ref, ref, topic, event)
+        )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"{not json",
+        b"",
+        b" ",
+        b"\xff",
+        b'"\xed\xa0\x80"',  # an encoded surrogate is not UTF-8
+        b"\xef\xbb\xbf{}",  # JSON.parse refuses a BOM
+        b'{"a":NaN}',
+        b"[Infinity]",
+        b"[1] 2",
+        b"{'a':1}",
+        b'{"a":1,}',
+        b"[" * 100_000,
+        b"1" * 5000,  # more digits than Python turns into an int
+    ],
+)
+def test_kind3_json_payload_that_is_not_json_is_a_frame_error(payload: bytes) -> None:
+    with pytest.raises(FrameError, match="JSON payload"):
+        decode_binary(Vsn.V2, kind3(b"1", b"2", b"realtime:r", b"e", payload))
+
+
+def test_kind3_json_payload_is_checked_and_kept_byte_for_byte() -> None:
+    payload = ' {"b" : [1.50, 1e400], "é": "\\u00e9\\ud83d\\ude00"}\n'.encode()
+    msg = decode_binary(Vsn.V2, kind3(b"1", b"2", b"realtime:r", b"e", payload))
+    assert msg.payload.payload == payload
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"", b"\xff\x00"])
+def test_kind3_raw_bytes_payload_is_never_parsed(payload: bytes) -> None:
+    msg = decode_binary(Vsn.V2, kind3(b"1", b"2", b"realtime:r", b"e", payload, encoding=0))
+    assert msg.payload == UserBroadcast("e", PayloadEncoding.BINARY, payload)
+
+
+@given(payload=st.binary(max_size=60))
+@settings(max_examples=150)
+def test_kind3_json_payload_is_accepted_exactly_when_it_parses(payload: bytes) -> None:
+    frame = kind3(b"1", b"2", b"realtime:r", b"e", payload)
+    try:
+        json.loads(payload.decode("utf-8"), parse_constant=lambda name: 1 / 0)
+    except (ValueError, ZeroDivisionError):
+        with pytest.raises(FrameError):
+            decode_binary(Vsn.V2, frame)
+    else:
+        assert decode_binary(Vsn.V2, frame).payload.payload == payload
+
+
+@pytest.mark.parametrize(
+    "meta", [b"{", b"not json", b"\xff", b'{"persist":true', b"{'persist':true}", b"[NaN]"]
+)
+@pytest.mark.parametrize("encoding", PayloadEncoding)
+def test_kind3_meta_that_is_not_json_is_a_frame_error(meta: bytes, encoding: PayloadEncoding) -> None:
+    # PROTOCOL.md 2.3: meta is JSON or empty; the reference's Jason.decode! refuses the frame.
+    with pytest.raises(FrameError, match="meta"):
+        decode_binary(Vsn.V2, kind3(b"1", b"2", b"realtime:r", b"e", b"{}", meta=meta, encoding=encoding))
+
+
+@pytest.mark.parametrize("meta", [b"", b"{}", b'{"persist":true}', b"[1]", b'"x"', b" null "])
+def test_kind3_meta_that_is_json_or_empty_is_accepted(meta: bytes) -> None:
+    msg = decode_binary(Vsn.V2, kind3(b"1", b"2", b"realtime:r", b"e", b"{}", meta=meta))
+    assert msg.payload.meta == meta
+
+
+def test_refused_frames_are_counted_and_decoded_ones_are_not() -> None:
+    before = serializer.malformed_frames
+    decode_binary(Vsn.V2, KIND3_EXAMPLE)
+    decode_text(Vsn.V2, '[null,"1","phoenix","heartbeat",{}]')
+    assert serializer.malformed_frames == before
+    for bad in (
+        lambda: decode_binary(Vsn.V2, kind3(b"1", b"2", b"realtime:r", b"e", b"{not json")),
+        lambda: decode_binary(Vsn.V2, kind3(b"1", b"2", b"realtime:r", b"e", b"{}", meta=b"{")),
+        lambda: decode_binary(Vsn.V2, b"\x03\x05"),
+        lambda: decode_text(Vsn.V2, "{not json"),
+        lambda: decode_text(Vsn.V1, "[]"),
+    ):
+        with pytest.raises(FrameError):
+            bad()
+    assert serializer.malformed_frames == before + 5
+
+
 def test_binary_frames_are_refused_on_vsn1_sockets() -> None:
     with pytest.raises(FrameError):
         decode_binary(Vsn.V1, KIND3_EXAMPLE)
@@ -525,14 +630,24 @@ def test_arbitrary_kind3_bytes_give_a_message_or_frame_error(data: bytes) -> Non
     assert_decodes_or_frame_error(decode_binary, Vsn.V2, b"\x03" + data)
 
 
+# What a client may send in a kind 3 frame: meta is JSON or empty, an encoding
+# 1 payload is JSON and an encoding 0 payload any bytes (PROTOCOL.md 2.3).
+kind3_metas = st.just(b"") | json_values.map(lambda v: json.dumps(v).encode("utf-8")).filter(
+    lambda m: len(m) <= 255
+)
+kind3_bodies = st.tuples(st.just(PayloadEncoding.BINARY), st.binary(max_size=100)) | st.tuples(
+    st.just(PayloadEncoding.JSON),
+    utf8_json_values.map(lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8")),
+)
+
+
 @given(
     join_ref=st.text(max_size=10),
     ref=st.text(max_size=10),
     topic=st.text(max_size=60),
     event=st.text(max_size=60),
-    meta=st.binary(max_size=255),
-    payload=st.binary(max_size=100),
-    encoding=st.sampled_from(PayloadEncoding),
+    meta=kind3_metas,
+    body=kind3_bodies,
 )
 @settings(max_examples=100)
 def test_kind3_is_forwarded_as_kind4_with_the_same_fields(
@@ -541,9 +656,9 @@ def test_kind3_is_forwarded_as_kind4_with_the_same_fields(
     topic: str,
     event: str,
     meta: bytes,
-    payload: bytes,
-    encoding: PayloadEncoding,
+    body: tuple[PayloadEncoding, bytes],
 ) -> None:
+    encoding, payload = body
     try:
         join_ref_b, ref_b, topic_b, event_b = (
             s.encode("utf-8") for s in (join_ref, ref, topic, event)
