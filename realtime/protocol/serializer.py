@@ -32,6 +32,7 @@ __all__ = [
     "encode_text",
     "encode_text_raw_payload",
     "encode_user_broadcast",
+    "is_json_payload",
     "malformed_frames",
     "parse_vsn",
     "user_broadcast_as_json_payload",
@@ -362,6 +363,20 @@ def _decode_kind3(vsn: Vsn, data: bytes) -> Message:
             meta=meta,
         ),
     )
+
+
+def is_json_payload(raw: bytes) -> bool:
+    """Whether ``raw`` may be sent as a kind 4 encoding 1 payload: one UTF-8 JSON value.
+
+    ``json.loads(raw)`` is not this check: it also takes UTF-16 and UTF-32
+    bytes and ``NaN``, which realtime-js's ``TextDecoder`` and ``JSON.parse``
+    do not. For bodies that arrive by other ways than kind 3 (REST).
+    """
+    try:
+        _check_json(raw, "payload")
+    except FrameError:
+        return False
+    return True
 
 
 def _check_json(raw: bytes, field: str) -> None:

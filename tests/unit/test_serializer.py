@@ -19,6 +19,7 @@ from realtime.protocol.serializer import (
     encode_text,
     encode_text_raw_payload,
     encode_user_broadcast,
+    is_json_payload,
     parse_vsn,
     user_broadcast_as_json_payload,
 )
@@ -588,6 +589,24 @@ def test_kind3_meta_that_is_not_json_is_a_frame_error(meta: bytes, encoding: Pay
 def test_kind3_meta_that_is_json_or_empty_is_accepted(meta: bytes) -> None:
     msg = decode_binary(Vsn.V2, kind3(b"1", b"2", b"realtime:r", b"e", b"{}", meta=meta))
     assert msg.payload.meta == meta
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"x":1}', True),
+        (b" [1e400] ", True),
+        (b'"\\ud800"', True),  # JSON.parse takes an escaped lone surrogate
+        (b"{not json", False),
+        (b"", False),
+        (b'{"a":NaN}', False),
+        ("{}".encode("utf-16"), False),  # json.loads(bytes) would take these
+        ("{}".encode("utf-32"), False),
+        (b"\xef\xbb\xbf{}", False),
+    ],
+)
+def test_is_json_payload_takes_what_realtime_js_can_parse(raw: bytes, expected: bool) -> None:
+    assert is_json_payload(raw) is expected
 
 
 def test_refused_frames_are_counted_and_decoded_ones_are_not() -> None:
