@@ -727,7 +727,7 @@ class RedisPresenceStore:
     async def remove(self, channel: str, key: str, phx_ref: str) -> Diff | None:
         raw = await self._client().hget(member_key(channel, key), phx_ref)
         entry = _decode_entry(_text(raw)) if raw else None
-        if entry is None:
+        if entry is None or (entry.channel, entry.key) != (channel, key):
             return None
         removed = await self._remove_entry(entry, entry.process_id)
         if removed is None:

@@ -496,3 +496,53 @@ async def test_tracks_made_together_share_pipelines_and_each_gets_its_own_result
     assert all(state[f"k{n}"]["metas"][0]["n"] == n for n in range(60))
     updated = await asyncio.gather(*(store.track(channel, f"k{n}", f"s{n}", {"n": n + 100}) for n in range(60)))
     assert [r.kind for r in updated] == [TrackKind.UPDATED] * 60
+
+
+# --- names chosen by clients --------------------------------------------------------
+
+
+async def test_channels_whose_names_once_shared_a_member_key_stay_apart(make_store: MakeStore, redis_client: Redis) -> None:
+    # Before key names were escaped both pairs were spelled
+    # presence:channel:public:<id>:user:ann:user:x, so each channel's index
+    # pointed at the other's metas and counted them as its own.
+    base = f"public:hostile-{uuid.uuid4().hex}"
+    pairs = [(f"{base}:user:ann", "x", "s1"), (base, "ann:user:x", "s2")]
+    store = make_store()
+    try:
+        results = [await store.track(channel, key, socket_id, {"who": key}) for channel, key, socket_id in pairs]
+        (first, first_key, _), (second, second_key, _) = pairs
+        assert member_key(first, first_key) != member_key(second, second_key)
+        for (channel, key, _), result in zip(pairs, results):
+            assert await store.state(channel) == {key: {"metas": [result.entry.meta]}}
+            assert await redis_client.hlen(member_key(channel, key)) == 1
+        ours = {name: count for name, count in await store.channels() if name.startswith(base)}
+        assert ours == {first: 1, second: 1}
+        assert await store.remove(first, second_key, results[1].entry.phx_ref) is None
+        await store.untrack_socket("s1")
+        assert await store.state(first) == {}
+        assert await store.state(second) == {second_key: {"metas": [results[1].entry.meta]}}
+        assert {name: count for name, count in await store.channels() if name.startswith(base)} == {second: 1}
+    finally:
+        await store.untrack_socket("s1")
+        await store.untrack_socket("s2")
+
+
+async def test_glob_characters_in_a_channel_name_match_no_other_channel(make_store: MakeStore, redis_client: Redis) -> None:
+    base = f"public:glob-{uuid.uuid4().hex}"
+    names = [f"{base}*", f"{base}[ab]", f"{base}a", f"{base}?", f"{base}\\", f"{base}\nb", f"{base}/b", f"{base}%2Fb"]
+    store = make_store()
+    try:
+        for number, name in enumerate(names):
+            await store.track(name, f"k*{number}", f"s{number}", {"n": number})
+        for number, name in enumerate(names):
+            assert list(await store.state(name)) == [f"k*{number}"]
+            # A SCAN pattern made of a channel's own key names finds that channel's keys alone.
+            assert [key async for key in redis_client.scan_iter(match=channel_index_key(name))] == [channel_index_key(name)]
+            assert [key async for key in redis_client.scan_iter(match=member_key(name, f"k*{number}"))] == [
+                member_key(name, f"k*{number}")
+            ]
+        ours = {name: count for name, count in await store.channels() if name.startswith(base)}
+        assert ours == {name: 1 for name in names}
+    finally:
+        for number in range(len(names)):
+            await store.untrack_socket(f"s{number}")

@@ -1,14 +1,26 @@
-"""Tests for presence.state: metas, presence_state and presence_diff (PROTOCOL.md 6.2)."""
+"""Tests for presence.state (metas, presence_state and presence_diff, PROTOCOL.md 6.2)
+and presence.keys (the Redis key names, whatever channel or key a client picks)."""
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import re
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
+
+from presence.keys import (
+    channel_index_key,
+    channels_key,
+    escape_name,
+    member_key,
+    process_key,
+    process_members_key,
+    processes_key,
+)
 
 from presence.state import (
     Diff,
@@ -194,3 +206,87 @@ def test_a_merged_diff_has_the_same_effect_as_its_parts(ops: list[tuple[str, str
     apply(batched, merge_diffs(*diffs[:split]))
     apply(batched, merge_diffs(*diffs[split:]))
     assert batched == one_by_one == {key: {meta["phx_ref"]} for key, meta in current.items()}
+
+
+# --- key names (presence.keys) --------------------------------------------------
+
+ordinary_names = st.from_regex(r"[A-Za-z0-9._-]*", fullmatch=True)
+ordinary_channels = st.from_regex(r"(public|private):[A-Za-z0-9._:-]+", fullmatch=True)
+# Few characters, most of them special, so that hypothesis tries many near misses.
+hostile_text = st.text(alphabet=":%/*?[]\\\nus er.3Aé\u202e\x00", max_size=12)
+hostile_channels = st.builds(lambda side, rest: f"{side}:{rest}", st.sampled_from(["public", "private"]), hostile_text)
+GLOB_OR_SPACE = re.compile(r"[*?\[\]\\\s\x00-\x1f]")
+
+
+@given(channel=ordinary_channels, key=ordinary_names)
+def test_ordinary_names_keep_the_key_format_they_always_had(channel: str, key: str) -> None:
+    assert member_key(channel, key) == f"presence:channel:{channel}:user:{key}"
+    assert channel_index_key(channel) == f"presence:index:{channel}"
+    assert process_key(key) == f"presence:alive:{key}"
+    assert process_members_key(key) == f"presence:owned:{key}"
+
+
+def test_fixed_key_names_are_unchanged() -> None:
+    assert (channels_key(), processes_key()) == ("presence:channels", "presence:processes")
+    assert member_key("public:room-1", "4f1c6a1e-0d55-4bd4-9a5e-0c5f0b4b8b1a") == (
+        "presence:channel:public:room-1:user:4f1c6a1e-0d55-4bd4-9a5e-0c5f0b4b8b1a"
+    )
+
+
+@given(first=st.tuples(hostile_channels, hostile_text), second=st.tuples(hostile_channels, hostile_text))
+@example(first=("public:a:user:b", "c"), second=("public:a", "b:user:c"))
+@example(first=("public:a/b", "k"), second=("public:a%2Fb", "k"))
+@example(first=("public:a", "b:c"), second=("public:a", "b%3Ac"))
+@example(first=("public:*", "k"), second=("public:[a]", "k"))
+def test_different_channel_and_key_pairs_never_share_a_member_key(
+    first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    if first != second:
+        assert member_key(*first) != member_key(*second)
+    if first[0] != second[0]:
+        assert channel_index_key(first[0]) != channel_index_key(second[0])
+
+
+@given(channel=hostile_channels, key=hostile_text)
+def test_member_keys_and_index_keys_never_meet_each_other_or_the_fixed_keys(channel: str, key: str) -> None:
+    names = {member_key(channel, key), channel_index_key(channel), channels_key(), processes_key()}
+    assert len(names) == 4
+    assert member_key(channel, key).startswith("presence:channel:")
+
+
+@given(channel=hostile_channels, key=hostile_text)
+@example(channel="public:*", key="[a-z]?")
+@example(channel="public:room\n1", key="a b\\")
+def test_escaped_names_hold_no_glob_character_or_whitespace(channel: str, key: str) -> None:
+    for name in (member_key(channel, key), channel_index_key(channel), process_key(key)):
+        assert GLOB_OR_SPACE.search(name) is None, name
+
+
+@given(channel=hostile_channels, other=hostile_channels)
+@example(channel="public:*", other="public:room1")
+@example(channel="public:room[12]", other="public:room1")
+def test_a_pattern_made_of_a_channel_index_key_matches_that_channel_alone(channel: str, other: str) -> None:
+    # What SCAN MATCH would do: with no glob characters left, the pattern is a literal.
+    matches = fnmatch.fnmatchcase(channel_index_key(other), channel_index_key(channel))
+    assert matches == (channel == other)
+
+
+@pytest.mark.parametrize(
+    ("name", "escaped"),
+    [
+        ("room-1_a.b", "room-1_a.b"),
+        ("a:b", "a%3Ab"),
+        ("a/b", "a%2Fb"),
+        ("%2F", "%252F"),
+        ("*?[]\\", "%2A%3F%5B%5D%5C"),
+        ("line\nbreak", "line%0Abreak"),
+        ("é~ ", "%C3%A9%7E%20"),
+        ("\ud800", "%ED%A0%80"),  # a lone surrogate is escaped, not an error
+    ],
+)
+def test_escape_name_percent_encodes_each_utf8_byte_outside_the_ordinary_set(name: str, escaped: str) -> None:
+    assert escape_name(name) == escaped
+
+
+def test_a_channel_keeps_its_colons_and_a_key_does_not() -> None:
+    assert member_key("public:room:1", "user:42") == "presence:channel:public:room:1:user:user%3A42"
