@@ -5,6 +5,15 @@ each key's metas with join time and owning server process, and a staff user
 can disconnect a member, which removes it and sends its leave to the channel.
 The views go through ``admin.site.admin_view``, so Django's login and staff
 check protect them.
+
+Channel names and presence keys are chosen by anonymous clients: templates
+autoescape them (inside ``<bdi>``, so a bidi override cannot reorder the rest
+of the row), and a channel's page is addressed by ``channel_url``, which
+percent-encodes every ``/`` of the name: the name is one path segment, so
+``..`` or ``.`` inside it never makes a browser resolve the link to another
+page, and newlines, ``%``, ``?`` and ``#`` round-trip. A disconnect posts only
+the ``phx_ref``; the key is read back from the store, since browsers turn
+newlines in form values into CRLF.
 """
 
 from __future__ import annotations
@@ -13,13 +22,15 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.contrib import admin, messages
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import URLPattern, path, reverse
+from django.urls import URLPattern, path, register_converter, reverse
+from django.utils.text import Truncator
 from django.views.decorators.http import require_http_methods
 
 from presence.store import RedisPresenceStore
@@ -44,9 +55,50 @@ def _context(request: HttpRequest, **extra: Any) -> dict[str, Any]:
     return {**admin.site.each_context(request), **extra}
 
 
+class ChannelConverter:
+    """Any non-empty text, newlines included (``path`` stops at a newline)."""
+
+    regex = r"[\s\S]+"
+
+    def to_python(self, value: str) -> str:
+        return value
+
+    def to_url(self, value: str) -> str:
+        return value
+
+
+register_converter(ChannelConverter, "presence_channel")
+
+# RFC 3986 sub-delims, ":" and "@": what a path segment may hold unescaped.
+_SEGMENT_SAFE = "!$&'()*+,;=:@"
+
+
+def channel_url(channel: str) -> str:
+    """The address of a channel's page, with the whole name as one path segment.
+
+    ``reverse()`` keeps ``/`` as is, so ``public:a/../../auth/user`` would
+    become a link that a browser resolves to ``/admin/auth/user/``; here
+    ``/`` is ``%2F`` like every other byte outside a segment, and the server
+    decodes it back before the route sees the name.
+    """
+    return f"{reverse('presence-channels')}{quote(channel, safe=_SEGMENT_SAFE)}/"
+
+
+# Longest channel name or key shown whole; longer ones end in an ellipsis
+# (their links and forms still carry the whole name).
+LABEL_CHARS = 1024
+
+
+def _label(name: str) -> str:
+    return Truncator(name).chars(LABEL_CHARS)
+
+
 def channel_list(request: HttpRequest) -> HttpResponse:
     channels = sorted(_run(lambda store: store.channels()))
-    rows = [{"channel": name, "members": count} for name, count in channels]
+    rows = [
+        {"channel": name, "label": _label(name), "members": count, "url": channel_url(name)}
+        for name, count in channels
+    ]
     return TemplateResponse(
         request, "presence/channel_list.html", _context(request, title="Presence", rows=rows)
     )
@@ -55,26 +107,30 @@ def channel_list(request: HttpRequest) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def channel_detail(request: HttpRequest, channel: str) -> HttpResponse:
     if request.method == "POST":
-        key, phx_ref = request.POST.get("key", ""), request.POST.get("phx_ref", "")
+        phx_ref = request.POST.get("phx_ref", "")
 
-        async def disconnect(store: RedisPresenceStore) -> bool:
-            diff = await store.remove(channel, key, phx_ref)
-            if diff is None:
-                return False
+        async def disconnect(store: RedisPresenceStore) -> str | None:
+            """The key of the removed meta, or None if it was gone."""
+            entry = next((e for e in await store.list(channel) if e.phx_ref == phx_ref), None)
+            diff = None if entry is None else await store.remove(channel, entry.key, phx_ref)
+            if entry is None or diff is None:
+                return None
             from realtime.presence import publish_diff
 
             await publish_diff(channel, diff)
-            return True
+            return entry.key
 
-        if _run(disconnect):
-            messages.success(request, f"Disconnected {key} from {channel}.")
+        key = _run(disconnect)
+        if key is not None:
+            messages.success(request, f"Disconnected {_label(key)} from {_label(channel)}.")
         else:
-            messages.warning(request, f"{key} was no longer in {channel}.")
-        return HttpResponseRedirect(reverse("presence-channel", args=[channel]))
+            messages.warning(request, f"That member was no longer in {_label(channel)}.")
+        return HttpResponseRedirect(channel_url(channel))
     entries = _run(lambda store: store.list(channel))
     rows = [
         {
             "key": entry.key,
+            "label": _label(entry.key),
             "phx_ref": entry.phx_ref,
             "meta": {k: v for k, v in entry.meta.items() if k != "phx_ref"},
             "joined_at": datetime.fromtimestamp(entry.joined_at, tz=timezone.utc),
@@ -86,7 +142,7 @@ def channel_detail(request: HttpRequest, channel: str) -> HttpResponse:
     return TemplateResponse(
         request,
         "presence/channel_detail.html",
-        _context(request, title=f"Presence: {channel}", channel=channel, rows=rows),
+        _context(request, title=f"Presence: {_label(channel)}", channel=channel, label=_label(channel), rows=rows),
     )
 
 
@@ -94,6 +150,10 @@ def urls() -> list[URLPattern]:
     """Mount before ``admin.site.urls`` (see realtime_project/urls.py)."""
     return [
         path("admin/presence/", admin.site.admin_view(channel_list), name="presence-channels"),
-        path("admin/presence/<path:channel>/", admin.site.admin_view(channel_detail), name="presence-channel"),
+        path(
+            "admin/presence/<presence_channel:channel>/",
+            admin.site.admin_view(channel_detail),
+            name="presence-channel",
+        ),
     ]
 
