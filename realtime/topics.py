@@ -9,8 +9,25 @@ prefix, the privacy flag and a digest of the sub-topic.
 from __future__ import annotations
 
 import hashlib
+from typing import Final
 
 TOPIC_PREFIX = "realtime:"
+
+# Longest topic (``realtime:`` included), in UTF-8 bytes, that a join may name.
+# The reference has no cap, but a topic is copied into every presence key name
+# and entry, every log line and the admin's links, and the kind 4 frame that
+# carries binary broadcasts holds at most 255 bytes of it (PROTOCOL.md 2.3).
+# A join over the cap is refused with TOPIC_TOO_LONG (PascalCase code, message).
+MAX_TOPIC_BYTES: Final = 1024
+TOPIC_TOO_LONG: Final = ("TopicNameTooLong", f"Topic name must be at most {MAX_TOPIC_BYTES} bytes")
+
+
+def topic_too_long(topic: str) -> bool:
+    """Whether ``topic`` is over ``MAX_TOPIC_BYTES`` in UTF-8."""
+    # Cheap for every ordinary topic: a character is at most 4 bytes.
+    if len(topic) * 4 <= MAX_TOPIC_BYTES:
+        return False
+    return len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES
 
 
 def sub_topic(topic: str) -> str:
