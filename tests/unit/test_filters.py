@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 from realtime.errors import RealtimeError
 from realtime.filters import (
     MAX_IN_VALUES,
+    MAX_REGEX_LENGTH,
+    MAX_REGEX_PROGRAM_SIZE,
     BindingIndex,
     Condition,
     FilterError,
@@ -527,6 +530,88 @@ def test_match_and_imatch_search_with_a_regex():
     assert not matches("name=imatch.^x", {"name": "bcd"})
     assert matches("name=not.match.^x", {"name": "bcd"})
     assert matches("name=match.a.b", {"name": "a\nb"})
+
+
+# Each would backtrack for minutes or more under Python re; RE2 is linear in the value.
+# 0.5 s is a generous bound for ~10 KB on a slow machine: the point is exponential vs linear.
+@pytest.mark.parametrize(
+    ("pattern", "text", "expected"),
+    [
+        (r"^(\w+\s?)*$", "word " * 2000 + "!", False),
+        (r"^(\w+\s?)*$", "word " * 2000, True),
+        (r"(a+)+$", "a" * 10_000 + "!", False),
+        (r"(a+)+$", "!" + "a" * 10_000, True),
+        (r"(a|aa)*b", "a" * 10_000, False),
+        (r"(a|aa)*b", "a" * 10_000 + "b", True),
+        (r"(.*a){20}", "a" * 19 + "b" * 10_000, False),
+        (r"(.*a){20}", "ab" * 5_000, True),
+    ],
+)
+def test_pathological_regex_runs_in_linear_time(pattern, text, expected):
+    compiled = matcher(f"title=match.{pattern}")
+    started = time.perf_counter()
+    result = compiled.match({"title": text})
+    elapsed = time.perf_counter() - started
+    assert result is expected
+    assert elapsed < 0.5
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        (r"(a)\1", r"invalid escape sequence: \1"),
+        ("(?=a)", "invalid perl operator: (?="),
+        ("(?<=a)b", "invalid perl operator: (?<="),
+        ("a++", "bad repetition operator: ++"),
+        (r"\ma", r"invalid escape sequence: \m"),
+        ("(a{1000}){1000}", "invalid repetition size: {1000}"),
+        (r"\pL{1000}", "pattern too large - compile failed"),
+    ],
+)
+def test_regex_re2_cannot_run_is_refused_at_subscribe_time(pattern, reason):
+    for op in ("match", "imatch"):
+        error = error_of(f"name={op}.{pattern}")
+        assert error.message == f"invalid regular expression for {op} filter: {reason}"
+        assert error.sqlstate is SqlState.RAISE_EXCEPTION
+
+
+def test_regex_longer_than_the_cap_is_refused():
+    assert matches(f"name=match.{'a' * MAX_REGEX_LENGTH}", {"name": "a" * MAX_REGEX_LENGTH})
+    error = error_of(f"name=match.{'a' * (MAX_REGEX_LENGTH + 1)}")
+    assert error.message == (
+        "invalid regular expression for match filter: pattern longer than 1000 characters"
+    )
+    assert error.sqlstate is SqlState.RAISE_EXCEPTION
+
+
+def test_regex_compiling_to_a_large_program_is_refused():
+    assert matches("name=match.^.{255}$", {"name": "x" * 255})
+    error = error_of("name=match..{1000}")
+    assert error.message.startswith(
+        "invalid regular expression for match filter: pattern too large ("
+    )
+    assert f"at most {MAX_REGEX_PROGRAM_SIZE})" in error.message
+
+
+def test_imatch_ignores_case_and_match_does_not():
+    assert matches("name=imatch.HELLO", {"name": "say hello"})
+    assert not matches("name=match.HELLO", {"name": "say hello"})
+    assert matches("name=imatch.^ÉTÉ$", {"name": "été"})
+    assert matches("name=not.imatch.WORLD", {"name": "say hello"})
+
+
+def test_regex_dot_matches_newline_and_dollar_is_the_end_of_the_value():
+    assert matches("name=match.^a.b$", {"name": "a\nb"})
+    assert matches("name=match.a[^x]b", {"name": "a\nb"})
+    assert not matches("name=match.a$", {"name": "a\n"})
+
+
+def test_regex_with_a_lone_surrogate():
+    assert matches("name=match.^x.y$", {"name": "x\ud800y"})
+    error = error_of("name=match.\ud800")
+    assert error.message == (
+        "invalid regular expression for match filter: pattern is not valid UTF-8"
+    )
 
 
 def test_is_null_and_is_not_null():
