@@ -42,6 +42,11 @@ Baseline, in the same run: the same load generator against ``raw``, the
 minimal ``websockets`` server of ``bench/broadcast.py`` (accepts, reads a
 join, answers an ok reply), at rising rates and through the same storm: the
 ceiling for connect + handshake + one round trip in Python on this machine.
+``raw-nogc`` is the same server with the garbage collector off: with
+thousands of sockets held, full collections stall an event loop for 100-500
+ms, which sets ``raw``'s p99 long before its CPU runs out. The summary gives
+the server CPU per join next to ``raw``'s at the same rate, and the sustained
+rate over ``raw-nogc``'s ("vs ceiling").
 
 Targets, printed as PASS/FAIL: >= 1,000 public joins/s and >= 300 private
 joins/s sustained (so with p99 <= 250 ms at those rates); the storm rejoined
@@ -104,15 +109,19 @@ import broadcast as bc  # noqa: E402
 
 HOST = "127.0.0.1"
 SCENARIOS = ("public", "private", "changes")
-ALL_PARTS = ("raw", *SCENARIOS, "storm")
+BASELINES = ("raw", "raw-nogc")
+RATE_PARTS = (*BASELINES, *SCENARIOS)
+ALL_PARTS = (*RATE_PARTS, "storm")
 DEFAULT_RATES = {
     "raw": [100, 250, 500, 1000, 1500, 2000, 3000, 4000],
+    "raw-nogc": [250, 500, 1000, 1500, 2000, 3000, 4000],
     "public": [100, 250, 500, 1000, 1500, 2000],
     "private": [50, 100, 200, 300, 400, 600],
     "changes": [25, 50, 100, 200, 300, 500],
 }
 QUICK_RATES = {
     "raw": [500, 1000, 2000],
+    "raw-nogc": [1000, 2000],
     "public": [250, 1000],
     "private": [100, 300],
     "changes": [50, 150],
@@ -794,6 +803,12 @@ class Bench:
         log = open(log_path, "wb")
         if kind == "raw":
             cmd = [sys.executable, str(BENCH_DIR / "broadcast.py"), "--raw-server-port", str(port)]
+        elif kind == "raw-nogc":
+            # The same server with the cyclic garbage collector off: with thousands of sockets held, its full
+            # collections stall the loop for 100-500 ms and set the raw server's p99.
+            code = (f"import gc, sys; gc.disable(); sys.path.insert(0, {str(BENCH_DIR)!r}); import broadcast; "
+                    f"broadcast.run_raw_server({port})")
+            cmd = [sys.executable, "-c", code]
         elif self.args.daphne_backlog:
             # An experiment, not the server as shipped: daphne's endpoint with a listen backlog other than Twisted's 50.
             code = ("import sys, daphne.endpoints as e; f = e.build_endpoint_description_strings; "
@@ -967,14 +982,14 @@ class Bench:
         if st.error_count or not st.ok:
             raise BenchError(f"warm-up joins failed: {st.ok} ok, errors {st.errors}")
 
-    def run_rates(self, scenario: str, kind: str, rates: list[float]) -> Scenario:
-        result = Scenario(scenario, kind)
-        label = "raw" if kind == "raw" else scenario
+    def run_rates(self, label: str, kind: str, rates: list[float]) -> Scenario:
+        result = Scenario(label, kind)
+        scenario = "public" if label in BASELINES else label  # the baselines answer a public join
         server = self.start_server(kind, label)
         workers: list[JoinWorkerProc] = []
         try:
             workers = self.start_workers(server)
-            self.warm_up("public" if kind == "raw" else scenario, server, workers)
+            self.warm_up(scenario, server, workers)
             print("  " + STEP_HEADER, flush=True)
             failures = 0
             for rate in rates:
@@ -982,14 +997,14 @@ class Bench:
                     print("  (time budget nearly spent: stopping the steps)", flush=True)
                     break
                 self.wait_quiet()
-                st = self.step("public" if kind == "raw" else scenario, server, workers, rate, self.args.duration)
+                st = self.step(scenario, server, workers, rate, self.args.duration)
                 st.scenario = label
                 if not st.passed and st.others_cpu_pct >= DISTURBED_PCT and not self.args.quick:
                     print("  " + step_row(st) + f"  (others used {st.others_cpu_pct:.0f}% of a core: retrying)", flush=True)
                     if st.errors:
                         print("      errors: " + fmt_errors(st.errors), flush=True)
                     self.wait_quiet()
-                    st = self.step("public" if kind == "raw" else scenario, server, workers, rate, self.args.duration)
+                    st = self.step(scenario, server, workers, rate, self.args.duration)
                     st.scenario = label
                 result.steps.append(st)
                 self.records.append({"type": "step", **asdict(st), "passed": st.passed})
@@ -998,9 +1013,12 @@ class Bench:
                     print("      errors: " + fmt_errors(st.errors), flush=True)
                 if st.held_lost:
                     print("      held sockets closed by the server: " + fmt_errors(st.held_lost), flush=True)
-                failures = 0 if st.passed else failures + 1
-                if failures >= 2 or (failures and (st.achieved < 0.8 * rate or (st.p99_ms or 0) > 2000
-                                                   or st.error_count > 0.05 * st.started)):
+                # Go on past a step that failed only on p99 at the full rate; stop after two that fell short
+                # of the rate, or at once when one is far off.
+                short = not st.passed and (st.achieved < 0.95 * rate or st.error_count > 0)
+                failures = failures + 1 if short else 0
+                if failures >= 2 or (not st.passed and (st.achieved < 0.8 * rate or (st.p99_ms or 0) > 2000
+                                                        or st.error_count > 0.05 * st.started)):
                     break
             if label in self.args.profile:
                 result.profile = self.profile(label, server, workers, result)
@@ -1031,7 +1049,7 @@ class Bench:
         spy = bc.spawn(cmd, cpus=self.loadgen_cpus, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             time.sleep(1.0)
-            st = self.step(result.steps[0].scenario if result.steps else label, server, workers, rate, secs)
+            st = self.step("public" if label in BASELINES else label, server, workers, rate, secs)
             print("  " + step_row(st) + "  (under py-spy)", flush=True)
             spy.wait(secs + 60)
             if spy.returncode != 0 or not out.exists():
@@ -1187,34 +1205,41 @@ STORM_HEADER = (f"  {'server':<7} {'sockets':>7} {'topics':>6} {'fill j/s':>9} {
 def print_summary(args: argparse.Namespace, results: dict[str, Scenario], storms: dict[str, Storm]) -> dict[str, Any]:
     print("\n" + "=" * 118)
     print(f"Summary: sustained = highest step within {RATE_TOLERANCE:.0%} of its target, no errors, p99 <= "
-          f"{P99_LIMIT_MS:g} ms; vs raw = sustained joins/s over raw's sustained joins/s")
+          f"{P99_LIMIT_MS:g} ms; us/join = server CPU per join at that step, raw us = the raw server's at the same "
+          f"target rate; vs ceiling = sustained joins/s over the sustained joins/s of "
+          f"{'raw-nogc' if 'raw-nogc' in results else 'raw'}")
     raw = results.get("raw")
-    raw_best = raw.sustained if raw else None
+    ceiling = results.get("raw-nogc") or raw
+    ceiling_best = ceiling.sustained if ceiling else None
     summary: dict[str, Any] = {"scenarios": {}, "storm": {}, "targets": {}}
-    print(f"\n  {'scenario':<9} {'server':<7} {'sustained':>9} {'joins/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'sub p99':>7} {'srvCPU':>6} {'lgCPU':>5} {'us/join':>7} {'peak j/s':>8} {'vs raw':>6}")
-    for name in ("raw", *SCENARIOS):
+    print(f"\n  {'scenario':<9} {'server':<8} {'sustained':>9} {'joins/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'sub p99':>7} {'srvCPU':>6} {'lgCPU':>5} {'us/join':>7} {'raw us':>6} {'peak j/s':>8} {'vs ceiling':>10}")
+    for name in RATE_PARTS:
         r = results.get(name)
         if r is None:
             continue
         s, peak = r.sustained, r.peak
-        ratio = s.achieved / raw_best.achieved if s and raw_best and raw_best.achieved else None
+        ratio = s.achieved / ceiling_best.achieved if s and ceiling_best and ceiling_best.achieved else None
         us_per_join = 1e6 * s.server_cpu_s / s.ok if s and s.ok else None
+        raw_same = next((x for x in raw.steps if s and x.target == s.target and x.ok), None) if raw else None
+        raw_us = 1e6 * raw_same.server_cpu_s / raw_same.ok if raw_same else None
         summary["scenarios"][name] = {
             "server": r.server, "sustained_target": s.target if s else None, "sustained_joins_per_s": s.achieved if s else None,
             "p50_ms": s.p50_ms if s else None, "p99_ms": s.p99_ms if s else None,
             "subscribed_p99_ms": s.sys_p99_ms if s else None, "server_cpu_pct": s.server_cpu_pct if s else None,
-            "peak_joins_per_s": peak.achieved if peak else None, "vs_raw": ratio, "error": r.error,
+            "server_us_per_join": us_per_join, "raw_us_per_join_same_rate": raw_us,
+            "peak_joins_per_s": peak.achieved if peak else None, "vs_ceiling": ratio, "error": r.error,
         }
         if s is None:
-            print(f"  {name:<9} {r.server:<7} {'-':>9} {'-':>8} {'-':>7} {'-':>7} {'-':>7} {'-':>6} {'-':>5} {'-':>7} "
-                  f"{fmt(peak.achieved if peak else None, ',.0f'):>8} {'-':>6}"
+            print(f"  {name:<9} {r.server:<8} {'-':>9} {'-':>8} {'-':>7} {'-':>7} {'-':>7} {'-':>6} {'-':>5} {'-':>7} {'-':>6} "
+                  f"{fmt(peak.achieved if peak else None, ',.0f'):>8} {'-':>10}"
                   + (f"  error: {r.error}" if r.error else "  (no step passed)"))
             continue
-        print(f"  {name:<9} {r.server:<7} {s.target:>9g} {s.achieved:>8,.0f} {fmt(s.p50_ms, '.1f'):>7} "
+        print(f"  {name:<9} {r.server:<8} {s.target:>9g} {s.achieved:>8,.0f} {fmt(s.p50_ms, '.1f'):>7} "
               f"{fmt(s.p99_ms, '.1f'):>7} {fmt(s.sys_p99_ms, '.1f'):>7} {s.server_cpu_pct:>5.0f}% "
-              f"{s.loadgen_cpu_pct:>4.0f}% {fmt(us_per_join, '.0f'):>7} {fmt(peak.achieved if peak else None, ',.0f'):>8} "
-              f"{fmt(ratio, '.2f'):>6}" + (f"  error: {r.error}" if r.error else ""))
+              f"{s.loadgen_cpu_pct:>4.0f}% {fmt(us_per_join, '.0f'):>7} {fmt(raw_us, '.0f'):>6} "
+              f"{fmt(peak.achieved if peak else None, ',.0f'):>8} {fmt(ratio, '.2f'):>10}"
+              + (f"  error: {r.error}" if r.error else ""))
     if storms:
         print(f"\n  Reconnect storm: all sockets reset at once, reconnected at once (retries after "
               f"{', '.join(f'{s:g}' for s in RETRY_AFTER_S)} s); 'all in s' = until every socket is joined again")
@@ -1284,7 +1309,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run, under 2 minutes")
     p.add_argument("--scenarios", nargs="+", choices=ALL_PARTS, help=f"parts to run (default: {' '.join(ALL_PARTS)})")
     for name in DEFAULT_RATES:
-        p.add_argument(f"--rates-{name}", type=float, nargs="+", help=f"joins/s per step for {name}")
+        p.add_argument(f"--rates-{name}", dest=f"rates_{name.replace('-', '_')}", type=float, nargs="+",
+                       help=f"joins/s per step for {name}")
     p.add_argument("--duration", type=float, help="seconds of connects per step (default 3; quick: 2)")
     p.add_argument("--workers", type=int, default=2, help="load-generator worker processes (default 2)")
     p.add_argument("--users", type=int, default=64, help="distinct authenticated tokens for private joins")
@@ -1297,7 +1323,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"before each step wait up to this long for other processes to use < {DISTURBED_PCT:g}%% of a "
                         "core (default 20; quick: 1; 0 = never); a failed step run while they were busy is run again (not in quick)")
     p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the server and the load generator")
-    p.add_argument("--profile", nargs="*", choices=("raw", *SCENARIOS), default=[],
+    p.add_argument("--profile", nargs="*", choices=RATE_PARTS, default=[],
                    help="py-spy the server during one extra step of these scenarios (bare flag: public)")
     p.add_argument("--profile-seconds", type=float, default=4.0)
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (shows C frames such as the GC)")
@@ -1314,7 +1340,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     q = args.quick
     args.scenarios = args.scenarios or list(ALL_PARTS)
     table = QUICK_RATES if q else DEFAULT_RATES
-    args.rates = {name: sorted(getattr(args, f"rates_{name}") or table[name]) for name in DEFAULT_RATES}
+    args.rates = {name: sorted(getattr(args, f"rates_{name.replace('-', '_')}") or table[name]) for name in DEFAULT_RATES}
     args.duration = args.duration or (2.0 if q else 3.0)
     args.storm_sockets = args.storm_sockets or (1000 if q else 5000)
     args.storm_limit = args.storm_limit or (20.0 if q else 60.0)
@@ -1361,7 +1387,7 @@ def main(argv: list[str] | None = None) -> int:
             source = bc.describe_tree(REPO)
         env = bench_env(args)
         bench = Bench(args, env, log_dir)
-        need = max(max(args.rates["raw"]) * args.duration, args.storm_sockets) + 500
+        need = max(max(max(r) for r in args.rates.values()) * args.duration, args.storm_sockets) + 500
         print(f"joins bench: parts={' '.join(args.scenarios)} step={args.duration:g}s workers={args.workers} "
               f"storm={args.storm_sockets:,} sockets/{args.storm_topics} topics; RLIMIT_NOFILE={nofile}"
               + (f"; EXPERIMENT: daphne listen backlog {args.daphne_backlog}" if args.daphne_backlog else "")
@@ -1372,14 +1398,16 @@ def main(argv: list[str] | None = None) -> int:
               f"REDIS_URL={env['REDIS_URL']}; logs in {log_dir}", flush=True)
         bench.prepare_database()
         print_legend()
-        for name in ("raw", *SCENARIOS):
+        for name in RATE_PARTS:
             if name not in args.scenarios:
                 continue
             if time.monotonic() > args.deadline - 30:
                 print(f"\nskipping {name}: time budget spent", flush=True)
                 continue
-            kind = "raw" if name == "raw" else "daphne"
-            what = "the minimal websockets server (baseline)" if kind == "raw" else "daphne (manage.py runserver)"
+            kind = name if name in BASELINES else "daphne"
+            what = {"raw": "the minimal websockets server (baseline)",
+                    "raw-nogc": "the minimal websockets server with the garbage collector off (baseline)",
+                    }.get(name, "daphne (manage.py runserver)")
             print(f"\n== {name}: {what}; rates {' '.join(f'{r:g}' for r in args.rates[name])} joins/s", flush=True)
             results[name] = bench.run_rates(name, kind, args.rates[name])
         if "storm" in args.scenarios:
