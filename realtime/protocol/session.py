@@ -31,7 +31,16 @@ from realtime.errors import RealtimeError
 from realtime.jwt import Claims, TokenError
 from realtime.protocol.message import Message, UserBroadcast
 from realtime.protocol.payloads import JoinConfig, parse_join_payload
-from realtime.topics import TOPIC_PREFIX, broadcast_group, presence_channel, presence_group, sub_topic
+from realtime.protocol.rates import RateWindow
+from realtime.topics import (
+    TOPIC_PREFIX,
+    TOPIC_TOO_LONG,
+    broadcast_group,
+    presence_channel,
+    presence_group,
+    sub_topic,
+    topic_too_long,
+)
 from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
 
 logger = logging.getLogger(__name__)
@@ -160,10 +169,20 @@ class Authorize:
     refresh: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Close the socket with ``code`` (after the frames before it)."""
+
+    code: int
+
+
 Effect = (
     Send | SendLater | Subscribe | Unsubscribe | Publish | SubscribeChanges | SendPresenceState | Track | Untrack
-    | Authorize
+    | Authorize | Disconnect
 )
+
+# RFC 6455 7.4.1 "going away": the reference closes a socket over its join rate with it; clients reconnect.
+CLOSE_GOING_AWAY = 1001
 
 
 # --- state ---------------------------------------------------------------
@@ -177,6 +196,13 @@ class SessionLimits:
     presence_max_calls: int = 5
     presence_window: float = 30.0
     private_only: bool = False
+    # Per-socket rates (PROTOCOL.md 8), averaged over ``rate_window`` seconds; 0 turns one off.
+    max_joins_per_second: float = 0
+    max_events_per_second: float = 0
+    max_presence_events_per_second: float = 0
+    rate_window: int = 5
+    max_bindings: int = 50  # postgres_changes bindings per join
+    max_held_pushes: int = 100  # pushes held per channel while its policies are checked
 
 
 @dataclass(slots=True)
@@ -191,7 +217,6 @@ class Channel:
     group: str
     presence_key: str = ""
     tracked: bool = False
-    presence_calls: list[float] = field(default_factory=list)
     # Private channels only: the evaluated read flags, and the write flags
     # cached until the token changes; a missing key is "not evaluated yet".
     read: dict[Extension, bool] = field(default_factory=dict)
@@ -274,29 +299,56 @@ class Session:
     channels: dict[str, Channel] = field(default_factory=dict)
     pending_joins: dict[str, PendingJoin] = field(default_factory=dict)
     new_presence_key: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
+    # Presence push times per topic, kept across re-joins of the topic (PROTOCOL.md 8).
+    presence_calls: dict[str, list[float]] = field(default_factory=dict)
+    joins: RateWindow = field(init=False)
+    events: RateWindow = field(init=False)
+    presence_events: RateWindow = field(init=False)
+    disconnecting: bool = False  # over the join rate: everything after is ignored
+
+    def __post_init__(self) -> None:
+        window = self.limits.rate_window
+        self.joins = RateWindow(self.limits.max_joins_per_second, window)
+        self.events = RateWindow(self.limits.max_events_per_second, window)
+        self.presence_events = RateWindow(self.limits.max_presence_events_per_second, window)
 
     # --- entry points ----------------------------------------------------
 
     def handle(self, msg: Message, now: float) -> list[Effect]:
         """Process one client message."""
+        if self.disconnecting:
+            return []
         if msg.topic == PHOENIX_TOPIC:
             if msg.event == "heartbeat":
                 return [Send(Message(None, msg.ref, PHOENIX_TOPIC, "phx_reply", {"status": "ok", "response": {}}))]
-            return [Send(_unmatched(msg))]
+            return self._counted(now, [Send(_unmatched(msg))])
         if msg.event == "phx_join":
+            if self.joins.hit(now):
+                return self._too_many_joins(msg)
             return self._join(msg, now)
         if msg.event == "phx_leave":
             return self._leave(msg)
         channel = self.channels.get(msg.topic)
         if channel is None:
-            return [Send(_unmatched(msg))]
+            return self._counted(now, [Send(_unmatched(msg))])
         if msg.join_ref is not None and msg.join_ref != channel.join_ref:
             # PROTOCOL.md 2.4: a stale join_ref is dropped silently.
             return []
         if channel.checking is not None:
             # Held until the channel's policy check is answered, so pushes keep their order.
+            if len(channel.deferred) >= self.limits.max_held_pushes:
+                return self._end(channel, "Too many messages waiting for this channel's authorization")
             channel.deferred.append((msg, now))
             return []
+        return self._push(channel, msg, now)
+
+    def _push(self, channel: Channel, msg: Message, now: float) -> list[Effect]:
+        """A push on a joined channel, counted toward this socket's rates (PROTOCOL.md 8)."""
+        if msg.event == "presence":
+            if self.presence_events.hit(now):
+                return self._end_all("Too many presence messages per second")
+        elif msg.event != "access_token" and self.events.hit(now):
+            return self._end_all("Too many messages per second")
         if msg.event == "broadcast":
             return self._broadcast(channel, msg, now)
         if msg.event == "access_token":
@@ -333,6 +385,14 @@ class Session:
                 channel.write.pop(extension, None)
         return effects
 
+    def waits_for(self, check: Authorize) -> bool:
+        """Whether ``check``'s verdict would still be used (its join or channel has not moved on)."""
+        pending = self.pending_joins.get(check.topic)
+        if pending is not None and pending.check is check:
+            return True
+        channel = self.channels.get(check.topic)
+        return channel is not None and channel.checking is check
+
     def close_all(self) -> list[Effect]:
         """The socket is gone: drop every channel's subscription."""
         effects: list[Effect] = []
@@ -353,6 +413,34 @@ class Session:
             ago = int(now - channel.claims.exp)
             effects += self._end(channel, f"Token has expired {ago} seconds ago")
         return effects
+
+    # --- limits ----------------------------------------------------------
+
+    def _counted(self, now: float, effects: list[Effect]) -> list[Effect]:
+        """``effects`` of a push that counts toward the events rate, or the end of every channel past it."""
+        if self.events.hit(now):
+            return self._end_all("Too many messages per second")
+        return effects
+
+    def _end_all(self, message: str) -> list[Effect]:
+        """End every channel of this socket with a fatal ``system`` error: the socket's rate was exceeded.
+
+        The reference ends every channel of the project; only the socket that
+        sent too much is cut here, so the others keep working.
+        """
+        effects: list[Effect] = []
+        for channel in list(self.channels.values()):
+            effects += self._end(channel, message)
+        for pending in self.pending_joins.values():
+            effects.append(Send(_close(pending.channel)))
+        self.pending_joins.clear()
+        return effects
+
+    def _too_many_joins(self, msg: Message) -> list[Effect]:
+        """PROTOCOL.md 3.2: the join is refused, then the socket is closed."""
+        self.disconnecting = True
+        reason = "ClientJoinRateLimitReached: Too many joins per second"
+        return [Send(_reply(msg, "error", {"reason": reason})), Disconnect(CLOSE_GOING_AWAY)]
 
     # --- join and leave --------------------------------------------------
 
@@ -409,7 +497,10 @@ class Session:
         if config.replication_ready:
             # Broadcast delivery needs no replication connection here: it is ready at once.
             effects.append(Send(_system(channel, "ok", "system", "Replication connection established")))
-        if config.postgres_changes:
+        if len(config.postgres_changes) > self.limits.max_bindings:
+            message = f"Too many postgres_changes bindings: at most {self.limits.max_bindings} per channel"
+            effects.append(Send(_system(channel, "error", "postgres_changes", message)))
+        elif config.postgres_changes:
             effects.append(SubscribeChanges(channel.topic, channel.join_ref, config.postgres_changes, channel.claims))
         return effects
 
@@ -418,6 +509,8 @@ class Session:
         topic = msg.topic
         if topic == TOPIC_PREFIX:
             raise JoinRefused("TopicNameRequired", "You must provide a topic name")
+        if topic_too_long(topic):
+            raise JoinRefused(*TOPIC_TOO_LONG)
         if self.limits.private_only and not config.private:
             raise JoinRefused("PrivateOnly", "This project only allows private channels")
         if topic not in self.channels and len(self.channels.keys() | self.pending_joins.keys()) >= self.limits.max_channels:
@@ -511,10 +604,7 @@ class Session:
             check = self._check(channel, msg, now, read=(Extension.PRESENCE,), write=(Extension.PRESENCE,))
             if check is not None:
                 return check
-        window_start = now - self.limits.presence_window
-        channel.presence_calls = [t for t in channel.presence_calls if t > window_start]
-        channel.presence_calls.append(now)
-        if len(channel.presence_calls) > self.limits.presence_max_calls:
+        if self._presence_calls(channel.topic, now) > self.limits.presence_max_calls:
             return self._end(channel, "Client presence rate limit exceeded")
         if event == "track":
             if channel.config.private and not channel.write[Extension.PRESENCE]:
@@ -532,6 +622,18 @@ class Session:
             channel.tracked = False
             return [Untrack(channel.group, channel.topic, channel.presence_channel, _reply(msg, "ok", {}))]
         return [Send(_reply(msg, "error", {}))]
+
+    def _presence_calls(self, topic: str, now: float) -> int:
+        """Count a presence push on ``topic``; the number within the window, re-joins included."""
+        window_start = now - self.limits.presence_window
+        if topic not in self.presence_calls:
+            # Forget topics whose window has passed, so the map stays as small as the recent topics.
+            for stale in [t for t, calls in self.presence_calls.items() if not calls or calls[-1] <= window_start]:
+                del self.presence_calls[stale]
+        calls = [t for t in self.presence_calls.get(topic, ()) if t > window_start]
+        calls.append(now)
+        self.presence_calls[topic] = calls
+        return len(calls)
 
     def _access_token(self, channel: Channel, msg: Message, now: float) -> list[Effect]:
         payload = msg.payload if isinstance(msg.payload, dict) else {}

@@ -1,0 +1,38 @@
+"""Rate counters for the per-socket limits (PROTOCOL.md 8), with no I/O and no clock of their own.
+
+``RateWindow`` counts events in whole-second buckets over a sliding window and
+says when their average rate is above a limit. The reference averages over
+60 s in 5 s buckets per project; per socket a shorter window (5 s by default)
+cuts a flood within seconds while still letting an ordinary client burst.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class RateWindow:
+    """Events per second averaged over the last ``window`` whole seconds; a limit of 0 never trips."""
+
+    __slots__ = ("limit", "window", "_buckets", "_total")
+
+    def __init__(self, limit: float, window: int = 5) -> None:
+        self.limit = limit
+        self.window = max(1, window)
+        self._buckets: deque[list[int]] = deque()  # [second, count], oldest first
+        self._total = 0
+
+    def hit(self, now: float, count: int = 1) -> bool:
+        """Count ``count`` events at ``now``; True if the average is now above the limit."""
+        if self.limit <= 0:
+            return False
+        second = int(now)
+        buckets = self._buckets
+        while buckets and buckets[0][0] <= second - self.window:
+            self._total -= buckets.popleft()[1]
+        if buckets and buckets[-1][0] == second:
+            buckets[-1][1] += count
+        else:
+            buckets.append([second, count])
+        self._total += count
+        return self._total > self.limit * self.window
