@@ -1,4 +1,4 @@
-"""App config: registers the realtime system checks."""
+"""App config: registers the realtime system checks and fixes the process's malloc settings."""
 
 from django.apps import AppConfig
 
@@ -9,3 +9,6 @@ class RealtimeConfig(AppConfig):
 
     def ready(self) -> None:
         from realtime import checks  # noqa: F401  (registers the checks)
+        from realtime.memory import fix_mmap_threshold
+
+        fix_mmap_threshold()

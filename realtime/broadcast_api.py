@@ -17,11 +17,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from realtime.channel_auth import headers_json, private_writes
 from realtime.jwt import Claims, TokenError, opaque_key_claims
+from realtime.limits import get_redis, rest_rate_exceeded
+from realtime.protocol.serializer import is_json_payload
 from realtime.publisher import get_publisher
 from realtime.tokens import verify
 from realtime.topics import broadcast_group
@@ -78,6 +81,30 @@ def _unauthorized() -> JsonResponse:
 
 def _private_writes(request: HttpRequest, claims: Claims) -> Callable[[str], Awaitable[bool]]:
     return private_writes(claims, headers_json(request.headers.items()))
+
+
+def _too_many(message: str) -> JsonResponse:
+    """PROTOCOL.md 5.3: 429 with the reference's message."""
+    return JsonResponse({"message": message}, status=429)
+
+
+def _too_large() -> JsonResponse:
+    return JsonResponse(
+        {"message": f"Request body too large: at most {settings.REALTIME_MAX_REST_BODY_BYTES} bytes"}, status=413
+    )
+
+
+async def _over_rate(request: HttpRequest, claims: Claims, count: int) -> bool:
+    """Whether this caller (role, sub, client address) sent more than REALTIME_MAX_EVENTS_PER_SECOND."""
+    caller = f"{claims.role}\n{claims.sub or ''}\n{request.META.get('REMOTE_ADDR', '')}"
+    try:
+        return await rest_rate_exceeded(
+            get_redis(), settings.REALTIME_REDIS_PREFIX, caller, count,
+            settings.REALTIME_MAX_EVENTS_PER_SECOND, settings.REALTIME_RATE_WINDOW_S, time.time(),
+        )
+    except Exception:
+        logger.warning("REST rate not counted: Redis unavailable", exc_info=True)
+        return False
 
 
 def _max_payload_bytes() -> int:
@@ -138,11 +165,17 @@ async def broadcast_batch(request: HttpRequest) -> HttpResponse:
         return _unauthorized()
     try:
         body = json.loads(request.body or b"null")
+    except RequestDataTooBig:
+        return _too_large()
     except (ValueError, UnicodeDecodeError):
         return JsonResponse({"errors": {"messages": ["is invalid"]}}, status=422)
     messages = body.get("messages") if isinstance(body, dict) else None
     if not isinstance(messages, list) or not messages:
         return JsonResponse({"errors": {"messages": ["can't be blank"]}}, status=422)
+    if len(messages) > settings.REALTIME_MAX_BROADCAST_BATCH:
+        return _too_many("Too many messages to broadcast, please reduce the batch size")
+    if await _over_rate(request, claims, len(messages)):
+        return _too_many("Too many requests")
     checked = [_validate(item) for item in messages]
     if any(errors for errors, _ in checked):
         return JsonResponse({"errors": {"messages": [errors for errors, _ in checked]}}, status=422)
@@ -163,11 +196,14 @@ async def broadcast_single(request: HttpRequest, topic: str, event: str) -> Http
     if claims is None:
         return _unauthorized()
     content_type = request.content_type or ""
-    body = request.body
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        return _too_large()
+    if await _over_rate(request, claims, 1):
+        return _too_many("Too many requests")
     if content_type in ("", "application/json"):
-        try:
-            json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        if not is_json_payload(body):  # what realtime-js can parse, not all json.loads takes
             return JsonResponse({"errors": {"payload": ["is invalid"]}}, status=422)
         encoding = 1
     elif content_type == "application/octet-stream":

@@ -16,7 +16,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -30,12 +31,14 @@ from realtime.hub import ChangeSubscription, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
 from realtime.publisher import get_publisher
 from realtime.jwt import Claims, TokenError, opaque_key_claims
+from realtime.limits import get_socket_counter
 from realtime.tokens import verify
 from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, Vsn
 from realtime.protocol.serializer import decode_binary, decode_text, encode_text, parse_vsn
 from realtime.protocol.session import (
     Authorize,
+    Disconnect,
     Effect,
     Permissions,
     Publish,
@@ -52,6 +55,7 @@ from realtime.protocol.session import (
     system_message,
 )
 from realtime.topics import sub_topic
+from realtime.writer import CLOSE_SLOW_CONSUMER, SocketWriter
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +93,12 @@ def session_limits() -> SessionLimits:
         presence_max_calls=settings.REALTIME_PRESENCE_MAX_CALLS,
         presence_window=settings.REALTIME_PRESENCE_WINDOW_MS / 1000,
         private_only=settings.REALTIME_PRIVATE_ONLY,
+        max_joins_per_second=settings.REALTIME_MAX_JOINS_PER_SECOND,
+        max_events_per_second=settings.REALTIME_MAX_EVENTS_PER_SECOND,
+        max_presence_events_per_second=settings.REALTIME_MAX_PRESENCE_EVENTS_PER_SECOND,
+        rate_window=settings.REALTIME_RATE_WINDOW_S,
+        max_bindings=settings.REALTIME_MAX_BINDINGS_PER_CHANNEL,
+        max_held_pushes=settings.REALTIME_MAX_HELD_PUSHES,
     )
 
 
@@ -101,6 +111,8 @@ class RealtimeConsumer(AsyncConsumer):
         self.base_send = send
         self.socket_id = uuid.uuid4().hex
         self.session: Session | None = None
+        self.writer: SocketWriter | None = None
+        self.counted = False  # in this process's socket count
         self.vsn = Vsn.V1
         self.loop = asyncio.get_running_loop()
         self.last_inbound = self.loop.time()
@@ -116,6 +128,10 @@ class RealtimeConsumer(AsyncConsumer):
         # topic -> (the subscription that registered it, the tables it covers)
         self.change_tables: dict[str, tuple[SubscribeChanges, frozenset[tuple[str, str]]]] = {}
         self.publication_watch: asyncio.Future[None] | None = None
+        # Database work (policy checks, binding checks) waiting for one of this socket's
+        # REALTIME_MAX_CHECKS_PER_SOCKET slots: (still wanted?, the work).
+        self.db_queue: deque[tuple[Callable[[], bool], Callable[[], Coroutine[Any, Any, None]]]] = deque()
+        self.db_running = 0
         try:
             while True:
                 message = await receive()
@@ -143,6 +159,9 @@ class RealtimeConsumer(AsyncConsumer):
                 raise HandshakeRefused(403, "Unsupported serializer version") from None
             token = self._header(b"x-api-key") or (query.get("apikey") or [""])[0].strip()
             claims = connect_claims(token or None, time.time())
+            counter = get_socket_counter()
+            if not counter.admits(settings.REALTIME_MAX_CONCURRENT_USERS):
+                raise HandshakeRefused(429, "Too many connected users")
         except HandshakeRefused as refusal:
             logger.info("connect refused status=%s error=%s", refusal.status, refusal.error)
             await self.refuse(refusal.status, refusal.error)
@@ -153,7 +172,12 @@ class RealtimeConsumer(AsyncConsumer):
         self.policy_headers = headers_json(
             (key.decode("latin-1"), value.decode("latin-1")) for key, value in self.scope.get("headers", [])
         )
+        counter.opened()
+        self.counted = True
         await self.base_send({"type": "websocket.accept"})
+        self.writer = SocketWriter(
+            self.base_send, self.scope.get(DIRECT_WRITE), settings.REALTIME_MAX_UNSENT_BYTES, self._on_slow_consumer
+        )
         self.idle_timer = self.loop.call_later(settings.REALTIME_IDLE_TIMEOUT_S, self._check_idle)
 
     def _header(self, name: bytes) -> str:
@@ -214,7 +238,7 @@ class RealtimeConsumer(AsyncConsumer):
         hub = get_hub()
         for effect in effects:
             if isinstance(effect, Send):
-                await self.write(effect.message)
+                self.write(effect.message)
             elif isinstance(effect, Publish):
                 try:
                     await get_publisher().publish(effect.message)
@@ -225,36 +249,63 @@ class RealtimeConsumer(AsyncConsumer):
             elif isinstance(effect, Subscribe):
                 await hub.subscribe(
                     effect.group,
-                    Subscription(
-                        self.socket_id, effect.topic, self.vsn, effect.self_broadcast, self.base_send,
-                        self.scope.get(DIRECT_WRITE),
-                    ),
+                    Subscription(self.socket_id, effect.topic, self.vsn, effect.self_broadcast, self.writer),
                 )
             elif isinstance(effect, Unsubscribe):
                 hub.unsubscribe(effect.group, self.socket_id, effect.topic)
                 hub.unsubscribe_changes(self.socket_id, effect.topic)
             elif isinstance(effect, SubscribeChanges):
                 # After the join reply, without holding up this socket's other frames.
-                self._spawn(self.subscribe_changes(effect))
+                self._queue_db(lambda effect=effect: self._is_current(effect), lambda effect=effect: self.subscribe_changes(effect))
             elif isinstance(effect, SendPresenceState):
                 state = await get_store().state(effect.presence_channel)
-                await self.write(Message(effect.join_ref, None, effect.topic, "presence_state", state))
+                self.write(Message(effect.join_ref, None, effect.topic, "presence_state", state))
             elif isinstance(effect, Track):
                 result = await get_store().track(effect.presence_channel, effect.key, self.socket_id, effect.payload)
                 if result.diff is not None:
                     await publish_diff(effect.presence_channel, result.diff)
-                await self.write(effect.reply)
+                self.write(effect.reply)
             elif isinstance(effect, Untrack):
                 await self.untrack(effect)
             elif isinstance(effect, Authorize):
                 # The verdict comes back as a later step; this socket's other frames go on meanwhile.
-                self._spawn(self.authorize(effect))
+                self._queue_db(lambda check=effect: self._waits_for(check), lambda check=effect: self.authorize(check))
+            elif isinstance(effect, Disconnect):
+                await self.close(effect.code)
+                return
             elif isinstance(effect, SendLater):
                 if effect.delay <= 0:
-                    await self.write(effect.message)
+                    self.write(effect.message)
                 else:
-                    self.loop.call_later(effect.delay, self._spawn_write, effect.message)
+                    self.loop.call_later(effect.delay, self.write, effect.message)
         self._schedule_expiry()
+
+    def _queue_db(self, wanted: Callable[[], bool], work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run database work for this socket, at most REALTIME_MAX_CHECKS_PER_SOCKET at a time.
+
+        The rest wait in order; work whose result would no longer be used (a
+        join re-joined or left meanwhile) is dropped before it reaches the
+        database, so a flood of re-joins costs one check per slot, not one per join.
+        """
+        self.db_queue.append((wanted, work))
+        self._pump_db()
+
+    def _pump_db(self) -> None:
+        while self.db_queue and self.db_running < settings.REALTIME_MAX_CHECKS_PER_SOCKET and not self.closed:
+            wanted, work = self.db_queue.popleft()
+            if wanted():
+                self.db_running += 1
+                self._spawn(self._run_db(work))
+
+    async def _run_db(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        try:
+            await work()
+        finally:
+            self.db_running -= 1
+            self._pump_db()
+
+    def _waits_for(self, check: Authorize) -> bool:
+        return self.session is not None and not self.closed and self.session.waits_for(check)
 
     async def authorize(self, check: Authorize) -> None:
         """Evaluate a private channel's policies and hand the verdict to the session (PROTOCOL.md 7)."""
@@ -288,7 +339,7 @@ class RealtimeConsumer(AsyncConsumer):
         if report and self._is_current(effect):
             get_hub().unsubscribe_changes(self.socket_id, effect.topic)
             self.change_tables.pop(effect.topic, None)
-            await self.write(system_message(effect.topic, effect.join_ref, "error", "postgres_changes", message))
+            self.write(system_message(effect.topic, effect.join_ref, "error", "postgres_changes", message))
         return None
 
     async def _register_changes(self, effect: SubscribeChanges, authorized: list[AuthorizedBinding]) -> None:
@@ -297,8 +348,7 @@ class RealtimeConsumer(AsyncConsumer):
             return
         await hub.subscribe_changes(
             ChangeSubscription(
-                self.socket_id, effect.topic, self.vsn, self.base_send, tuple(authorized), self.scope.get(DIRECT_WRITE),
-                claims=effect.claims,
+                self.socket_id, effect.topic, self.vsn, self.writer, tuple(authorized), claims=effect.claims,
             )
         )
         if not self._is_current(effect):
@@ -307,7 +357,7 @@ class RealtimeConsumer(AsyncConsumer):
         self.change_tables[effect.topic] = (effect, frozenset(t for a in authorized for t in a.tables))
         if self.publication_watch is None:
             self.publication_watch = asyncio.ensure_future(self._watch_publication())
-        await self.write(system_message(effect.topic, effect.join_ref, "ok", "postgres_changes", "Subscribed to PostgreSQL"))
+        self.write(system_message(effect.topic, effect.join_ref, "ok", "postgres_changes", "Subscribed to PostgreSQL"))
 
     async def _watch_publication(self) -> None:
         """Follow publication changes: schema-wide bindings gain or lose tables (PROTOCOL.md 3.5)."""
@@ -329,34 +379,34 @@ class RealtimeConsumer(AsyncConsumer):
         if diff is not None:
             await publish_diff(effect.presence_channel, diff)
         if effect.reply is not None:
-            await self.write(effect.reply)
+            self.write(effect.reply)
 
     def _is_current(self, effect: SubscribeChanges) -> bool:
         """Whether the channel that asked is still joined (not left, closed or re-joined)."""
         if self.session is None or self.closed:
             return False
         channel = self.session.channels.get(effect.topic)
-        return channel is not None and channel.join_ref == effect.join_ref
+        # The claims too: a token refresh makes an earlier subscription of the channel stale.
+        return channel is not None and channel.join_ref == effect.join_ref and channel.claims is effect.claims
 
-    async def write(self, msg: Message) -> None:
-        if self.closed:
+    def write(self, msg: Message) -> None:
+        """Send a frame to this socket, in order with the hub's deliveries (``realtime.writer``)."""
+        if self.closed or self.writer is None:
             return
-        try:
-            await self.base_send({"type": "websocket.send", "text": encode_text(self.vsn, msg)})
-        except Exception as error:
-            # The peer is gone (daphne raises Disconnected, uvicorn a ClientDisconnected
-            # or RuntimeError); the disconnect event ends this consumer.
-            logger.debug("write to a closed socket=%s: %s", self.socket_id, error)
-            self.closed = True
+        if not self.writer.write({"type": "websocket.send", "text": encode_text(self.vsn, msg)}):
+            # The peer is gone or too slow; the disconnect event ends this consumer.
+            logger.debug("write to a closed socket=%s", self.socket_id)
 
-    def _spawn_write(self, msg: Message) -> None:
-        self._spawn(self.write(msg))
+    def _on_slow_consumer(self) -> None:
+        self._spawn(self.close(CLOSE_SLOW_CONSUMER))
 
     async def close(self, code: int) -> None:
         if self.closed:
             return
         self.closed = True
         self.teardown()
+        if self.writer is not None:
+            self.writer.close()
         await self.base_send({"type": "websocket.close", "code": code})
 
     # --- timers ----------------------------------------------------------
@@ -399,6 +449,9 @@ class RealtimeConsumer(AsyncConsumer):
         task.add_done_callback(self.tasks.discard)
 
     def teardown(self) -> None:
+        if self.counted:
+            self.counted = False
+            get_socket_counter().closed()
         if self.publication_watch is not None:
             self.publication_watch.cancel()
             self.publication_watch = None

@@ -42,11 +42,13 @@ from realtime.types import (
     KIND_BINARY,
     KIND_PRESENCE,
     BroadcastMessage,
+    BatchMessage,
     ChangeRun,
     checked_positions,
     verdict_per_change,
 )
 from realtime.topics import table_group
+from realtime.writer import SocketWriter
 
 if TYPE_CHECKING:
     from realtime.claimsets import Registration
@@ -54,11 +56,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
-# A server may offer a synchronous writer for ``websocket.send`` messages
-# (``realtime.server`` does under daphne): the fan-out path then skips the
-# per-message coroutine and checks of the ASGI send.
-DirectWrite = Callable[[dict[str, Any]], None]
 # (claims, schema, table, primary keys as JSON) -> one byte per key, 1 if visible.
 RowCheck = Callable[["Claims", str, str, list[bytes]], Awaitable[bytes]]
 
@@ -80,8 +77,7 @@ class Subscription:
     topic: str
     vsn: Vsn
     self_broadcast: bool
-    send: AsgiSend
-    write: DirectWrite | None = None
+    writer: SocketWriter
 
 
 @dataclass(eq=False, slots=True)
@@ -91,9 +87,8 @@ class ChangeSubscription:
     socket_id: str
     topic: str
     vsn: Vsn
-    send: AsgiSend
+    writer: SocketWriter
     bindings: tuple[Any, ...]  # realtime.authorization.AuthorizedBinding
-    write: DirectWrite | None = None
     claims: Claims | None = None  # for row level security checks
     claim_set: str = ""  # id of the claims in the registry (set by the hub)
 
@@ -255,8 +250,14 @@ class Hub:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {
+            "realtime.broadcast": self.realtime_broadcast,
+            "realtime.batch": self.realtime_batch,
+            "realtime.changes": self.realtime_changes,
+        }
         self.delivered = 0
-        self.failed = 0
+        self.failed = 0  # writes that raised, and deliveries skipped because building them raised
+        self.loop_errors = 0  # layer messages whose handling raised
 
     # --- membership ------------------------------------------------------
 
@@ -361,6 +362,11 @@ class Hub:
                 self._spawn(self._refresh_forever())
 
     async def _receive_forever(self) -> None:
+        """Receive each layer message once for the process and dispatch it by type (``a.b`` -> ``a_b``).
+
+        Supervised: a message that makes its handler raise is logged with its
+        traceback and counted, and the loop goes on with the next one.
+        """
         assert self._channel_name is not None
         while not self._closing:
             try:
@@ -372,14 +378,26 @@ class Hub:
                 await asyncio.sleep(RECEIVE_RETRY_S)
                 continue
             kind = message.get("type")
-            if kind == "realtime.broadcast":
-                await self.deliver(message)  # type: ignore[arg-type]
-            elif kind == "realtime.batch":
-                with corked():  # one write per socket for the whole batch
-                    for item in message["messages"]:
-                        await self.deliver(item)
-            elif kind == "realtime.changes":
-                await self.deliver_changes(message)  # type: ignore[arg-type]
+            handler = self._handlers.get(kind) if isinstance(kind, str) else None
+            if handler is None:
+                logger.warning("hub dropped a layer message of unknown type %r", kind)
+                continue
+            try:
+                await handler(message)
+            except Exception:
+                self.loop_errors += 1
+                logger.exception("hub failed on a %s message; going on with the next one", kind)
+
+    async def realtime_broadcast(self, message: BroadcastMessage) -> None:
+        self.deliver(message)
+
+    async def realtime_batch(self, message: BatchMessage) -> None:
+        with corked():  # one write per socket for the whole batch
+            for item in message["messages"]:
+                self.deliver(item)
+
+    async def realtime_changes(self, message: ChangeRun) -> None:
+        await self.deliver_changes(message)
 
     async def _refresh_forever(self) -> None:
         """Keep memberships alive; re-add them all at once when Redis lost them (a restart)."""
@@ -418,8 +436,8 @@ class Hub:
 
     # --- delivery --------------------------------------------------------
 
-    async def deliver(self, message: BroadcastMessage) -> None:
-        """Write one broadcast to every local channel on its topic."""
+    def deliver(self, message: BroadcastMessage) -> None:
+        """Write one broadcast to every local channel on its topic (never waits for a socket)."""
         group_members = self._members(message["group"])
         if not group_members:
             return
@@ -429,11 +447,8 @@ class Hub:
             if sub.socket_id == origin and not sub.self_broadcast:
                 continue
             frame = frames.for_vsn(sub.vsn)
-            if frame is None:
-                continue
-            pending = self._write(sub, frame)
-            if pending is not None:
-                await pending
+            if frame is not None:
+                self._write(sub, frame)
 
     async def deliver_changes(self, run: ChangeRun) -> None:
         """Write each change of a run to every local channel whose bindings it satisfies."""
@@ -444,52 +459,58 @@ class Hub:
         visible = await self._visibility(route, run) if rls else {}
         with corked():
             for position, change in enumerate(run["changes"]):
-                checked = rls and "key" in change
-                change_type = change["type"]
-                data_json = change["data"].decode("utf-8")
-                record = old_record = None
-                if route.filtered:
-                    parsed = json.loads(data_json)
-                    record, old_record = parsed.get("record"), parsed.get("old_record")
-                # Channels with the same topic, ids, columns and vsn get the same frame: build it once.
-                frames: dict[tuple[Vsn, str, tuple[int, ...], frozenset[str] | None], dict[str, Any]] = {}
-                for key, ids in route.route(change_type, record, old_record).items():
-                    sub = route.subscriptions[key]
-                    if checked:
-                        verdict = visible.get(sub.claim_set)
-                        if verdict is None or not verdict[position]:
-                            continue  # PROTOCOL.md 4.4: a row the subscriber cannot see is not sent at all
-                    columns = route.columns(key, ids)
-                    frame_key = (sub.vsn, sub.topic, tuple(ids), columns)
-                    frame = frames.get(frame_key)
-                    if frame is None:
-                        data = data_json if columns is None else select_columns(data_json, columns)
-                        payload = '{"ids":' + json.dumps(ids) + ',"data":' + data + "}"
-                        text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
-                        frame = frames[frame_key] = {"type": "websocket.send", "text": text}
-                    pending = self._write(sub, frame)
-                    if pending is not None:
-                        await pending
+                try:
+                    self._deliver_change(route, change, rls and "key" in change, visible, position)
+                except Exception:
+                    # One bad change costs only itself; the run's other changes still go out.
+                    self.failed += 1
+                    logger.exception("change dropped on %s.%s", route.schema, route.table)
 
-    def _write(self, sub: Subscription | ChangeSubscription, frame: dict[str, Any]) -> Awaitable[None] | None:
-        """Write ``frame`` to one socket: at once through a direct writer, else the ASGI send to await."""
-        if sub.write is None:
-            return self._send(sub, frame)
-        try:
-            sub.write(frame)
-            self.delivered += 1
-        except Exception:
-            self.failed += 1
-            logger.debug("write failed socket=%s", sub.socket_id, exc_info=True)
-        return None
+    def _deliver_change(
+        self, route: TableRoute, change: dict[str, Any], checked: bool, visible: dict[str, bytes], position: int
+    ) -> None:
+        change_type = change["type"]
+        data_json = change["data"].decode("utf-8")
+        record = old_record = None
+        if route.filtered:
+            parsed = json.loads(data_json)
+            record, old_record = parsed.get("record"), parsed.get("old_record")
+        # Channels with the same topic, ids, columns and vsn get the same frame: build it once.
+        frames: dict[tuple[Vsn, str, tuple[int, ...], frozenset[str] | None], dict[str, Any]] = {}
+        for key, ids in route.route(change_type, record, old_record).items():
+            sub = route.subscriptions.get(key)
+            if sub is None:
+                continue
+            if checked:
+                verdict = visible.get(sub.claim_set)
+                if verdict is None or not verdict[position]:
+                    continue  # PROTOCOL.md 4.4: a row the subscriber cannot see is not sent at all
+            try:
+                columns = route.columns(key, ids)
+                frame_key = (sub.vsn, sub.topic, tuple(ids), columns)
+                frame = frames.get(frame_key)
+                if frame is None:
+                    data = data_json if columns is None else select_columns(data_json, columns)
+                    payload = '{"ids":' + json.dumps(ids) + ',"data":' + data + "}"
+                    text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
+                    frame = frames[frame_key] = {"type": "websocket.send", "text": text}
+            except Exception:
+                self.failed += 1
+                logger.exception("change not delivered to socket=%s topic=%s", sub.socket_id, sub.topic)
+                continue
+            self._write(sub, frame)
 
-    async def _send(self, sub: Subscription | ChangeSubscription, frame: dict[str, Any]) -> None:
+    def _write(self, sub: Subscription | ChangeSubscription, frame: dict[str, Any]) -> None:
+        """Write ``frame`` to one socket; a failure costs that socket only."""
         try:
-            await sub.send(frame)
-            self.delivered += 1
+            written = sub.writer.write(frame)
         except Exception:
+            written = False
+            logger.exception("write failed socket=%s", sub.socket_id)
+        if written:
+            self.delivered += 1
+        else:
             self.failed += 1
-            logger.debug("send failed socket=%s", sub.socket_id, exc_info=True)
 
     async def _visibility(self, route: TableRoute, run: ChangeRun) -> dict[str, bytes]:
         """Verdicts per claim set for an RLS run: the replicator's, plus checks of the ones it missed."""

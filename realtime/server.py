@@ -24,6 +24,18 @@
    ``websocket.send`` message synchronously, so the hub's fan-out skips
    daphne's per-message coroutine and lookups (3-4 us of about 10 per delivery).
 
+5. **A cap on unsent bytes.** Once more than ``REALTIME_MAX_UNSENT_BYTES`` wait
+   in the transport for a peer that does not read, later frames are dropped, a close
+   frame (1008) is queued and the connection is aborted if the peer has not
+   read it within ``SLOW_CLOSE_GRACE_S``. Memory per socket stays bounded and
+   no other socket waits.
+
+6. **Inbound backpressure.** Daphne queues every frame a client sends for the
+   application without limit, so a client sending faster than its consumer
+   works (large broadcasts, say) grew the process without bound. Once
+   ``INBOUND_PAUSE_AT`` frames wait, the socket is not read until the queue is
+   down to ``INBOUND_RESUME_AT``; TCP then slows that client alone.
+
 ``RealtimeServer`` installs the protocol; ``manage.py runserver`` uses it.
 """
 
@@ -36,9 +48,10 @@ from typing import Any
 from autobahn.websocket.types import ConnectionDeny
 from daphne import ws_protocol
 from daphne.server import Server
-from twisted.internet import tcp
+from twisted.internet import reactor, tcp
 
 from realtime import cork
+from realtime.writer import CLOSE_SLOW_CONSUMER, count_slow_consumer_close
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +74,8 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
     """Daphne's WebSocket protocol with the denial extension and direct frame writes."""
 
     _denial: tuple[int, list[tuple[bytes, bytes]]] | None = None
+    _slow = False  # closing for its unsent bytes
+    _reading_paused = False  # the application is behind this client's frames
     _denial_body: bytes | None = None
 
     def _connectionMade(self) -> None:  # noqa: N802
@@ -111,9 +126,34 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
             return
         super().serverClose(code)
 
+    # --- 6. inbound backpressure -----------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802
+        super().onMessage(payload, isBinary)
+        queue = getattr(self, "application_queue", None)
+        if queue is not None and not self._reading_paused and queue.qsize() >= INBOUND_PAUSE_AT:
+            # The application is behind this client: stop reading its socket until it catches up.
+            self._reading_paused = True
+            self.transport.pauseProducing()
+            reactor.callLater(INBOUND_POLL_S, self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        if not self.transport.connected:
+            return
+        if self.application_queue.qsize() > INBOUND_RESUME_AT:
+            reactor.callLater(INBOUND_POLL_S, self._resume_reading)
+            return
+        self._reading_paused = False
+        self.transport.resumeProducing()
+
     # --- 2. direct frame writes ------------------------------------------
 
     def serverSend(self, content: str | bytes, binary: bool = False) -> None:  # noqa: N802
+        if self._slow or self._over_unsent():
+            return  # closing for its unsent bytes: later frames are dropped
+        self._send_frame(content, binary)
+
+    def _send_frame(self, content: str | bytes, binary: bool) -> None:
         transport = self.transport
         if (
             self.state != self.STATE_OPEN
@@ -170,6 +210,33 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
         if sent < len(data):
             transport.write(data[sent:])
 
+    # --- 5. unsent bytes cap ---------------------------------------------
+
+    def _over_unsent(self) -> bool:
+        """Whether the peer left more than ``REALTIME_MAX_UNSENT_BYTES`` unread; if so, start closing it.
+
+        Checked before each frame, so a connection holds at most the cap plus
+        one frame, and one large frame to a socket that reads is never refused.
+        """
+        unsent = twisted_buffered(self.transport)
+        if unsent <= _max_unsent():
+            return False
+        self._slow = True
+        count_slow_consumer_close()
+        logger.warning("slow consumer: %d bytes unsent, closing the socket peer=%s", unsent, self.peer)
+        cork.release(self)  # what a batch held for it is dropped too
+        # The close frame queues behind the unsent data (a frame may be half
+        # written, so nothing can be dropped); a peer that does not read it in
+        # time loses the connection, and its buffer with it.
+        self.sendCloseFrame(code=CLOSE_SLOW_CONSUMER, isReply=False)
+        self.transport.loseConnection()
+        reactor.callLater(SLOW_CLOSE_GRACE_S, self._abort_slow)
+        return True
+
+    def _abort_slow(self) -> None:
+        if self.transport.connected:
+            self.transport.abortConnection()
+
 
 # The hub hands the same message object to every socket on a topic; keeping
 # the last frame built (by identity of its content) encodes it once, not once
@@ -186,6 +253,37 @@ def _encode_frame(content: str | bytes, binary: bool) -> bytes:
     frame = frame_header(_OPCODE_BINARY if binary else _OPCODE_TEXT, len(data)) + data  # type: ignore[operator]
     _last_frame = (content, binary, frame)
     return frame
+
+
+# Frames waiting for the application at which daphne stops reading a client's socket, and resumes.
+INBOUND_PAUSE_AT = 8
+INBOUND_RESUME_AT = 2
+INBOUND_POLL_S = 0.005
+
+# Seconds a slow peer has to read what is queued and the close frame before the connection is aborted.
+SLOW_CLOSE_GRACE_S = 2.0
+
+
+def twisted_buffered(transport: Any) -> int:
+    """Bytes a plain TCP transport holds that the kernel has not taken (Twisted's private write buffer).
+
+    Other transports (TLS) report 0: serve TLS from a proxy in front to have the cap.
+    """
+    if type(transport) is not tcp.Server:
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+_max_unsent_bytes: int | None = None
+
+
+def _max_unsent() -> int:
+    global _max_unsent_bytes
+    if _max_unsent_bytes is None:
+        from django.conf import settings
+
+        _max_unsent_bytes = int(settings.REALTIME_MAX_UNSENT_BYTES)
+    return _max_unsent_bytes
 
 
 def _reason(status: int) -> str:

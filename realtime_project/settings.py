@@ -145,6 +145,25 @@ REALTIME_PRESENCE_TTL_S = env_int("REALTIME_PRESENCE_TTL_S", 15)
 # Presence pushes allowed per channel within the window (the 6th closes it).
 REALTIME_PRESENCE_MAX_CALLS = env_int("REALTIME_PRESENCE_MAX_CALLS", 5)
 REALTIME_PRESENCE_WINDOW_MS = env_int("REALTIME_PRESENCE_WINDOW_MS", 30_000)
+# --- Limits (README "Limits"): each protects the other clients from one client.
+# Unsent bytes a socket may leave before the server closes it (1008); it holds at most this plus one frame.
+REALTIME_MAX_UNSENT_BYTES = env_int("REALTIME_MAX_UNSENT_BYTES", 2 * 1024 * 1024)
+# Sockets across every server process sharing REDIS_URL (0: no limit).
+REALTIME_MAX_CONCURRENT_USERS = env_int("REALTIME_MAX_CONCURRENT_USERS", 10_000)
+# Per socket, averaged over REALTIME_RATE_WINDOW_S (0: no limit).
+REALTIME_MAX_JOINS_PER_SECOND = env_int("REALTIME_MAX_JOINS_PER_SECOND", 50)
+REALTIME_MAX_EVENTS_PER_SECOND = env_int("REALTIME_MAX_EVENTS_PER_SECOND", 100)
+REALTIME_MAX_PRESENCE_EVENTS_PER_SECOND = env_int("REALTIME_MAX_PRESENCE_EVENTS_PER_SECOND", 20)
+REALTIME_RATE_WINDOW_S = env_int("REALTIME_RATE_WINDOW_S", 5)
+# postgres_changes bindings per join, and pushes held per channel while its policies are checked.
+REALTIME_MAX_BINDINGS_PER_CHANNEL = env_int("REALTIME_MAX_BINDINGS_PER_CHANNEL", 50)
+REALTIME_MAX_HELD_PUSHES = env_int("REALTIME_MAX_HELD_PUSHES", 100)
+# Database checks (policies, bindings) one socket may have running at once; the rest wait their turn.
+REALTIME_MAX_CHECKS_PER_SOCKET = env_int("REALTIME_MAX_CHECKS_PER_SOCKET", 1)
+# REST broadcast: messages per request, and request body size.
+REALTIME_MAX_BROADCAST_BATCH = env_int("REALTIME_MAX_BROADCAST_BATCH", 100)
+REALTIME_MAX_REST_BODY_BYTES = env_int("REALTIME_MAX_REST_BODY_BYTES", 10 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = REALTIME_MAX_REST_BODY_BYTES
 # Opaque project keys (sb_publishable_..., sb_secret_...) accepted at connect.
 REALTIME_PUBLISHABLE_KEYS = env_list("REALTIME_PUBLISHABLE_KEYS", [])
 REALTIME_SECRET_KEYS = env_list("REALTIME_SECRET_KEYS", [])
