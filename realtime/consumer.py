@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import math
+import random
 import time
 import uuid
 from collections import deque
@@ -320,32 +321,52 @@ class RealtimeConsumer(AsyncConsumer):
         await self.step(lambda session: session.authorized(check, permissions, time.time()), "authorize", check.topic)
 
     async def subscribe_changes(self, effect: SubscribeChanges) -> None:
-        """Check a channel's bindings in the database, register them, report (PROTOCOL.md 3.4, 4.3)."""
-        authorized = await self._authorize_bindings(effect, report=True)
-        if authorized is not None:
-            await self._register_changes(effect, authorized)
+        """Check a channel's bindings in the database, register them, report (PROTOCOL.md 3.4, 4.3).
 
-    async def _authorize_bindings(self, effect: SubscribeChanges, report: bool) -> list[AuthorizedBinding] | None:
+        A binding the database refuses is reported once (fatal, as in the
+        reference). Any other failure (the database or Redis unreachable) is
+        reported too and retried after REALTIME_SUBSCRIBE_RETRY_MS to twice
+        that, while the channel still wants this subscription.
+        """
         try:
-            db = get_database()
-            bindings = [parse_binding(raw) for raw in effect.bindings]
-            published = await db.published_tables()  # once for all of the channel's bindings
-            return [await authorize_binding(db, binding, effect.claims, published) for binding in bindings]
+            authorized = await self._authorize_bindings(effect)
+            await self._register_changes(effect, authorized)
         except BindingError as error:
-            message = error.message
+            self._subscribe_failed(effect, error.message)
         except Exception:
             logger.exception("postgres_changes subscription failed socket=%s topic=%s", self.socket_id, effect.topic)
-            message = "Realtime was unable to connect to the project database"
-        if report and self._is_current(effect):
-            get_hub().unsubscribe_changes(self.socket_id, effect.topic)
-            self.change_tables.pop(effect.topic, None)
-            self.write(system_message(effect.topic, effect.join_ref, "error", "postgres_changes", message))
-        return None
+            if self._subscribe_failed(effect, "Realtime was unable to connect to the project database"):
+                delay = random.uniform(1.0, 2.0) * settings.REALTIME_SUBSCRIBE_RETRY_MS / 1000
+                self.loop.call_later(delay, self._queue_subscribe, effect)
+
+    def _queue_subscribe(self, effect: SubscribeChanges) -> None:
+        self._queue_db(lambda: self._is_current(effect), lambda: self.subscribe_changes(effect))
+
+    def _subscribe_failed(self, effect: SubscribeChanges, message: str) -> bool:
+        """Drop what the subscription registered and tell the client; False if the channel moved on."""
+        if not self._is_current(effect):
+            return False
+        get_hub().unsubscribe_changes(self.socket_id, effect.topic)
+        self.change_tables.pop(effect.topic, None)
+        self.write(system_message(effect.topic, effect.join_ref, "error", "postgres_changes", message))
+        return True
+
+    async def _authorize_bindings(self, effect: SubscribeChanges) -> list[AuthorizedBinding]:
+        """The channel's bindings, each checked against the publication and the role's grants.
+
+        Raises:
+            BindingError: a binding the reference refuses (fatal).
+        """
+        db = get_database()
+        bindings = [parse_binding(raw) for raw in effect.bindings]
+        published = await db.published_tables()  # once for all of the channel's bindings
+        return [await authorize_binding(db, binding, effect.claims, published) for binding in bindings]
 
     async def _register_changes(self, effect: SubscribeChanges, authorized: list[AuthorizedBinding]) -> None:
         hub = get_hub()
         if not self._is_current(effect):
             return
+        assert self.writer is not None
         await hub.subscribe_changes(
             ChangeSubscription(
                 self.socket_id, effect.topic, self.vsn, self.writer, tuple(authorized), claims=effect.claims,
@@ -360,19 +381,26 @@ class RealtimeConsumer(AsyncConsumer):
         self.write(system_message(effect.topic, effect.join_ref, "ok", "postgres_changes", "Subscribed to PostgreSQL"))
 
     async def _watch_publication(self) -> None:
-        """Follow publication changes: schema-wide bindings gain or lose tables (PROTOCOL.md 3.5)."""
+        """Follow publication changes: schema-wide bindings gain or lose tables (PROTOCOL.md 3.5).
+
+        A failed re-check is logged and tried again at the next interval; the watch never ends early.
+        """
         while not self.closed:
             await asyncio.sleep(settings.REALTIME_PUBLICATION_CHECK_S)
             for topic, (effect, tables) in list(self.change_tables.items()):
                 if not self._is_current(effect):
-                    self.change_tables.pop(topic, None)
+                    self.change_tables.pop(topic, None)  # left, re-joined or resubscribing with new claims
                     continue
-                channel = self.session.channels[topic] if self.session else None
-                if channel is not None and channel.claims is not effect.claims:
-                    continue  # a token refresh is resubscribing this channel
-                authorized = await self._authorize_bindings(effect, report=False)
-                if authorized is not None and frozenset(t for a in authorized for t in a.tables) != tables:
-                    await self._register_changes(effect, authorized)
+                try:
+                    authorized = await self._authorize_bindings(effect)
+                    if frozenset(t for a in authorized for t in a.tables) != tables:
+                        await self._register_changes(effect, authorized)
+                except BindingError as error:
+                    self._subscribe_failed(effect, error.message)  # e.g. its table left the publication
+                except Exception:
+                    logger.warning(
+                        "publication re-check failed socket=%s topic=%s", self.socket_id, topic, exc_info=True
+                    )
 
     async def untrack(self, effect: Untrack) -> None:
         diff = await get_store().untrack(effect.presence_channel, self.socket_id)

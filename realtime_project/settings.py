@@ -127,6 +127,9 @@ REALTIME_PUBLICATION = env_str("REALTIME_PUBLICATION", "supabase_realtime")
 REALTIME_SLOT = env_str("REALTIME_SLOT", "realtime_django")
 # How often joined channels re-read the publication's tables (PROTOCOL.md 3.5).
 REALTIME_PUBLICATION_CHECK_S = env_int("REALTIME_PUBLICATION_CHECK_S", 60)
+# A postgres_changes subscription that failed for want of the database or Redis is retried after
+# this many milliseconds to twice that (the reference: 5-10 s).
+REALTIME_SUBSCRIBE_RETRY_MS = env_int("REALTIME_SUBSCRIBE_RETRY_MS", 5000)
 # JSON object of claims every token must carry, e.g. {"iss": "supabase"}.
 REALTIME_JWT_CLAIM_VALIDATORS = env_json_object("JWT_CLAIM_VALIDATORS")
 # JWKS ({"keys": [...]}) for RS/PS/ES/EdDSA tokens and kid-named HMAC keys; empty: JWT_SECRET only.
