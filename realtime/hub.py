@@ -59,11 +59,14 @@ logger = logging.getLogger(__name__)
 # (claims, schema, table, primary keys as JSON) -> one byte per key, 1 if visible.
 RowCheck = Callable[["Claims", str, str, list[bytes]], Awaitable[bytes]]
 
-# channels_redis forgets a group membership after group_expiry (a day by
-# default); re-adding every joined group keeps long-lived topics alive. A
-# Redis restart loses them all at once: a cheap check every few seconds
-# notices and re-adds them without waiting for the next refresh.
-MEMBERSHIP_REFRESH_S = 60.0
+# channels_redis forgets a group membership group_expiry seconds after its
+# last group_add (REALTIME_GROUP_EXPIRY_S), which is how a killed process
+# leaves its groups; a live one re-adds every joined group three times per
+# expiry, and at most every MEMBERSHIP_REFRESH_S. A Redis restart loses them
+# all at once: a cheap check every few seconds notices and re-adds them
+# without waiting for the next refresh.
+MEMBERSHIP_REFRESH_S = 20.0
+MEMBERSHIP_REFRESHES_PER_EXPIRY = 3
 MEMBERSHIP_CHECK_S = 2.0
 RECEIVE_RETRY_S = 1.0
 CLOSE_TIMEOUT_S = 2.0
@@ -401,10 +404,14 @@ class Hub:
 
     async def _refresh_forever(self) -> None:
         """Keep memberships alive; re-add them all at once when Redis lost them (a restart)."""
-        since_refresh = 0.0
+        group_expiry = getattr(self._layer, "group_expiry", None) or float("inf")
+        every = min(MEMBERSHIP_REFRESH_S, group_expiry / MEMBERSHIP_REFRESHES_PER_EXPIRY)
+        loop = asyncio.get_running_loop()
+        refreshed_at = loop.time()
         while True:
-            await asyncio.sleep(MEMBERSHIP_CHECK_S)
-            since_refresh += MEMBERSHIP_CHECK_S
+            await asyncio.sleep(min(MEMBERSHIP_CHECK_S, every))
+            # Wall time, not a count of sleeps: after a stalled loop the refresh is due at once.
+            since_refresh = loop.time() - refreshed_at
             try:
                 lost = await self._memberships_lost()
             except Exception:
@@ -412,8 +419,8 @@ class Hub:
                 continue
             if lost:
                 logger.warning("hub group memberships were lost (Redis restarted?); re-adding %d", len(self._joined))
-            if lost or since_refresh >= MEMBERSHIP_REFRESH_S:
-                since_refresh = 0.0
+            if lost or since_refresh >= every:
+                refreshed_at = loop.time()
                 await self._refresh_all()
 
     async def _memberships_lost(self) -> bool:
@@ -427,6 +434,14 @@ class Hub:
             return await connection.zscore(layer._group_key(group), self._channel_name) is None
 
     async def _refresh_all(self) -> None:
+        assert self._channel_name is not None
+        refresh_groups = getattr(self._layer, "refresh_groups", None)  # realtime.layer: one pipeline
+        if refresh_groups is not None:
+            try:
+                await refresh_groups(list(self._joined), self._channel_name)
+            except Exception:
+                logger.exception("hub could not refresh its %d groups", len(self._joined))
+            return
         for group in list(self._joined):
             try:
                 assert self._channel_name is not None

@@ -78,7 +78,8 @@ REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:63799/0")
 REALTIME_REDIS_PREFIX = env_str("REALTIME_LAYER_PREFIX", "realtime")
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        # channels_redis' layer, counting the messages it drops for full inboxes (realtime/layer.py).
+        "BACKEND": "realtime.layer.RealtimeChannelLayer",
         "CONFIG": {
             # channels_redis blocks 5 s per receive (BZPOPMIN); redis-py's own
             # 5 s read timeout would fire first and fail every idle receive.
@@ -96,7 +97,10 @@ CHANNEL_LAYERS = {
             # needs room for bursts; the layer drops (and we count) beyond it.
             "capacity": env_int("REALTIME_LAYER_CAPACITY", 10_000),
             "expiry": 60,
-            "group_expiry": 86_400,
+            # A killed process stays in its groups until this long after its
+            # last refresh (the hub refreshes every third of it), so group_send
+            # stops filling its inbox within this time.
+            "group_expiry": env_int("REALTIME_GROUP_EXPIRY_S", 40),
             "prefix": REALTIME_REDIS_PREFIX,
         },
     }
