@@ -26,6 +26,12 @@ therefore removes a dead process's members within ``ttl`` of its last
 heartbeat, exactly once however many sweepers race, and never touches a
 process that is still heartbeating. Member keys also expire on their own
 (``ENTRY_TTL_FACTOR * ttl``) in case no process is left to sweep.
+
+A process whose event loop stalled past its liveness (or whose Redis lost its
+keys) may have been swept while its sockets stayed connected: its next
+heartbeat notices (the liveness key was gone, or its previous liveness write
+is older than the key lived) and writes its missing entries again, with the
+same ``phx_ref``, returning their joins.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from presence.keys import (
     processes_key,
 )
 from presence.state import (
+    PHX_REF,
     Diff,
     Entry,
     Presences,
@@ -134,7 +141,7 @@ class PresenceStore(Protocol):
         ...
 
     async def heartbeat(self) -> ChannelDiffs:
-        """Prove this process alive and keep its entries; leave diffs of entries it cleaned up."""
+        """Prove this process alive and keep its entries; diffs of entries it cleaned up or restored."""
         ...
 
     async def sweep(self) -> ChannelDiffs:
@@ -142,7 +149,7 @@ class PresenceStore(Protocol):
         ...
 
     async def run_maintenance(self, stop_event: asyncio.Event, on_leaves: OnLeaves) -> None:
-        """Heartbeat and sweep until ``stop_event`` is set, handing leave diffs to ``on_leaves``."""
+        """Heartbeat and sweep until ``stop_event`` is set, handing their diffs to ``on_leaves``."""
         ...
 
     async def close(self) -> None:
@@ -331,6 +338,30 @@ return missing
 """
 )
 
+# KEYS: owned, channels, member_1, index_1, member_2, index_2, ...
+# ARGV: entry_ttl_ms, field_1, ref_1, channel_1, entry_1, field_2, ...
+# Writes back the entries that are missing (swept); returns the 1-based positions of those it wrote.
+_RESTORE = _script(
+    """
+local restored = {}
+for i = 1, (#ARGV - 1) / 4 do
+  local member = KEYS[1 + 2 * i]
+  local index = KEYS[2 + 2 * i]
+  local field = ARGV[4 * i - 2]
+  if redis.call('HEXISTS', member, field) == 0 then
+    redis.call('HSET', member, field, ARGV[4 * i + 1])
+    redis.call('SADD', index, member)
+    redis.call('SADD', KEYS[2], ARGV[4 * i])
+    redis.call('SADD', KEYS[1], ARGV[4 * i - 1])
+    restored[#restored + 1] = i
+  end
+  redis.call('PEXPIRE', member, ARGV[1])
+  redis.call('PEXPIRE', index, ARGV[1])
+end
+return restored
+"""
+)
+
 # KEYS: processes
 # Returns the ids of processes whose liveness deadline has passed.
 _CANDIDATES = _script(
@@ -446,6 +477,13 @@ def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield items[start : start + CHUNK_SIZE]
 
 
+def _joins_by_channel(entries: Sequence[Entry]) -> ChannelDiffs:
+    by_channel: dict[str, list[Diff]] = {}
+    for entry in entries:
+        by_channel.setdefault(entry.channel, []).append(join_diff(entry.key, entry.meta))
+    return [(channel, merge_diffs(*diffs)) for channel, diffs in by_channel.items()]
+
+
 def _leaves_by_channel(entries: Sequence[Entry]) -> ChannelDiffs:
     by_channel: dict[str, list[Diff]] = {}
     for entry in entries:
@@ -511,6 +549,12 @@ class RedisPresenceStore:
         self._local: dict[str, dict[str, Entry]] = {}
         # phx_ref -> an entry whose write or removal failed; heartbeat() removes it.
         self._pending: dict[str, _Cleanup] = {}
+        # (socket id, channel) -> writes of its entry on their way to Redis; a heartbeat restores none meanwhile.
+        self._writing: dict[tuple[str, str], int] = {}
+        # Loop time until which this process's liveness key surely lived, after its last write.
+        self._alive_until: float | None = None
+        # This process may have been swept: the next heartbeat restores its missing entries.
+        self._lapsed = False
 
     def __repr__(self) -> str:
         return f"RedisPresenceStore(process_id={self.process_id!r}, ttl={self.ttl!r})"
@@ -545,6 +589,12 @@ class RedisPresenceStore:
             batch = self._batches[loop] = _ScriptBatch(self._client())
         return await batch.call(script, keys, args)
 
+    def _wrote_liveness(self, started: float) -> None:
+        """Note a liveness write sent at loop time ``started``; one sent after the key could expire is a lapse."""
+        if self._alive_until is not None and started >= self._alive_until:
+            self._lapsed = True
+        self._alive_until = started + self.liveness_ms / 1000
+
     # Tracking
 
     def tracked(self, socket_id: str) -> dict[str, Entry]:
@@ -565,8 +615,11 @@ class RedisPresenceStore:
         )
         updated = joined if previous is None else replace(joined, joined_at=previous.joined_at)
         old_key = key if previous is None else previous.key
+        started = asyncio.get_running_loop().time()
         try:
-            kind, old_raw = await self._eval(
+            kind, old_raw = await self._eval_writing(
+                socket_id,
+                channel,
                 _TRACK,
                 [
                     process_key(self.process_id),
@@ -597,6 +650,7 @@ class RedisPresenceStore:
             if previous is not None:
                 self._forget(previous)
             raise
+        self._wrote_liveness(started)
         old = _decode_entry(old_raw) if old_raw else None
         if kind == TrackKind.UNCHANGED.value and old is not None:
             self._local.setdefault(socket_id, {})[channel] = old
@@ -664,8 +718,24 @@ class RedisPresenceStore:
             if not channels:
                 del self._local[entry.socket_id]
 
+    async def _eval_writing(
+        self, socket_id: str, channel: str, script: _Script, keys: Sequence[str], args: Sequence[str | int | float]
+    ) -> Any:
+        """``_eval`` of a script that writes the socket's entry on ``channel``; a heartbeat restores none meanwhile."""
+        writing = (socket_id, channel)
+        self._writing[writing] = self._writing.get(writing, 0) + 1
+        try:
+            return await self._eval(script, keys, args)
+        finally:
+            if self._writing[writing] == 1:
+                del self._writing[writing]
+            else:
+                self._writing[writing] -= 1
+
     async def _remove_entry(self, entry: Entry, owner: str) -> Entry | None:
-        raw = await self._eval(
+        raw = await self._eval_writing(
+            entry.socket_id,
+            entry.channel,
             _REMOVE,
             [
                 member_key(entry.channel, entry.key),
@@ -740,18 +810,25 @@ class RedisPresenceStore:
     async def heartbeat(self) -> ChannelDiffs:
         """Refresh this process's liveness key and the expiry of the entries it owns.
 
-        Also forgets the entries another process removed (swept or
-        ``remove``d) and completes the cleanups of failed ``track`` and
-        ``untrack`` calls, returning the leave diffs of those cleanups.
+        Also forgets the entries another process ``remove``d and completes
+        the cleanups of failed ``track`` and ``untrack`` calls, returning the
+        leave diffs of those cleanups. After a lapse (the liveness key was
+        gone, or this write came later than it lived) a missing entry was
+        swept while its socket stayed connected: it is restored instead, and
+        its join diff returned.
         """
+        started = asyncio.get_running_loop().time()
         existed = await self._eval(
             _LIVENESS, [process_key(self.process_id), processes_key()], [self.process_id, self.liveness_ms]
         )
-        if not existed and self._local:
+        if not existed:
+            self._lapsed = True
+        self._wrote_liveness(started)
+        if self._lapsed and self._local:
             logger.warning("presence: process %s missed its heartbeats and may have been swept", self.process_id)
         removed = await self._clean_up()
-        await self._refresh()
-        return _leaves_by_channel(removed)
+        restored = await self._refresh()
+        return _leaves_by_channel(removed) + _joins_by_channel(restored)
 
     async def _clean_up(self) -> Entries:
         removed: Entries = []
@@ -769,19 +846,66 @@ class RedisPresenceStore:
             del self._pending[phx_ref]
         return removed
 
-    async def _refresh(self) -> None:
+    async def _refresh(self) -> Entries:
+        """Extend the expiry of this process's entries; returns those it wrote back after a lapse.
+
+        An entry missing from Redis was removed elsewhere: forgotten, unless
+        this process lapsed, when a sweep took it while its socket stayed
+        connected and it is restored instead.
+        """
+        restore, self._lapsed = self._lapsed, False
         entries = [entry for channels in self._local.values() for entry in channels.values()]
-        for chunk in _chunks(entries):
-            keys: list[str] = []
-            for entry in chunk:
-                keys += [member_key(entry.channel, entry.key), channel_index_key(entry.channel)]
-            missing = await self._eval(_REFRESH, keys, [self.entry_ttl_ms, *(e.phx_ref for e in chunk)])
-            for position in missing:
-                entry = chunk[int(position) - 1]
-                logger.warning(
-                    "presence: entry %s of socket %s on %s was removed elsewhere", entry.phx_ref, entry.socket_id, entry.channel
-                )
-                self._forget(entry)
+        restored: Entries = []
+        try:
+            for chunk in _chunks(entries):
+                keys: list[str] = []
+                for entry in chunk:
+                    keys += [member_key(entry.channel, entry.key), channel_index_key(entry.channel)]
+                missing = await self._eval(_REFRESH, keys, [self.entry_ttl_ms, *(e.phx_ref for e in chunk)])
+                gone = [chunk[int(position) - 1] for position in missing]
+                if restore:
+                    restored += await self._restore(gone)
+                    continue
+                for entry in gone:
+                    logger.warning(
+                        "presence: entry %s of socket %s on %s was removed elsewhere", entry.phx_ref, entry.socket_id, entry.channel
+                    )
+                    self._forget(entry)
+        except BaseException:
+            self._lapsed = self._lapsed or restore
+            raise
+        if restored:
+            logger.warning("presence: restored %d entries of process %s swept while it was unresponsive", len(restored), self.process_id)
+        return restored
+
+    async def _restore(self, entries: Sequence[Entry]) -> Entries:
+        """Write back swept entries that are still this process's (same ``phx_ref``); returns those written.
+
+        An entry whose socket is re-tracking or untracking it, or did since, is
+        left to that write. Nothing awaits between that check and the script
+        going out, so a later track or untrack reaches Redis after it.
+        """
+        current = [
+            entry
+            for entry in entries
+            if self._local.get(entry.socket_id, {}).get(entry.channel) == entry
+            and (entry.socket_id, entry.channel) not in self._writing
+        ]
+        if not current:
+            return []
+        keys = [process_members_key(self.process_id), channels_key()]
+        args: list[str | int] = [self.entry_ttl_ms]
+        for entry in current:
+            keys += [member_key(entry.channel, entry.key), channel_index_key(entry.channel)]
+            payload = {name: value for name, value in entry.meta.items() if name != PHX_REF}
+            args += [
+                entry.phx_ref,
+                _owner_ref(entry.channel, entry.key, entry.phx_ref),
+                entry.channel,
+                _encode_entry(entry, _signature(payload)),
+            ]
+        written = await self._eval(_RESTORE, keys, args)
+        return [current[int(position) - 1] for position in written]
 
     async def sweep(self) -> ChannelDiffs:
         """Remove the entries of processes whose liveness key expired.
@@ -822,7 +946,7 @@ class RedisPresenceStore:
         """Heartbeat every ``ttl / 3`` s and sweep every ``sweep_interval`` s until ``stop_event`` is set.
 
         Redis errors are logged and the step retried after ``retry_interval``;
-        each leave diff, from either step, is passed to ``on_leaves(channel, diff)``.
+        each diff, from either step, is passed to ``on_leaves(channel, diff)``.
         """
         loop = asyncio.get_running_loop()
         next_heartbeat = next_sweep = loop.time()

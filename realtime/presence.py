@@ -4,8 +4,9 @@ The state lives in Redis (``presence.store``) so every server process sees
 one presence per topic; each diff travels through the topic's presence group
 (``topics.presence_group``) as a ``presence_diff`` and reaches every channel on
 the topic that may read presence, the tracker included (PROTOCOL.md 6.2, 7). The first use starts the store's maintenance
-loop: it keeps this process's members alive and emits the leaves of members
-whose process died.
+loop: it keeps this process's members alive, emits the leaves of members
+whose process died, and the joins of this process's members that were swept
+while its loop stalled and are tracked again.
 """
 
 from __future__ import annotations

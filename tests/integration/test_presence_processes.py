@@ -11,6 +11,7 @@ that dies without a word leave, for every survivor, within the TTL
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 PRESENCE_TTL_S = 15.0
 LEAVE_WAIT_S = PRESENCE_TTL_S + 15.0
+STALL_TTL_S = 5  # REALTIME_PRESENCE_TTL_S of the servers whose loop is stalled with SIGSTOP
 
 
 
@@ -65,6 +67,12 @@ def joined(key: str, user: str) -> Callable[[dict[str, Any]], bool]:
 
 def left(key: str) -> Callable[[dict[str, Any]], bool]:
     return lambda diff: key in diff["leaves"]
+
+
+def later(client: PresenceClient, predicate: Callable[[dict[str, Any]], bool]) -> Callable[[dict[str, Any]], bool]:
+    """``predicate``, for diffs received after this call only."""
+    seen = {id(diff) for diff in client.diffs()}
+    return lambda diff: id(diff) not in seen and predicate(diff)
 
 
 def users(state: dict[str, Any], key: str) -> list[str]:
@@ -147,3 +155,35 @@ async def test_the_members_of_a_killed_process_leave_within_the_ttl(servers, cli
     assert list(state) == ["alice"], f"ghost members after the sweep: {state}"
     assert users(state, "alice") == ["alice"]
     first.check_alive()
+
+
+async def test_a_process_whose_loop_stalled_past_the_ttl_tracks_its_members_again() -> None:
+    """SIGSTOP stalls a process past the TTL: the other sweeps its member; SIGCONT brings the member back."""
+    env = {"REALTIME_PRESENCE_TTL_S": str(STALL_TTL_S)}
+    with start_server(env=env) as first, start_server(env=env) as second:
+        async with client_opener(PresenceClient) as clients:
+            alice, bob = await track_on_both((first, second), clients)
+            assert second.process is not None
+            bob_left = later(alice, left("bob"))
+            second.process.send_signal(signal.SIGSTOP)
+            try:
+                leave = await alice.wait_diff(bob_left, "bob's leave while his process is stopped", timeout=STALL_TTL_S + 15)
+                bob_back = later(alice, joined("bob", "bob"))
+            finally:
+                second.process.send_signal(signal.SIGCONT)
+            join = await alice.wait_diff(bob_back, "bob's join once his process runs again", timeout=15)
+            assert join["leaves"] == {} and join["joins"] == leave["leaves"], (leave, join)  # the same meta, same phx_ref
+
+            carol = await clients(first, "carol on first")
+            state = await carol.join(alice.topic, "carol")
+            assert sorted(state) == ["alice", "bob"], state
+            assert users(state, "bob") == ["bob"]
+
+            # Bob's socket stayed connected and his entry is owned again: his leaving is one more leave.
+            bob_gone = later(alice, left("bob"))
+            await bob.close()
+            await alice.wait_diff(bob_gone, "bob's leave after his socket closed")
+            dave = await clients(first, "dave on first")
+            assert sorted(await dave.join(alice.topic, "dave")) == ["alice"]  # carol joined without tracking
+            for server in (first, second):
+                server.check_alive()

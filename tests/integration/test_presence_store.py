@@ -546,3 +546,62 @@ async def test_glob_characters_in_a_channel_name_match_no_other_channel(make_sto
     finally:
         for number in range(len(names)):
             await store.untrack_socket(f"s{number}")
+
+
+async def test_a_process_swept_while_its_loop_stalled_tracks_its_members_again(make_store: MakeStore, channel: str) -> None:
+    stalled, other = make_store(ttl=1.0), make_store(ttl=1.0)
+    ann = await stalled.track(channel, "ann", "s1", {"user": "ann"})
+    await asyncio.sleep(stalled.liveness_ms / 1000 + 0.1)  # no heartbeat meanwhile: a stalled loop
+    await other.heartbeat()
+    await other.sweep()  # or a sweeper of another test run gets there first
+    assert await other.state(channel) == {}
+
+    assert await stalled.heartbeat() == [(channel, {"joins": {"ann": {"metas": [ann.entry.meta]}}, "leaves": {}})]
+    assert await other.state(channel) == {"ann": {"metas": [ann.entry.meta]}}
+    assert stalled.tracked("s1") == {channel: ann.entry}
+    assert await stalled.heartbeat() == []
+    # Owned again: its untrack is the one leave, and nothing is left behind.
+    assert await stalled.untrack(channel, "s1") == {"joins": {}, "leaves": {"ann": {"metas": [ann.entry.meta]}}}
+    assert await other.state(channel) == {}
+
+
+async def test_a_track_after_the_stall_does_not_hide_the_sweep_from_the_next_heartbeat(
+    make_store: MakeStore, channel: str
+) -> None:
+    stalled, other = make_store(ttl=1.0), make_store(ttl=1.0)
+    ann = await stalled.track(channel, "ann", "s1", {"user": "ann"})
+    await asyncio.sleep(stalled.liveness_ms / 1000 + 0.1)
+    await other.heartbeat()
+    await other.sweep()
+    assert await other.state(channel) == {}
+    await stalled.track(f"{channel}-b", "bob", "s2", {"user": "bob"})  # writes the liveness key again
+
+    restored = [(name, diff) for name, diff in await stalled.heartbeat() if name == channel]
+    assert restored == [(channel, {"joins": {"ann": {"metas": [ann.entry.meta]}}, "leaves": {}})]
+    assert await other.state(channel) == {"ann": {"metas": [ann.entry.meta]}}
+
+
+async def test_a_member_re_tracked_while_the_heartbeat_restores_is_present_once(
+    make_store: MakeStore, channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stalled, other = make_store(ttl=1.0), make_store(ttl=1.0)
+    await stalled.track(channel, "ann", "s1", {"user": "ann", "v": 1})
+    await asyncio.sleep(stalled.liveness_ms / 1000 + 0.1)
+    await other.heartbeat()
+    await other.sweep()
+    tracks: list[asyncio.Task[Any]] = []
+    original = stalled._eval
+
+    async def track_while_refreshing(script: Any, keys: Any, args: Any) -> Any:
+        refresh = asyncio.ensure_future(original(script, keys, args))
+        if script is presence.store._REFRESH and not tracks:
+            await asyncio.sleep(0)  # the refresh is on its way; the socket re-tracks meanwhile
+            tracks.append(asyncio.ensure_future(stalled.track(channel, "ann", "s1", {"user": "ann", "v": 2})))
+            await asyncio.sleep(0)
+        return await refresh
+
+    monkeypatch.setattr(stalled, "_eval", track_while_refreshing)
+    await stalled.heartbeat()
+    retracked = await tracks[0]
+    assert await other.state(channel) == {"ann": {"metas": [retracked.entry.meta]}}
+    assert await stalled.heartbeat() == []
