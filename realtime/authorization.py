@@ -28,7 +28,6 @@ from realtime.jwt import Claims
 
 logger = logging.getLogger(__name__)
 
-CHECK_TIMEOUT_MS = 5000  # statement_timeout of every check run as a subscriber
 POOL_TIMEOUT_S = 5.0
 
 
@@ -138,12 +137,32 @@ class Database:
                     await conn.execute(
                         sql.SQL("SELECT {} FROM {}.{} LIMIT 0").format(target, sql.Identifier(schema), sql.Identifier(table))
                     )
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                raise  # the database, not this subscriber
             except psycopg.DatabaseError as error:
-                # Denied, an unknown role, a dropped table, or a policy that raises.
+                if connection_lost(conn, error):
+                    raise  # the database, not this subscriber
+                # Denied, an unknown role, a dropped table, a policy that raises or runs
+                # past the statement timeout (QueryCanceled): this subscriber's answer.
                 return database_error_text(error)
         return None
+
+
+def connection_lost(conn: psycopg.AsyncConnection[Any], error: psycopg.Error) -> bool:
+    """Whether ``error`` means the connection is gone (ask again later), not a verdict on the query.
+
+    A statement timeout (``QueryCanceled``) and a lock timeout are
+    ``OperationalError`` too, but the database answered them: they belong to
+    the query, which would fail the same way again. Only a connection that
+    closed under the query (or psycopg's ``InterfaceError``) is worth a retry.
+    """
+    return isinstance(error, psycopg.InterfaceError) or conn.closed
+
+
+def check_timeout_ms() -> int:
+    """The ``statement_timeout`` of checks run as a subscriber: ``REALTIME_CHECK_TIMEOUT_MS``."""
+    from django.conf import settings
+
+    timeout: int = settings.REALTIME_CHECK_TIMEOUT_MS
+    return timeout
 
 
 def context_statement(claims: Claims) -> sql.Composed:
@@ -151,7 +170,7 @@ def context_statement(claims: Claims) -> sql.Composed:
 
     ``SET LOCAL ROLE``, then ``request.jwt.claims`` and the
     ``request.jwt.claim.sub`` / ``.role`` settings policies read, and a
-    ``statement_timeout`` of ``CHECK_TIMEOUT_MS`` so that one slow policy
+    ``statement_timeout`` (``check_timeout_ms``) so that one slow policy
     cannot hold up joins or deliveries (it counts as denied). The role is an
     identifier and the values are quoted literals (no parameters), so these
     statements can travel with others in one round trip.
@@ -165,7 +184,7 @@ def context_statement(claims: Claims) -> sql.Composed:
         role=sql.Literal(claims.role),
         claims=sql.Literal(json.dumps(claims.raw)),
         sub=sql.Literal(claims.sub or ""),
-        timeout=sql.Literal(str(CHECK_TIMEOUT_MS)),
+        timeout=sql.Literal(str(check_timeout_ms())),
     )
 
 

@@ -31,6 +31,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         )
     if settings.REALTIME_MAX_CHANNELS_PER_CLIENT < 1:
         messages.append(checks.Error("REALTIME_MAX_CHANNELS_PER_CLIENT must be at least 1.", id="realtime.E002"))
+    if settings.REALTIME_CHECK_TIMEOUT_MS < 1:
+        messages.append(
+            checks.Error(
+                "REALTIME_CHECK_TIMEOUT_MS must be at least 1.",
+                hint="0 would let one slow row level security policy stop every table's changes; the default is 5000.",
+                id="realtime.E004",
+            )
+        )
     if settings.REALTIME_JWT_JWKS:
         try:
             load_jwks(settings.REALTIME_JWT_JWKS)

@@ -14,7 +14,10 @@ Row level security: each channel with postgres_changes belongs to a claim set
 so the replicator checks each claim set once per run of changes. A run from a
 table with RLS carries the verdicts; a claim set the replicator did not check
 (it read the registry before the channel registered) is checked here through
-``row_check``, once per run and claim set, never skipped.
+``row_check``, once per run and claim set, never skipped. A claim set whose
+check failed (a policy raised or timed out) gets nothing of that run: each of
+its channels the run would reach gets one ``system`` error instead. A channel
+whose role cannot read the table's primary key gets ``Error 401`` events.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from channels.layers import BaseChannelLayer, get_channel_layer
@@ -38,16 +42,19 @@ from realtime.protocol.serializer import (
 from realtime.filters import BindingIndex
 from realtime.bindings import select_columns
 from realtime.cork import corked
+from realtime.errors import RowCheckFailed
 from realtime.types import (
+    ERROR_UNAUTHORIZED,
     KIND_BINARY,
     KIND_PRESENCE,
     BroadcastMessage,
     BatchMessage,
     ChangeRun,
     checked_positions,
+    error_data,
     verdict_per_change,
 )
-from realtime.topics import table_group
+from realtime.topics import sub_topic, table_group
 from realtime.writer import SocketWriter
 
 if TYPE_CHECKING:
@@ -56,8 +63,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# (claims, schema, table, primary keys as JSON) -> one byte per key, 1 if visible.
+# (claims, schema, table, primary keys as JSON) -> one byte per key, 1 if visible;
+# raises RowCheckFailed when the check failed for that claim set.
 RowCheck = Callable[["Claims", str, str, list[bytes]], Awaitable[bytes]]
+UNABLE_TO_CHECK = "Realtime was unable to connect to the project database"
 
 # channels_redis forgets a group membership group_expiry seconds after its
 # last group_add (REALTIME_GROUP_EXPIRY_S), which is how a killed process
@@ -117,6 +126,7 @@ class TableRoute:
         self._filtered: dict[tuple[SubKey, int], Any] = {}
         self._index: BindingIndex[tuple[SubKey, int]] = BindingIndex()
         self.claim_sets: dict[str, tuple[Claims | None, int]] = {}  # claim set -> (claims, channels)
+        self.readable: dict[SubKey, frozenset[str]] = {}  # channels whose role may read only these columns
 
     def __bool__(self) -> bool:
         return bool(self.subscriptions)
@@ -133,6 +143,9 @@ class TableRoute:
         for authorized in subscription.bindings:
             if (self.schema, self.table) not in authorized.tables:
                 continue
+            limit = authorized.readable.get((self.schema, self.table))
+            if limit is not None:
+                self.readable[key] = limit
             matcher = authorized.matcher
             if matcher is None:
                 self._unfiltered.setdefault(key, []).append(authorized.binding)
@@ -151,6 +164,7 @@ class TableRoute:
         else:
             self.claim_sets[subscription.claim_set] = (claims, count - 1)
         self._unfiltered.pop(key, None)
+        self.readable.pop(key, None)
         for entry in [e for e in self._filtered if e[0] == key]:
             del self._filtered[entry]
             self._index.remove(entry)
@@ -471,30 +485,61 @@ class Hub:
         if not route:
             return
         rls = run.get("rls", False)
-        visible = await self._visibility(route, run) if rls else {}
+        visible, failed = await self._visibility(route, run) if rls else ({}, {})
+        unauthorized = self._key_unreadable(route, run)
+        notified: set[SubKey] = set()  # channels told this run's check failed (once per run)
         with corked():
             for position, change in enumerate(run["changes"]):
                 try:
-                    self._deliver_change(route, change, rls and "key" in change, visible, position)
+                    self._deliver_change(
+                        route, change, rls and "key" in change, visible, position, failed, unauthorized, notified
+                    )
                 except Exception:
                     # One bad change costs only itself; the run's other changes still go out.
                     self.failed += 1
                     logger.exception("change dropped on %s.%s", route.schema, route.table)
 
     def _deliver_change(
-        self, route: TableRoute, change: dict[str, Any], checked: bool, visible: dict[str, bytes], position: int
+        self,
+        route: TableRoute,
+        change: dict[str, Any],
+        checked: bool,
+        visible: dict[str, bytes],
+        position: int,
+        failed: Mapping[str, str],
+        unauthorized: Mapping[SubKey, list[Any]],
+        notified: set[SubKey],
     ) -> None:
         change_type = change["type"]
         data_json = change["data"].decode("utf-8")
+        # PROTOCOL.md 4.4 step 3: a role that cannot read the key gets Error 401, with no filter or RLS check.
+        denied: Mapping[SubKey, list[Any]] = unauthorized if change_type != "DELETE" else {}
+        if denied:
+            error_json = json.dumps(error_data(route.schema, route.table, change_type, ERROR_UNAUTHORIZED))
+            for key, bindings in denied.items():
+                ids = sorted({b.id for b in bindings if b.accepts(change_type)})
+                sub = route.subscriptions.get(key)
+                if ids and sub is not None:
+                    payload = '{"ids":' + json.dumps(ids) + ',"data":' + error_json + "}"
+                    text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
+                    self._write(sub, {"type": "websocket.send", "text": text})
         record = old_record = None
         if route.filtered:
-            parsed = json.loads(data_json)
+            # numeric values are JSON numbers with every digit: Decimal keeps them for the filters.
+            parsed = json.loads(data_json, parse_float=Decimal)
             record, old_record = parsed.get("record"), parsed.get("old_record")
         # Channels with the same topic, ids, columns and vsn get the same frame: build it once.
         frames: dict[tuple[Vsn, str, tuple[int, ...], frozenset[str] | None], dict[str, Any]] = {}
         for key, ids in route.route(change_type, record, old_record).items():
             sub = route.subscriptions.get(key)
-            if sub is None:
+            if sub is None or key in denied:
+                continue
+            message = failed.get(sub.claim_set)
+            if message is not None and key not in unauthorized:
+                # The claim set's check failed: nothing of this run, and one system error per channel.
+                if key not in notified:
+                    notified.add(key)
+                    self._write(sub, _system_error(sub, message))
                 continue
             if checked:
                 verdict = visible.get(sub.claim_set)
@@ -527,26 +572,47 @@ class Hub:
         else:
             self.failed += 1
 
-    async def _visibility(self, route: TableRoute, run: ChangeRun) -> dict[str, bytes]:
-        """Verdicts per claim set for an RLS run: the replicator's, plus checks of the ones it missed."""
+    async def _visibility(self, route: TableRoute, run: ChangeRun) -> tuple[dict[str, bytes], dict[str, str]]:
+        """Verdicts per claim set for an RLS run: the replicator's, plus checks of the ones it missed.
+
+        Also returns the claim sets whose check failed (the replicator's and
+        this process's), each with the message its channels get.
+        """
         visible = dict(run.get("visible") or {})
-        missing = {c: claims for c, (claims, _) in route.claim_sets.items() if c not in visible}
+        failed = dict(run.get("check_errors") or {})
+        missing = {c: claims for c, (claims, _) in route.claim_sets.items() if c not in visible and c not in failed}
         if not missing:
-            return visible
+            return visible, failed
         positions = checked_positions(run)
         if not positions:
-            return visible
+            return visible, failed
         keys = [run["changes"][i]["key"] for i in positions]
         for claim_set, claims in missing.items():
             if claims is None or self._row_check is None:
                 continue  # no way to check: the rows stay undelivered
             try:
                 verdict = await self._row_check(claims, route.schema, route.table, keys)
+            except RowCheckFailed as failure:  # a policy raised or timed out: logged by the check
+                failed[claim_set] = failure.message
+                continue
             except Exception:
                 logger.exception("row level security check failed on %s.%s", route.schema, route.table)
+                failed[claim_set] = UNABLE_TO_CHECK  # never a silent loss
                 continue
             visible[claim_set] = verdict_per_change(run, positions, verdict)
-        return visible
+        return visible, failed
+
+    def _key_unreadable(self, route: TableRoute, run: ChangeRun) -> dict[SubKey, list[Any]]:
+        """Channels whose role cannot read every primary key column, with their bindings on the table."""
+        primary_key = run.get("primary_key")
+        if not primary_key or not route.readable:
+            return {}
+        table = (route.schema, route.table)
+        return {
+            key: [a.binding for a in route.subscriptions[key].bindings if table in a.tables]
+            for key, readable in route.readable.items()
+            if not readable.issuperset(primary_key)
+        }
 
     def _members(self, group: str) -> tuple[Subscription, ...]:
         snapshot = self._snapshots.get(group)
@@ -584,6 +650,13 @@ class Hub:
                 await self._registration.aclose()
             except Exception:
                 logger.warning("could not remove this process's claim sets from Redis", exc_info=True)
+
+
+def _system_error(sub: ChangeSubscription, message: str) -> dict[str, Any]:
+    """A ``system`` error for the channel's postgres_changes (PROTOCOL.md 3.5: a printed transient error)."""
+    payload = {"message": message, "status": "error", "extension": "postgres_changes", "channel": sub_topic(sub.topic)}
+    text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "system", json.dumps(payload))
+    return {"type": "websocket.send", "text": text}
 
 
 async def close_hub() -> None:

@@ -17,9 +17,12 @@ index. Names are composed with ``sql.Identifier``, the keys are a quoted
 literal, and the types are spelled by the catalog's own ``format_type``
 (never by a client).
 
-A policy that fails (raises, or a claim that does not cast) denies that claim
-set only, and is logged with the database's message. Losing the connection
-raises: the caller retries the whole batch.
+A check that fails (a policy that raises or runs past the statement
+timeout, a claim that does not cast) denies that claim set only, for that
+run: it is logged with the database's message and raised as
+``RowCheckFailed``, which the caller turns into a ``system`` error for that
+claim set's channels. Only losing the connection raises the psycopg error
+itself: the caller retries the whole batch.
 """
 
 from __future__ import annotations
@@ -33,15 +36,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from realtime.authorization import context_statement, get_database
+from realtime.authorization import connection_lost, context_statement, database_error_text, get_database
+from realtime.errors import RowCheckFailed
 from realtime.jwt import Claims
 
 logger = logging.getLogger(__name__)
 
 ROLE_CACHE_S = 60.0
-
-# Errors of the connection, not of one claim set's policies: the check is retried.
-CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
 class RowChecker:
@@ -55,7 +56,12 @@ class RowChecker:
     async def visible(
         self, conn: psycopg.AsyncConnection[Any], claims: Claims, schema: str, table: str, keys: Sequence[bytes]
     ) -> bytes:
-        """One byte per key: 1 if ``claims`` may SELECT that row now, else 0."""
+        """One byte per key: 1 if ``claims`` may SELECT that row now, else 0.
+
+        Raises:
+            RowCheckFailed: the check failed for this claim set (policy error, statement timeout).
+            psycopg.Error: the connection was lost (``connection_lost``); retry later.
+        """
         if not keys:
             return b""
         if await self._bypasses(conn, claims.role):
@@ -94,17 +100,20 @@ class RowChecker:
                     break
             for (ordinal,) in found:
                 verdict[int(ordinal) - 1] = 1
-        except CONNECTION_ERRORS:
-            raise
         except (psycopg.Error, KeyError) as error:  # KeyError: the key's columns changed under the cache
+            if isinstance(error, psycopg.Error) and connection_lost(conn, error):
+                raise
             if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 await conn.execute("ROLLBACK")  # the failed statement left the transaction open
-            diag = getattr(error, "diag", None)
+            if isinstance(error, psycopg.Error):
+                message = database_error_text(error)  # e.g. ERROR 57014 (query_canceled) canceling statement ...
+            else:
+                message = f"unknown key column {error} of {schema}.{table}"
             logger.warning(
-                "row level security check failed for role=%s sub=%s on %s.%s; not delivering to it: %s",
-                claims.role, claims.sub, schema, table, (diag.message_primary if diag else None) or error,
+                "row level security check failed for role=%s sub=%s on %s.%s; not delivering this run to it: %s",
+                claims.role, claims.sub, schema, table, message,
             )
-            return b"\x00" * len(keys)
+            raise RowCheckFailed(message) from None
         return bytes(verdict)
 
     async def _key_types(self, conn: psycopg.AsyncConnection[Any], schema: str, table: str) -> dict[str, str]:
@@ -144,6 +153,10 @@ _checker = RowChecker()
 
 
 async def check_rows(claims: Claims, schema: str, table: str, keys: list[bytes]) -> bytes:
-    """A server process's own check (``realtime.hub``'s ``row_check``), on its join-time pool."""
+    """A server process's own check (``realtime.hub``'s ``row_check``), on its join-time pool.
+
+    Raises:
+        RowCheckFailed: as ``RowChecker.visible``.
+    """
     async with get_database().connection() as conn:
         return await _checker.visible(conn, claims, schema, table, keys)

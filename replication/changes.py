@@ -8,9 +8,9 @@ group, so a bulk load costs one layer message per run, not per row, and each
 table's changes stay in commit order.
 
 On a table with row level security the run is marked ``rls``: each INSERT
-and UPDATE carries its primary key (``key``) for the per-subscriber
-visibility check, and a DELETE's ``old_record`` is cut to the primary key
-(PROTOCOL.md 4.4, 4.5).
+and UPDATE carries its primary key (``key``, the values as pgoutput's text)
+for the per-subscriber visibility check, and a DELETE's ``old_record`` is
+cut to the primary key (PROTOCOL.md 4.4, 4.5).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from realtime.topics import table_group
-from realtime.types import ChangeRun
+from realtime.types import ChangeRun, error_data
 from replication import pgoutput, values
 
 MAX_RUN_CHANGES = 500
@@ -94,6 +94,9 @@ class ChangeDecoder:
                         changes=[],
                     )
                     run_oid = relation.oid
+                    primary_key = self.primary_keys.get(relation.oid)
+                    if primary_key:
+                        run["primary_key"] = list(primary_key)
                     if relation.oid in rls:
                         run["rls"] = True
                     batch.runs.append(run)
@@ -116,17 +119,15 @@ class ChangeDecoder:
 
         The key is the JSON of the new row's primary key values, for INSERT and
         UPDATE on a table with row level security: the rows a visibility check
-        looks up.
+        looks up. Each value is the text pgoutput carried, not its JSON form:
+        the lookup's ``jsonb_to_record`` reads text back through the type's
+        input function, which the JSON form does not survive for every type
+        (bytea's JSON is its hex digits without ``\\x``).
         """
         change_type = {pgoutput.Insert: "INSERT", pgoutput.Update: "UPDATE", pgoutput.Delete: "DELETE"}[type(message)]
         keys = self.primary_keys.get(relation.oid, ())
         if not keys:
-            data: dict[str, Any] = {
-                "schema": relation.schema, "table": relation.name, "type": change_type, "columns": [],
-                "commit_timestamp": None, "record": {}, "errors": [ERROR_NO_PRIMARY_KEY],
-            }
-            if change_type != "INSERT":
-                data["old_record"] = {}
+            data: dict[str, Any] = error_data(relation.schema, relation.name, change_type, ERROR_NO_PRIMARY_KEY)
             return change_type, values.encode_json(data).encode("utf-8"), None
         columns = self.cache.columns(relation.oid)
         typed = [(c.name, c.value_type) for c in columns]
@@ -139,6 +140,7 @@ class ChangeDecoder:
         }
         old_raw = None if isinstance(message, pgoutput.Insert) else self.cache.old_row(message)
         old_record = values.convert_row(typed, old_raw.values) if old_raw is not None else None
+        new_raw = None
         if isinstance(message, (pgoutput.Insert, pgoutput.Update)):
             new_raw = self.cache.new_row(message)
             record = values.convert_row(typed, new_raw.values)
@@ -163,8 +165,8 @@ class ChangeDecoder:
             data["old_record"] = old_record
         data["errors"] = None
         key = None
-        if rls and change_type != "DELETE":
-            key = values.encode_json({name: data["record"].get(name) for name in keys}).encode("utf-8")
+        if rls and new_raw is not None:
+            key = self._key(keys, new_raw, old_raw, data["record"])
         encoded = values.encode_json(data).encode("utf-8")
         if len(encoded) > self.max_payload_bytes:
             for name in ("record", "old_record"):
@@ -173,3 +175,19 @@ class ChangeDecoder:
             data["errors"] = [ERROR_TOO_LARGE]
             encoded = values.encode_json(data).encode("utf-8")
         return change_type, encoded, key
+
+    @staticmethod
+    def _key(
+        keys: tuple[str, ...], new: pgoutput.RawRow, old: pgoutput.RawRow | None, record: dict[str, Any]
+    ) -> bytes:
+        """JSON of the key values as pgoutput's text (an unchanged TOASTed one from the old row)."""
+        found: dict[str, Any] = {}
+        for name in keys:
+            text = new.values.get(name)
+            if text is None and old is not None:
+                text = old.values.get(name)
+            if isinstance(text, str):
+                found[name] = text
+            else:  # binary format or missing: the JSON value is the best there is
+                found[name] = record.get(name)
+        return values.encode_json(found).encode("utf-8")

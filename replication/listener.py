@@ -10,6 +10,9 @@ Changes to a table with row level security are checked before they are
 published: for each claim set subscribed to the table on any server process
 (``realtime.claimsets``), one query per run decides which rows it may see
 (``realtime.visibility``), and the run carries the verdicts to every process.
+A check that fails for one claim set (its policy raises or runs past the
+statement timeout) denies that claim set for that run and travels in the run
+as its ``check_errors``; only a lost connection retries the batch.
 
 One replicator per slot is active: it holds a session advisory lock; others
 wait as standbys and take over when its connection ends. Failures retry with
@@ -34,6 +37,7 @@ import psycopg
 from channels.layers import BaseChannelLayer
 
 from realtime.claimsets import Directory
+from realtime.errors import RowCheckFailed
 from realtime.hub import MEMBERSHIP_CHECK_S, RECEIVE_RETRY_S
 from realtime.types import ChangeRun, checked_positions, verdict_per_change
 from realtime.visibility import RowChecker
@@ -75,6 +79,7 @@ class ListenerStats:
     published_runs: int = 0
     rls_runs: int = 0  # runs of changes checked for row level security
     rls_queries: int = 0  # visibility queries those checks ran
+    rls_failures: int = 0  # checks that failed for one claim set (a policy raised or timed out)
     active: bool = False
     last_error: str = ""
 
@@ -218,10 +223,18 @@ class Listener:
             keys = [run["changes"][i]["key"] for i in positions]
             conn = await self._check_connection()
             visible: dict[str, bytes] = {}
+            failed: dict[str, str] = {}
             for claim_set, claims in claim_sets.items():
-                verdict = await self.checker.visible(conn, claims, run["schema"], run["table"], keys)
+                try:
+                    verdict = await self.checker.visible(conn, claims, run["schema"], run["table"], keys)
+                except RowCheckFailed as failure:  # this claim set only; a lost connection raises on
+                    failed[claim_set] = failure.message
+                    self.stats.rls_failures += 1
+                    verdict = bytes(len(keys))
                 visible[claim_set] = verdict_per_change(run, positions, verdict)
             run["visible"] = visible
+            if failed:
+                run["check_errors"] = failed
             self.stats.rls_runs += 1
         self.stats.rls_queries = self.checker.queries
 
