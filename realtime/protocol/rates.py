@@ -1,7 +1,8 @@
 """Rate counters for the per-socket limits (PROTOCOL.md 8), with no I/O and no clock of their own.
 
 ``RateWindow`` counts events in whole-second buckets over a sliding window and
-says when their average rate is above a limit. The reference averages over
+says when their average rate is above a limit. ``TokenBucket`` bounds frames
+and bytes as they arrive, before any decoding. The reference averages over
 60 s in 5 s buckets per project; per socket a shorter window (5 s by default)
 cuts a flood within seconds while still letting an ordinary client burst.
 """
@@ -36,3 +37,26 @@ class RateWindow:
             buckets.append([second, count])
         self._total += count
         return self._total > self.limit * self.window
+
+
+class TokenBucket:
+    """Up to ``capacity`` at once, refilled at ``rate`` per second; a rate of 0 never runs dry."""
+
+    __slots__ = ("rate", "capacity", "_tokens", "_at")
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self._tokens = capacity
+        self._at = now
+
+    def take(self, now: float, amount: float = 1.0) -> bool:
+        """Take ``amount``; False if the bucket does not hold that much (nothing is taken then)."""
+        if self.rate <= 0:
+            return True
+        self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < amount:
+            return False
+        self._tokens -= amount
+        return True

@@ -334,21 +334,22 @@ class Session:
         if msg.join_ref is not None and msg.join_ref != channel.join_ref:
             # PROTOCOL.md 2.4: a stale join_ref is dropped silently.
             return []
+        # Counted as it arrives, held or not (PROTOCOL.md 8).
+        if msg.event == "presence":
+            if self.presence_events.hit(now):
+                return self._end_all("Too many presence messages per second")
+        elif self.events.hit(now):
+            return self._end_all("Too many messages per second")
+        return self._push(channel, msg, now)
+
+    def _push(self, channel: Channel, msg: Message, now: float) -> list[Effect]:
+        """A push on a joined channel, already counted; held while the channel's policies are checked."""
         if channel.checking is not None:
             # Held until the channel's policy check is answered, so pushes keep their order.
             if len(channel.deferred) >= self.limits.max_held_pushes:
                 return self._end(channel, "Too many messages waiting for this channel's authorization")
             channel.deferred.append((msg, now))
             return []
-        return self._push(channel, msg, now)
-
-    def _push(self, channel: Channel, msg: Message, now: float) -> list[Effect]:
-        """A push on a joined channel, counted toward this socket's rates (PROTOCOL.md 8)."""
-        if msg.event == "presence":
-            if self.presence_events.hit(now):
-                return self._end_all("Too many presence messages per second")
-        elif msg.event != "access_token" and self.events.hit(now):
-            return self._end_all("Too many messages per second")
         if msg.event == "broadcast":
             return self._broadcast(channel, msg, now)
         if msg.event == "access_token":
@@ -376,7 +377,9 @@ class Session:
             return effects
         held, channel.deferred = channel.deferred, []
         for msg, at in held:
-            effects += self.handle(msg, at)
+            if self.channels.get(msg.topic) is not channel:
+                break  # a held push ended the channel
+            effects += self._push(channel, msg, at)
         if permissions is None:
             # Denied for the pushes that waited; the next one asks the database again.
             for extension in check.read:
@@ -497,10 +500,7 @@ class Session:
         if config.replication_ready:
             # Broadcast delivery needs no replication connection here: it is ready at once.
             effects.append(Send(_system(channel, "ok", "system", "Replication connection established")))
-        if len(config.postgres_changes) > self.limits.max_bindings:
-            message = f"Too many postgres_changes bindings: at most {self.limits.max_bindings} per channel"
-            effects.append(Send(_system(channel, "error", "postgres_changes", message)))
-        elif config.postgres_changes:
+        if config.postgres_changes:
             effects.append(SubscribeChanges(channel.topic, channel.join_ref, config.postgres_changes, channel.claims))
         return effects
 
@@ -511,6 +511,11 @@ class Session:
             raise JoinRefused("TopicNameRequired", "You must provide a topic name")
         if topic_too_long(topic):
             raise JoinRefused(*TOPIC_TOO_LONG)
+        if len(config.postgres_changes) > self.limits.max_bindings:
+            # Before any binding is hashed for the reply or checked in the database.
+            raise JoinRefused(
+                "InvalidJoinPayload", f"Too many postgres_changes bindings: at most {self.limits.max_bindings} per channel"
+            )
         if self.limits.private_only and not config.private:
             raise JoinRefused("PrivateOnly", "This project only allows private channels")
         if topic not in self.channels and len(self.channels.keys() | self.pending_joins.keys()) >= self.limits.max_channels:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from realtime.protocol.message import Message
-from realtime.protocol.rates import RateWindow
+from realtime.protocol.rates import RateWindow, TokenBucket
 from realtime.protocol.session import Authorize, Disconnect, Publish, Session, Subscribe, SubscribeChanges, Track
 from tests.unit.test_session import NOW, READ_ALL, frames, join, new_session, presence
 
@@ -132,15 +132,37 @@ def test_over_the_join_rate_the_join_is_refused_and_the_socket_closed() -> None:
 # --- bounded work per channel -------------------------------------------------------------
 
 
-def test_too_many_bindings_get_a_postgres_changes_error_and_no_database_work() -> None:
+def test_too_many_bindings_refuse_the_join_before_any_database_work() -> None:
     session = new_session(max_bindings=2)
     bindings = [{"event": "*", "schema": "public", "table": f"t{i}"} for i in range(3)]
     effects = join(session, payload={"config": {"postgres_changes": bindings}})
     assert not any(isinstance(e, SubscribeChanges) for e in effects)
-    [system] = [m for m in frames(effects) if m.event == "system"]
-    assert system.payload["status"] == "error" and system.payload["extension"] == "postgres_changes"
-    assert system.payload["message"] == "Too many postgres_changes bindings: at most 2 per channel"
-    assert "realtime:room1" in session.channels
+    [reply] = frames(effects)
+    assert reply.payload == {
+        "status": "error",
+        "response": {"reason": "InvalidJoinPayload: Too many postgres_changes bindings: at most 2 per channel"},
+    }
+    assert "realtime:room1" not in session.channels
+
+
+def test_access_token_pushes_count_toward_the_events_rate() -> None:
+    session = new_session(max_events_per_second=2, rate_window=1)
+    join(session)
+    for i in range(2):
+        session.handle(Message("1", str(i), "realtime:room1", "access_token", {"access_token": f"anon:{NOW + 100 + i}"}), NOW)
+    out = frames(session.handle(Message("1", "9", "realtime:room1", "access_token", {"access_token": "anon:9"}), NOW))
+    assert out[0].payload["message"] == "Too many messages per second"
+
+
+def test_held_pushes_count_toward_the_events_rate_when_they_arrive() -> None:
+    session = new_session(max_events_per_second=3, rate_window=1)
+    [check] = join(session, payload={"config": {"private": True}})
+    session.authorized(check, READ_ALL, NOW)
+    broadcast(session, NOW)  # starts the write check; held
+    broadcast(session, NOW)
+    broadcast(session, NOW)
+    out = frames(broadcast(session, NOW))
+    assert out[0].payload["message"] == "Too many messages per second"
 
 
 def test_pushes_held_during_a_policy_check_are_bounded() -> None:
@@ -171,3 +193,20 @@ def test_a_topic_over_the_byte_cap_is_refused_with_a_clear_reason() -> None:
     [reply] = frames(join(session, topic="realtime:" + "é" * 600))
     assert reply.payload == {"status": "error", "response": {"reason": "TopicNameTooLong: Topic name must be at most 1024 bytes"}}
     assert isinstance(join(session, topic="realtime:" + "a" * 1000)[0], Subscribe)
+
+
+# --- TokenBucket ------------------------------------------------------------------------
+
+
+def test_token_bucket_allows_its_burst_then_its_rate() -> None:
+    bucket = TokenBucket(10, 50, NOW)
+    assert all(bucket.take(NOW) for _ in range(50))
+    assert not bucket.take(NOW)
+    assert bucket.take(NOW + 0.11)  # one token back after a tenth of a second at 10/s
+    assert not bucket.take(NOW + 0.11)
+    assert bucket.take(NOW + 100, 50) and not bucket.take(NOW + 100)  # never more than its capacity
+
+
+def test_a_token_bucket_with_no_rate_never_runs_dry() -> None:
+    bucket = TokenBucket(0, 0, NOW)
+    assert all(bucket.take(NOW, 1e9) for _ in range(10))
