@@ -905,6 +905,10 @@ def service_env() -> dict[str, str]:
     env.setdefault("JWT_SECRET", JWT_SECRET_DEFAULT)
     env.setdefault("DJANGO_SETTINGS_MODULE", "realtime_project.settings")
     env.setdefault("REALTIME_IDLE_TIMEOUT_S", "3600")
+    # The publisher is one socket sending thousands of broadcasts a second: far past the
+    # per-socket limits, which stay on (so their counting is measured) but cannot trip.
+    for name in ("EVENTS", "FRAMES", "BYTES", "PRESENCE_EVENTS", "JOINS"):
+        env.setdefault(f"REALTIME_MAX_{name}_PER_SECOND", "1000000000")
     if not (env.get("DATABASE_URL") and env.get("REDIS_URL")):
         sys.path.insert(0, str(REPO))
         try:

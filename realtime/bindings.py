@@ -27,6 +27,10 @@ class ChangeEvent(str, Enum):
     DELETE = "DELETE"
 
 
+# Characters in one binding's ``filter`` (an ``in`` list of 100 uuids is some 3,800).
+MAX_FILTER_LENGTH = 8192
+
+
 class BindingError(RealtimeError):
     """A binding the server cannot subscribe; the message goes to a ``system`` error."""
 
@@ -85,6 +89,8 @@ def parse_binding(raw: dict[str, Any]) -> Binding:
     schema = schema if isinstance(schema, str) and schema else None
     table = table if isinstance(table, str) and table else None
     filter_text = filter_text if isinstance(filter_text, str) and filter_text.strip() else None
+    if filter_text is not None and len(filter_text) > MAX_FILTER_LENGTH:
+        raise BindingError(f"filter is too long: at most {MAX_FILTER_LENGTH} characters")
     if schema is None and table is None:
         raise BindingError(
             "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: "

@@ -163,6 +163,8 @@ async def broadcast_batch(request: HttpRequest) -> HttpResponse:
     claims = _authenticate(request)
     if claims is None:
         return _unauthorized()
+    if await _over_rate(request, claims, 1):  # before the body is parsed; the rest of its messages below
+        return _too_many("Too many requests")
     try:
         body = json.loads(request.body or b"null")
     except RequestDataTooBig:
@@ -174,7 +176,7 @@ async def broadcast_batch(request: HttpRequest) -> HttpResponse:
         return JsonResponse({"errors": {"messages": ["can't be blank"]}}, status=422)
     if len(messages) > settings.REALTIME_MAX_BROADCAST_BATCH:
         return _too_many("Too many messages to broadcast, please reduce the batch size")
-    if await _over_rate(request, claims, len(messages)):
+    if len(messages) > 1 and await _over_rate(request, claims, len(messages) - 1):
         return _too_many("Too many requests")
     checked = [_validate(item) for item in messages]
     if any(errors for errors, _ in checked):

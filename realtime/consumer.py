@@ -27,6 +27,7 @@ from django.conf import settings
 
 from realtime.authorization import AuthorizedBinding, authorize_binding, get_database
 from realtime.bindings import BindingError, parse_binding
+from realtime.filters import regex_cost
 from realtime.channel_auth import check_policies, headers_json
 from realtime.hub import ChangeSubscription, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
@@ -36,6 +37,7 @@ from realtime.limits import get_socket_counter
 from realtime.tokens import verify
 from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, Vsn
+from realtime.protocol.rates import TokenBucket
 from realtime.protocol.serializer import decode_binary, decode_text, encode_text, parse_vsn
 from realtime.protocol.session import (
     Authorize,
@@ -60,10 +62,23 @@ from realtime.writer import CLOSE_SLOW_CONSUMER, SocketWriter
 
 logger = logging.getLogger(__name__)
 
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
+# Inbound frames and bytes may come in bursts of this many seconds' worth of their rate.
+INBOUND_BURST_S = 5
+# Refused handshakes waiting out the connect backoff; past this many, refusals are answered at once.
+MAX_DELAYED_REFUSALS = 1000
+_delayed_refusals = 0
 CLOSE_INTERNAL_ERROR = 1011
 DENIAL_EXTENSION = "websocket.http.response"
 DIRECT_WRITE = "realtime.write"  # scope key of a server's synchronous frame writer
+
+
+def _regex_cost(authorized: AuthorizedBinding) -> int:
+    matcher = authorized.matcher
+    if matcher is None:
+        return 0
+    return sum(regex_cost(c, matcher.column_types.get(c.column, "")) for c in matcher.conditions)
 
 
 class HandshakeRefused(Exception):
@@ -114,6 +129,15 @@ class RealtimeConsumer(AsyncConsumer):
         self.session: Session | None = None
         self.writer: SocketWriter | None = None
         self.counted = False  # in this process's socket count
+        self.address = ""  # the client's address, as the server reports it
+        self.malformed_logged = False
+        started = time.monotonic()
+        frames_rate = settings.REALTIME_MAX_FRAMES_PER_SECOND
+        bytes_rate = settings.REALTIME_MAX_BYTES_PER_SECOND
+        self.inbound_frames = TokenBucket(frames_rate, frames_rate * INBOUND_BURST_S, started)
+        self.inbound_bytes = TokenBucket(
+            bytes_rate, max(bytes_rate * INBOUND_BURST_S, 2 * settings.REALTIME_MAX_FRAME_BYTES), started
+        )
         self.vsn = Vsn.V1
         self.loop = asyncio.get_running_loop()
         self.last_inbound = self.loop.time()
@@ -128,6 +152,8 @@ class RealtimeConsumer(AsyncConsumer):
         self.policy_headers = "{}"
         # topic -> (the subscription that registered it, the tables it covers)
         self.change_tables: dict[str, tuple[SubscribeChanges, frozenset[tuple[str, str]]]] = {}
+        # topic -> RE2 instructions its match/imatch filters run per byte of value, at worst
+        self.regex_costs: dict[str, int] = {}
         self.publication_watch: asyncio.Future[None] | None = None
         # Database work (policy checks, binding checks) waiting for one of this socket's
         # REALTIME_MAX_CHECKS_PER_SOCKET slots: (still wanted?, the work).
@@ -161,7 +187,11 @@ class RealtimeConsumer(AsyncConsumer):
             token = self._header(b"x-api-key") or (query.get("apikey") or [""])[0].strip()
             claims = connect_claims(token or None, time.time())
             counter = get_socket_counter()
-            if not counter.admits(settings.REALTIME_MAX_CONCURRENT_USERS):
+            await counter.ready()
+            self.address = (self.scope.get("client") or ("", 0))[0] or ""
+            if not counter.admits(
+                settings.REALTIME_MAX_CONCURRENT_USERS, self.address, settings.REALTIME_MAX_SOCKETS_PER_ADDRESS
+            ):
                 raise HandshakeRefused(429, "Too many connected users")
         except HandshakeRefused as refusal:
             logger.info("connect refused status=%s error=%s", refusal.status, refusal.error)
@@ -173,7 +203,7 @@ class RealtimeConsumer(AsyncConsumer):
         self.policy_headers = headers_json(
             (key.decode("latin-1"), value.decode("latin-1")) for key, value in self.scope.get("headers", [])
         )
-        counter.opened()
+        counter.opened(self.address)
         self.counted = True
         await self.base_send({"type": "websocket.accept"})
         self.writer = SocketWriter(
@@ -188,8 +218,18 @@ class RealtimeConsumer(AsyncConsumer):
         return ""
 
     async def refuse(self, status: int, error: str) -> None:
-        """Answer the upgrade with a status and a JSON body, after the connect backoff."""
-        await asyncio.sleep(settings.REALTIME_CONNECT_ERROR_BACKOFF_MS / 1000)
+        """Answer the upgrade with a status and a JSON body, after the connect backoff.
+
+        The backoff slows a client retrying a bad key; at most MAX_DELAYED_REFUSALS
+        wait it out at once, so a flood of refused handshakes cannot pin sockets.
+        """
+        global _delayed_refusals
+        if _delayed_refusals < MAX_DELAYED_REFUSALS:
+            _delayed_refusals += 1
+            try:
+                await asyncio.sleep(settings.REALTIME_CONNECT_ERROR_BACKOFF_MS / 1000)
+            finally:
+                _delayed_refusals -= 1
         if DENIAL_EXTENSION in self.scope.get("extensions", {}):
             body = json.dumps({"error": error}, separators=(",", ":")).encode("utf-8")
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -211,6 +251,12 @@ class RealtimeConsumer(AsyncConsumer):
         if size > settings.REALTIME_MAX_FRAME_BYTES:
             await self.close(CLOSE_TOO_BIG)
             return
+        now = time.monotonic()
+        if not (self.inbound_frames.take(now) and self.inbound_bytes.take(now, size)):
+            # Before any decoding: a client over these sends far more than any app does.
+            logger.warning("inbound flood: closing socket=%s", self.socket_id)
+            await self.close(CLOSE_POLICY_VIOLATION)
+            return
         try:
             if text is not None:
                 msg = decode_text(self.vsn, text)
@@ -219,7 +265,10 @@ class RealtimeConsumer(AsyncConsumer):
             else:
                 return
         except FrameError as error:
-            logger.info("malformed frame dropped socket=%s reason=%s", self.socket_id, error.message)
+            # Counted by the serializer; one line per socket, so a client cannot flood the log.
+            level = logging.DEBUG if self.malformed_logged else logging.INFO
+            self.malformed_logged = True
+            logger.log(level, "malformed frame dropped socket=%s reason=%s", self.socket_id, error.message)
             return
         await self.step(lambda session: session.handle(msg, time.time()), msg.event, msg.topic)
 
@@ -360,7 +409,17 @@ class RealtimeConsumer(AsyncConsumer):
         db = get_database()
         bindings = [parse_binding(raw) for raw in effect.bindings]
         published = await db.published_tables()  # once for all of the channel's bindings
-        return [await authorize_binding(db, binding, effect.claims, published) for binding in bindings]
+        authorized = [await authorize_binding(db, binding, effect.claims, published) for binding in bindings]
+        cost = sum(_regex_cost(a) for a in authorized)
+        others = sum(c for topic, c in self.regex_costs.items() if topic != effect.topic and topic in self.change_tables)
+        budget = settings.REALTIME_MAX_REGEX_COST_PER_SOCKET
+        if cost and others + cost > budget:
+            raise BindingError(
+                f"Too many regular expression filters on this socket: {others + cost} RE2 instructions,"
+                f" at most {budget} across its channels"
+            )
+        self.regex_costs[effect.topic] = cost
+        return authorized
 
     async def _register_changes(self, effect: SubscribeChanges, authorized: list[AuthorizedBinding]) -> None:
         hub = get_hub()
@@ -370,6 +429,7 @@ class RealtimeConsumer(AsyncConsumer):
         await hub.subscribe_changes(
             ChangeSubscription(
                 self.socket_id, effect.topic, self.vsn, self.writer, tuple(authorized), claims=effect.claims,
+                join_ref=effect.join_ref,
             )
         )
         if not self._is_current(effect):
@@ -387,20 +447,25 @@ class RealtimeConsumer(AsyncConsumer):
         """
         while not self.closed:
             await asyncio.sleep(settings.REALTIME_PUBLICATION_CHECK_S)
-            for topic, (effect, tables) in list(self.change_tables.items()):
+            for topic, (effect, _) in list(self.change_tables.items()):
                 if not self._is_current(effect):
                     self.change_tables.pop(topic, None)  # left, re-joined or resubscribing with new claims
                     continue
-                try:
-                    authorized = await self._authorize_bindings(effect)
-                    if frozenset(t for a in authorized for t in a.tables) != tables:
-                        await self._register_changes(effect, authorized)
-                except BindingError as error:
-                    self._subscribe_failed(effect, error.message)  # e.g. its table left the publication
-                except Exception:
-                    logger.warning(
-                        "publication re-check failed socket=%s topic=%s", self.socket_id, topic, exc_info=True
-                    )
+                # Through the socket's database queue, like every other check of this socket.
+                self._queue_db(lambda effect=effect: self._is_current(effect), lambda effect=effect: self._recheck(effect))
+
+    async def _recheck(self, effect: SubscribeChanges) -> None:
+        entry = self.change_tables.get(effect.topic)
+        if entry is None or entry[0] is not effect:
+            return
+        try:
+            authorized = await self._authorize_bindings(effect)
+            if frozenset(t for a in authorized for t in a.tables) != entry[1]:
+                await self._register_changes(effect, authorized)
+        except BindingError as error:
+            self._subscribe_failed(effect, error.message)  # e.g. its table left the publication
+        except Exception:
+            logger.warning("publication re-check failed socket=%s topic=%s", self.socket_id, effect.topic, exc_info=True)
 
     async def untrack(self, effect: Untrack) -> None:
         diff = await get_store().untrack(effect.presence_channel, self.socket_id)
@@ -479,7 +544,7 @@ class RealtimeConsumer(AsyncConsumer):
     def teardown(self) -> None:
         if self.counted:
             self.counted = False
-            get_socket_counter().closed()
+            get_socket_counter().closed(self.address)
         if self.publication_watch is not None:
             self.publication_watch.cancel()
             self.publication_watch = None

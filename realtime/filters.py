@@ -64,6 +64,7 @@ Possessive and atomic forms (``a++``, ``(?>...)``) are refused by both.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import math
 import operator
@@ -100,6 +101,12 @@ MAX_REGEX_PROGRAM_SIZE: Final = 2500
 # before it is built, so compiling stays in milliseconds. Patterns within MAX_REGEX_PROGRAM_SIZE
 # ran as fast with 1 MiB as with 8 MiB.
 REGEX_MAX_MEM: Final = 1 << 20
+# Longest value (UTF-8 bytes) a match/imatch condition is evaluated on; on a longer value the
+# condition fails, negated or not (as on a NULL). With MAX_REGEX_PROGRAM_SIZE this bounds one
+# evaluation at worst to some tens of milliseconds on the event loop.
+MAX_REGEX_VALUE_BYTES: Final = 16_384
+# Conditions in one filter: each is compiled on the event loop at subscribe time.
+MAX_FILTER_CONDITIONS: Final = 16
 
 # Unicode White_Space, what the reference's String.trim/1 strips.
 _WHITESPACE: Final = (
@@ -196,7 +203,10 @@ def parse_filter(text: str | None) -> tuple[Condition, ...]:
     trimmed = text.strip(_WHITESPACE)
     if not trimmed:
         return ()
-    return tuple(_parse_segment(segment) for segment in _split_top_level(trimmed))
+    segments = _split_top_level(trimmed)
+    if len(segments) > MAX_FILTER_CONDITIONS:
+        raise FilterError(f"too many conditions in filter. Maximum {MAX_FILTER_CONDITIONS}")
+    return tuple(_parse_segment(segment) for segment in segments)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -1151,7 +1161,7 @@ def _distinct_predicate(condition: Condition, ctype: _ColumnType, target: Any) -
 
 
 def _text_predicate(
-    condition: Condition, ctype: _ColumnType, test: Callable[[str], bool]
+    condition: Condition, ctype: _ColumnType, test: Callable[[str], bool | None]
 ) -> _Predicate:
     column, negated = condition.column, condition.negated
 
@@ -1159,7 +1169,10 @@ def _text_predicate(
         raw = record.get(column)
         if not isinstance(raw, str):
             return False
-        return test(_text_key(ctype, raw)) is not negated
+        result = test(_text_key(ctype, raw))
+        if result is None:
+            return False  # a value the test does not evaluate (a regex over a value too long)
+        return result is not negated
 
     return predicate
 
@@ -1226,7 +1239,7 @@ def _regex_options(ignore_case: bool) -> Any:
     return options
 
 
-def _compile_regex(op: FilterOp, pattern: str, ignore_case: bool) -> Callable[[str], bool]:
+def _compile_regex(op: FilterOp, pattern: str, ignore_case: bool) -> Callable[[str], bool | None]:
     """A ``~``/``~*`` matcher (unanchored search) in linear time, with RE2.
 
     Raises:
@@ -1247,7 +1260,7 @@ def _compile_regex(op: FilterOp, pattern: str, ignore_case: bool) -> Callable[[s
         # A lone surrogate from a JSON "\ud800" escape: Postgres text cannot hold one either.
         raise invalid("pattern is not valid UTF-8") from None
     try:
-        compiled = re2.compile(encoded, _regex_options(ignore_case))
+        compiled = _re2_program(encoded, ignore_case)
     except re2.error as exc:
         detail = exc.args[0] if exc.args else "pattern refused"
         raise invalid(
@@ -1259,12 +1272,33 @@ def _compile_regex(op: FilterOp, pattern: str, ignore_case: bool) -> Callable[[s
             f"pattern too large ({size} RE2 instructions, at most {MAX_REGEX_PROGRAM_SIZE})"
         )
 
-    def search(text: str) -> bool:
+    def search(text: str) -> bool | None:
         # Bytes in, so the wrapper does not map byte offsets back to characters. surrogatepass
         # encodes a lone surrogate as three bytes RE2 reads as one character instead of raising.
-        return compiled.search(text.encode("utf-8", "surrogatepass")) is not None
+        data = text.encode("utf-8", "surrogatepass")
+        if len(data) > MAX_REGEX_VALUE_BYTES:
+            return None  # not evaluated: the condition fails, negated or not
+        return compiled.search(data) is not None
 
     return search
+
+
+@functools.lru_cache(maxsize=1024)
+def _re2_program(pattern: bytes, ignore_case: bool) -> Any:
+    """The compiled pattern, shared by every binding that uses it (re2.error if RE2 refuses it)."""
+    return re2.compile(pattern, _regex_options(ignore_case))
+
+
+def regex_cost(condition: Condition, column_type: str) -> int:
+    """RE2 instructions a ``match``/``imatch`` condition runs per byte of value at worst; 0 for other ops.
+
+    Call after ``compile_conditions`` accepted the condition (the program is cached then).
+    """
+    if condition.op not in (FilterOp.MATCH, FilterOp.IMATCH) or condition.value is None:
+        return 0
+    folded = condition.op is FilterOp.IMATCH or column_type == "citext"
+    size: int = _re2_program(condition.value.encode("utf-8"), folded).programsize
+    return size
 
 
 # ---------------------------------------------------------------------------------------------

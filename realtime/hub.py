@@ -79,6 +79,7 @@ MEMBERSHIP_REFRESHES_PER_EXPIRY = 3
 MEMBERSHIP_CHECK_S = 2.0
 RECEIVE_RETRY_S = 1.0
 CLOSE_TIMEOUT_S = 2.0
+LAYER_OPS_IN_FLIGHT = 64
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -103,6 +104,7 @@ class ChangeSubscription:
     bindings: tuple[Any, ...]  # realtime.authorization.AuthorizedBinding
     claims: Claims | None = None  # for row level security checks
     claim_set: str = ""  # id of the claims in the registry (set by the hub)
+    join_ref: str | None = None  # the channel's, for its system messages (PROTOCOL.md 2.2)
 
     def tables(self) -> set[tuple[str, str]]:
         return {table for b in self.bindings for table in b.tables}
@@ -238,7 +240,8 @@ class Frames:
                 except ValueError:
                     logger.warning("broadcast dropped: topic or event longer than 255 bytes topic=%s", topic)
                     return None
-            payload_json = user_broadcast_as_json_payload(body)
+            # Every way into a broadcast checks a JSON body (kind 3, REST): splice it, do not parse it again.
+            payload_json = user_broadcast_as_json_payload(body, validated=True)
             if payload_json is None:
                 return None  # PROTOCOL.md 5.2: vsn 1 receivers get no raw binary
         else:
@@ -266,6 +269,9 @@ class Hub:
         # Per-group lock and the number of reconciliations using it.
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Group adds and discards in flight at once: a burst of sockets leaving (a reconnect
+        # storm) must not take every connection of the layer's Redis pool.
+        self._layer_ops = asyncio.Semaphore(LAYER_OPS_IN_FLIGHT)
         self._closing = False
         self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {
             "realtime.broadcast": self.realtime_broadcast,
@@ -351,15 +357,22 @@ class Hub:
         lock, waiting = self._locks.get(group, (asyncio.Lock(), 0))
         self._locks[group] = (lock, waiting + 1)
         try:
-            async with lock:
+            async with lock, self._layer_ops:
                 wanted = self._wanted(group)
                 assert self._channel_name is not None
                 if wanted and group not in self._joined:
                     await self._layer.group_add(group, self._channel_name)
                     self._joined.add(group)
                 elif not wanted and group in self._joined:
+                    try:
+                        await self._layer.group_discard(group, self._channel_name)
+                    except Exception:
+                        # Try again later; the membership stays in Redis meanwhile, and the hub drops
+                        # what arrives for a group without local subscribers.
+                        logger.warning("hub could not leave group %s; retrying", group, exc_info=True)
+                        asyncio.get_running_loop().call_later(RECEIVE_RETRY_S, lambda: self._spawn(self._reconcile(group)))
+                        return
                     self._joined.discard(group)
-                    await self._layer.group_discard(group, self._channel_name)
         finally:
             lock, waiting = self._locks[group]
             if waiting == 1:
@@ -627,7 +640,12 @@ class Hub:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("hub background task failed", exc_info=task.exception())
 
     async def aclose(self) -> None:
         """Stop receiving and leave every group (server shutdown, test teardown)."""
@@ -655,7 +673,7 @@ class Hub:
 def _system_error(sub: ChangeSubscription, message: str) -> dict[str, Any]:
     """A ``system`` error for the channel's postgres_changes (PROTOCOL.md 3.5: a printed transient error)."""
     payload = {"message": message, "status": "error", "extension": "postgres_changes", "channel": sub_topic(sub.topic)}
-    text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "system", json.dumps(payload))
+    text = encode_text_raw_payload(sub.vsn, sub.join_ref, None, sub.topic, "system", json.dumps(payload))
     return {"type": "websocket.send", "text": text}
 
 

@@ -6,7 +6,9 @@
   process stops counting) and reads the others' every ``REFRESH_S``. A
   connect is admitted against that sum plus this process's live count, with
   no Redis round trip, so the total may overshoot by what other processes
-  admitted within one refresh.
+  admitted within one refresh. ``REALTIME_MAX_SOCKETS_PER_ADDRESS`` caps one
+  client address's sockets in each process, so no single visitor can take
+  every slot.
 * ``rest_rate_exceeded``: REST broadcast messages per caller (role, sub and
   client address), one pipelined round trip per request, in fixed windows of
   ``REALTIME_RATE_WINDOW_S`` seconds.
@@ -18,6 +20,7 @@ Per-socket rates need no Redis: a socket lives in one process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
@@ -27,7 +30,9 @@ from redis.asyncio import Redis
 logger = logging.getLogger(__name__)
 
 REFRESH_S = 1.0
-COUNT_TTL_S = 5
+# A process whose count is this old no longer counts (it died, or its loop is stalled that long).
+COUNT_TTL_S = 15
+FIRST_REFRESH_WAIT_S = 2.0
 
 
 class SocketCounter:
@@ -39,19 +44,35 @@ class SocketCounter:
         self.process_id = process_id or uuid.uuid4().hex
         self.local = 0
         self.others = 0
+        self.by_address: dict[str, int] = {}  # this process's sockets per client address
         self._task: asyncio.Task[None] | None = None
+        self._first = asyncio.Event()
 
-    def admits(self, limit: int) -> bool:
-        """Whether one more socket stays within ``limit`` (0: no limit)."""
+    async def ready(self) -> None:
+        """Start the refresh, and wait for its first reading so a new process does not admit blindly."""
         if self._task is None:
             self._task = asyncio.ensure_future(self._refresh_forever())
+        if not self._first.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._first.wait()), FIRST_REFRESH_WAIT_S)
+
+    def admits(self, limit: int, address: str = "", per_address: int = 0) -> bool:
+        """Whether one more socket stays within ``limit`` and, from ``address``, ``per_address`` (0: none)."""
+        if per_address > 0 and self.by_address.get(address, 0) >= per_address:
+            return False
         return limit <= 0 or self.others + self.local < limit
 
-    def opened(self) -> None:
+    def opened(self, address: str = "") -> None:
         self.local += 1
+        self.by_address[address] = self.by_address.get(address, 0) + 1
 
-    def closed(self) -> None:
+    def closed(self, address: str = "") -> None:
         self.local -= 1
+        left = self.by_address.get(address, 1) - 1
+        if left > 0:
+            self.by_address[address] = left
+        else:
+            self.by_address.pop(address, None)
 
     async def refresh(self) -> None:
         """Publish this process's count and read the others'."""
@@ -78,6 +99,7 @@ class SocketCounter:
                 await self.refresh()
             except Exception:
                 logger.warning("could not refresh the socket count in Redis", exc_info=True)
+            self._first.set()
             await asyncio.sleep(REFRESH_S)
 
     async def aclose(self) -> None:

@@ -41,16 +41,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import struct
+import time
 from typing import Any
 
+from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.types import ConnectionDeny
-from daphne import ws_protocol
+from daphne import http_protocol, ws_protocol
 from daphne.server import Server
 from twisted.internet import reactor, tcp
 
 from realtime import cork
+from realtime.protocol.rates import TokenBucket
 from realtime.writer import CLOSE_SLOW_CONSUMER, count_slow_consumer_close
 
 logger = logging.getLogger(__name__)
@@ -76,6 +80,7 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
     _denial: tuple[int, list[tuple[bytes, bytes]]] | None = None
     _slow = False  # closing for its unsent bytes
     _reading_paused = False  # the application is behind this client's frames
+    _pings: TokenBucket | None = None
     _denial_body: bytes | None = None
 
     def _connectionMade(self) -> None:  # noqa: N802
@@ -127,6 +132,20 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
         super().serverClose(code)
 
     # --- 6. inbound backpressure -----------------------------------------
+
+    def onPing(self, payload: bytes) -> None:  # noqa: N802
+        # autobahn answers every ping with a pong the application never sees: a client that
+        # pings and never reads would pile pongs up unseen, and a ping flood costs the loop.
+        now = time.monotonic()
+        if self._pings is None:
+            self._pings = TokenBucket(MAX_PINGS_PER_S, MAX_PINGS_PER_S * 5, now)
+        if not self._pings.take(now):
+            logger.warning("ping flood: closing the socket peer=%s", self.peer)
+            self.transport.abortConnection()
+            return
+        if twisted_buffered(self.transport) > _max_unsent():
+            return  # no pong for a peer that does not read
+        super().onPing(payload)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802
         super().onMessage(payload, isBinary)
@@ -218,7 +237,7 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
         Checked before each frame, so a connection holds at most the cap plus
         one frame, and one large frame to a socket that reads is never refused.
         """
-        unsent = twisted_buffered(self.transport)
+        unsent = twisted_buffered(self.transport) + cork.held_bytes(self)
         if unsent <= _max_unsent():
             return False
         self._slow = True
@@ -259,6 +278,8 @@ def _encode_frame(content: str | bytes, binary: bool) -> bytes:
 INBOUND_PAUSE_AT = 8
 INBOUND_RESUME_AT = 2
 INBOUND_POLL_S = 0.005
+# Pings a client may send per second (bursts of 5 s); past it the connection is dropped.
+MAX_PINGS_PER_S = 10
 
 # Seconds a slow peer has to read what is queued and the close frame before the connection is aborted.
 SLOW_CLOSE_GRACE_S = 2.0
@@ -295,11 +316,89 @@ def _reason(status: int) -> str:
         return "Error"
 
 
+class LimitedWebRequest(http_protocol.WebRequest):
+    """Daphne's HTTP request, refusing a body over ``REALTIME_MAX_REST_BODY_BYTES`` as it arrives.
+
+    Twisted stores a whole request body (in a temporary file past 100 KB)
+    before daphne hands the request to the application, so no ASGI-level
+    check can stop a client from sending a body of any size; this one answers
+    413 and drops the connection as soon as the body passes the limit.
+    """
+
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802
+        if length is not None and length > _max_body():
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > _max_body():
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        body = json.dumps({"message": f"Request body too large: at most {_max_body()} bytes"}).encode()
+        head = f"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        transport = self.channel.transport
+        transport.write(head.encode("latin-1") + body)
+        transport.loseConnection()
+
+
+def skip_config_dump() -> None:
+    """Stop autobahn formatting its whole configuration for a debug line on every connection.
+
+    ``WebSocketProtocol._connectionMade`` builds ``pformat(...)`` of some 40
+    settings eagerly, for a debug message that is never logged: about a tenth
+    of the server's CPU per join. A private detail of autobahn, replaced here
+    only; ``tests/unit/test_server_frames.py`` fails if it moves.
+    """
+    autobahn_protocol.pformat = _no_format
+
+
+def _no_format(obj: object) -> str:
+    return "(not formatted)"
+
+
+def with_backlog(endpoint: str) -> str:
+    """A Twisted TCP endpoint description with ``REALTIME_LISTEN_BACKLOG`` (Twisted's default is 50).
+
+    With 50, a burst of connects (a reconnect storm) overflows the listen
+    queue during any short stall and the kernel drops them: clients then wait
+    for TCP's 1, 3, 7 s retransmits.
+    """
+    if not endpoint.startswith("tcp:") or ":backlog=" in endpoint:
+        return endpoint
+    from django.conf import settings
+
+    return f"{endpoint}:backlog={int(settings.REALTIME_LISTEN_BACKLOG)}"
+
+
+def _max_body() -> int:
+    from django.conf import settings
+
+    return int(settings.REALTIME_MAX_REST_BODY_BYTES)
+
+
 class RealtimeServer(Server):
-    """Daphne's server with ``RealtimeWebSocketProtocol`` and the denial extension in scope."""
+    """Daphne's server with ``RealtimeWebSocketProtocol``, the denial extension in scope and a body cap."""
+
+    def __init__(self, application: Any, endpoints: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(application, [with_backlog(e) for e in endpoints or []], **kwargs)
 
     def run(self) -> None:
+        skip_config_dump()
         ws_protocol.WebSocketFactory.protocol = RealtimeWebSocketProtocol
+        http_protocol.WebRequest = LimitedWebRequest  # what daphne's HTTPFactory builds requests with
         super().run()
 
     def create_application(self, protocol: Any, scope: dict[str, Any]) -> Any:

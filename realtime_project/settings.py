@@ -155,11 +155,20 @@ REALTIME_PRESENCE_TTL_S = env_int("REALTIME_PRESENCE_TTL_S", 15)
 # Presence pushes allowed per channel within the window (the 6th closes it).
 REALTIME_PRESENCE_MAX_CALLS = env_int("REALTIME_PRESENCE_MAX_CALLS", 5)
 REALTIME_PRESENCE_WINDOW_MS = env_int("REALTIME_PRESENCE_WINDOW_MS", 30_000)
+# Connections the kernel queues for the server to accept (daphne via manage.py runserver).
+REALTIME_LISTEN_BACKLOG = env_int("REALTIME_LISTEN_BACKLOG", 2048)
+
 # --- Limits (README "Limits"): each protects the other clients from one client.
 # Unsent bytes a socket may leave before the server closes it (1008); it holds at most this plus one frame.
-REALTIME_MAX_UNSENT_BYTES = env_int("REALTIME_MAX_UNSENT_BYTES", 2 * 1024 * 1024)
+REALTIME_MAX_UNSENT_BYTES = env_int("REALTIME_MAX_UNSENT_BYTES", 4 * 1024 * 1024)
 # Sockets across every server process sharing REDIS_URL (0: no limit).
 REALTIME_MAX_CONCURRENT_USERS = env_int("REALTIME_MAX_CONCURRENT_USERS", 10_000)
+# Sockets per client address in each process (0: no limit). Set it where the server sees real client
+# addresses (exposed directly, or behind a proxy whose forwarded address the server trusts).
+REALTIME_MAX_SOCKETS_PER_ADDRESS = env_int("REALTIME_MAX_SOCKETS_PER_ADDRESS", 0)
+# Inbound frames and bytes per socket, checked before decoding (bursts of 5 s allowed; 0: no limit).
+REALTIME_MAX_FRAMES_PER_SECOND = env_int("REALTIME_MAX_FRAMES_PER_SECOND", 200)
+REALTIME_MAX_BYTES_PER_SECOND = env_int("REALTIME_MAX_BYTES_PER_SECOND", 1_000_000)
 # Per socket, averaged over REALTIME_RATE_WINDOW_S (0: no limit).
 REALTIME_MAX_JOINS_PER_SECOND = env_int("REALTIME_MAX_JOINS_PER_SECOND", 50)
 REALTIME_MAX_EVENTS_PER_SECOND = env_int("REALTIME_MAX_EVENTS_PER_SECOND", 100)
@@ -167,6 +176,9 @@ REALTIME_MAX_PRESENCE_EVENTS_PER_SECOND = env_int("REALTIME_MAX_PRESENCE_EVENTS_
 REALTIME_RATE_WINDOW_S = env_int("REALTIME_RATE_WINDOW_S", 5)
 # postgres_changes bindings per join, and pushes held per channel while its policies are checked.
 REALTIME_MAX_BINDINGS_PER_CHANNEL = env_int("REALTIME_MAX_BINDINGS_PER_CHANNEL", 50)
+# RE2 instructions of one socket's match/imatch filters, all channels together: what one change
+# may cost it per byte of value, at worst (one pattern may have 2,500).
+REALTIME_MAX_REGEX_COST_PER_SOCKET = env_int("REALTIME_MAX_REGEX_COST_PER_SOCKET", 2500)
 REALTIME_MAX_HELD_PUSHES = env_int("REALTIME_MAX_HELD_PUSHES", 100)
 # Database checks (policies, bindings) one socket may have running at once; the rest wait their turn.
 REALTIME_MAX_CHECKS_PER_SOCKET = env_int("REALTIME_MAX_CHECKS_PER_SOCKET", 1)

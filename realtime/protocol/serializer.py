@@ -437,17 +437,26 @@ def encode_user_broadcast(topic: str, body: UserBroadcast) -> bytes:
     return b"".join((header, topic_bytes, event_bytes, meta, body.payload))
 
 
-def user_broadcast_as_json_payload(body: UserBroadcast) -> str | None:
+def user_broadcast_as_json_payload(body: UserBroadcast, *, validated: bool = False) -> str | None:
     """The text-frame payload for a JSON user broadcast (PROTOCOL.md 5.2).
 
     Returns ``{"type":"broadcast","event":E,"payload":P}`` with the payload
     text spliced in verbatim, plus ``"meta"`` when ``meta`` is a non-empty JSON
     object. Returns ``None`` for raw-bytes payloads (vsn 1.0.0 receivers get
-    nothing) and for payloads that are not valid UTF-8 JSON.
+    nothing) and for payloads that are not valid UTF-8 JSON. ``validated``
+    says the payload was checked where it entered (``decode_binary``,
+    ``is_json_payload``), so it is spliced without parsing it again: the
+    fan-out of every process need not pay for a sender's large body.
     """
     if body.encoding != PayloadEncoding.JSON:
         return None
-    payload_json = _valid_json_text(body.payload)
+    if validated:
+        try:
+            payload_json: str | None = bytes(body.payload).decode("utf-8").strip(_JSON_WS)
+        except UnicodeDecodeError:
+            payload_json = None
+    else:
+        payload_json = _valid_json_text(body.payload)
     if payload_json is None:
         return None
     parts = ['{"type":"broadcast","event":', _encode(body.event), ',"payload":', payload_json]

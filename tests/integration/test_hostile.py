@@ -142,7 +142,7 @@ def log_text(server: ServerProcess) -> str:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("kind", ["daphne", "uvicorn"])
 async def test_sockets_that_stop_reading_are_closed_and_memory_stays_bounded(server_factory: Any, kind: ServerKind) -> None:
-    server = server_factory(isolated(REALTIME_MAX_EVENTS_PER_SECOND="0"), server=kind)
+    server = server_factory(isolated(REALTIME_MAX_EVENTS_PER_SECOND="0", REALTIME_MAX_BYTES_PER_SECOND="0"), server=kind)
     room = topic()
     stalled = [StalledClient(server, room) for _ in range(20)]
     reader = await open_joined(server, room, max_size=None)
@@ -207,6 +207,52 @@ async def test_a_flooding_socket_is_cut_while_an_ordinary_sender_keeps_working(s
         await asyncio.sleep(1.0)
     for ws in (flooder, ordinary, receiver):
         await ws.close()
+
+
+# --- frames before decoding ---------------------------------------------------------------
+
+
+async def test_a_socket_flooding_frames_is_closed_before_they_cost_the_others(server_factory: Any) -> None:
+    server = server_factory(isolated(REALTIME_MAX_FRAMES_PER_SECOND="50"))
+    room = topic()
+    bystander = await open_joined(server, room)
+    flooder = await connect(ws_url(server, apikey=mint_token("anon")), open_timeout=WAIT)
+    with pytest.raises(ConnectionClosed) as closed:
+        for i in range(5000):  # heartbeats: cheap for the client, answered by no rate of their own
+            await flooder.send(json.dumps([None, str(i), "phoenix", "heartbeat", {}]))
+        while True:
+            await asyncio.wait_for(flooder.recv(), WAIT)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert await heartbeat_rtt(bystander, "hb") < 1.0
+    await bystander.close()
+
+
+async def test_a_ping_flood_drops_that_connection_only(server_factory: Any) -> None:
+    server = server_factory(isolated())
+    bystander = await open_joined(server, topic())
+    flooder = await connect(ws_url(server, apikey=mint_token("anon")), open_timeout=WAIT)
+    with pytest.raises(ConnectionClosed):
+        for _ in range(2000):
+            await flooder.ping()
+        await asyncio.wait_for(flooder.recv(), WAIT)
+    assert await heartbeat_rtt(bystander, "hb") < 1.0
+    await bystander.close()
+
+
+async def test_a_chunked_rest_body_over_the_cap_is_refused_before_it_is_stored(server_factory: Any) -> None:
+    server = server_factory(isolated(REALTIME_MAX_REST_BODY_BYTES="20000"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"POST /realtime/v1/api/broadcast HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"x" * 8192
+    for _ in range(4):  # 32 KB, no Content-Length, no token: refused all the same
+        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), WAIT)
+    assert status_line.startswith(b"HTTP/1.1 413"), status_line
+    writer.close()
 
 
 # --- joins per second (C98) ----------------------------------------------------------------

@@ -168,3 +168,25 @@ async def test_pattern_re2_cannot_run_is_refused_at_subscribe_time(
     message = system[4]["message"]
     assert message.startswith(SUBSCRIBE_ERROR_PREFIX), message
     assert "invalid regular expression" in message, message
+
+
+async def test_one_socket_s_regex_filters_are_bounded_across_its_channels(
+    server: ServerProcess, published_table: str, open_client: OpenClient
+) -> None:
+    # About 2,050 RE2 instructions each: one fits the per-socket budget (2,500), a second does not.
+    heavy = r"title=match.(.{0,255})*x"
+    client = await open_client(server, "regex budget")
+    await client.join_topic("realtime:budget-1", {"postgres_changes": [binding(published_table, heavy)]})
+    first = await client.wait_for(postgres_changes_system, "the first channel's subscription")
+    assert first[4]["status"] == "ok", first
+    await client.join_topic("realtime:budget-2", {"postgres_changes": [binding(published_table, heavy)]})
+    second = await client.wait_for(
+        lambda f: postgres_changes_system(f) and f[2] == "realtime:budget-2", "the second channel's subscription"
+    )
+    assert second[4]["status"] == "error", second
+    assert second[4]["message"].startswith("Too many regular expression filters on this socket"), second
+    # Another socket has a budget of its own.
+    other = await open_client(server, "other socket")
+    await other.join_topic("realtime:budget-3", {"postgres_changes": [binding(published_table, heavy)]})
+    third = await other.wait_for(postgres_changes_system, "another socket's subscription")
+    assert third[4]["status"] == "ok", third

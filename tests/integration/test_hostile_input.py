@@ -118,9 +118,9 @@ async def test_a_kind3_body_that_is_not_json_reaches_nobody_and_the_sender_stays
 
         await sender.heartbeat()
         await bystander.heartbeat()
+        # The first malformed frame of a socket is logged with its reason; later ones only counted.
         assert await logged(realtime_server, "malformed frame dropped")
         assert await logged(realtime_server, "kind 3 JSON payload is not valid JSON")
-        assert await logged(realtime_server, "kind 3 meta is not valid JSON")
 
 
 async def test_presence_keys_with_separators_and_globs_stay_on_their_own_topic(realtime_server: ServerProcess) -> None:

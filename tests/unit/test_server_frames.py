@@ -36,3 +36,22 @@ def test_text_frames_are_utf8_and_reused_for_the_same_content() -> None:
     assert parse(first).data.decode() == text and parse(first).opcode is Opcode.TEXT
     assert _encode_frame(text, False) is first
     assert parse(_encode_frame(b"\x00", True)).opcode is Opcode.BINARY
+
+
+def test_the_autobahn_detail_the_server_replaces_is_still_there() -> None:
+    """``skip_config_dump`` replaces autobahn's module-level ``pformat``, used in ``_connectionMade``."""
+    import inspect
+
+    from autobahn.websocket import protocol
+
+    assert callable(protocol.pformat)
+    assert "pformat(configAttrLog)" in inspect.getsource(protocol.WebSocketProtocol._connectionMade)
+
+
+def test_listen_backlog_is_added_to_tcp_endpoints_only(settings) -> None:
+    from realtime.server import with_backlog
+
+    settings.REALTIME_LISTEN_BACKLOG = 4096
+    assert with_backlog("tcp:port=8000:interface=127.0.0.1") == "tcp:port=8000:interface=127.0.0.1:backlog=4096"
+    assert with_backlog("tcp:port=8000:backlog=10") == "tcp:port=8000:backlog=10"
+    assert with_backlog("unix:/tmp/s.sock") == "unix:/tmp/s.sock"
