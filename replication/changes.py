@@ -64,11 +64,21 @@ class ChangeDecoder:
                 self.cache.add(message)
         return messages
 
-    def relations_without_keys(self, messages: Iterable[pgoutput.PgoutputMessage]) -> set[int]:
-        """Relations whose primary key columns the caller must look up (``add_primary_keys``)."""
-        return {m.oid for m in messages if isinstance(m, pgoutput.Relation) and m.oid not in self.primary_keys}
+    def relations_announced(self, messages: Iterable[pgoutput.PgoutputMessage]) -> set[int]:
+        """Relations whose primary key columns the caller must look up now (``add_primary_keys``).
 
-    def add_primary_keys(self, keys: Mapping[int, tuple[str, ...]]) -> None:
+        pgoutput describes a relation (a Relation message) before its first
+        change in each decoding session, so every read of the slot, and again
+        after DDL changes it. Each one is looked up again: a key added, dropped
+        or made composite since the last read is used from the next change on.
+        """
+        return {m.oid for m in messages if isinstance(m, pgoutput.Relation)}
+
+    def add_primary_keys(self, keys: Mapping[int, tuple[str, ...]], looked_up: Iterable[int] = ()) -> None:
+        """Take the key columns found; relations of ``looked_up`` missing from ``keys`` have none now."""
+        for oid in looked_up:
+            if oid not in keys:
+                self.primary_keys.pop(oid, None)
         self.primary_keys.update(keys)
 
     def build(self, messages: Iterable[pgoutput.PgoutputMessage], rls: Collection[int] = ()) -> Batch:

@@ -180,9 +180,9 @@ class Listener:
                 continue
             idle, idle_at = False, None
             messages = decoder.parse(row.data for row in rows)
-            missing = decoder.relations_without_keys(messages)
-            if missing:
-                decoder.add_primary_keys(await reader.primary_keys(missing))
+            announced = decoder.relations_announced(messages)
+            if announced:
+                decoder.add_primary_keys(await reader.primary_keys(announced), announced)
             if decoder.cache.unknown_type_oids():
                 decoder.cache.add_type_names(await reader.type_names())
             changed = {m.relation_oid for m in messages if isinstance(m, pgoutput.ROW_CHANGES)}
