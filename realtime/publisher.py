@@ -23,6 +23,9 @@ from realtime.types import BatchMessage, BroadcastMessage
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 100
+# Payload bytes in one batch: a layer message stays far below Redis's 512 MB bulk limit and the
+# receiving hubs' memory stays bounded; one larger broadcast still goes, alone.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 
 class Publisher:
@@ -60,7 +63,8 @@ class Publisher:
             if not queue:
                 del self._queues[group]
                 return
-            batch, self._queues[group] = queue[: self._max_batch], queue[self._max_batch :]
+            count = _batch_length(queue, self._max_batch, MAX_BATCH_BYTES)
+            batch, self._queues[group] = queue[:count], queue[count:]
             payload: BroadcastMessage | BatchMessage
             if len(batch) == 1:
                 payload = batch[0][0]
@@ -78,6 +82,16 @@ class Publisher:
                 for _, done in batch:
                     if not done.done():
                         done.set_result(None)
+
+
+def _batch_length(queue: list[tuple[BroadcastMessage, asyncio.Future[None]]], max_count: int, max_bytes: int) -> int:
+    """How many messages from the head of ``queue`` make the next batch: at least one."""
+    total = 0
+    for count, (message, _) in enumerate(queue[:max_count]):
+        total += len(message["payload"])
+        if total > max_bytes and count > 0:
+            return count
+    return min(len(queue), max_count)
 
 
 def _fail(batch: list[tuple[BroadcastMessage, asyncio.Future[None]]], error: Exception) -> None:

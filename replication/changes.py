@@ -25,6 +25,8 @@ from realtime.types import ChangeRun, error_data
 from replication import pgoutput, values
 
 MAX_RUN_CHANGES = 500
+# Encoded change bytes in one run (one layer message): one larger change still goes, alone.
+MAX_RUN_BYTES = 4 * 1024 * 1024
 LARGE_VALUE_BYTES = 64
 ERROR_NO_PRIMARY_KEY = "Error 400: Bad Request, no primary key"
 ERROR_TOO_LARGE = "Error 413: Payload Too Large"
@@ -54,6 +56,7 @@ class ChangeDecoder:
     def __init__(self, type_names: Mapping[int, str] | None = None, *, max_payload_bytes: int = 1_048_576) -> None:
         self.cache = pgoutput.RelationCache(type_names)
         self.primary_keys: dict[int, tuple[str, ...]] = {}
+        self.committed_at = ""  # the commit time of the transaction being built
         self.max_payload_bytes = max_payload_bytes
 
     def parse(self, rows: Iterable[bytes]) -> list[pgoutput.PgoutputMessage]:
@@ -87,15 +90,19 @@ class ChangeDecoder:
         ``rls``: oids of the relations with row level security enabled.
         """
         batch = Batch()
-        committed_at = ""
         run: ChangeRun | None = None
         run_oid = -1
+        run_bytes = 0
         for message in messages:
             if isinstance(message, pgoutput.Begin):
-                committed_at = commit_timestamp(message.commit_time)
+                # Kept across calls: a large transaction is built page by page.
+                self.committed_at = commit_timestamp(message.commit_time)
             elif isinstance(message, pgoutput.ROW_CHANGES):
                 relation = self.cache.relation(message.relation_oid)
-                if run is None or run_oid != relation.oid or len(run["changes"]) >= MAX_RUN_CHANGES:
+                if (
+                    run is None or run_oid != relation.oid or len(run["changes"]) >= MAX_RUN_CHANGES
+                    or run_bytes >= MAX_RUN_BYTES
+                ):
                     run = ChangeRun(
                         type="realtime.changes",
                         group=table_group(relation.schema, relation.name),
@@ -104,13 +111,15 @@ class ChangeDecoder:
                         changes=[],
                     )
                     run_oid = relation.oid
+                    run_bytes = 0
                     primary_key = self.primary_keys.get(relation.oid)
                     if primary_key:
                         run["primary_key"] = list(primary_key)
                     if relation.oid in rls:
                         run["rls"] = True
                     batch.runs.append(run)
-                change_type, data, key = self.change(relation, message, committed_at, relation.oid in rls)
+                change_type, data, key = self.change(relation, message, self.committed_at, relation.oid in rls)
+                run_bytes += len(data)
                 if key is None:
                     run["changes"].append({"type": change_type, "data": data})
                 else:

@@ -13,6 +13,7 @@ losing. Decoding lives in ``pgoutput``; this module knows nothing of it.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import psycopg
@@ -23,6 +24,14 @@ from replication.stream import lsn_to_text, parse_lsn
 logger = logging.getLogger(__name__)
 
 LOCK_NAMESPACE = "realtime.replication"
+_PEEK = (
+    "SELECT lsn::text, xid::text::bigint, data FROM pg_logical_slot_peek_binary_changes("
+    "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s, 'messages', 'false')"
+)
+# Rows fetched at a time from a peek: sized to about PAGE_BYTES of pgoutput data.
+FIRST_PAGE_ROWS = 16
+MAX_PAGE_ROWS = 2000
+PAGE_BYTES = 4 * 1024 * 1024
 
 
 class SlotMissing(RuntimeError):
@@ -100,12 +109,30 @@ class SlotReader:
 
     async def peek(self, max_changes: int) -> list[SlotRow]:
         """The next whole transactions in the slot (at least one if any), without consuming them."""
-        cursor = await self._conn().execute(
-            "SELECT lsn::text, xid::text::bigint, data FROM pg_logical_slot_peek_binary_changes("
-            "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s, 'messages', 'false')",
-            (self.slot, max_changes, self.publication),
-        )
+        cursor = await self._conn().execute(_PEEK, (self.slot, max_changes, self.publication))
         return [SlotRow(parse_lsn(lsn), int(xid), bytes(data)) for lsn, xid, data in await cursor.fetchall()]
+
+    async def peek_pages(self, max_changes: int) -> AsyncIterator[list[SlotRow]]:
+        """``peek``'s rows, a page at a time through a server-side cursor.
+
+        PostgreSQL holds the decoded transactions (spilling to disk past
+        ``work_mem``), so one transaction of millions of rows, or of hundreds
+        of large rows, never sits whole in this process: each page is about
+        ``PAGE_BYTES`` (its row count adapts to the rows' size). Other queries
+        of this reader may run between pages (same connection, same transaction).
+        """
+        conn = self._conn()
+        async with conn.transaction(), conn.cursor("realtime_slot_pages") as cursor:
+            await cursor.execute(_PEEK, (self.slot, max_changes, self.publication))
+            count = FIRST_PAGE_ROWS
+            largest = 1
+            while rows := await cursor.fetchmany(count):
+                page = [SlotRow(parse_lsn(lsn), int(xid), bytes(data)) for lsn, xid, data in rows]
+                yield page
+                # Sized by the largest row seen in this read, not the mean: a page of small
+                # rows must not make the next one thousands of large ones.
+                largest = max(largest, max(len(row.data) for row in page))
+                count = max(1, min(MAX_PAGE_ROWS, PAGE_BYTES // largest))
 
     async def wal_position(self) -> str:
         """How far WAL is flushed: decoding reads up to there, so unchanged means nothing new to decode.

@@ -28,6 +28,7 @@ committed during the outage reach their subscribers instead of empty groups.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from realtime.hub import MEMBERSHIP_CHECK_S, RECEIVE_RETRY_S
 from realtime.types import ChangeRun, checked_positions, verdict_per_change
 from realtime.visibility import RowChecker
 from replication import pgoutput
-from replication.changes import ChangeDecoder
+from replication.changes import Batch, ChangeDecoder
 from replication.connection import SlotReader
 
 logger = logging.getLogger(__name__)
@@ -172,42 +173,73 @@ class Listener:
         idle_at: str | None = None  # the flushed position read before the last empty peek
         while not stop.is_set():
             position = await reader.wal_position() if idle else None
-            rows = [] if position is not None and position == idle_at else await reader.peek(self.batch_changes)
-            if not rows:
+            if position is not None and position == idle_at:
+                read = False
+            else:
+                read, stopped = await self._read_once(reader, decoder, stop)
+                if stopped:
+                    return
+            if not read:
                 idle, idle_at = True, position
                 if await _wait(stop, self.poll_interval):
                     return
                 continue
             idle, idle_at = False, None
-            messages = decoder.parse(row.data for row in rows)
-            announced = decoder.relations_announced(messages)
-            if announced:
-                decoder.add_primary_keys(await reader.primary_keys(announced), announced)
-            if decoder.cache.unknown_type_oids():
-                decoder.cache.add_type_names(await reader.type_names())
-            changed = {m.relation_oid for m in messages if isinstance(m, pgoutput.ROW_CHANGES)}
-            rls = await reader.rls_relations(changed) if changed else frozenset()
-            batch = decoder.build(messages, rls)
-            try:
-                if rls:
-                    await self._check_rows(batch.runs)
-                if self._layer_failed and batch.runs:
-                    await self.layer.group_send(PROBE_GROUP, {"type": "realtime.probe"})  # raises while Redis is down
-                    logger.info("Redis is back; publishing in %.1fs, once the servers rejoined their groups", self.layer_recovery)
-                    if await _wait(stop, self.layer_recovery):
-                        return
-                    self._layer_failed = False
-                for run in batch.runs:
-                    await self.layer.group_send(run["group"], run)
-                    self.stats.published_runs += 1
-            except (psycopg.Error, asyncio.CancelledError):
-                raise
-            except Exception as error:
-                raise LayerUnavailable(str(error)) from error
-            self.stats.changes += batch.changes
-            self.stats.transactions += batch.transactions
-            if batch.confirm_lsn is not None:
-                await reader.advance(batch.confirm_lsn)
+
+    async def _read_once(self, reader: SlotReader, decoder: ChangeDecoder, stop: asyncio.Event) -> tuple[bool, bool]:
+        """Publish the slot's next transactions page by page, then consume them.
+
+        Returns (whether anything was read, whether ``stop`` was set meanwhile).
+        A transaction is published as its pages arrive and consumed only after
+        its commit was read and everything before it published, so a crash
+        replays it whole (at least once) while memory holds one page at a time.
+        """
+        read = False
+        confirm: int | None = None
+        async with contextlib.aclosing(reader.peek_pages(self.batch_changes)) as pages:
+            async for rows in pages:
+                read = True
+                batch = await self._publish(reader, decoder, rows, stop)
+                if batch is None:
+                    return read, True
+                if batch.confirm_lsn is not None:
+                    confirm = batch.confirm_lsn
+        if confirm is not None:
+            await reader.advance(confirm)
+        return read, False
+
+    async def _publish(
+        self, reader: SlotReader, decoder: ChangeDecoder, rows: list[Any], stop: asyncio.Event
+    ) -> Batch | None:
+        """Decode one page of slot rows and publish its runs; None if ``stop`` was set meanwhile."""
+        messages = decoder.parse(row.data for row in rows)
+        announced = decoder.relations_announced(messages)
+        if announced:
+            decoder.add_primary_keys(await reader.primary_keys(announced), announced)
+        if decoder.cache.unknown_type_oids():
+            decoder.cache.add_type_names(await reader.type_names())
+        changed = {m.relation_oid for m in messages if isinstance(m, pgoutput.ROW_CHANGES)}
+        rls = await reader.rls_relations(changed) if changed else frozenset()
+        batch = decoder.build(messages, rls)
+        try:
+            if rls:
+                await self._check_rows(batch.runs)
+            if self._layer_failed and batch.runs:
+                await self.layer.group_send(PROBE_GROUP, {"type": "realtime.probe"})  # raises while Redis is down
+                logger.info("Redis is back; publishing in %.1fs, once the servers rejoined their groups", self.layer_recovery)
+                if await _wait(stop, self.layer_recovery):
+                    return None
+                self._layer_failed = False
+            for run in batch.runs:
+                await self.layer.group_send(run["group"], run)
+                self.stats.published_runs += 1
+        except (psycopg.Error, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            raise LayerUnavailable(str(error)) from error
+        self.stats.changes += batch.changes
+        self.stats.transactions += batch.transactions
+        return batch
 
     async def _check_rows(self, runs: list[ChangeRun]) -> None:
         """Attach to each RLS run which of its changes each subscribed claim set may see."""
