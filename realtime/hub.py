@@ -91,6 +91,9 @@ class Subscription:
     vsn: Vsn
     self_broadcast: bool
     writer: SocketWriter
+    # Ids of database broadcasts this channel replayed at join (PROTOCOL.md 5.5): not delivered again live.
+    # At most the replay limit (25) per channel, for its lifetime.
+    skip_ids: frozenset[str] = frozenset()
 
 
 @dataclass(eq=False, slots=True)
@@ -233,7 +236,7 @@ class Frames:
         message = self._message
         topic = message["topic"]
         if message["kind"] == KIND_BINARY:
-            body = UserBroadcast(message["event"], message["encoding"], message["payload"])
+            body = UserBroadcast(message["event"], message["encoding"], message["payload"], message.get("meta", b""))
             if vsn is Vsn.V2:
                 try:
                     return {"type": "websocket.send", "bytes": encode_user_broadcast(topic, body)}
@@ -485,8 +488,11 @@ class Hub:
             return
         frames = Frames(message)
         origin = message["origin"]
+        row_id = message.get("id")
         for sub in group_members:
             if sub.socket_id == origin and not sub.self_broadcast:
+                continue
+            if row_id is not None and row_id in sub.skip_ids:
                 continue
             frame = frames.for_vsn(sub.vsn)
             if frame is not None:

@@ -28,6 +28,10 @@ class BroadcastMessage(TypedDict):
     event: str
     encoding: int
     payload: bytes
+    # Broadcasts from the database (PROTOCOL.md 5.4): kind 4 meta (JSON text,
+    # ``{"id":ID}``) and the row id, which a channel that replayed it skips.
+    meta: NotRequired[bytes]
+    id: NotRequired[str]
 
 
 class BatchMessage(TypedDict):

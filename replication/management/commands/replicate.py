@@ -17,6 +17,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from realtime.claimsets import Directory
+from replication.broadcast_listener import BroadcastListener, messages_slot
 from replication.listener import Listener
 
 logger = logging.getLogger("replication")
@@ -30,6 +31,13 @@ class Command(BaseCommand):
         parser.add_argument("--publication", default=settings.REALTIME_PUBLICATION, help="Publication name.")
         parser.add_argument("--poll-interval", type=float, default=0.01, help="Seconds between polls when idle.")
         parser.add_argument("--batch", type=int, default=2000, help="Changes read per poll (whole transactions).")
+        parser.add_argument(
+            "--messages-slot", default=None,
+            help="Slot streaming realtime.messages (broadcast from the database); default: <slot>_messages.",
+        )
+        parser.add_argument(
+            "--no-broadcasts", action="store_true", help="Do not stream realtime.messages (another process does)."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         layer = get_channel_layer()
@@ -43,17 +51,26 @@ class Command(BaseCommand):
             batch_changes=options["batch"],
             poll_interval=options["poll_interval"],
         )
-        asyncio.run(self._run(listener))
+        broadcasts = None
+        if not options["no_broadcasts"]:
+            broadcasts = BroadcastListener(
+                settings.DATABASE_URL,
+                options["messages_slot"] or messages_slot(options["slot"]),
+                layer,
+                max_payload_bytes=settings.REALTIME_MAX_PAYLOAD_SIZE_KB * 1000 + 500,
+                poll_interval=options["poll_interval"],
+            )
+        asyncio.run(self._run(listener, broadcasts))
 
-    async def _run(self, listener: Listener) -> None:
+    async def _run(self, listener: Listener, broadcasts: BroadcastListener | None) -> None:
         redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=15)
         listener.directory = Directory(redis, settings.REALTIME_REDIS_PREFIX)
         try:
-            await self._serve(listener)
+            await self._serve(listener, broadcasts)
         finally:
             await redis.aclose()
 
-    async def _serve(self, listener: Listener) -> None:
+    async def _serve(self, listener: Listener, broadcasts: BroadcastListener | None) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
@@ -66,7 +83,8 @@ class Command(BaseCommand):
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, request_stop)
         try:
-            await listener.run(stop)
+            # Both slots in one process, each advanced only after its own publishing.
+            await asyncio.gather(listener.run(stop), *([broadcasts.run(stop)] if broadcasts is not None else []))
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
