@@ -36,15 +36,18 @@ from realtime.jwt import Claims, TokenError, opaque_key_claims
 from realtime.limits import get_socket_counter
 from realtime.tokens import verify
 from realtime.protocol.errors import FrameError
-from realtime.protocol.message import Message, Vsn
+from realtime.protocol.message import Message, UserBroadcast, Vsn
 from realtime.protocol.rates import TokenBucket
-from realtime.protocol.serializer import decode_binary, decode_text, encode_text, parse_vsn
+from realtime.protocol.serializer import decode_binary, decode_text, encode_text, encode_user_broadcast, parse_vsn
+from realtime.replay import replay_rows
 from realtime.protocol.session import (
     Authorize,
     Disconnect,
     Effect,
     Permissions,
     Publish,
+    Replay,
+    ReplayedRow,
     Send,
     SendLater,
     Session,
@@ -299,7 +302,9 @@ class RealtimeConsumer(AsyncConsumer):
             elif isinstance(effect, Subscribe):
                 await hub.subscribe(
                     effect.group,
-                    Subscription(self.socket_id, effect.topic, self.vsn, effect.self_broadcast, self.writer),
+                    Subscription(
+                        self.socket_id, effect.topic, self.vsn, effect.self_broadcast, self.writer, effect.skip_ids
+                    ),
                 )
             elif isinstance(effect, Unsubscribe):
                 hub.unsubscribe(effect.group, self.socket_id, effect.topic)
@@ -320,6 +325,8 @@ class RealtimeConsumer(AsyncConsumer):
             elif isinstance(effect, Authorize):
                 # The verdict comes back as a later step; this socket's other frames go on meanwhile.
                 self._queue_db(lambda check=effect: self._waits_for(check), lambda check=effect: self.authorize(check))
+            elif isinstance(effect, Replay):
+                self._queue_db(lambda replay=effect: self._waits_for(replay), lambda replay=effect: self.replay(replay))
             elif isinstance(effect, Disconnect):
                 await self.close(effect.code)
                 return
@@ -354,7 +361,7 @@ class RealtimeConsumer(AsyncConsumer):
             self.db_running -= 1
             self._pump_db()
 
-    def _waits_for(self, check: Authorize) -> bool:
+    def _waits_for(self, check: Authorize | Replay) -> bool:
         return self.session is not None and not self.closed and self.session.waits_for(check)
 
     async def authorize(self, check: Authorize) -> None:
@@ -368,6 +375,16 @@ class RealtimeConsumer(AsyncConsumer):
             logger.exception("policy check failed socket=%s topic=%s", self.socket_id, check.topic)
             permissions = None
         await self.step(lambda session: session.authorized(check, permissions, time.time()), "authorize", check.topic)
+
+    async def replay(self, replay: Replay) -> None:
+        """Read the rows a join replays and hand them to the session (PROTOCOL.md 5.5)."""
+        rows: list[ReplayedRow] | None
+        try:
+            rows = await replay_rows(get_database(), sub_topic(replay.topic), replay.since, replay.limit)
+        except Exception:
+            logger.warning("replay failed socket=%s topic=%s", self.socket_id, replay.topic, exc_info=True)
+            rows = None
+        await self.step(lambda session: session.replayed(replay, rows), "replay", replay.topic)
 
     async def subscribe_changes(self, effect: SubscribeChanges) -> None:
         """Check a channel's bindings in the database, register them, report (PROTOCOL.md 3.4, 4.3).
@@ -486,7 +503,17 @@ class RealtimeConsumer(AsyncConsumer):
         """Send a frame to this socket, in order with the hub's deliveries (``realtime.writer``)."""
         if self.closed or self.writer is None:
             return
-        if not self.writer.write({"type": "websocket.send", "text": encode_text(self.vsn, msg)}):
+        if isinstance(msg.payload, UserBroadcast):
+            # A replayed binary row (PROTOCOL.md 5.5): kind 4 on vsn 2, nothing on vsn 1.
+            if self.vsn is Vsn.V1:
+                return
+            try:
+                frame = {"type": "websocket.send", "bytes": encode_user_broadcast(msg.topic, msg.payload)}
+            except ValueError:
+                return  # topic or event over 255 bytes: no kind 4 frame can carry it
+        else:
+            frame = {"type": "websocket.send", "text": encode_text(self.vsn, msg)}
+        if not self.writer.write(frame):
             # The peer is gone or too slow; the disconnect event ends this consumer.
             logger.debug("write to a closed socket=%s", self.socket_id)
 

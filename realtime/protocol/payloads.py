@@ -20,8 +20,8 @@ __all__ = [
     "parse_join_payload",
 ]
 
-# The reference's default when `replay` omits `limit`; the session clamps it (PROTOCOL.md 8).
-DEFAULT_REPLAY_LIMIT: Final = 10
+# The default when `replay` omits `limit` (PROTOCOL.md 5.5); the session clamps it to 1..25 (PROTOCOL.md 8).
+DEFAULT_REPLAY_LIMIT: Final = 25
 
 _TRUE_TEXT: Final = "true"
 _FALSE_TEXT: Final = "false"
@@ -197,14 +197,17 @@ class _JoinParser:
         if not isinstance(value, dict):
             self.errors.append("config.broadcast.replay: expected an object")
             return ReplayConfig(valid=False)
-        since = self._integer(value.get("since"), "since", 0)
+        since = self._integer(value.get("since"), "since", None)
         limit = self._integer(value.get("limit"), "limit", DEFAULT_REPLAY_LIMIT)
         if since is None or limit is None:
             return ReplayConfig(valid=False)
         return ReplayConfig(since=since, limit=limit)
 
-    def _integer(self, value: Any, key: str, default: int) -> int | None:
+    def _integer(self, value: Any, key: str, default: int | None) -> int | None:
+        """An integer field; None (with an error) when unreadable, or when missing without a default."""
         if value is None:
+            if default is None:
+                self.errors.append(f"config.broadcast.replay.{key}: required")
             return default
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -90,6 +90,7 @@ class Subscribe:
     group: str
     topic: str
     self_broadcast: bool
+    skip_ids: frozenset[str] = frozenset()  # database broadcasts replayed at join: not delivered again
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +170,29 @@ class Authorize:
     refresh: bool = False
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Replay:
+    """Read the rows a join replays (PROTOCOL.md 5.5); pass them (None: failed) to ``Session.replayed``.
+
+    ``limit`` is already clamped to 1..25. Compared by identity, as ``Authorize``.
+    """
+
+    topic: str
+    join_ref: str | None
+    since: int  # milliseconds since the epoch
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayedRow:
+    """One replayed ``realtime.messages`` row: a JSON ``payload`` or ``binary`` bytes."""
+
+    id: str
+    event: str
+    payload: Any
+    binary: bytes | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Disconnect:
     """Close the socket with ``code`` (after the frames before it)."""
@@ -178,8 +202,10 @@ class Disconnect:
 
 Effect = (
     Send | SendLater | Subscribe | Unsubscribe | Publish | SubscribeChanges | SendPresenceState | Track | Untrack
-    | Authorize | Disconnect
+    | Authorize | Replay | Disconnect
 )
+
+MAX_REPLAY_LIMIT = 25  # PROTOCOL.md 8
 
 # RFC 6455 7.4.1 "going away": the reference closes a socket over its join rate with it; clients reconnect.
 CLOSE_GOING_AWAY = 1001
@@ -257,6 +283,7 @@ class PendingJoin:
     msg: Message
     channel: Channel
     check: Authorize
+    replay: Replay | None = None  # the replay read it waits for, once read was granted
 
 
 def _read_denied(topic: str) -> str:
@@ -280,6 +307,16 @@ def system_message(topic: str, join_ref: str | None, status: str, extension: str
 
 def _system(channel: Channel, status: str, extension: str, message: str) -> Message:
     return system_message(channel.topic, channel.join_ref, status, extension, message)
+
+
+def _replayed(channel: Channel, row: ReplayedRow) -> Message:
+    """A replayed row (PROTOCOL.md 5.5): text with the channel's join_ref, or a kind 4 body for binary rows."""
+    meta = {"replayed": True, "id": row.id}
+    if row.binary is not None:
+        encoded_meta = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+        return Message(channel.join_ref, None, channel.topic, "broadcast", UserBroadcast(row.event, 0, row.binary, encoded_meta))
+    payload = {"type": "broadcast", "event": row.event, "payload": row.payload, "meta": meta}
+    return Message(channel.join_ref, None, channel.topic, "broadcast", payload)
 
 
 def _close(channel: Channel) -> Message:
@@ -362,7 +399,7 @@ class Session:
     def authorized(self, check: Authorize, permissions: Permissions | None, now: float) -> list[Effect]:
         """Act on the outcome of an ``Authorize`` effect; ``None`` means the database could not be asked."""
         pending = self.pending_joins.get(check.topic)
-        if pending is not None and pending.check is check:
+        if pending is not None and pending.check is check and pending.replay is None:
             del self.pending_joins[check.topic]
             return self._join_authorized(pending, permissions)
         channel = self.channels.get(check.topic)
@@ -388,10 +425,10 @@ class Session:
                 channel.write.pop(extension, None)
         return effects
 
-    def waits_for(self, check: Authorize) -> bool:
+    def waits_for(self, check: Authorize | Replay) -> bool:
         """Whether ``check``'s verdict would still be used (its join or channel has not moved on)."""
         pending = self.pending_joins.get(check.topic)
-        if pending is not None and pending.check is check:
+        if pending is not None and (pending.check is check or pending.replay is check):
             return True
         channel = self.channels.get(check.topic)
         return channel is not None and channel.checking is check
@@ -459,6 +496,8 @@ class Session:
             channel = self._admit(msg, config, now)
         except JoinRefused as error:
             return self._refuse(msg, error)
+        if config.replay is not None and not config.private:
+            return self._refuse(msg, JoinRefused("UnableToReplayMessages", "Replay is not allowed for public channels"))
         if config.private:
             # PROTOCOL.md 7: read is probed for broadcast, and for presence if it is on at join.
             read = (Extension.BROADCAST, Extension.PRESENCE) if config.presence_enabled else (Extension.BROADCAST,)
@@ -476,12 +515,36 @@ class Session:
         channel.read = {extension: extension in permissions.read for extension in pending.check.read}
         if not any(channel.read.values()):
             return self._refuse(msg, JoinRefused("Unauthorized", _read_denied(msg.topic)))
+        replay = channel.config.replay
+        if replay is not None:
+            # PROTOCOL.md 3.2, 5.5: after the read check; needs broadcast read.
+            if not replay.valid:
+                return self._refuse(msg, JoinRefused("UnableToReplayMessages", "Replay params are not valid"))
+            if not channel.read.get(Extension.BROADCAST):
+                return self._refuse(msg, JoinRefused("Unauthorized", _read_denied(msg.topic)))
+            pending.replay = Replay(
+                channel.topic, channel.join_ref, replay.since, max(1, min(MAX_REPLAY_LIMIT, replay.limit))
+            )
+            self.pending_joins[msg.topic] = pending
+            return [pending.replay]
         return self._open(msg, channel)
+
+    def replayed(self, replay: Replay, rows: list[ReplayedRow] | None) -> list[Effect]:
+        """Answer a join that waited for its replay read; ``None`` means the read failed."""
+        pending = self.pending_joins.get(replay.topic)
+        if pending is None or pending.replay is not replay:
+            return []  # left or re-joined meanwhile
+        del self.pending_joins[replay.topic]
+        if rows is None:
+            return self._refuse(
+                pending.msg, JoinRefused("UnableToReplayMessages", "Realtime was unable to replay messages")
+            )
+        return self._open(pending.msg, pending.channel, rows)
 
     def _refuse(self, msg: Message, error: JoinRefused) -> list[Effect]:
         return [SendLater(self.limits.channel_error_backoff, _reply(msg, "error", {"reason": error.reason}))]
 
-    def _open(self, msg: Message, channel: Channel) -> list[Effect]:
+    def _open(self, msg: Message, channel: Channel, replayed: list[ReplayedRow] | None = None) -> list[Effect]:
         """Make an admitted channel current: subscribe, reply, then its first pushes (PROTOCOL.md 3.3-3.4)."""
         config = channel.config
         effects: list[Effect] = []
@@ -490,11 +553,17 @@ class Session:
             effects += self._stop(old)
         self.channels[msg.topic] = channel
         # Subscribe before replying: a broadcast sent after SUBSCRIBED must arrive.
-        effects += [Subscribe(group, channel.topic, config.broadcast_self) for group in channel.groups()]
+        skip = frozenset(row.id for row in replayed or ())
+        effects += [
+            Subscribe(group, channel.topic, config.broadcast_self, skip if group == channel.group else frozenset())
+            for group in channel.groups()
+        ]
         bindings = [{**binding, "id": binding_id(binding)} for binding in config.postgres_changes]
         effects.append(Send(_reply(msg, "ok", {"postgres_changes": bindings})))
         if old is not None:
             effects.append(Send(_close(old)))
+        # PROTOCOL.md 5.5: replayed rows right after the reply, before anything the hub delivers.
+        effects += [Send(_replayed(channel, row)) for row in replayed or ()]
         if config.presence_enabled and channel.may_read(Extension.PRESENCE):
             effects.append(SendPresenceState(channel.topic, channel.join_ref, channel.presence_channel))
         if config.replication_ready:

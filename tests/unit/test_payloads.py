@@ -339,7 +339,7 @@ def test_replay_without_limit_uses_the_default() -> None:
 
 @pytest.mark.parametrize(
     "replay",
-    ["x", [], {"since": "yesterday"}, {"limit": True}, {"since": 1.5}, {"limit": [2]}],
+    ["x", [], {"since": "yesterday"}, {"since": 0, "limit": True}, {"since": 1.5}, {"since": 0, "limit": [2]}, {}],
 )
 def test_unreadable_replay_is_marked_invalid(replay: Any) -> None:
     config = parse_join_payload({"config": {"broadcast": {"replay": replay}}})
