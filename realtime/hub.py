@@ -54,6 +54,7 @@ from realtime.types import (
     error_data,
     verdict_per_change,
 )
+from realtime.privileges import Grants, PrivilegeCache, fetch_grants
 from realtime.topics import sub_topic, table_group
 from realtime.writer import SocketWriter
 
@@ -257,9 +258,14 @@ class Hub:
     """Joins each topic group once per process and writes its messages to local sockets."""
 
     def __init__(
-        self, layer: BaseChannelLayer, registration: Registration | None = None, row_check: RowCheck | None = None
+        self,
+        layer: BaseChannelLayer,
+        registration: Registration | None = None,
+        row_check: RowCheck | None = None,
+        privileges: PrivilegeCache | None = None,
     ) -> None:
         self._layer = layer
+        self._privileges = privileges
         self._registration = registration
         self._row_check = row_check
         self._channel_name: str | None = None
@@ -503,6 +509,7 @@ class Hub:
         route = self._change_groups.get(run["group"])
         if not route:
             return
+        grants = await self._grants(route)
         rls = run.get("rls", False)
         visible, failed = await self._visibility(route, run) if rls else ({}, {})
         unauthorized = self._key_unreadable(route, run)
@@ -511,7 +518,8 @@ class Hub:
             for position, change in enumerate(run["changes"]):
                 try:
                     self._deliver_change(
-                        route, change, rls and "key" in change, visible, position, failed, unauthorized, notified
+                        route, change, rls and "key" in change, visible, position, failed, unauthorized, notified,
+                        grants,
                     )
                 except Exception:
                     # One bad change costs only itself; the run's other changes still go out.
@@ -528,6 +536,7 @@ class Hub:
         failed: Mapping[str, str],
         unauthorized: Mapping[SubKey, list[Any]],
         notified: set[SubKey],
+        grants: Mapping[str, Grants] | None = None,
     ) -> None:
         change_type = change["type"]
         data_json = change["data"].decode("utf-8")
@@ -564,8 +573,14 @@ class Hub:
                 verdict = visible.get(sub.claim_set)
                 if verdict is None or not verdict[position]:
                     continue  # PROTOCOL.md 4.4: a row the subscriber cannot see is not sent at all
+            granted = grants.get(sub.claims.role) if grants and sub.claims is not None else None
+            if granted is not None and not granted.readable:
+                continue  # the role may no longer SELECT the table (REVOKE since it subscribed)
             try:
                 columns = route.columns(key, ids)
+                if granted is not None and not granted.everything:
+                    # PROTOCOL.md 4.4 step 2, as the grants are now: revoked columns are cut.
+                    columns = granted.readable if columns is None else columns & granted.readable
                 frame_key = (sub.vsn, sub.topic, tuple(ids), columns)
                 frame = frames.get(frame_key)
                 if frame is None:
@@ -620,6 +635,18 @@ class Hub:
                 continue
             visible[claim_set] = verdict_per_change(run, positions, verdict)
         return visible, failed
+
+    async def _grants(self, route: TableRoute) -> dict[str, Grants] | None:
+        """What each role among the table's subscribers may read now (``realtime.privileges``)."""
+        if self._privileges is None:
+            return None
+        roles = {claims.role for claims, _ in route.claim_sets.values() if claims is not None}
+        found: dict[str, Grants] = {}
+        for role in roles:
+            granted = await self._privileges.grants(role, route.schema, route.table)
+            if granted is not None:
+                found[role] = granted
+        return found
 
     def _key_unreadable(self, route: TableRoute, run: ChangeRun) -> dict[SubKey, list[Any]]:
         """Channels whose role cannot read every primary key column, with their bindings on the table."""
@@ -711,5 +738,6 @@ def get_hub() -> Hub:
             raise RuntimeError("CHANNEL_LAYERS is not configured")
         redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=15)
         registration = Registration(redis, settings.REALTIME_REDIS_PREFIX, uuid.uuid4().hex)
-        hub = _hubs[loop] = Hub(layer, registration, check_rows)
+        privileges = PrivilegeCache(fetch_grants, settings.REALTIME_PRIVILEGES_TTL_MS / 1000)
+        hub = _hubs[loop] = Hub(layer, registration, check_rows, privileges)
     return hub

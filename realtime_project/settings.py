@@ -129,6 +129,9 @@ LOGGING = {
 # replicator's logical slot.
 REALTIME_PUBLICATION = env_str("REALTIME_PUBLICATION", "supabase_realtime")
 REALTIME_SLOT = env_str("REALTIME_SLOT", "realtime_django")
+# How long the hub trusts what a role may read of a table before asking again (REVOKE takes effect
+# within this time plus one run of changes).
+REALTIME_PRIVILEGES_TTL_MS = env_int("REALTIME_PRIVILEGES_TTL_MS", 1000)
 # How often joined channels re-read the publication's tables (PROTOCOL.md 3.5).
 REALTIME_PUBLICATION_CHECK_S = env_int("REALTIME_PUBLICATION_CHECK_S", 60)
 # statement_timeout (ms) of every check run as a subscriber (join checks, row level security per
