@@ -20,7 +20,6 @@ class Writer(Protocol):
 
 
 _held: dict[Writer, list[bytes]] | None = None
-_sizes: dict[Writer, int] = {}
 
 
 def hold(writer: Writer, frame: bytes) -> bool:
@@ -28,20 +27,13 @@ def hold(writer: Writer, frame: bytes) -> bool:
     if _held is None:
         return False
     _held.setdefault(writer, []).append(frame)
-    _sizes[writer] = _sizes.get(writer, 0) + len(frame)
     return True
-
-
-def held_bytes(writer: Writer) -> int:
-    """Bytes held for ``writer`` in the current block (they count toward its unsent bytes)."""
-    return _sizes.get(writer, 0)
 
 
 def release(writer: Writer) -> bytes:
     """Take what is held for ``writer`` (to write it before something that cannot wait)."""
     if _held is None:
         return b""
-    _sizes.pop(writer, None)
     return b"".join(_held.pop(writer, ()))
 
 
@@ -57,6 +49,5 @@ def corked() -> Iterator[None]:
         yield
     finally:
         pending, _held = _held, None
-        _sizes.clear()
         for writer, frames in pending.items():
             writer._write_now(frames[0] if len(frames) == 1 else b"".join(frames))
