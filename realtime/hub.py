@@ -54,7 +54,7 @@ from realtime.types import (
     error_data,
     verdict_per_change,
 )
-from realtime.privileges import Grants, PrivilegeCache, fetch_grants
+from realtime.privileges import NO_GRANTS, Grants, PrivilegeCache, fetch_grants
 from realtime.topics import sub_topic, table_group
 from realtime.writer import SocketWriter
 
@@ -322,6 +322,10 @@ class Hub:
         tables = {table_group(schema, table): (schema, table) for schema, table in subscription.tables()}
         if self._registration is not None and subscription.claims is not None:
             subscription.claim_set = await self._registration.add(tables.values(), subscription.claims)
+        if self._privileges is not None and subscription.claims is not None:
+            # Known before the first change arrives: delivery never waits for them.
+            for schema, table in tables.values():
+                await self._privileges.grants(subscription.claims.role, schema, table)
         previous = {g: route.subscriptions[key] for g, route in self._change_groups.items() if key in route.subscriptions}
         for group, old in previous.items():
             if group in tables:  # replaced below; the stale ones are unregistered as they are dropped
@@ -350,6 +354,8 @@ class Hub:
         route.remove(key)
         if not route:
             del self._change_groups[group]
+            if self._privileges is not None:
+                self._privileges.forget(route.schema, route.table)
             if not self._wanted(group):
                 self._spawn(self._reconcile(group))
 
@@ -509,7 +515,7 @@ class Hub:
         route = self._change_groups.get(run["group"])
         if not route:
             return
-        grants = await self._grants(route)
+        grants = self._grants(route)
         rls = run.get("rls", False)
         visible, failed = await self._visibility(route, run) if rls else ({}, {})
         unauthorized = self._key_unreadable(route, run)
@@ -573,7 +579,7 @@ class Hub:
                 verdict = visible.get(sub.claim_set)
                 if verdict is None or not verdict[position]:
                     continue  # PROTOCOL.md 4.4: a row the subscriber cannot see is not sent at all
-            granted = grants.get(sub.claims.role) if grants and sub.claims is not None else None
+            granted = grants.get(sub.claims.role, NO_GRANTS) if grants is not None and sub.claims is not None else None
             if granted is not None and not granted.readable:
                 continue  # the role may no longer SELECT the table (REVOKE since it subscribed)
             try:
@@ -636,16 +642,18 @@ class Hub:
             visible[claim_set] = verdict_per_change(run, positions, verdict)
         return visible, failed
 
-    async def _grants(self, route: TableRoute) -> dict[str, Grants] | None:
-        """What each role among the table's subscribers may read now (``realtime.privileges``)."""
+    def _grants(self, route: TableRoute) -> dict[str, Grants] | None:
+        """What each role among the table's subscribers may read (``realtime.privileges``), without waiting.
+
+        A role whose grants are not known maps to no columns: nothing is delivered to it.
+        """
         if self._privileges is None:
             return None
         roles = {claims.role for claims, _ in route.claim_sets.values() if claims is not None}
         found: dict[str, Grants] = {}
         for role in roles:
-            granted = await self._privileges.grants(role, route.schema, route.table)
-            if granted is not None:
-                found[role] = granted
+            granted = self._privileges.cached(role, route.schema, route.table)
+            found[role] = granted if granted is not None else NO_GRANTS
         return found
 
     def _key_unreadable(self, route: TableRoute, run: ChangeRun) -> dict[SubKey, list[Any]]:

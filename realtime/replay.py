@@ -22,10 +22,18 @@ _QUERY = (
     "SELECT id::text, event, payload::text, binary_payload FROM realtime.messages"
     " WHERE topic = %s AND private IS TRUE AND extension = 'broadcast'"
     " AND inserted_at >= (to_timestamp(%s::float8 / 1000) AT TIME ZONE 'UTC')"
+    # Rows over the broadcast payload cap are not replayed, as they are not delivered live.
+    " AND coalesce(octet_length(payload::text), octet_length(binary_payload), 0) <= %s"
     " ORDER BY inserted_at DESC LIMIT %s"
 )
 
 __all__ = ["ReplayedRow", "replay_rows"]
+
+
+def _max_payload_bytes() -> int:
+    from django.conf import settings
+
+    return int(settings.REALTIME_MAX_PAYLOAD_SIZE_KB) * 1000 + 500
 
 
 async def replay_rows(db: Database, sub_topic: str, since_ms: int, limit: int) -> list[ReplayedRow]:
@@ -37,7 +45,7 @@ async def replay_rows(db: Database, sub_topic: str, since_ms: int, limit: int) -
     async with db.connection() as conn:
         async with conn.transaction():
             await conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(check_timeout_ms()),))
-            cursor = await conn.execute(_QUERY, (sub_topic, since_ms, limit))
+            cursor = await conn.execute(_QUERY, (sub_topic, since_ms, _max_payload_bytes(), limit))
             rows: list[tuple[Any, ...]] = await cursor.fetchall()
     replayed = []
     for row_id, event, payload_text, binary in reversed(rows):

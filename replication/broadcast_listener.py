@@ -25,6 +25,7 @@ with the change listener's backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -133,35 +134,63 @@ class BroadcastListener:
             await self._maybe_maintain()
             # As the change listener: skip the peek while nothing was flushed since the last empty one.
             position = await reader.wal_position() if idle else None
-            rows = [] if position is not None and position == idle_at else await reader.peek(self.batch_changes)
-            if not rows:
+            if position is not None and position == idle_at:
+                read = False
+            else:
+                read, stopped = await self._read_once(reader, decoder, stop)
+                if stopped:
+                    return
+            if not read:
                 idle, idle_at = True, position
                 if await _wait(stop, self.poll_interval):
                     return
                 continue
             idle, idle_at = False, None
-            batch = decoder.build(decoder.parse(row.data for row in rows))
-            if batch.oversized:
-                logger.warning("%d database broadcasts over the payload cap were dropped", batch.oversized)
-            try:
-                if self._layer_failed and batch.messages:
-                    await self.layer.group_send(PROBE_GROUP, {"type": "realtime.probe"})  # raises while Redis is down
-                    if await _wait(stop, self.layer_recovery):
-                        return
-                    self._layer_failed = False
-                for message in batch.messages:
-                    await self.layer.group_send(message["group"], message)
-                    self.stats.layer_messages += 1
-            except (psycopg.Error, asyncio.CancelledError):
-                raise
-            except Exception as error:
-                raise LayerUnavailable(str(error)) from error
-            self.stats.rows += batch.rows
-            self.stats.oversized += batch.oversized
-            self.stats.skipped += batch.skipped
-            self.stats.transactions += batch.transactions
-            if batch.confirm_lsn is not None:
-                await reader.advance(batch.confirm_lsn)
+
+    async def _read_once(self, reader: SlotReader, decoder: BroadcastDecoder, stop: asyncio.Event) -> tuple[bool, bool]:
+        """Publish the slot's next transactions a page at a time (as the change listener), then consume them.
+
+        Returns (whether anything was read, whether ``stop`` was set). What was
+        published up to the last commit read is consumed even if a later page fails.
+        """
+        read = False
+        confirm: int | None = None
+        try:
+            async with contextlib.aclosing(reader.peek_pages(self.batch_changes)) as pages:
+                async for rows in pages:
+                    read = True
+                    batch = decoder.build(decoder.parse(row.data for row in rows))
+                    if not await self._publish(batch, stop):
+                        return read, True
+                    if batch.confirm_lsn is not None:
+                        confirm = batch.confirm_lsn
+        finally:
+            if confirm is not None and reader.conn is not None and not reader.conn.closed:
+                await reader.advance(confirm)
+        return read, False
+
+    async def _publish(self, batch: Any, stop: asyncio.Event) -> bool:
+        """Send one page's broadcasts; False if ``stop`` was set while waiting for Redis to recover."""
+        if batch.oversized:
+            logger.warning("%d database broadcasts over the payload cap were dropped", batch.oversized)
+        try:
+            if self._layer_failed and batch.messages:
+                await self.layer.group_send(PROBE_GROUP, {"type": "realtime.probe"})  # raises while Redis is down
+                if await _wait(stop, self.layer_recovery):
+                    return False
+                self._layer_failed = False
+            for message in batch.messages:
+                await self.layer.group_send(message["group"], message)
+                self.stats.layer_messages += 1
+        except (psycopg.Error, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            raise LayerUnavailable(str(error)) from error
+        self.stats.rows += batch.rows
+        self.stats.oversized += batch.oversized
+        self.stats.skipped += batch.skipped
+        self.stats.transactions += batch.transactions
+        return True
 
     async def _maybe_maintain(self) -> None:
         if not self.maintain_partitions or time.monotonic() < self._partitions_at:

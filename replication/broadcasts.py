@@ -83,6 +83,8 @@ def parse_row(values: Mapping[str, str | bytes | None]) -> MessageRow | None:
         binary = False
     event = values.get("event")
     extension = values.get("extension")
+    if values.get("private") not in ("t", "f"):
+        return None  # a NULL flag names neither side: never fall back to the public one
     return MessageRow(
         id=row_id,
         topic=topic,

@@ -126,13 +126,21 @@ class SlotReader:
             await cursor.execute(_PEEK, (self.slot, max_changes, self.publication))
             count = FIRST_PAGE_ROWS
             largest = 1
+            page: list[SlotRow] = []
+            size = 0
             while rows := await cursor.fetchmany(count):
-                page = [SlotRow(parse_lsn(lsn), int(xid), bytes(data)) for lsn, xid, data in rows]
-                yield page
+                fetched = [SlotRow(parse_lsn(lsn), int(xid), bytes(data)) for lsn, xid, data in rows]
+                page += fetched
+                size += sum(len(row.data) for row in fetched)
                 # Sized by the largest row seen in this read, not the mean: a page of small
-                # rows must not make the next one thousands of large ones.
-                largest = max(largest, max(len(row.data) for row in page))
+                # rows must not make the next fetch thousands of large ones.
+                largest = max(largest, max(len(row.data) for row in fetched))
                 count = max(1, min(MAX_PAGE_ROWS, PAGE_BYTES // largest))
+                if size >= PAGE_BYTES // 2 or len(page) >= MAX_PAGE_ROWS:
+                    yield page  # a small read stays one page (one run, one check per claim set)
+                    page, size = [], 0
+            if page:
+                yield page
 
     async def wal_position(self) -> str:
         """How far WAL is flushed: decoding reads up to there, so unchanged means nothing new to decode.

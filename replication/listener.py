@@ -196,16 +196,20 @@ class Listener:
         """
         read = False
         confirm: int | None = None
-        async with contextlib.aclosing(reader.peek_pages(self.batch_changes)) as pages:
-            async for rows in pages:
-                read = True
-                batch = await self._publish(reader, decoder, rows, stop)
-                if batch is None:
-                    return read, True
-                if batch.confirm_lsn is not None:
-                    confirm = batch.confirm_lsn
-        if confirm is not None:
-            await reader.advance(confirm)
+        try:
+            async with contextlib.aclosing(reader.peek_pages(self.batch_changes)) as pages:
+                async for rows in pages:
+                    read = True
+                    batch = await self._publish(reader, decoder, rows, stop)
+                    if batch is None:
+                        return read, True
+                    if batch.confirm_lsn is not None:
+                        confirm = batch.confirm_lsn
+        finally:
+            # Transactions published whole are consumed even if a later page failed, so a
+            # transaction that keeps failing does not make the ones before it repeat.
+            if confirm is not None and reader.conn is not None and not reader.conn.closed:
+                await reader.advance(confirm)
         return read, False
 
     async def _publish(
