@@ -126,26 +126,16 @@ def insert_in_one_transaction(statement: sql.Composable) -> str:
         return str(row[0])
 
 
-@pytest.mark.timeout(300)
-async def test_one_transaction_of_500_rows_of_1_mb_flows_with_bounded_memory(stream) -> None:
+async def flows(stream: Any, statement: sql.Composable, ids: list[int], what: str) -> PhoenixClient:
+    """Commit ``statement`` as one transaction; wait until ``ids`` arrive and the slot passed it."""
     table, _, server, replicator = stream
-    client = await subscribed(server, table, [1, 250, 500])
+    client = await subscribed(server, table, ids)
     assert replicator.process is not None
     peak = PeakRss(replicator.process.pid)
     started = time.monotonic()
-    # Each body is 1 MB of distinct text (a repeated md5 of its id, which TOAST compresses, but
-    # logical decoding hands the replicator whole): 500 MB in one transaction.
-    lsn = await asyncio.to_thread(
-        insert_in_one_transaction,
-        sql.SQL("INSERT INTO {} SELECT g, repeat(md5(g::text), 31250) FROM generate_series(1, 500) g").format(
-            sql.Identifier("public", table)
-        ),
-    )
+    lsn = await asyncio.to_thread(insert_in_one_transaction, statement.format(sql.Identifier("public", table)))
     try:
-        ids = await received_ids(client, 3, timeout=240)
-        assert ids == [1, 250, 500]
-        change = next(f for f in client.frames if is_text(f, "postgres_changes"))
-        assert len(change[4]["data"]["record"]["body"]) == 1_000_000  # whole: under the 1 MiB record limit
+        assert await received_ids(client, len(ids), timeout=240) == ids
         deadline = time.monotonic() + 30
         while not slot_confirmed_past(replicator.slot, lsn):
             assert time.monotonic() < deadline, "the slot was not consumed past the transaction"
@@ -153,31 +143,26 @@ async def test_one_transaction_of_500_rows_of_1_mb_flows_with_bounded_memory(str
     finally:
         top = peak.stop()
         await client.close()
-    print(f"500 x 1 MB: {time.monotonic() - started:.1f} s, replicator peak RSS {top / 2**20:.0f} MiB")
+    print(f"{what}: {time.monotonic() - started:.1f} s, replicator peak RSS {top / 2**20:.0f} MiB")
     assert top < MAX_RSS, f"replicator RSS reached {top / 2**20:.0f} MiB"
+    return client
+
+
+@pytest.mark.timeout(300)
+async def test_one_transaction_of_500_rows_of_1_mb_flows_with_bounded_memory(stream) -> None:
+    # Each body is 1 MB of text (a repeated md5 of its id, which TOAST compresses, but logical
+    # decoding hands the replicator whole): 500 MB in one transaction.
+    client = await flows(
+        stream, sql.SQL("INSERT INTO {} SELECT g, repeat(md5(g::text), 31250) FROM generate_series(1, 500) g"),
+        [1, 250, 500], "500 x 1 MB",
+    )
+    change = next(f for f in client.frames if is_text(f, "postgres_changes"))
+    assert len(change[4]["data"]["record"]["body"]) == 1_000_000  # whole: under the 1 MiB record limit
 
 
 @pytest.mark.timeout(300)
 async def test_one_transaction_of_a_million_rows_flows_with_bounded_memory(stream) -> None:
-    table, _, server, replicator = stream
-    client = await subscribed(server, table, [1, 500_000, 1_000_000])
-    assert replicator.process is not None
-    peak = PeakRss(replicator.process.pid)
-    started = time.monotonic()
-    lsn = await asyncio.to_thread(
-        insert_in_one_transaction,
-        sql.SQL("INSERT INTO {} SELECT g, 'row ' || g FROM generate_series(1, 1000000) g").format(
-            sql.Identifier("public", table)
-        ),
+    await flows(
+        stream, sql.SQL("INSERT INTO {} SELECT g, 'row ' || g FROM generate_series(1, 1000000) g"),
+        [1, 500_000, 1_000_000], "1,000,000 rows",
     )
-    try:
-        assert await received_ids(client, 3, timeout=240) == [1, 500_000, 1_000_000]
-        deadline = time.monotonic() + 30
-        while not slot_confirmed_past(replicator.slot, lsn):
-            assert time.monotonic() < deadline, "the slot was not consumed past the transaction"
-            await asyncio.sleep(0.2)
-    finally:
-        top = peak.stop()
-        await client.close()
-    print(f"1,000,000 rows: {time.monotonic() - started:.1f} s, replicator peak RSS {top / 2**20:.0f} MiB")
-    assert top < MAX_RSS, f"replicator RSS reached {top / 2**20:.0f} MiB"

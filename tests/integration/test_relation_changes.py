@@ -10,45 +10,33 @@ shares an ``id`` with one of theirs.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 from psycopg import sql
 
 from tests.integration.conftest import execute, token
+from tests.integration.test_change_faults import create_table
 from tests.integration.test_postgres_changes import insert, subscribe
 from tests.integration.test_rls import USER_A, USER_B, binding, listener, received_ids  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
 
-def published(publication: str, columns: str, *extra: str) -> Iterator[str]:
-    name = f"ddl_{uuid.uuid4().hex[:8]}"
-    ident = sql.Identifier("public", name)
-    execute(
-        sql.SQL("CREATE TABLE {} (" + columns + ")").format(ident),
-        *(sql.SQL(statement).format(ident=ident) for statement in extra),
-        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), ident),
-    )
-    yield name
-    execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
-
-
 @pytest.fixture
 def keyless_table(publication: str) -> Iterator[str]:
-    yield from published(publication, "id bigint NOT NULL, title text", "GRANT SELECT ON {ident} TO anon")
+    yield from create_table(publication, "id bigint NOT NULL, title text", sql.SQL("GRANT SELECT ON {ident} TO anon"))
 
 
 @pytest.fixture
 def tenant_table(publication: str) -> Iterator[str]:
     """Rows of a tenant (a user here), keyed by ``id`` alone at first."""
-    yield from published(
+    yield from create_table(
         publication,
         "tenant_id uuid NOT NULL, id bigint NOT NULL, body text, CONSTRAINT tenant_pk PRIMARY KEY (id)",
-        "GRANT SELECT ON {ident} TO authenticated",
-        "ALTER TABLE {ident} ENABLE ROW LEVEL SECURITY",
-        "CREATE POLICY tenant ON {ident} FOR SELECT TO authenticated USING (tenant_id = auth.uid())",
+        sql.SQL("GRANT SELECT ON {ident} TO authenticated"),
+        sql.SQL("ALTER TABLE {ident} ENABLE ROW LEVEL SECURITY"),
+        sql.SQL("CREATE POLICY tenant ON {ident} FOR SELECT TO authenticated USING (tenant_id = auth.uid())"),
     )
 
 
