@@ -230,7 +230,7 @@ def db_send(conns: list[Any], step: int, rate: float, duration: float) -> dict[s
     """realtime.send at ``rate`` for ``duration`` s from the pipelined connections ``conns`` (autocommit)."""
     total = max(1, round(rate * duration))
     senders = len(conns)
-    query = f"SELECT realtime.send(%s::jsonb, '{EVENT}', '{TOPIC}', false)"
+    query = "SELECT realtime.send(%s::jsonb, %s, %s, false)"
     errors: list[str] = []
     t0 = time.monotonic() + 0.05
 
@@ -247,7 +247,8 @@ def db_send(conns: list[Any], step: int, rate: float, duration: float) -> dict[s
                             time.sleep(min(delay, 0.005))
                         continue
                     while seq < due:
-                        cur.execute(query, (f'{{"s":{step},"seq":{seq},"t":{time.time_ns()}}}',), prepare=True)
+                        payload = f'{{"s":{step},"seq":{seq},"t":{time.time_ns()}}}'
+                        cur.execute(query, (payload, EVENT, TOPIC), prepare=True)
                         seq += senders
                     p.sync()
         except Exception as error:  # noqa: BLE001
