@@ -25,7 +25,6 @@ with the change listener's backoff.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from channels.layers import BaseChannelLayer
 from realtime.partitions import NotPartitioned, amaintain_partitions
 from replication.broadcasts import PUBLICATION, BroadcastDecoder
 from replication.connection import SlotReader
-from replication.listener import LAYER_RECOVERY_S, PROBE_GROUP, STANDBY_POLL_S, Backoff, LayerUnavailable, _wait
+from replication.listener import SlotLoop
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +60,10 @@ class BroadcastStats:
     last_error: str = ""
 
 
-class BroadcastListener:
+class BroadcastListener(SlotLoop):
     """Publishes inserted ``realtime.messages`` rows; ``run`` returns when ``stop`` is set."""
+
+    label = "broadcast replication"
 
     def __init__(
         self,
@@ -76,121 +77,32 @@ class BroadcastListener:
         poll_interval: float = 0.01,
         maintain_partitions: bool = True,
     ) -> None:
-        self.dsn = dsn
-        self.slot = slot
-        self.publication = publication
-        self.layer = layer
+        super().__init__(dsn, slot, publication, layer, batch_changes, poll_interval, BroadcastStats())
         self.max_payload_bytes = max_payload_bytes
-        self.batch_changes = batch_changes
-        self.poll_interval = poll_interval
         self.maintain_partitions = maintain_partitions
-        self.layer_recovery = LAYER_RECOVERY_S
-        self._layer_failed = False
         self._partitions_at = 0.0  # monotonic time of the next maintenance
-        self.stats = BroadcastStats()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        backoff = Backoff()
-        while not stop.is_set():
-            reader = SlotReader(self.dsn, self.slot, self.publication)
-            try:
-                await self._serve(reader, stop, backoff)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                self.stats.active = False
-                cause = error.__cause__ if isinstance(error, LayerUnavailable) and error.__cause__ else error
-                self.stats.last_error = f"{type(cause).__name__}: {cause}"
-                if isinstance(error, LayerUnavailable):
-                    self._layer_failed = True
-                delay = backoff.next()
-                logger.warning("broadcast replication failed (%s); retrying in %.1fs", self.stats.last_error, delay)
-                await _wait(stop, delay)
-            finally:
-                self.stats.active = False
-                try:
-                    await reader.close()
-                except Exception:
-                    logger.debug("closing the messages slot connection failed", exc_info=True)
-
-    async def _serve(self, reader: SlotReader, stop: asyncio.Event, backoff: Backoff) -> None:
-        await reader.connect()
-        announced = False
-        while not await reader.try_lock():
-            if not announced:
-                logger.info("standby: another replicator holds slot %s", self.slot)
-                announced = True
-            backoff.reset()
-            if await _wait(stop, STANDBY_POLL_S):
-                return
+    async def _start(self, reader: SlotReader) -> BroadcastDecoder:
         await reader.ensure_slot()
-        decoder = BroadcastDecoder(self.max_payload_bytes)
-        self.stats.active = True
-        backoff.reset()
-        logger.info("active: streaming slot %s of publication %s", self.slot, self.publication)
-        idle = False
-        idle_at: str | None = None
-        while not stop.is_set():
-            await self._maybe_maintain()
-            # As the change listener: skip the peek while nothing was flushed since the last empty one.
-            position = await reader.wal_position() if idle else None
-            if position is not None and position == idle_at:
-                read = False
-            else:
-                read, stopped = await self._read_once(reader, decoder, stop)
-                if stopped:
-                    return
-            if not read:
-                idle, idle_at = True, position
-                if await _wait(stop, self.poll_interval):
-                    return
-                continue
-            idle, idle_at = False, None
+        return BroadcastDecoder(self.max_payload_bytes)
 
-    async def _read_once(self, reader: SlotReader, decoder: BroadcastDecoder, stop: asyncio.Event) -> tuple[bool, bool]:
-        """Publish the slot's next transactions a page at a time (as the change listener), then consume them.
+    async def _tick(self) -> None:
+        await self._maybe_maintain()
 
-        Returns (whether anything was read, whether ``stop`` was set). What was
-        published up to the last commit read is consumed even if a later page fails.
-        """
-        read = False
-        confirm: int | None = None
-        try:
-            async with contextlib.aclosing(reader.peek_pages(self.batch_changes)) as pages:
-                async for rows in pages:
-                    read = True
-                    batch = decoder.build(decoder.parse(row.data for row in rows))
-                    if not await self._publish(batch, stop):
-                        return read, True
-                    if batch.confirm_lsn is not None:
-                        confirm = batch.confirm_lsn
-        finally:
-            if confirm is not None and reader.conn is not None and not reader.conn.closed:
-                await reader.advance(confirm)
-        return read, False
-
-    async def _publish(self, batch: Any, stop: asyncio.Event) -> bool:
-        """Send one page's broadcasts; False if ``stop`` was set while waiting for Redis to recover."""
+    async def _page(
+        self, reader: SlotReader, decoder: BroadcastDecoder, rows: list[Any], stop: asyncio.Event
+    ) -> tuple[bool, int | None]:
+        batch = decoder.build(decoder.parse(row.data for row in rows))
         if batch.oversized:
             logger.warning("%d database broadcasts over the payload cap were dropped", batch.oversized)
-        try:
-            if self._layer_failed and batch.messages:
-                await self.layer.group_send(PROBE_GROUP, {"type": "realtime.probe"})  # raises while Redis is down
-                if await _wait(stop, self.layer_recovery):
-                    return False
-                self._layer_failed = False
-            for message in batch.messages:
-                await self.layer.group_send(message["group"], message)
-                self.stats.layer_messages += 1
-        except (psycopg.Error, asyncio.CancelledError):
-            raise
-        except Exception as error:
-            raise LayerUnavailable(str(error)) from error
+        if not await self._send(batch.messages, stop):
+            return True, None
+        self.stats.layer_messages += len(batch.messages)
         self.stats.rows += batch.rows
         self.stats.oversized += batch.oversized
         self.stats.skipped += batch.skipped
         self.stats.transactions += batch.transactions
-        return True
+        return False, batch.confirm_lsn
 
     async def _maybe_maintain(self) -> None:
         if not self.maintain_partitions or time.monotonic() < self._partitions_at:

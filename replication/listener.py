@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ from realtime.hub import MEMBERSHIP_CHECK_S, RECEIVE_RETRY_S
 from realtime.types import ChangeRun, checked_positions, verdict_per_change
 from realtime.visibility import RowChecker
 from replication import pgoutput
-from replication.changes import Batch, ChangeDecoder
+from replication.changes import ChangeDecoder
 from replication.connection import SlotReader
 
 logger = logging.getLogger(__name__)
@@ -85,36 +85,30 @@ class ListenerStats:
     last_error: str = ""
 
 
-class Listener:
-    """The replicator's main loop; ``run`` returns when ``stop`` is set."""
+class SlotLoop:
+    """One slot's read loop, shared by the change listener and ``broadcast_listener``.
 
-    def __init__(
-        self,
-        dsn: str,
-        slot: str,
-        publication: str,
-        layer: BaseChannelLayer,
-        *,
-        batch_changes: int = 2000,
-        poll_interval: float = 0.01,
-        max_payload_bytes: int = 1_048_576,
-        on_active: Callable[[], None] | None = None,
-        directory: Directory | None = None,
-    ) -> None:
+    Wait as a standby while another replicator holds the slot's lock; once
+    active, read the slot a page at a time (``SlotReader.peek_pages``), let the
+    subclass decode and publish each page (``_page``), and consume the slot up
+    to the last commit published; retry any failure with ``Backoff``.
+    Subclasses give ``_start`` (prepare the slot, return the decoder) and
+    ``_page``; ``_tick`` and ``_closed`` are optional.
+    """
+
+    label = "replication"
+
+    def __init__(self, dsn: str, slot: str, publication: str, layer: BaseChannelLayer,
+                 batch_changes: int, poll_interval: float, stats: Any) -> None:
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
         self.layer = layer
         self.batch_changes = batch_changes
         self.poll_interval = poll_interval
-        self.max_payload_bytes = max_payload_bytes
-        self.on_active = on_active
-        self.directory = directory
-        self.checker = RowChecker()
-        self.check_conn: psycopg.AsyncConnection[Any] | None = None
         self.layer_recovery = LAYER_RECOVERY_S
         self._layer_failed = False
-        self.stats = ListenerStats()
+        self.stats = stats  # has ``active`` and ``last_error``
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
@@ -131,20 +125,15 @@ class Listener:
                 if isinstance(error, LayerUnavailable):
                     self._layer_failed = True
                 delay = backoff.next()
-                logger.warning("replication failed (%s); retrying in %.1fs", self.stats.last_error, delay)
+                logger.warning("%s failed (%s); retrying in %.1fs", self.label, self.stats.last_error, delay)
                 await _wait(stop, delay)
             finally:
                 self.stats.active = False
                 try:
                     await reader.close()
                 except Exception:
-                    logger.debug("closing the slot connection failed", exc_info=True)
-                if self.check_conn is not None:
-                    try:
-                        await self.check_conn.close()
-                    except Exception:
-                        logger.debug("closing the check connection failed", exc_info=True)
-                    self.check_conn = None
+                    logger.debug("closing the connection of slot %s failed", self.slot, exc_info=True)
+                await self._closed()
 
     async def _serve(self, reader: SlotReader, stop: asyncio.Event, backoff: Backoff) -> None:
         await reader.connect()
@@ -156,14 +145,11 @@ class Listener:
             backoff.reset()
             if await _wait(stop, STANDBY_POLL_S):
                 return
-        await reader.ensure_publication()
-        await reader.ensure_slot()
-        decoder = ChangeDecoder(await reader.type_names(), max_payload_bytes=self.max_payload_bytes)
+        decoder = await self._start(reader)
         self.stats.active = True
         backoff.reset()
         logger.info("active: streaming slot %s of publication %s", self.slot, self.publication)
-        if self.on_active is not None:
-            self.on_active()
+        self._activated()
         # Peeking decodes from the slot's position even when nothing is new. Once
         # a peek finds nothing, each poll first reads how far WAL is flushed and
         # skips the peek while that has not moved since the last empty one (which
@@ -172,6 +158,7 @@ class Listener:
         idle = False
         idle_at: str | None = None  # the flushed position read before the last empty peek
         while not stop.is_set():
+            await self._tick()
             position = await reader.wal_position() if idle else None
             if position is not None and position == idle_at:
                 read = False
@@ -186,7 +173,7 @@ class Listener:
                 continue
             idle, idle_at = False, None
 
-    async def _read_once(self, reader: SlotReader, decoder: ChangeDecoder, stop: asyncio.Event) -> tuple[bool, bool]:
+    async def _read_once(self, reader: SlotReader, decoder: Any, stop: asyncio.Event) -> tuple[bool, bool]:
         """Publish the slot's next transactions page by page, then consume them.
 
         Returns (whether anything was read, whether ``stop`` was set meanwhile).
@@ -200,11 +187,11 @@ class Listener:
             async with contextlib.aclosing(reader.peek_pages(self.batch_changes)) as pages:
                 async for rows in pages:
                     read = True
-                    batch = await self._publish(reader, decoder, rows, stop)
-                    if batch is None:
+                    stopped, committed = await self._page(reader, decoder, rows, stop)
+                    if stopped:
                         return read, True
-                    if batch.confirm_lsn is not None:
-                        confirm = batch.confirm_lsn
+                    if committed is not None:
+                        confirm = committed
         finally:
             # Transactions published whole are consumed even if a later page failed, so a
             # transaction that keeps failing does not make the ones before it repeat.
@@ -212,10 +199,90 @@ class Listener:
                 await reader.advance(confirm)
         return read, False
 
-    async def _publish(
+    async def _send(self, messages: Sequence[Any], stop: asyncio.Event) -> bool:
+        """``group_send`` each message to its group; False if ``stop`` was set while Redis recovered.
+
+        After Redis failed (a restart loses every group membership) the first
+        send waits ``layer_recovery`` once Redis answers, so every server
+        process has re-joined its groups first.
+        """
+        try:
+            if self._layer_failed and messages:
+                await self.layer.group_send(PROBE_GROUP, {"type": "realtime.probe"})  # raises while Redis is down
+                logger.info("Redis is back; publishing in %.1fs, once the servers rejoined their groups", self.layer_recovery)
+                if await _wait(stop, self.layer_recovery):
+                    return False
+                self._layer_failed = False
+            for message in messages:
+                await self.layer.group_send(message["group"], message)
+        except (psycopg.Error, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            raise LayerUnavailable(str(error)) from error
+        return True
+
+    async def _start(self, reader: SlotReader) -> Any:
+        raise NotImplementedError
+
+    async def _page(
+        self, reader: SlotReader, decoder: Any, rows: list[Any], stop: asyncio.Event
+    ) -> tuple[bool, int | None]:
+        """Decode and publish one page: (whether ``stop`` was set, the end of its last commit)."""
+        raise NotImplementedError
+
+    def _activated(self) -> None:
+        pass
+
+    async def _tick(self) -> None:
+        pass
+
+    async def _closed(self) -> None:
+        pass
+
+
+class Listener(SlotLoop):
+    """The replicator's main loop for table changes; ``run`` returns when ``stop`` is set."""
+
+    def __init__(
+        self,
+        dsn: str,
+        slot: str,
+        publication: str,
+        layer: BaseChannelLayer,
+        *,
+        batch_changes: int = 2000,
+        poll_interval: float = 0.01,
+        max_payload_bytes: int = 1_048_576,
+        on_active: Callable[[], None] | None = None,
+        directory: Directory | None = None,
+    ) -> None:
+        super().__init__(dsn, slot, publication, layer, batch_changes, poll_interval, ListenerStats())
+        self.max_payload_bytes = max_payload_bytes
+        self.on_active = on_active
+        self.directory = directory
+        self.checker = RowChecker()
+        self.check_conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def _closed(self) -> None:
+        if self.check_conn is not None:
+            try:
+                await self.check_conn.close()
+            except Exception:
+                logger.debug("closing the check connection failed", exc_info=True)
+            self.check_conn = None
+
+    async def _start(self, reader: SlotReader) -> ChangeDecoder:
+        await reader.ensure_publication()
+        await reader.ensure_slot()
+        return ChangeDecoder(await reader.type_names(), max_payload_bytes=self.max_payload_bytes)
+
+    def _activated(self) -> None:
+        if self.on_active is not None:
+            self.on_active()
+
+    async def _page(
         self, reader: SlotReader, decoder: ChangeDecoder, rows: list[Any], stop: asyncio.Event
-    ) -> Batch | None:
-        """Decode one page of slot rows and publish its runs; None if ``stop`` was set meanwhile."""
+    ) -> tuple[bool, int | None]:
         messages = decoder.parse(row.data for row in rows)
         announced = decoder.relations_announced(messages)
         if announced:
@@ -225,25 +292,19 @@ class Listener:
         changed = {m.relation_oid for m in messages if isinstance(m, pgoutput.ROW_CHANGES)}
         rls = await reader.rls_relations(changed) if changed else frozenset()
         batch = decoder.build(messages, rls)
-        try:
-            if rls:
-                await self._check_rows(batch.runs)
-            if self._layer_failed and batch.runs:
-                await self.layer.group_send(PROBE_GROUP, {"type": "realtime.probe"})  # raises while Redis is down
-                logger.info("Redis is back; publishing in %.1fs, once the servers rejoined their groups", self.layer_recovery)
-                if await _wait(stop, self.layer_recovery):
-                    return None
-                self._layer_failed = False
-            for run in batch.runs:
-                await self.layer.group_send(run["group"], run)
-                self.stats.published_runs += 1
-        except (psycopg.Error, asyncio.CancelledError):
-            raise
-        except Exception as error:
-            raise LayerUnavailable(str(error)) from error
+        if rls:
+            try:
+                await self._check_rows(batch.runs)  # reads the claim sets from Redis
+            except (psycopg.Error, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                raise LayerUnavailable(str(error)) from error
+        if not await self._send(batch.runs, stop):
+            return True, None
+        self.stats.published_runs += len(batch.runs)
         self.stats.changes += batch.changes
         self.stats.transactions += batch.transactions
-        return batch
+        return False, batch.confirm_lsn
 
     async def _check_rows(self, runs: list[ChangeRun]) -> None:
         """Attach to each RLS run which of its changes each subscribed claim set may see."""
