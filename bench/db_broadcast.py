@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import datetime
 import hashlib
 import hmac
 import http.client
@@ -60,6 +59,7 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import _loadgen as lg  # noqa: E402
+import _report  # noqa: E402
 import broadcast as bc  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -616,15 +616,8 @@ def postgres_cpu() -> dict[int, float]:
     return total
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
-
-
-def fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+pct = _report.percentile
+fmt = _report.fmt
 
 
 HEADER = (f"{'path':>4} {'subs':>5} {'rate':>6} {'sent/s':>7} {'dlv/s':>8} {'expected':>9} {'loss':>8} "
@@ -638,20 +631,6 @@ def step_row(s: Step) -> str:
             f"{fmt(s.p99_ms, '.1f'):>7} {s.max_ms:>8.1f} {s.cpu.get('server', 0):>5.0f} {s.cpu.get('repl', 0):>5.0f} "
             f"{s.cpu.get('pg', 0):>5.0f} {s.cpu.get('redis', 0):>6.0f} {s.cpu.get('subs', 0):>5.0f} {s.cpu.get('sender', 0):>5.0f} "
             f"{s.cpu.get('idle', 0):>5.0f}  {'yes' if s.ok else 'NO'}" + (f"  errors: {s.errors}" if s.errors else ""))
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "?"
-
-
-def git_commit() -> str:
-    with contextlib.suppress(Exception):
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return "?"
 
 
 def summarize(steps: list[Step], replay: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
@@ -735,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"db_broadcast bench: subs={args.subs} rates(100)={args.rates} rates(1000+)={args.rates_1000} "
               f"step={args.duration:g}s workers={args.workers} senders={args.senders} client=lite vsn 1.0.0 (text)",
               flush=True)
-        print(f"server code: {source}; cpus={os.cpu_count()} ({cpu_model()}); pinning: server cpu "
+        print(f"server code: {source}; cpus={os.cpu_count()} ({_report.cpu_model()}); pinning: server cpu "
               f"{sorted(bench.server_cpus) if bench.server_cpus else 'any'}, load generator + senders cpu "
               f"{sorted(bench.loadgen_cpus) if bench.loadgen_cpus else 'any'}; replicator, postgres, redis unpinned; "
               f"slot {bench.slot}; logs in {log_dir}", flush=True)
@@ -770,12 +749,10 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     (log_dir / "db_broadcast.txt").write_text(text + "\n")
-    meta = {"git_commit": git_commit(), "cores": os.cpu_count(), "cpu_model": cpu_model(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "quick": args.quick, "duration_s": args.duration, "workers": args.workers, "senders": args.senders}
+    meta = _report.run_meta("db_broadcast", quick=args.quick, duration_s=args.duration, workers=args.workers,
+                            senders=args.senders)
     json_path = args.json or log_dir / "db_broadcast.json"
-    json_path.write_text(json.dumps([*({"type": "step", **asdict(s), "loss": s.loss, "ok": s.ok} for s in steps),
-                                     {"type": "summary", **meta, **summary}], indent=1) + "\n")
+    _report.write_json(json_path, ({**asdict(s), "loss": s.loss, "ok": s.ok} for s in steps), {**meta, **summary})
     print(f"\ntotal {time.monotonic() - started:.0f}s; text in {log_dir / 'db_broadcast.txt'}, JSON in {json_path}")
     return code
 

@@ -75,14 +75,12 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import datetime
 import errno
 import hashlib
 import heapq
 import hmac
 import json
 import os
-import platform
 import re
 import select
 import signal
@@ -105,6 +103,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import _loadgen as lg  # noqa: E402
 import _pgload as pl  # noqa: E402  (the wide latency histogram: 0.1 ms to 130 s)
+import _report  # noqa: E402
 import broadcast as bc  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -668,24 +667,6 @@ def listen_overflows() -> int:
             table = dict(zip(names.split()[1:], values.split()[1:]))
             return int(table.get("ListenOverflows", 0))
     return 0
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
 
 
 def merge_hist(replies: list[dict[str, Any]], key: str) -> tuple[list[int], int]:
@@ -1378,9 +1359,7 @@ def main(argv: list[str] | None = None) -> int:
     storms: dict[str, Storm] = {}
     bench: Bench | None = None
     code = 0
-    meta = {"git_commit": git_commit(), "cores": os.cpu_count(), "cpu_model": cpu_model(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "quick": args.quick, "daphne_backlog": args.daphne_backlog}
+    meta = _report.run_meta("joins", quick=args.quick, daphne_backlog=args.daphne_backlog)
     try:
         if args.server_ref:
             args.server_dir, sha = bc.export_ref(args.server_ref, log_dir)

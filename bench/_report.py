@@ -1,0 +1,65 @@
+"""What every bench writes beside its text output: the run's machine and commit, and its results as JSON.
+
+``run_meta()`` describes the run (git commit, ``-dirty`` when tracked files differ, cores, CPU model,
+UTC date, Python), ``write_json()`` writes one object per step (``type: "step"``) followed by one
+summary object (``type: "summary"``) that carries the run's description, so ``bench/compare.py``
+can set two runs side by side. ``percentile()`` and ``fmt()`` are the helpers every table uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def git_commit(repo: Path = REPO) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True,
+                             text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def run_meta(bench: str, **extra: Any) -> dict[str, Any]:
+    return {"bench": bench, "git_commit": git_commit(), "cores": os.cpu_count(), "cpu_model": cpu_model(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), **extra}
+
+
+def write_json(path: Path, steps: Iterable[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
+    """One ``{"type": "step", ...}`` object per step, then ``{"type": "summary", ...}``."""
+    records = [{"type": "step", **step} for step in steps]
+    records.append({"type": "summary", **summary})
+    path.write_text(json.dumps(records, indent=1, default=str) + "\n")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..1) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
+
+
+def fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
