@@ -177,6 +177,9 @@ REALTIME_MAX_JOINS_PER_SECOND = env_int("REALTIME_MAX_JOINS_PER_SECOND", 50)
 REALTIME_MAX_EVENTS_PER_SECOND = env_int("REALTIME_MAX_EVENTS_PER_SECOND", 100)
 REALTIME_MAX_PRESENCE_EVENTS_PER_SECOND = env_int("REALTIME_MAX_PRESENCE_EVENTS_PER_SECOND", 20)
 REALTIME_RATE_WINDOW_S = env_int("REALTIME_RATE_WINDOW_S", 5)
+# Database broadcasts (realtime.send, broadcast_changes) the replicator publishes per second, all topics
+# together; beyond it they wait in the slot, none is dropped (0: no limit).
+REALTIME_MAX_DB_BROADCASTS_PER_SECOND = env_int("REALTIME_MAX_DB_BROADCASTS_PER_SECOND", 0)
 # postgres_changes bindings per join, and pushes held per channel while its policies are checked.
 REALTIME_MAX_BINDINGS_PER_CHANNEL = env_int("REALTIME_MAX_BINDINGS_PER_CHANNEL", 50)
 # RE2 instructions of one socket's match/imatch filters, all channels together: what one change

@@ -18,6 +18,14 @@ The same loop keeps the daily partitions of ``realtime.messages``
 (``realtime.partitions``) at activation and every ``PARTITIONS_EVERY_S``, on a
 short connection of its own; a failure is logged and tried again later.
 
+With ``max_per_second`` set (``REALTIME_MAX_DB_BROADCASTS_PER_SECOND``), the
+loop paces itself: a page of rows takes that many tokens of a bucket holding
+one second's worth, and the loop waits out the debt before publishing the
+page, so database broadcasts (and the triggers' ``broadcast_changes``) reach
+subscribers at that rate on average, in bursts of at most one page. Nothing
+is dropped: rows not yet published stay in the slot, and the change slot is
+not held up.
+
 One replicator per slot is active (the slot's advisory lock); failures retry
 with the change listener's backoff.
 """
@@ -25,6 +33,7 @@ with the change listener's backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -34,6 +43,7 @@ import psycopg
 from channels.layers import BaseChannelLayer
 
 from realtime.partitions import NotPartitioned, amaintain_partitions
+from realtime.protocol.rates import TokenBucket
 from replication.broadcasts import PUBLICATION, BroadcastDecoder
 from replication.connection import SlotReader
 from replication.listener import SlotLoop
@@ -55,6 +65,7 @@ class BroadcastStats:
     rows: int = 0  # broadcasts published
     oversized: int = 0  # dropped: over REALTIME_MAX_PAYLOAD_SIZE_KB
     skipped: int = 0  # not broadcasts (another extension)
+    paced_s: float = 0.0  # time waited to stay within max_per_second
     layer_messages: int = 0
     active: bool = False
     last_error: str = ""
@@ -76,9 +87,11 @@ class BroadcastListener(SlotLoop):
         batch_changes: int = 1000,
         poll_interval: float = 0.01,
         maintain_partitions: bool = True,
+        max_per_second: float = 0.0,
     ) -> None:
         super().__init__(dsn, slot, publication, layer, batch_changes, poll_interval, BroadcastStats())
         self.max_payload_bytes = max_payload_bytes
+        self._pace = TokenBucket(max_per_second, max_per_second, time.monotonic())
         self.maintain_partitions = maintain_partitions
         self._partitions_at = 0.0  # monotonic time of the next maintenance
 
@@ -95,6 +108,13 @@ class BroadcastListener(SlotLoop):
         batch = decoder.build(decoder.parse(row.data for row in rows))
         if batch.oversized:
             logger.warning("%d database broadcasts over the payload cap were dropped", batch.oversized)
+        delay = self._pace.borrow(time.monotonic(), batch.rows)
+        if delay > 0:
+            self.stats.paced_s += delay
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return True, None
         if not await self._send(batch.messages, stop):
             return True, None
         self.stats.layer_messages += len(batch.messages)

@@ -2,7 +2,8 @@
 
 ``RateWindow`` counts events in whole-second buckets over a sliding window and
 says when their average rate is above a limit. ``TokenBucket`` bounds frames
-and bytes as they arrive, before any decoding. The reference averages over
+and bytes as they arrive, before any decoding; its ``borrow`` paces rather than
+refuses (the replicator's database broadcasts). The reference averages over
 60 s in 5 s buckets per project; per socket a shorter window (5 s by default)
 cuts a flood within seconds while still letting an ordinary client burst.
 """
@@ -60,3 +61,16 @@ class TokenBucket:
             return False
         self._tokens -= amount
         return True
+
+    def borrow(self, now: float, amount: float) -> float:
+        """Take ``amount`` even if the bucket runs into debt; the seconds to wait until the debt is paid.
+
+        For pacing rather than refusing: the caller waits the returned time before going on, so
+        ``amount``s taken this way average ``rate`` per second with bursts of at most ``capacity``.
+        """
+        if self.rate <= 0:
+            return 0.0
+        self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= amount
+        return max(0.0, -self._tokens / self.rate)

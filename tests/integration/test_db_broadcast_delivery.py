@@ -238,3 +238,24 @@ async def test_replay_since_excludes_older_rows_and_a_later_join_can_use_limit(s
         assert subscriber.received == [(new[4], True), (new[5], True)]
     finally:
         await subscriber.close()
+
+
+async def test_a_database_broadcast_rate_limit_paces_delivery_and_drops_nothing(stack: Stack) -> None:
+    """REALTIME_MAX_DB_BROADCASTS_PER_SECOND: a burst beyond one second's worth waits in the slot, then arrives whole."""
+    rate, count = 40, 120
+    process = start_replicator(stack.slot, env={**stack.env, "REALTIME_MAX_DB_BROADCASTS_PER_SECOND": str(rate)})
+    stack.replicators.append(process)
+    process.wait_messages_active()
+    sub_topic = f"paced-{uuid.uuid4().hex[:8]}"
+    subscriber = await Subscriber.join(stack.server, sub_topic, {"private": False})
+    try:
+        assert (await subscriber.reply())["status"] == "ok"
+        started = time.monotonic()
+        ids = await asyncio.to_thread(send_rows, sub_topic, count, False, count)  # one transaction
+        await subscriber.wait_until(lambda: len(subscriber.received) >= count, f"{count} broadcasts")
+        elapsed = time.monotonic() - started
+        assert [row_id for row_id, _ in subscriber.received] == ids
+        # One second's worth (the bucket) goes at once; the other 80 wait 2 s at 40/s.
+        assert elapsed >= (count - rate) / rate * 0.9, elapsed
+    finally:
+        await subscriber.close()

@@ -210,3 +210,13 @@ def test_token_bucket_allows_its_burst_then_its_rate() -> None:
 def test_a_token_bucket_with_no_rate_never_runs_dry() -> None:
     bucket = TokenBucket(0, 0, NOW)
     assert all(bucket.take(NOW, 1e9) for _ in range(10))
+
+
+def test_borrowing_from_a_token_bucket_paces_to_its_rate() -> None:
+    bucket = TokenBucket(100, 100, NOW)
+    assert bucket.borrow(NOW, 100) == 0.0  # its burst goes at once
+    assert bucket.borrow(NOW, 50) == pytest.approx(0.5)  # then 50 more wait half a second at 100/s
+    assert bucket.borrow(NOW + 0.5, 100) == pytest.approx(1.0)  # the debt was paid; 100 more wait 1 s
+    assert bucket.borrow(NOW + 10, 10) == 0.0  # refilled (to its capacity only)
+    assert bucket.borrow(NOW + 10, 190) == pytest.approx(1.0)
+    assert TokenBucket(0, 0, NOW).borrow(NOW, 1e9) == 0.0  # no rate: no pacing

@@ -59,6 +59,7 @@ class Command(BaseCommand):
                 layer,
                 max_payload_bytes=settings.REALTIME_MAX_PAYLOAD_SIZE_KB * 1000 + 500,
                 poll_interval=options["poll_interval"],
+                max_per_second=settings.REALTIME_MAX_DB_BROADCASTS_PER_SECOND,
             )
         asyncio.run(self._run(listener, broadcasts))
 
