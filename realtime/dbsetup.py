@@ -178,9 +178,15 @@ BEGIN
     ALTER TABLE realtime.messages
       ADD CONSTRAINT messages_payload_exclusive CHECK (payload IS NULL OR binary_payload IS NULL);
   END IF;
-  -- Replay reads a private topic's newest broadcasts (PROTOCOL.md 5.5).
+  -- Private broadcasts by time (the reference's index).
   IF to_regclass('realtime.messages_inserted_at_topic_index') IS NULL THEN
     CREATE INDEX messages_inserted_at_topic_index ON realtime.messages (inserted_at DESC, topic)
+      WHERE extension = 'broadcast' AND private IS TRUE;
+  END IF;
+  -- Replay reads one private topic's newest broadcasts (PROTOCOL.md 5.5): straight to the topic,
+  -- however many other topics' rows were inserted since ``since``.
+  IF to_regclass('realtime.messages_topic_inserted_at_index') IS NULL THEN
+    CREATE INDEX messages_topic_inserted_at_index ON realtime.messages (topic, inserted_at DESC)
       WHERE extension = 'broadcast' AND private IS TRUE;
   END IF;
 

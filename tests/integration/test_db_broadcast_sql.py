@@ -179,6 +179,11 @@ def test_setup_makes_the_reference_table_and_a_second_run_changes_nothing(scratc
         "CREATE INDEX messages_inserted_at_topic_index ON ONLY realtime.messages USING btree (inserted_at DESC, topic)"
         " WHERE ((extension = 'broadcast'::text) AND (private IS TRUE))",
     ) in run(scratch, CATALOG[2])
+    assert (  # replay: one topic's newest private broadcasts
+        "messages_topic_inserted_at_index",
+        "CREATE INDEX messages_topic_inserted_at_index ON ONLY realtime.messages USING btree (topic, inserted_at DESC)"
+        " WHERE ((extension = 'broadcast'::text) AND (private IS TRUE))",
+    ) in run(scratch, CATALOG[2])
     assert partitions(scratch) == ["messages_default"]
     assert run(scratch, CATALOG[5]) == [("supabase_realtime_messages_publication", True, False, False, False, True)]
     assert run(scratch, CATALOG[6]) == [("supabase_realtime_messages_publication", "realtime", "messages")]
