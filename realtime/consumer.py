@@ -29,7 +29,7 @@ from realtime.authorization import AuthorizedBinding, authorize_binding, get_dat
 from realtime.bindings import BindingError, parse_binding
 from realtime.filters import regex_cost
 from realtime.channel_auth import check_policies, headers_json
-from realtime.hub import ChangeSubscription, Subscription, get_hub
+from realtime.hub import ChangeSubscription, Held, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
 from realtime.publisher import get_publisher
 from realtime.jwt import Claims, TokenError, opaque_key_claims
@@ -157,6 +157,8 @@ class RealtimeConsumer(AsyncConsumer):
         self.change_tables: dict[str, tuple[SubscribeChanges, frozenset[tuple[str, str]]]] = {}
         # topic -> RE2 instructions its match/imatch filters run per byte of value, at worst
         self.regex_costs: dict[str, int] = {}
+        # Joins reading their replay: topic -> (broadcast group, where its live broadcasts wait).
+        self.holding: dict[str, tuple[str, Held]] = {}
         self.publication_watch: asyncio.Future[None] | None = None
         # Database work (policy checks, binding checks) waiting for one of this socket's
         # REALTIME_MAX_CHECKS_PER_SOCKET slots: (still wanted?, the work).
@@ -300,10 +302,12 @@ class RealtimeConsumer(AsyncConsumer):
                     logger.exception("broadcast publish failed socket=%s", self.socket_id)
                     return
             elif isinstance(effect, Subscribe):
+                holding = self.holding.get(effect.topic)
+                held = holding[1] if holding is not None and holding[0] == effect.group else None
                 await hub.subscribe(
                     effect.group,
                     Subscription(
-                        self.socket_id, effect.topic, self.vsn, effect.self_broadcast, self.writer, effect.skip_ids
+                        self.socket_id, effect.topic, self.vsn, effect.self_broadcast, self.writer, effect.skip_ids, held
                     ),
                 )
             elif isinstance(effect, Unsubscribe):
@@ -377,14 +381,30 @@ class RealtimeConsumer(AsyncConsumer):
         await self.step(lambda session: session.authorized(check, permissions, time.time()), "authorize", check.topic)
 
     async def replay(self, replay: Replay) -> None:
-        """Read the rows a join replays and hand them to the session (PROTOCOL.md 5.5)."""
-        rows: list[ReplayedRow] | None
+        """Read the rows a join replays and hand them to the session (PROTOCOL.md 5.5).
+
+        The channel is in its broadcast group before the read, its live broadcasts held until the
+        join is answered: a row committed after the read's snapshot arrives live, one the read saw
+        is replayed and skipped live, and none falls between the two.
+        """
+        hub = get_hub()
+        held = Held(settings.REALTIME_MAX_UNSENT_BYTES)
+        hold = Subscription(self.socket_id, replay.topic, self.vsn, replay.self_broadcast, self.writer, held=held)
+        previous = hub.subscription(replay.group, self.socket_id, replay.topic)
+        self.holding[replay.topic] = (replay.group, held)
         try:
-            rows = await replay_rows(get_database(), sub_topic(replay.topic), replay.since, replay.limit)
-        except Exception:
-            logger.warning("replay failed socket=%s topic=%s", self.socket_id, replay.topic, exc_info=True)
-            rows = None
-        await self.step(lambda session: session.replayed(replay, rows), "replay", replay.topic)
+            rows: list[ReplayedRow] | None
+            try:
+                await hub.subscribe(replay.group, hold)
+                rows = await replay_rows(get_database(), sub_topic(replay.topic), replay.since, replay.limit)
+            except Exception:
+                logger.warning("replay failed socket=%s topic=%s", self.socket_id, replay.topic, exc_info=True)
+                rows = None
+            await self.step(lambda session: session.replayed(replay, rows), "replay", replay.topic)
+        finally:
+            if self.holding.get(replay.topic, (None, None))[1] is held:
+                del self.holding[replay.topic]
+            hub.release(replay.group, hold, previous)
 
     async def subscribe_changes(self, effect: SubscribeChanges) -> None:
         """Check a channel's bindings in the database, register them, report (PROTOCOL.md 3.4, 4.3).

@@ -27,7 +27,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +56,7 @@ from realtime.types import (
 )
 from realtime.privileges import NO_GRANTS, Grants, PrivilegeCache, fetch_grants
 from realtime.topics import sub_topic, table_group
-from realtime.writer import SocketWriter
+from realtime.writer import SocketWriter, frame_size
 
 if TYPE_CHECKING:
     from realtime.claimsets import Registration
@@ -83,6 +83,30 @@ CLOSE_TIMEOUT_S = 2.0
 LAYER_OPS_IN_FLIGHT = 64
 
 
+@dataclass(eq=False, slots=True)
+class Held:
+    """A replaying join's live broadcasts, in arrival order, until the join is answered (PROTOCOL.md 5.5).
+
+    Past ``max_bytes`` (the socket's unsent cap) nothing more is kept and the socket is closed at
+    release as a slow consumer: frames are never dropped silently.
+    """
+
+    max_bytes: int
+    frames: list[tuple[str | None, dict[str, Any]]] = field(default_factory=list)
+    size: int = 0
+    overflowed: bool = False
+
+    def add(self, row_id: str | None, frame: dict[str, Any]) -> None:
+        if self.overflowed:
+            return
+        self.size += frame_size(frame)
+        if self.size > self.max_bytes:
+            self.overflowed = True
+            self.frames.clear()
+            return
+        self.frames.append((row_id, frame))
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Subscription:
     """One channel (socket, topic) that receives a group's broadcasts."""
@@ -95,6 +119,8 @@ class Subscription:
     # Ids of database broadcasts this channel replayed at join (PROTOCOL.md 5.5): not delivered again live.
     # At most the replay limit (25) per channel, for its lifetime.
     skip_ids: frozenset[str] = frozenset()
+    # While its join reads the replay: live broadcasts wait here (``Hub.hold``/``Hub.release``).
+    held: Held | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -299,6 +325,47 @@ class Hub:
         self._groups.setdefault(group, {})[(subscription.socket_id, subscription.topic)] = subscription
         self._snapshots.pop(group, None)
         await self._reconcile(group)
+
+    def subscription(self, group: str, socket_id: str, topic: str) -> Subscription | None:
+        """The channel's entry in ``group``, if it has one."""
+        members = self._groups.get(group)
+        return members.get((socket_id, topic)) if members else None
+
+    def release(self, group: str, hold: Subscription, previous: Subscription | None) -> None:
+        """Write what was held for a replaying join, in order, and deliver its broadcasts live from now on.
+
+        ``hold`` (with ``held`` set) was subscribed before the join read its replay, in the place of
+        ``previous``.
+        The join's own subscription (its ``Subscribe``, passed the same ``Held``) gets the held
+        broadcasts minus the rows it replayed. A join that did not open gives its place back to
+        ``previous`` (which gets them instead) or leaves the group.
+        """
+        key = (hold.socket_id, hold.topic)
+        members = self._groups.get(group)
+        current = members.get(key) if members else None
+        if current is None or members is None:
+            return  # left meanwhile
+        if current is hold:
+            if previous is None:
+                self.unsubscribe(group, *key)
+                return
+            target = previous
+        elif current.held is not None and current.held is hold.held:
+            target = replace(current, held=None)
+        else:
+            return  # a later join of the channel took its place
+        members[key] = target
+        self._snapshots.pop(group, None)
+        held = hold.held
+        assert held is not None
+        if held.overflowed:
+            logger.warning("slow consumer: live broadcasts held during a replay passed the unsent cap socket=%s", hold.socket_id)
+            target.writer.overflow()
+            return
+        for row_id, frame in held.frames:
+            if row_id is None or row_id not in target.skip_ids:
+                self._write(target, frame)
+        held.frames.clear()
 
     def unsubscribe(self, group: str, socket_id: str, topic: str) -> None:
         """Drop a local subscriber; the group is left in the background once empty."""
@@ -508,7 +575,10 @@ class Hub:
                 continue
             frame = frames.for_vsn(sub.vsn)
             if frame is not None:
-                self._write(sub, frame)
+                if sub.held is not None:
+                    sub.held.add(row_id, frame)
+                else:
+                    self._write(sub, frame)
 
     async def deliver_changes(self, run: ChangeRun) -> None:
         """Write each change of a run to every local channel whose bindings it satisfies."""

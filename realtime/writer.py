@@ -87,7 +87,7 @@ class SocketWriter:
                 return False
             return True
         if self._unsent > self._max_unsent:
-            self._overflow()
+            self.overflow()
             return False
         size = frame_size(frame)
         self._queue.append((frame, size))
@@ -96,7 +96,8 @@ class SocketWriter:
             self._task = asyncio.ensure_future(self._drain())
         return True
 
-    def _overflow(self) -> None:
+    def overflow(self) -> None:
+        """Give up on this socket: more is waiting for it than the cap; the consumer closes it (1008)."""
         logger.warning("slow consumer: %d bytes unsent, closing the socket", self._unsent)
         count_slow_consumer_close()
         self.close()

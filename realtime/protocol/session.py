@@ -181,6 +181,10 @@ class Replay:
     join_ref: str | None
     since: int  # milliseconds since the epoch
     limit: int
+    # The channel's broadcast group: its live broadcasts are held from before the read until the
+    # join is answered, so none falls between the read and the subscription.
+    group: str = ""
+    self_broadcast: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,7 +527,12 @@ class Session:
             if not channel.read.get(Extension.BROADCAST):
                 return self._refuse(msg, JoinRefused("Unauthorized", _read_denied(msg.topic)))
             pending.replay = Replay(
-                channel.topic, channel.join_ref, replay.since, max(1, min(MAX_REPLAY_LIMIT, replay.limit))
+                channel.topic,
+                channel.join_ref,
+                replay.since,
+                max(1, min(MAX_REPLAY_LIMIT, replay.limit)),
+                channel.group,
+                channel.config.broadcast_self,
             )
             self.pending_joins[msg.topic] = pending
             return [pending.replay]

@@ -259,3 +259,54 @@ async def test_a_database_broadcast_rate_limit_paces_delivery_and_drops_nothing(
         assert elapsed >= (count - rate) / rate * 0.9, elapsed
     finally:
         await subscriber.close()
+
+
+async def test_joins_replaying_while_rows_are_sent_miss_none_and_repeat_none(stack: Stack) -> None:
+    """A row committed while a join reads its replay arrives live; one the read saw is not repeated (PROTOCOL.md 5.5)."""
+    stack.start_replicator()
+    sub_topic = f"flood-{uuid.uuid4().hex[:8]}"
+    stop = threading.Event()
+
+    def send_until_stopped() -> None:
+        with psycopg.connect(dsn(), autocommit=True) as conn:
+            n = 0
+            while not stop.is_set():
+                conn.execute("SELECT realtime.send(jsonb_build_object('n', %s::int), 'e', %s, true)", (n, sub_topic))
+                n += 1
+                time.sleep(0.002)
+
+    sender = threading.Thread(target=send_until_stopped)
+    sender.start()
+    subscribers: list[Subscriber] = []
+    try:
+        await asyncio.sleep(0.3)
+        for _ in range(8):
+            subscribers.append(await Subscriber.join(
+                stack.server, sub_topic, {"private": True, "broadcast": {"replay": {"since": 0, "limit": 25}}},
+                "service_role",
+            ))
+            await asyncio.sleep(0.15)
+        for subscriber in subscribers:
+            assert (await subscriber.reply())["status"] == "ok"
+    finally:
+        stop.set()
+        await asyncio.to_thread(sender.join)
+    try:
+        with psycopg.connect(dsn(), autocommit=True) as conn:
+            ids = [row[0] for row in conn.execute(
+                "SELECT id::text FROM realtime.messages WHERE topic = %s ORDER BY (payload->>'n')::int", (sub_topic,)
+            ).fetchall()]
+        for subscriber in subscribers:
+            await subscriber.wait_until(lambda s=subscriber: s.received and s.received[-1][0] == ids[-1], "the last row")
+        await asyncio.sleep(0.5)
+        for subscriber in subscribers:
+            got = [row_id for row_id, _ in subscriber.received]
+            flags = [replayed for _, replayed in subscriber.received]
+            start = ids.index(got[0])
+            assert got == ids[start:], "a gap or a repeat between the replayed and the live rows"
+            replayed = flags.count(True)
+            assert flags == [True] * replayed + [False] * (len(flags) - replayed)
+            assert replayed == min(25, start + replayed) and 1 <= replayed
+    finally:
+        for subscriber in subscribers:
+            await subscriber.close()
