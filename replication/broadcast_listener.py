@@ -75,6 +75,7 @@ class BroadcastListener(SlotLoop):
     """Publishes inserted ``realtime.messages`` rows; ``run`` returns when ``stop`` is set."""
 
     label = "broadcast replication"
+    streaming = True
 
     def __init__(
         self,

@@ -45,10 +45,12 @@ from realtime.visibility import RowChecker
 from replication import pgoutput
 from replication.changes import ChangeDecoder
 from replication.connection import SlotReader
+from replication.streaming import SlotStream
 
 logger = logging.getLogger(__name__)
 
 STANDBY_POLL_S = 1.0
+STREAM_IDLE_S = 0.5  # how long a streaming loop waits for data before it looks at ``stop`` and ticks
 LAYER_RECOVERY_S = MEMBERSHIP_CHECK_S + RECEIVE_RETRY_S + 1.0
 PROBE_GROUP = "realtime.replicator-probe"  # never has members
 
@@ -97,6 +99,9 @@ class SlotLoop:
     """
 
     label = "replication"
+    # Read with the streaming replication protocol (``replication.streaming``) rather than by
+    # peeking through the SQL interface every ``poll_interval``.
+    streaming = False
 
     def __init__(self, dsn: str, slot: str, publication: str, layer: BaseChannelLayer,
                  batch_changes: int, poll_interval: float, stats: Any) -> None:
@@ -150,6 +155,9 @@ class SlotLoop:
         backoff.reset()
         logger.info("active: streaming slot %s of publication %s", self.slot, self.publication)
         self._activated()
+        if self.streaming:
+            await self._stream(reader, decoder, stop)
+            return
         # Peeking decodes from the slot's position even when nothing is new. Once
         # a peek finds nothing, each poll first reads how far WAL is flushed and
         # skips the peek while that has not moved since the last empty one (which
@@ -172,6 +180,27 @@ class SlotLoop:
                     return
                 continue
             idle, idle_at = False, None
+
+    async def _stream(self, reader: SlotReader, decoder: Any, stop: asyncio.Event) -> None:
+        """Publish the slot's pages as the replication protocol pushes them; confirm each published commit.
+
+        The reader's connection keeps the lock and answers the subclass's catalog queries.
+        """
+        stream = SlotStream(self.dsn, self.slot, self.publication, f"realtime replicate {self.slot} stream")
+        try:
+            await stream.start()
+            while not stop.is_set():
+                await self._tick()
+                rows = await stream.next_page(self.batch_changes, STREAM_IDLE_S)
+                if not rows:
+                    continue
+                stopped, committed = await self._page(reader, decoder, rows, stop)
+                if stopped:
+                    return
+                if committed is not None:
+                    await stream.confirm(committed)
+        finally:
+            await stream.close()
 
     async def _read_once(self, reader: SlotReader, decoder: Any, stop: asyncio.Event) -> tuple[bool, bool]:
         """Publish the slot's next transactions page by page, then consume them.
