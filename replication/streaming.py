@@ -143,20 +143,23 @@ class SlotStream:
         pgconn = self._pgconn
         page: list[SlotRow] = []
         size = 0
-        waited = False
+        waited = pulled = False
         while len(page) < max_rows and size < PAGE_BYTES:
             nbytes, data = pgconn.get_copy_data(1)
             if nbytes == 0:
+                if not pulled:
+                    # libpq holds no whole message: take what the socket already has, without waiting.
+                    self._consume()
+                    pulled = True
+                    continue
                 if page or waited:
                     break
                 await self.send_status()
                 await self._readable(idle_s)
                 waited = True
-                try:
-                    pgconn.consume_input()
-                except psycopg.Error as error:
-                    raise StreamEnded(f"replication connection lost: {error}") from error
+                self._consume()
                 continue
+            pulled = False
             if nbytes < 0:
                 raise StreamEnded(f"replication stream ended: {pgconn.error_message.decode(errors='replace').strip()}")
             message = parse_copy_data(data)
@@ -169,6 +172,12 @@ class SlotStream:
                 if message.reply_requested:
                     await self.send_status(force=True)
         return page
+
+    def _consume(self) -> None:
+        try:
+            self._pgconn.consume_input()
+        except psycopg.Error as error:
+            raise StreamEnded(f"replication connection lost: {error}") from error
 
     async def confirm(self, commit_end: int) -> None:
         """Everything up to ``commit_end`` was published: the server may drop that WAL."""
