@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 STANDBY_POLL_S = 1.0
 STREAM_IDLE_S = 0.5  # how long a streaming loop waits for data before it looks at ``stop`` and ticks
+# How long a streamed page gathers rows after its first: at most about 100 layer messages per second
+# per group, each server process receiving them one Redis round trip at a time.
+STREAM_LINGER_S = 0.01
 LAYER_RECOVERY_S = MEMBERSHIP_CHECK_S + RECEIVE_RETRY_S + 1.0
 PROBE_GROUP = "realtime.replicator-probe"  # never has members
 
@@ -191,7 +194,7 @@ class SlotLoop:
             await stream.start()
             while not stop.is_set():
                 await self._tick()
-                rows = await stream.next_page(self.batch_changes, STREAM_IDLE_S)
+                rows = await stream.next_page(self.batch_changes, STREAM_IDLE_S, STREAM_LINGER_S)
                 if not rows:
                     continue
                 stopped, committed = await self._page(reader, decoder, rows, stop)

@@ -132,10 +132,13 @@ class SlotStream:
             message = (result.error_message if result is not None else b"").decode(errors="replace")
             raise psycopg.OperationalError(f"START_REPLICATION failed: {message.strip() or pgconn.error_message!r}")
 
-    async def next_page(self, max_rows: int, idle_s: float) -> list[SlotRow]:
-        """The messages that arrived, up to ``max_rows`` or ``PAGE_BYTES``, once nothing more is waiting.
+    async def next_page(self, max_rows: int, idle_s: float, linger_s: float = 0.0) -> list[SlotRow]:
+        """The messages that arrived, up to ``max_rows`` or ``PAGE_BYTES``.
 
-        Waits up to ``idle_s`` for the first one; an empty page means nothing came.
+        Waits up to ``idle_s`` for the first one (an empty page means nothing came), then up to
+        ``linger_s`` after it for more: each page becomes one layer message per group, and every
+        server process receives layer messages one Redis round trip at a time, so a burst of small
+        transactions must not become as many layer messages.
 
         Raises:
             StreamEnded: the stream or the connection ended.
@@ -144,6 +147,8 @@ class SlotStream:
         page: list[SlotRow] = []
         size = 0
         waited = pulled = False
+        loop = asyncio.get_running_loop()
+        until = 0.0  # when the page is published, once it has a row
         while len(page) < max_rows and size < PAGE_BYTES:
             nbytes, data = pgconn.get_copy_data(1)
             if nbytes == 0:
@@ -152,7 +157,14 @@ class SlotStream:
                     self._consume()
                     pulled = True
                     continue
-                if page or waited:
+                if page:
+                    left = until - loop.time()
+                    if left <= 0:
+                        break
+                    await self._readable(left)
+                    self._consume()
+                    continue
+                if waited:
                     break
                 await self.send_status()
                 await self._readable(idle_s)
@@ -165,6 +177,8 @@ class SlotStream:
             message = parse_copy_data(data)
             if isinstance(message, XLogData):
                 self.progress.received(message.data)
+                if not page:
+                    until = loop.time() + linger_s
                 page.append(SlotRow(message.start_lsn, 0, message.data))
                 size += len(message.data)
             elif isinstance(message, PrimaryKeepalive):
