@@ -2,7 +2,7 @@
 """Development launcher: the single entry point for running and testing the server.
 
     python3 dev.py run [HOST:PORT]     serve on HOST:PORT (default 127.0.0.1:8000)
-    python3 dev.py test [PYTEST ARGS]  run the test suite (default: all of tests/)
+    python3 dev.py test [PYTEST ARGS]  mypy, then the test suite (default: all of tests/)
     python3 dev.py stop                stop the embedded PostgreSQL and Redis
 
 This module owns the bootstrap (``.venv`` creation, ``pip install -r
@@ -303,12 +303,23 @@ def npm_ci_if_needed() -> None:
     os.utime(modules)
 
 
+def run_mypy() -> int:
+    """mypy as pyproject.toml configures it (strict, its packages); 0 when they type-check."""
+    say("mypy (strict; see [tool.mypy] in pyproject.toml)")
+    return subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT).returncode
+
+
 def cmd_test(args: Sequence[str]) -> int:
     stop_after = "--stop-services" in args
     pytest_args = [arg for arg in args if arg != "--stop-services"] or ["tests"]
     bootstrap()
+    typed = run_mypy()
+    if typed != 0:
+        return fail("mypy found type errors; pytest was not run", typed)
     npm_ci_if_needed()
-    prepare_environment()
+    # The services and test defaults come from the pytest plugin tests.fixtures.services,
+    # which starts the embedded servers only when a test that is not marked unit runs.
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
     # pytest handles Ctrl-C itself (same process group); SIGTERM is forwarded.
     child = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=ROOT)

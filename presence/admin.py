@@ -90,7 +90,7 @@ LABEL_CHARS = 1024
 
 
 def _label(name: str) -> str:
-    return Truncator(name).chars(LABEL_CHARS)
+    return str(Truncator(name).chars(LABEL_CHARS))
 
 
 def channel_list(request: HttpRequest) -> HttpResponse:

@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from realtime.bindings import WILDCARD, Binding, BindingError
-from realtime.filters import FilterError, compile_conditions, parse_filter
+from realtime.filters import Condition, FilterError, compile_conditions, parse_filter
 from realtime.jwt import Claims
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ async def authorize_binding(
     Raises:
         BindingError: with the reference's subscribe-time message.
     """
-    conditions = ()
+    conditions: tuple[Condition, ...] = ()
     if binding.filter is not None:
         try:
             conditions = parse_filter(binding.filter)

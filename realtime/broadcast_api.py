@@ -57,7 +57,8 @@ def _with_cors(view: View) -> View:
 
     wrapped.__name__ = view.__name__
     wrapped.__doc__ = view.__doc__
-    return csrf_exempt(wrapped)
+    exempt: Callable[..., Awaitable[Any]] = csrf_exempt(wrapped)
+    return exempt
 
 
 def _authenticate(request: HttpRequest) -> Claims | None:

@@ -151,7 +151,7 @@ class Registration:
 
     async def _write(self, entries: dict[str, str]) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.keys.process(self.process_id), mapping=entries)
+        pipe.hset(self.keys.process(self.process_id), mapping=dict(entries.items()))
         pipe.zadd(self.keys.processes, {self.process_id: self._deadline()})
         pipe.incr(self.keys.version)
         await pipe.execute()
@@ -183,7 +183,7 @@ class Registration:
                 self._dirty = False
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.delete(key)
-                pipe.hset(key, mapping=dict(self._claims))
+                pipe.hset(key, mapping=dict(self._claims.items()))
                 pipe.incr(self.keys.version)
                 await pipe.execute()
 
@@ -257,5 +257,10 @@ class Directory:
         return tables
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
+def _text(value: object) -> str:
+    """A Redis reply string as text (redis-py types range replies as possibly scored pairs too)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"expected a Redis string reply, got {type(value).__name__}")

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -217,7 +218,8 @@ class RealtimeConsumer(AsyncConsumer):
         self.idle_timer = self.loop.call_later(settings.REALTIME_IDLE_TIMEOUT_S, self._check_idle)
 
     def _header(self, name: bytes) -> str:
-        for key, value in self.scope.get("headers", []):
+        headers: list[tuple[bytes, bytes]] = self.scope.get("headers", [])
+        for key, value in headers:
             if key == name:
                 return value.decode("latin-1").strip()
         return ""
@@ -302,6 +304,7 @@ class RealtimeConsumer(AsyncConsumer):
                     logger.exception("broadcast publish failed socket=%s", self.socket_id)
                     return
             elif isinstance(effect, Subscribe):
+                assert self.writer is not None  # effects come only after the socket was accepted
                 holding = self.holding.get(effect.topic)
                 held = holding[1] if holding is not None and holding[0] == effect.group else None
                 await hub.subscribe(
@@ -315,7 +318,7 @@ class RealtimeConsumer(AsyncConsumer):
                 hub.unsubscribe_changes(self.socket_id, effect.topic)
             elif isinstance(effect, SubscribeChanges):
                 # After the join reply, without holding up this socket's other frames.
-                self._queue_db(lambda effect=effect: self._is_current(effect), lambda effect=effect: self.subscribe_changes(effect))
+                self._queue_db(partial(self._is_current, effect), partial(self.subscribe_changes, effect))
             elif isinstance(effect, SendPresenceState):
                 state = await get_store().state(effect.presence_channel)
                 self.write(Message(effect.join_ref, None, effect.topic, "presence_state", state))
@@ -328,9 +331,9 @@ class RealtimeConsumer(AsyncConsumer):
                 await self.untrack(effect)
             elif isinstance(effect, Authorize):
                 # The verdict comes back as a later step; this socket's other frames go on meanwhile.
-                self._queue_db(lambda check=effect: self._waits_for(check), lambda check=effect: self.authorize(check))
+                self._queue_db(partial(self._waits_for, effect), partial(self.authorize, effect))
             elif isinstance(effect, Replay):
-                self._queue_db(lambda replay=effect: self._waits_for(replay), lambda replay=effect: self.replay(replay))
+                self._queue_db(partial(self._waits_for, effect), partial(self.replay, effect))
             elif isinstance(effect, Disconnect):
                 await self.close(effect.code)
                 return
@@ -387,6 +390,7 @@ class RealtimeConsumer(AsyncConsumer):
         join is answered: a row committed after the read's snapshot arrives live, one the read saw
         is replayed and skipped live, and none falls between the two.
         """
+        assert self.writer is not None  # effects come only after the socket was accepted
         hub = get_hub()
         held = Held(settings.REALTIME_MAX_UNSENT_BYTES)
         hold = Subscription(self.socket_id, replay.topic, self.vsn, replay.self_broadcast, self.writer, held=held)
@@ -489,7 +493,7 @@ class RealtimeConsumer(AsyncConsumer):
                     self.change_tables.pop(topic, None)  # left, re-joined or resubscribing with new claims
                     continue
                 # Through the socket's database queue, like every other check of this socket.
-                self._queue_db(lambda effect=effect: self._is_current(effect), lambda effect=effect: self._recheck(effect))
+                self._queue_db(partial(self._is_current, effect), partial(self._recheck, effect))
 
     async def _recheck(self, effect: SubscribeChanges) -> None:
         entry = self.change_tables.get(effect.topic)

@@ -1078,6 +1078,7 @@ def _compile_condition(
                 SqlState.RAISE_EXCEPTION,
             )
         folded = op in (FilterOp.ILIKE, FilterOp.IMATCH) or ctype.name == "citext"
+        test: Callable[[str], bool | None]
         if op in (FilterOp.LIKE, FilterOp.ILIKE):
             test = _compile_like(value, folded)
         else:

@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt as pyjwt
 
@@ -105,6 +105,8 @@ def verify_token(
     except (pyjwt.DecodeError, ValueError, TypeError):
         raise _malformed() from None
     alg = header.get("alg")
+    if not isinstance(alg, str):
+        alg = ""  # a list or an object in "alg" names no algorithm (and would not hash below)
     kid = header.get("kid")
     key: Any = None
     if alg in HMAC_ALGORITHMS:
@@ -166,7 +168,7 @@ def check_claims(raw: dict[str, Any], now: float, validators: dict[str, Any] | N
     return Claims(role=role, exp=float(exp), sub=sub if isinstance(sub, str) else None, raw=raw)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

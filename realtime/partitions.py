@@ -165,7 +165,7 @@ class _Step:
 
     kind: Literal["create", "drop", "purge"]
     name: str
-    statements: tuple[sql.Composable, ...]
+    statements: tuple[sql.SQL | sql.Composed, ...]  # what execute() takes
     counted: int | None = None
 
 
@@ -188,7 +188,7 @@ def _create_step(day: date, state: _State) -> _Step:
     name = partition_name(day)
     table = sql.Identifier(_SCHEMA, name)
     lower, upper = sql.Literal(day_start(day)), sql.Literal(day_start(day + timedelta(days=1)))
-    statements: list[sql.Composable] = [
+    statements: list[sql.SQL | sql.Composed] = [
         _SET_LOCK_TIMEOUT,
         sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(table, _PARENT),
     ]

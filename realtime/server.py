@@ -45,6 +45,7 @@ import json
 import logging
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from autobahn.websocket import protocol as autobahn_protocol
@@ -101,7 +102,9 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
             self._denial_body = (self._denial_body or b"") + bytes(message.get("body", b""))
             if not message.get("more_body", False) and hasattr(self, "handshake_deferred"):
                 status = self._denial[0]
-                self.handshake_deferred.errback(ConnectionDeny(code=status, reason=_reason(status)))
+                self.handshake_deferred.errback(
+                    ConnectionDeny(code=status, reason=_reason(status))  # type: ignore[no-untyped-call]  # autobahn leaves it unannotated
+                )
                 del self.handshake_deferred
                 self.server.protocol_disconnected(self)
             return
@@ -154,13 +157,13 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
             # The application is behind this client: stop reading its socket until it catches up.
             self._reading_paused = True
             self.transport.pauseProducing()
-            reactor.callLater(INBOUND_POLL_S, self._resume_reading)
+            _call_later(INBOUND_POLL_S, self._resume_reading)
 
     def _resume_reading(self) -> None:
         if not self.transport.connected:
             return
         if self.application_queue.qsize() > INBOUND_RESUME_AT:
-            reactor.callLater(INBOUND_POLL_S, self._resume_reading)
+            _call_later(INBOUND_POLL_S, self._resume_reading)
             return
         self._reading_paused = False
         self.transport.resumeProducing()
@@ -254,7 +257,7 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
         # time loses the connection, and its buffer with it.
         self.sendCloseFrame(code=CLOSE_SLOW_CONSUMER, isReply=False)
         self.transport.loseConnection()
-        reactor.callLater(SLOW_CLOSE_GRACE_S, self._abort_slow)
+        _call_later(SLOW_CLOSE_GRACE_S, self._abort_slow)
         return True
 
     def _abort_slow(self) -> None:
@@ -359,6 +362,12 @@ class LimitedWebRequest(http_protocol.WebRequest):
         transport.loseConnection()
 
 
+def _call_later(delay: float, function: Callable[[], object]) -> None:
+    # Twisted declares its zope interfaces' methods without ``self``, so without
+    # the mypy-zope plugin mypy reads ``delay`` as ``callable``.
+    reactor.callLater(delay, function)  # type: ignore[arg-type]
+
+
 def skip_config_dump() -> None:
     """Stop autobahn formatting its whole configuration for a debug line on every connection.
 
@@ -367,7 +376,8 @@ def skip_config_dump() -> None:
     of the server's CPU per join. A private detail of autobahn, replaced here
     only; ``tests/unit/test_server_frames.py`` fails if it moves.
     """
-    autobahn_protocol.pformat = _no_format
+    # autobahn's own import of pprint.pformat, which it calls with one argument.
+    autobahn_protocol.pformat = _no_format  # type: ignore[attr-defined,assignment]
 
 
 def _no_format(obj: object) -> str:

@@ -13,11 +13,12 @@ losing. Decoding lives in ``pgoutput``; this module knows nothing of it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 from replication.stream import lsn_to_text, parse_lsn
 
@@ -54,7 +55,7 @@ class SlotReader:
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
-        self.conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        self.conn: psycopg.AsyncConnection[TupleRow] | None = None
 
     async def connect(self) -> None:
         # The slot is decoded in this session, so its settings shape the text
@@ -71,7 +72,7 @@ class SlotReader:
             await self.conn.close()
             self.conn = None
 
-    def _conn(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+    def _conn(self) -> psycopg.AsyncConnection[TupleRow]:
         if self.conn is None:
             raise RuntimeError("SlotReader is not connected")
         return self.conn
@@ -112,7 +113,7 @@ class SlotReader:
         cursor = await self._conn().execute(_PEEK, (self.slot, max_changes, self.publication))
         return [SlotRow(parse_lsn(lsn), int(xid), bytes(data)) for lsn, xid, data in await cursor.fetchall()]
 
-    async def peek_pages(self, max_changes: int) -> AsyncIterator[list[SlotRow]]:
+    async def peek_pages(self, max_changes: int) -> AsyncGenerator[list[SlotRow], None]:
         """``peek``'s rows, a page at a time through a server-side cursor.
 
         PostgreSQL holds the decoded transactions (spilling to disk past

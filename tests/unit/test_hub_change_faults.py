@@ -1,17 +1,17 @@
 """The hub's delivery of a run of changes under faults (issue #10): failed checks, exact numerics, 401.
 
-Runs the real ``Hub`` with a layer that never delivers; runs are handed to
-``deliver_changes`` directly, as the receive loop would.
+Runs the real ``Hub`` on channels' ``InMemoryChannelLayer``, on which nothing is
+sent: runs are handed to ``deliver_changes`` directly, as the receive loop would.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from channels.layers import InMemoryChannelLayer
 
 from realtime.authorization import AuthorizedBinding
 from realtime.bindings import parse_binding
@@ -45,21 +45,6 @@ class Recorder:
 
     def events(self, event: str) -> list[Any]:
         return [f[4] for f in self.frames if f[3] == event]
-
-
-class IdleLayer:
-    async def new_channel(self, prefix: str = "") -> str:
-        return prefix + "test!1"
-
-    async def group_add(self, group: str, channel: str) -> None:
-        return None
-
-    async def group_discard(self, group: str, channel: str) -> None:
-        return None
-
-    async def receive(self, channel: str) -> dict[str, Any]:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
 
 
 class Registration:
@@ -124,7 +109,7 @@ def ids_of(writer: Recorder) -> list[int]:
 
 @pytest.fixture
 async def hub() -> Any:
-    instance = Hub(IdleLayer(), Registration())  # type: ignore[arg-type]
+    instance = Hub(InMemoryChannelLayer(), Registration())  # type: ignore[arg-type]
     yield instance
     await instance.aclose()
 
@@ -180,7 +165,7 @@ async def test_the_hubs_own_check_treats_a_failed_policy_like_the_replicator_doe
             raise RowCheckFailed(TIMEOUT)
         return b"\x01" * len(keys)
 
-    hub = Hub(IdleLayer(), Registration(), row_check)  # type: ignore[arg-type]
+    hub = Hub(InMemoryChannelLayer(), Registration(), row_check)  # type: ignore[arg-type]
     try:
         slow = await channel(hub, "slow", "slow")
         fast = await channel(hub, "fast", "fast")
@@ -197,7 +182,7 @@ async def test_a_check_that_cannot_reach_the_database_is_reported_not_silent() -
     async def row_check(who: Claims, schema: str, table: str, keys: list[bytes]) -> bytes:
         raise ConnectionError("pool closed")
 
-    hub = Hub(IdleLayer(), Registration(), row_check)  # type: ignore[arg-type]
+    hub = Hub(InMemoryChannelLayer(), Registration(), row_check)  # type: ignore[arg-type]
     try:
         a = await channel(hub, "a", "a")
         await hub.deliver_changes(run(change("INSERT", {"id": 1}, rls=True), rls=True))

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from channels.layers import InMemoryChannelLayer
 
 from realtime.authorization import AuthorizedBinding
 from realtime.bindings import parse_binding
@@ -72,23 +73,6 @@ def test_removed_channels_get_nothing() -> None:
     assert not route
 
 
-class IdleLayer:
-    """Just enough of a channel layer for the hub's bookkeeping: nothing ever arrives."""
-
-    async def new_channel(self, prefix: str = "") -> str:
-        return prefix + "test!1"
-
-    async def group_add(self, group: str, channel: str) -> None:
-        return None
-
-    async def group_discard(self, group: str, channel: str) -> None:
-        return None
-
-    async def receive(self, channel: str) -> dict[str, Any]:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-
 class CountingRegistration:
     """Records the channels counted per (table, claim set), as the Redis registry would."""
 
@@ -111,7 +95,7 @@ class CountingRegistration:
 
 async def test_the_registry_counts_each_channel_once_through_resubscribes_and_leaves() -> None:
     registration = CountingRegistration()
-    hub = Hub(IdleLayer(), registration)  # type: ignore[arg-type]
+    hub = Hub(InMemoryChannelLayer(), registration)  # type: ignore[arg-type]
     alice = Claims("authenticated", 4e9, "alice", {"sub": "alice"})
 
     def channel(socket: str, *tables: str) -> ChangeSubscription:

@@ -71,6 +71,13 @@ def test_asymmetric_algorithms_without_jwks_have_no_signer() -> None:
     assert error.message.startswith('Failed to generate JWT signer for key ID (kid) "k1"')
 
 
+@pytest.mark.parametrize("alg", [["HS256"], {"name": "HS256"}, 256, None])
+def test_an_alg_that_is_not_a_string_has_no_signer(alg: object) -> None:
+    header = base64.urlsafe_b64encode(json.dumps({"alg": alg}).encode()).rstrip(b"=").decode()
+    body = base64.urlsafe_b64encode(json.dumps({"role": "anon", "exp": NOW + 60}).encode()).rstrip(b"=").decode()
+    assert error_of(f"{header}.{body}.c2ln").code == "JwtSignerError"
+
+
 def test_minted_tokens_verify() -> None:
     token = mint_token(SECRET, "service_role", NOW, 60)
     assert verify_token(token, SECRET, NOW).role == "service_role"

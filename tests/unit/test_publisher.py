@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from channels.layers import InMemoryChannelLayer
 
 from realtime.publisher import Publisher
 from realtime.types import BroadcastMessage
@@ -13,10 +14,11 @@ from realtime.types import BroadcastMessage
 pytestmark = pytest.mark.unit
 
 
-class SlowLayer:
-    """A layer whose sends take ``delay`` seconds; records what each ``group_send`` carried."""
+class SlowLayer(InMemoryChannelLayer):
+    """channels' in-memory layer whose sends take ``delay`` seconds (or fail); records what each carried."""
 
     def __init__(self, delay: float = 0.01, fail: bool = False) -> None:
+        super().__init__()
         self.delay = delay
         self.fail = fail
         self.sent: list[tuple[str, dict[str, Any]]] = []
@@ -26,6 +28,7 @@ class SlowLayer:
         if self.fail:
             raise ConnectionError("redis is down")
         self.sent.append((group, message))
+        await super().group_send(group, message)
 
 
 def message(group: str, n: int) -> BroadcastMessage:
