@@ -191,6 +191,16 @@ async def test_bad_filters_answer_system_errors_and_keep_the_channel(connect, ta
         assert system[4]["message"].startswith(prefix), system
     await client.push(None, "99", "phoenix", "heartbeat", {})
     assert (await client.recv_event("phx_reply"))[4]["status"] == "ok"
+    # Each channel is still joined: a broadcast pushed on it reaches another member of its topic.
+    other = await connect()
+    for n in range(len(cases)):
+        assert (await other.join(f"realtime:bad{n}", ref=str(n + 10)))[4]["status"] == "ok"
+    for n in range(len(cases)):
+        payload = {"type": "broadcast", "event": "still", "payload": {"n": n}}
+        await client.push(str(n + 10), str(n + 100), f"realtime:bad{n}", "broadcast", payload)
+        frame = await other.recv_event("broadcast")
+        assert (frame[2], frame[4]) == (f"realtime:bad{n}", payload)
+    assert await client.nothing(0.3)  # no phx_close and no "unmatched topic" reply
 
 
 async def test_leave_stops_changes(connect, table, listener) -> None:  # C64
