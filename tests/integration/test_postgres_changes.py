@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,6 +49,13 @@ async def listener(publication) -> AsyncIterator[Listener]:
     yield instance
     stop.set()
     await asyncio.wait_for(task, 10)
+    if instance.stats.last_error:
+        # A connection killed during a peek leaves its server cursor unclosed (replication/connection.py
+        # peek_pages), and psycopg warns when that is collected: collect it here, once the listener let
+        # go of it, so the warning does not fail whichever test happens to run next.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"<psycopg\.AsyncServerCursor object .*> was deleted while still open", ResourceWarning)
+            gc.collect()
     execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", params=(slot,))
 
 
