@@ -6,6 +6,11 @@ replicator (``tests.fixtures.replicator``) streams the database to the same
 Redis as the server; the files reach the database through ``PYTHON``
 ``tests/e2e/sql.py`` with ``PG_URL``. A failure shows node's output and the
 tail of the server and replicator logs.
+
+A skipped or todo node test fails its file unless ``ALLOWED_SKIPS`` names it
+with a reason (printed with the output): node itself exits 0 and counts
+neither as a failure, so a test that skips instead of checking would pass
+silently. ``js/results_reporter.mjs`` reports each test's directives.
 """
 
 from __future__ import annotations
@@ -13,9 +18,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import json
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,8 +37,93 @@ JS_DIR = Path(__file__).resolve().parent / "js"
 JS_FILES = sorted(JS_DIR.glob("*.test.mjs"))
 NODE_TIMEOUT_S = 120
 NPM_CI_TIMEOUT_S = 300
-SUMMARY_LINE = re.compile(r"^\u2139 (tests|pass|fail) (\d+)$", re.MULTILINE)
+SUMMARY_LINE = re.compile(r"^\u2139 (tests|pass|fail|cancelled|skipped|todo) (\d+)$", re.MULTILINE)
 SUPABASE_JS = JS_DIR / "node_modules" / "@supabase" / "supabase-js" / "package.json"
+RESULTS_REPORTER = JS_DIR / "results_reporter.mjs"
+
+# (file, test name) -> why that test may skip (or be todo) without failing the run.
+ALLOWED_SKIPS: dict[tuple[str, str], str] = {}
+
+
+@dataclass(frozen=True)
+class NodeRun:
+    """What ``node --test`` printed (spec reporter), its exit code and one result per test and suite."""
+
+    command: list[str]
+    returncode: int
+    output: str
+    results: list[dict[str, Any]]
+
+
+def run_node(js_file: Path, env: dict[str, str], timeout: float = NODE_TIMEOUT_S) -> NodeRun:
+    """``node --test`` on one file from its directory, with the spec and the results reporters.
+
+    Raises:
+        subprocess.TimeoutExpired: the file did not finish within ``timeout``.
+    """
+    with tempfile.TemporaryDirectory(prefix="node-results-") as directory:
+        results_path = Path(directory) / "results.jsonl"
+        command = [
+            _tool("node"),
+            "--test",
+            "--test-reporter=spec",
+            "--test-reporter-destination=stdout",
+            f"--test-reporter={RESULTS_REPORTER.as_uri()}",
+            f"--test-reporter-destination={results_path}",
+            js_file.name,
+        ]
+        result = subprocess.run(
+            command,
+            cwd=js_file.parent,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        text = results_path.read_text(encoding="utf-8") if results_path.exists() else ""
+    results = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return NodeRun(command, result.returncode, result.stdout, results)
+
+
+def run_problems(run: NodeRun, file_name: str, allowed: dict[tuple[str, str], str]) -> tuple[list[str], list[str]]:
+    """(what makes this run fail, the reasons of the skips it was allowed) beyond a non-zero exit code."""
+    problems: list[str] = []
+    excused: list[str] = []
+    tests = [r for r in run.results if not r["suite"]]
+    if not tests:
+        problems.append("the results reporter saw no test")
+    for r in run.results:
+        if r["failed"]:
+            problems.append(f"failed: {r['name']!r}" + (" (todo: node does not count it)" if r["todo"] else ""))
+        directives = [
+            f"{kind} ({reason})" if isinstance(reason, str) else kind
+            for kind, reason in (("skip", r["skip"]), ("todo", r["todo"]))
+            if reason is not None
+        ]
+        if not directives:
+            continue
+        reason = allowed.get((file_name, r["name"]))
+        if reason is None:
+            problems.append(f"{' and '.join(directives)} not in ALLOWED_SKIPS: {r['name']!r}")
+        else:
+            excused.append(f"allowed {' and '.join(directives)}: {r['name']!r}: {reason}")
+    counts = {name: int(n) for name, n in SUMMARY_LINE.findall(run.output)}
+    if counts.get("tests", 0) == 0:
+        problems.append("node's summary counts no test")
+    if counts.get("fail") != 0:
+        problems.append(f"node's summary: fail {counts.get('fail')}")
+    if counts.get("cancelled", 0) != 0:
+        problems.append(f"node's summary: cancelled {counts['cancelled']}")
+    # The summary and the reporter must agree, or the reporter missed something.
+    for kind in ("skip", "todo"):
+        summary = counts.get("skipped" if kind == "skip" else "todo")
+        seen = sum(1 for r in tests if r[kind] is not None)
+        if summary != seen:
+            problems.append(f"node's summary counts {summary} {kind}, the results reporter {seen}")
+    return problems, excused
 
 
 def _tool(name: str) -> str:
@@ -83,37 +177,61 @@ def test_supabase_js(
         "PYTHON": sys.executable,
         "NO_COLOR": "1",
     }
-    command = [_tool("node"), "--test", "--test-reporter=spec", js_file.name]
     try:
-        result = subprocess.run(
-            command,
-            cwd=JS_DIR,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=NODE_TIMEOUT_S,
-            check=False,
-        )
+        run = run_node(js_file, env)
     except subprocess.TimeoutExpired as exc:
         output = exc.stdout.decode("utf-8", "replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
         pytest.fail(
-            f"{' '.join(command)} did not finish within {NODE_TIMEOUT_S} s"
+            f"{' '.join(map(str, exc.cmd))} did not finish within {NODE_TIMEOUT_S} s"
             " (a client left open keeps node alive)\n"
             f"{output}\n--- server log ---\n{realtime_server.log_tail()}"
             f"\n--- replicator log ---\n{replicator.log_tail()}"
         )
-    print(result.stdout)
-    if result.returncode != 0:
+    print(run.output)
+    if run.returncode != 0:
         pytest.fail(
-            f"{' '.join(command)} exited with {result.returncode}\n{result.stdout}\n"
+            f"{' '.join(run.command)} exited with {run.returncode}\n{run.output}\n"
             f"--- server log ---\n{realtime_server.log_tail()}\n"
             f"--- replicator log ---\n{replicator.log_tail()}",
             pytrace=False,
         )
-    counts = dict(SUMMARY_LINE.findall(result.stdout))
-    assert int(counts.get("tests", "0")) > 0, f"{js_file.name} ran no test:\n{result.stdout}"
-    assert counts.get("fail") == "0", f"node reported failures:\n{result.stdout}"
+    problems, excused = run_problems(run, js_file.name, ALLOWED_SKIPS)
+    for line in excused:
+        print(line)
+    assert not problems, f"{js_file.name}:\n" + "\n".join(problems) + f"\n{run.output}"
     realtime_server.check_alive()
     assert replicator.is_running(), replicator.describe("died during the run")
+
+
+CHECKED_FILE = """\
+import { test } from 'node:test'
+test('passes', () => {})
+test('skipped by option', { skip: 'not today' }, () => {})
+test('skips itself', (t) => { t.skip('no reason') })
+test('todo that fails', { todo: 'later' }, () => { throw new Error('boom') })
+test('todo that passes', { todo: true }, () => {})
+"""
+
+
+def test_skips_and_todos_fail_the_run_unless_allowed(tmp_path: Path) -> None:
+    """The check itself: node exits 0 here, yet every skip and todo not allowed is a problem."""
+    js_file = tmp_path / "checked.test.mjs"
+    js_file.write_text(CHECKED_FILE, encoding="utf-8")
+    run = run_node(js_file, {**os.environ, "NO_COLOR": "1"}, timeout=60)
+    assert run.returncode == 0, run.output  # node does not fail on any of them
+    problems, excused = run_problems(run, js_file.name, {})
+    assert sorted(problems) == sorted([
+        "skip (not today) not in ALLOWED_SKIPS: 'skipped by option'",
+        "skip (no reason) not in ALLOWED_SKIPS: 'skips itself'",
+        "failed: 'todo that fails' (todo: node does not count it)",
+        "todo (later) not in ALLOWED_SKIPS: 'todo that fails'",
+        "todo not in ALLOWED_SKIPS: 'todo that passes'",
+    ]), problems
+    assert excused == []
+    allowed = {(js_file.name, name): "a reason" for name in ("skipped by option", "skips itself", "todo that passes")}
+    problems, excused = run_problems(run, js_file.name, allowed)
+    assert problems == [
+        "failed: 'todo that fails' (todo: node does not count it)",
+        "todo (later) not in ALLOWED_SKIPS: 'todo that fails'",
+    ], problems
+    assert len(excused) == 3 and all(line.endswith(": a reason") for line in excused)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 from channels.layers import get_channel_layer
 from psycopg import sql
 
+from replication.connection import LOCK_NAMESPACE
 from replication.listener import Listener
 from tests.integration.conftest import dsn, execute, token
 
@@ -46,6 +49,13 @@ async def listener(publication) -> AsyncIterator[Listener]:
     yield instance
     stop.set()
     await asyncio.wait_for(task, 10)
+    if instance.stats.last_error:
+        # A connection killed during a peek leaves its server cursor unclosed (replication/connection.py
+        # peek_pages), and psycopg warns when that is collected: collect it here, once the listener let
+        # go of it, so the warning does not fail whichever test happens to run next.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"<psycopg\.AsyncServerCursor object .*> was deleted while still open", ResourceWarning)
+            gc.collect()
     execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", params=(slot,))
 
 
@@ -91,17 +101,28 @@ async def test_insert_is_delivered_with_typed_record(connect, table, listener) -
 
 
 async def test_event_type_filter(connect, table, listener) -> None:  # C38, C39
+    """Each event filter gets exactly its own events: INSERT, UPDATE, DELETE, and all three for ``*``."""
     client = await connect()
-    insert_id, all_id = await subscribe(
-        client, "realtime:ev", [{"event": "INSERT", "schema": "public", "table": table}, {"event": "*", "schema": "public", "table": table}]
+    insert_id, update_id, delete_id, all_id = await subscribe(
+        client,
+        "realtime:ev",
+        [{"event": event, "schema": "public", "table": table} for event in ("INSERT", "UPDATE", "DELETE", "*")],
     )
+    ident = sql.Identifier("public", table)
     insert(table, {"id": 1, "title": "a"})
-    frame = await client.recv_event("postgres_changes", timeout=10)
-    assert sorted(frame[4]["ids"]) == sorted([insert_id, all_id])
-    execute(sql.SQL("UPDATE {} SET title = 'b' WHERE id = 1").format(sql.Identifier("public", table)))
-    frame = await client.recv_event("postgres_changes", timeout=10)
-    assert frame[4]["ids"] == [all_id] and frame[4]["data"]["type"] == "UPDATE"
-    assert frame[4]["data"]["old_record"] == {"id": 1}  # C44: DEFAULT identity: the key only
+    execute(sql.SQL("UPDATE {} SET title = 'b' WHERE id = 1").format(ident))
+    execute(sql.SQL("DELETE FROM {} WHERE id = 1").format(ident))
+    frames = [(await client.recv_event("postgres_changes", timeout=10))[4] for _ in range(3)]
+    assert [(f["data"]["type"], sorted(f["ids"])) for f in frames] == [
+        ("INSERT", sorted([insert_id, all_id])),
+        ("UPDATE", sorted([update_id, all_id])),
+        ("DELETE", sorted([delete_id, all_id])),
+    ]
+    assert frames[0]["data"]["record"] == {"id": 1, "title": "a", "user_id": None, "done": False, "tags": None, "meta": None}
+    assert frames[1]["data"]["record"]["title"] == "b"
+    assert frames[1]["data"]["old_record"] == {"id": 1}  # C44: DEFAULT identity: the key only
+    assert frames[2]["data"]["old_record"] == {"id": 1} and "record" not in frames[2]["data"]
+    assert await client.nothing(0.5)
 
 
 async def test_row_level_filter(connect, table, listener) -> None:  # C48
@@ -139,8 +160,15 @@ async def test_per_table_channel_isolation(connect, table, listener, publication
 
 
 async def test_authorize_subscription_allowed(connect, table, listener) -> None:
+    """A role granted SELECT (and only it: anon's grant is revoked) subscribes and gets the rows."""
+    execute(sql.SQL("REVOKE SELECT ON {} FROM anon").format(sql.Identifier("public", table)))
     client = await connect(apikey=token("authenticated"))
-    await subscribe(client, "realtime:auth-ok", [{"event": "*", "schema": "public", "table": table}])
+    [binding_id] = await subscribe(client, "realtime:auth-ok", [{"event": "*", "schema": "public", "table": table}])
+    insert(table, {"id": 5, "title": "seen"})
+    frame = await client.recv_event("postgres_changes", timeout=10)
+    assert frame[4]["ids"] == [binding_id]
+    assert frame[4]["data"]["type"] == "INSERT" and frame[4]["data"]["record"]["title"] == "seen"
+    assert await client.nothing(0.5)
 
 
 async def test_authorize_subscription_denied(connect, table, listener) -> None:
@@ -172,6 +200,16 @@ async def test_bad_filters_answer_system_errors_and_keep_the_channel(connect, ta
         assert system[4]["message"].startswith(prefix), system
     await client.push(None, "99", "phoenix", "heartbeat", {})
     assert (await client.recv_event("phx_reply"))[4]["status"] == "ok"
+    # Each channel is still joined: a broadcast pushed on it reaches another member of its topic.
+    other = await connect()
+    for n in range(len(cases)):
+        assert (await other.join(f"realtime:bad{n}", ref=str(n + 10)))[4]["status"] == "ok"
+    for n in range(len(cases)):
+        payload = {"type": "broadcast", "event": "still", "payload": {"n": n}}
+        await client.push(str(n + 10), str(n + 100), f"realtime:bad{n}", "broadcast", payload)
+        frame = await other.recv_event("broadcast")
+        assert (frame[2], frame[4]) == (f"realtime:bad{n}", payload)
+    assert await client.nothing(0.3)  # no phx_close and no "unmatched topic" reply
 
 
 async def test_leave_stops_changes(connect, table, listener) -> None:  # C64
@@ -183,21 +221,77 @@ async def test_leave_stops_changes(connect, table, listener) -> None:  # C64
     assert await client.nothing(0.8)
 
 
+async def replicator_backend(slot: str) -> tuple[int, str, str] | None:
+    """(pid, application_name, backend_type) of the session holding the slot's advisory lock: the active replicator."""
+    async with await psycopg.AsyncConnection.connect(dsn(), autocommit=True) as conn:
+        cursor = await conn.execute(
+            "SELECT a.pid, a.application_name, a.backend_type FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND l.classid = hashtext(%s)::oid AND l.objid = hashtext(%s)::oid",
+            (LOCK_NAMESPACE, slot),
+        )
+        rows = await cursor.fetchall()
+    assert len(rows) <= 1, rows
+    return (int(rows[0][0]), str(rows[0][1]), str(rows[0][2])) if rows else None
+
+
+async def slot_active_pid(slot: str) -> int:
+    """A pid seen in the slot's ``active_pid``: the listener holds the slot only while it peeks.
+
+    Each round commits a transaction with an xid (new WAL makes the idle
+    listener peek again) and then samples ``pg_replication_slots``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    async with await psycopg.AsyncConnection.connect(dsn(), autocommit=True) as conn:
+        while loop.time() < deadline:
+            await conn.execute("SELECT pg_current_xact_id()")
+            for _ in range(50):
+                cursor = await conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+                row = await cursor.fetchone()
+                assert row is not None, f"slot {slot} is gone"
+                if row[0] is not None:
+                    return int(row[0])
+                await asyncio.sleep(0.001)
+    raise AssertionError(f"no session was seen using slot {slot}")
+
+
 async def test_replication_listener_retry(connect, table, listener) -> None:
     """After its database connection is killed the listener is back within 5 s and loses nothing."""
     client = await connect()
     await subscribe(client, "realtime:retry", [{"event": "INSERT", "schema": "public", "table": table}])
-    execute(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s AND active_pid IS NOT NULL",
-        params=(listener.slot,),
-    )
-    execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-        params=(f"realtime replicate {listener.slot}",),
-    )
-    insert(table, {"id": 42})
-    frame = await client.recv_event("postgres_changes", timeout=5)
-    assert frame[4]["data"]["record"]["id"] == 42
+    before = await replicator_backend(listener.slot)
+    assert before is not None, "no session holds the slot's lock"
+    pid, application_name, backend_type = before
+    assert (application_name, backend_type) == (f"realtime replicate {listener.slot}", "client backend")
+    assert await slot_active_pid(listener.slot) == pid  # the lock holder is the session that reads the slot
+    assert listener.stats.active and listener.stats.last_error == ""
+
+    with psycopg.connect(dsn(), autocommit=True) as conn:
+        row = conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()  # waits until it has exited
+    assert row == (True,), f"pg_terminate_backend({pid}) returned {row}"
+    insert(table, *({"id": n} for n in range(1, 6)))  # while the listener is down or reconnecting
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while (after := await replicator_backend(listener.slot)) is None or after[0] == pid:
+        assert loop.time() < deadline, f"no new session took the slot's lock within 5 s (last: {after})"
+        await asyncio.sleep(0.05)
+    assert after[1:] == (f"realtime replicate {listener.slot}", "client backend")
+    assert listener.stats.last_error != "", "the listener did not notice its connection was killed"
+    assert await slot_active_pid(listener.slot) == after[0]
+
+    insert(table, *({"id": n} for n in range(6, 11)))
+    received = []
+    while len(received) < 10:
+        try:
+            frame = await client.recv_event("postgres_changes", timeout=5)
+        except TimeoutError:
+            break  # the comparison below names what is missing
+        received.append(frame[4]["data"]["record"]["id"])
+    assert received == list(range(1, 11))
+    assert await client.nothing(0.5)
 
 
 async def test_select_keeps_only_the_chosen_columns_and_the_key(connect, table, listener) -> None:  # C60
@@ -256,3 +350,24 @@ async def test_a_dropped_slot_is_recreated_and_later_changes_flow(connect, table
     insert(table, {"id": 99})
     frame = await client.recv_event("postgres_changes", timeout=5)
     assert frame[4]["data"]["record"]["id"] == 99
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="FOUND BY h-tests: the row's json converts to a str with a lone surrogate, publishing it raises"
+    " UnicodeEncodeError and the listener retries the same page forever, so no later change is delivered",
+)
+async def test_a_json_lone_surrogate_escape_does_not_stop_the_stream(connect, table, listener) -> None:
+    """PostgreSQL's json type keeps ``"\\ud800"`` as written (jsonb refuses it); one such row must not wedge the slot."""
+    ident = sql.Identifier("public", table)
+    execute(sql.SQL("ALTER TABLE {} ADD COLUMN j json").format(ident))
+    client = await connect()
+    await subscribe(client, "realtime:surrogate", [{"event": "INSERT", "schema": "public", "table": table}])
+    execute(sql.SQL("INSERT INTO {} (id, j) VALUES (1, %s::json)").format(ident), params=['"\\ud800"'])
+    insert(table, {"id": 2})
+    received = []
+    # receive_nothing, not a receive timeout: the test communicator cancels the app on a timeout.
+    while not await client.nothing(5):
+        received.append((await client.recv_event("postgres_changes", timeout=5))[4]["data"]["record"]["id"])
+    assert 2 in received, f"the change after the json row never arrived (received {received})"

@@ -75,12 +75,17 @@ async def test_presence_leave(connect) -> None:  # C86
 
 async def test_non_object_track_payload_keeps_the_channel(connect) -> None:  # C87
     room = topic()
-    a = await connect()
-    await a.join(room, {"presence": {"enabled": True}})
+    a, watcher = await connect(), await connect()
+    await a.join(room, {"presence": {"enabled": True, "key": "a"}})
+    await watcher.join(room, {"presence": {"enabled": True}})
+    assert (await watcher.recv_event("presence_state"))[4] == {}
     reply = await track(a, room, "nope")
     assert reply[4] == {"status": "error", "response": {"reason": "Presence track payload must be a map"}}
+    assert await watcher.nothing(0.3)
     reply = await track(a, room, {"ok": True}, ref="6")
     assert reply[4]["status"] == "ok"
+    diff = (await watcher.recv_event("presence_diff"))[4]  # the channel still tracks
+    assert diff["leaves"] == {} and [m["ok"] for m in diff["joins"]["a"]["metas"]] == [True]
 
 
 async def test_several_sockets_with_one_key_show_several_metas(connect) -> None:
@@ -105,4 +110,8 @@ async def test_a_burst_of_tracks_from_many_sockets_is_answered(connect) -> None:
         *(c.push("1", "5", room, "presence", {"type": "presence", "event": "track", "payload": {"n": i}}) for i, c in enumerate(clients))
     )
     replies = await asyncio.gather(*(c.recv_event("phx_reply", timeout=20) for c in clients))
-    assert all(reply[4]["status"] == "ok" for reply in replies)
+    assert [reply[4]["status"] for reply in replies] == ["ok"] * len(clients)
+    watcher = await connect()
+    await watcher.join(room, {"presence": {"enabled": True}})
+    state = (await watcher.recv_event("presence_state", timeout=10))[4]
+    assert sorted(meta["n"] for entry in state.values() for meta in entry["metas"]) == list(range(len(clients)))

@@ -133,11 +133,13 @@ async def test_oversized_frame_closes_with_1009(connect, settings) -> None:
 
 
 async def test_ack_for_binary_broadcast(connect) -> None:  # C67
-    a = await connect()
+    a, b = await connect(), await connect()
     room = topic()
     await a.join(room, {"broadcast": {"ack": True}})
+    await b.join(room)
     await a.ws.send_to(bytes_data=bytes([3, 1, 2, len(room), 1, 0, 1]) + b"1" + b"77" + room.encode() + b"e" + b"{}")
     assert await a.recv() == ["1", "77", room, "phx_reply", {"status": "ok", "response": {}}]
+    assert await b.recv() == bytes([4, len(room), 1, 0, 1]) + room.encode() + b"e" + b"{}"  # acked and delivered
 
 
 async def test_join_refusals_arrive_as_error_replies(connect) -> None:  # C19, C24, C25

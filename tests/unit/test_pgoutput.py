@@ -602,7 +602,8 @@ def test_streamed_protocol_2_transaction_carries_xids_and_stream_markers() -> No
     assert inserts[0].xid == top and inserts[1].xid == abort.subxid
     (update,) = of_type(decoded, Update)
     assert update.xid is not None and update.xid not in (top, abort.subxid)
-    assert all(r.xid is not None for r in of_type(decoded, Relation))
+    relations = of_type(decoded, Relation)
+    assert relations and all(r.xid is not None for r in relations)
     (message,) = of_type(decoded, Message)
     assert (message.xid, message.content, message.lsn) == (top, b"in stream", commit.commit_lsn)
     assert commit.flags == 0 and commit.commit_lsn < commit.end_lsn

@@ -152,14 +152,18 @@ def test_convert_row_keeps_column_order_and_skips_absent_columns() -> None:
         ["int4", "int8", "float8", "numeric", "bool", "json", "jsonb", "timestamp",
          "timestamptz", "bytea", "_int4", "_numeric", "_jsonb", "_float4", "_text", "text"]
     ),
-    st.text(max_size=30),
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=30),  # no lone surrogates: Postgres text is valid UTF-8
 )  # fmt: skip
 def test_convert_never_raises_and_its_result_encodes(type_name: str, text: str) -> None:
     value = convert(type_name, text)
-    try:
-        encode_json(value)
-    except UnicodeEncodeError:
-        pass  # lone surrogates in the input text, impossible from Postgres
+    json.loads(encode_json(value).encode("utf-8"))  # encodes, as UTF-8 too, and is JSON
+
+
+@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError, reason="FOUND BY h-tests: a json value holding a lone \\ud800 escape converts to a str UTF-8 cannot carry")
+@pytest.mark.parametrize(("type_name", "text"), [("json", '"\\ud800"'), ("json", '{"k": "\\udfff"}'), ("_json", '{"\\"\\\\ud800\\""}')])
+def test_a_lone_surrogate_escape_in_json_converts_to_what_utf8_carries(type_name: str, text: str) -> None:
+    # PostgreSQL's json type keeps its input text, so it stores such escapes (jsonb refuses them).
+    json.loads(encode_json(convert(type_name, text)).encode("utf-8"))
 
 
 # --- JSON encoding -----------------------------------------------------------
