@@ -988,7 +988,8 @@ def summarize(runs: list[Run]) -> tuple[list[str], dict[str, Any]]:
     for n in sorted({r.n for r in runs}):
         here = [r for r in runs if r.n == n]
         ceilings = [r for r in here if r.server in CEILINGS and r.sustained]
-        ceiling = max(ceilings, key=lambda r: r.sustained.deliveries_per_s if r.sustained else 0.0, default=None)
+        ceiling = max(ceilings, default=None, key=lambda r: (r.sustained.deliveries_per_s, -(r.sustained.us_per_delivery or 0))
+                      if r.sustained else (0.0, 0.0))
         top = ceiling.sustained.deliveries_per_s if ceiling and ceiling.sustained else None
         per_n: dict[str, Any] = {"ceiling": ceiling.server if ceiling else None}
         lines += ["", f"N = {n} sockets",
@@ -1018,7 +1019,9 @@ def summarize(runs: list[Run]) -> tuple[list[str], dict[str, Any]]:
                 f"{fmt(r.rss_mb_per_1k, '.2f'):>10} {peak.deliveries_per_s if peak else 0:>10,.0f} "
                 f"{fmt(ratio, '.2f'):>7}" + (f"  error: {r.error}" if r.error else bound))
         if ceiling is None:
-            lines.append(f"  ceiling: none (run {' or '.join(CEILINGS)} for the ratios)")
+            ran = [r.server for r in here if r.server in CEILINGS]
+            lines.append(f"  ceiling: none ({' and '.join(ran)} passed no step)" if ran
+                         else f"  ceiling: none (run {' or '.join(CEILINGS)} for the ratios)")
         else:
             others = [r for r in here if r.server in CEILINGS and r is not ceiling]
             lines.append(f"  ceiling: {ceiling_label(ceiling.server)}; the faster here"
