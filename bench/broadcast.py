@@ -996,11 +996,14 @@ def summarize(runs: list[Run]) -> tuple[list[str], dict[str, Any]]:
                   f"  {'server':<15} {'joined':>6} {'pub/s':>7} {'deliveries/s':>12} {'p50 ms':>7} {'p99 ms':>7} "
                   f"{'CPU us/dlv':>10} {'(sys)':>5} {'srv CPU':>7} {'core':>5} {'lg CPU':>6} {'RSS MiB/1k':>10} "
                   f"{'peak dlv/s':>10} {'vs ceil':>7}"]
+        seen: Counter[str] = Counter()
         for r in here:
             s, peak = r.sustained, r.peak
+            seen[r.server] += 1
+            key = r.server if seen[r.server] == 1 else f"{r.server}#{seen[r.server]}"  # --servers may repeat one
             ratio = s.deliveries_per_s / top if s and top else None
             bound = "" if r.limit_found else "  (every step passed: a lower bound)"
-            per_n[r.server] = {
+            per_n[key] = {
                 "joined": r.joined, "target_rate": s.rate if s else None, "pub_rate": s.pub_rate if s else None,
                 "deliveries_per_s": s.deliveries_per_s if s else None, "p50_ms": s.p50_ms if s else None,
                 "p99_ms": s.p99_ms if s else None, "us_per_delivery": s.us_per_delivery if s else None,
