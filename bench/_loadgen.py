@@ -2,7 +2,9 @@
 
 A worker process opens COUNT sockets, joins each to the bench topic and then
 counts the broadcasts it receives, with a latency histogram per step (the
-publisher embeds its ``time.time_ns()`` and the step number in every payload).
+publisher embeds its ``time.time_ns()``, the step number and a sequence number
+in every payload; ``SeqCheck`` counts, per socket, sequence numbers missing,
+repeated or out of order).
 It is driven by JSON lines on stdin and answers with JSON lines on stdout.
 
 Two client implementations:
@@ -131,6 +133,68 @@ def parse_tick(text: bytes | str) -> tuple[int, int] | None:
     return int(text[k + 4 : text.index(comma, k, j)]), int(text[j + 4 : text.index(close, j)])  # type: ignore[arg-type]
 
 
+def parse_tick_seq(text: bytes | str) -> tuple[int, int, int] | None:
+    """(step, seq, sent_ns) from a broadcast frame whose payload ends with ``"s":S,"seq":N,"t":T}``."""
+    data = text.encode() if isinstance(text, str) else text
+    j = data.rfind(b'"t":')
+    k = data.rfind(b'"s":', 0, j) if j >= 0 else -1
+    q = data.rfind(b'"seq":', k, j) if k >= 0 else -1
+    if q < 0:
+        return None
+    return (int(data[k + 4 : data.index(b",", k, j)]), int(data[q + 6 : data.index(b",", q, j)]),
+            int(data[j + 4 : data.index(b"}", j)]))
+
+
+class SeqCheck:
+    """Per-socket checks of the publisher's sequence numbers (one publisher, seq rising by 1 per message).
+
+    Per step: how many sequence numbers each socket saw for the first time (``fresh``), how many
+    arrived at or below the socket's last one (``dups``: repeated or out of order) and how many were
+    skipped (``gaps``: holes in a socket's sequence, counted in the step where its next message
+    arrives). ``reply`` turns a step into per-socket loss against the number the publisher sent,
+    over every socket that joined, the ones closed since included.
+    """
+
+    __slots__ = ("sockets", "last", "steps")
+
+    def __init__(self, sockets: list[Any]) -> None:
+        self.sockets = list(sockets)
+        self.last: dict[Any, int] = {}
+        self.steps: dict[int, list[Any]] = {}
+
+    def see(self, key: Any, step: int, seq: int) -> None:
+        st = self.steps.get(step)
+        if st is None:
+            st = self.steps[step] = [0, 0, {}]
+        last = self.last.get(key, -1)
+        if seq > last:
+            if last >= 0 and seq > last + 1:
+                st[1] += seq - last - 1
+            self.last[key] = seq
+            fresh = st[2]
+            fresh[key] = fresh.get(key, 0) + 1
+        else:
+            st[0] += 1
+
+    def reply(self, step: int, sent: int, is_open: Callable[[Any], bool]) -> dict[str, int]:
+        """Drop the step and sum it up: with ``sent`` messages published, what each socket missed."""
+        dups, gaps, fresh = self.steps.pop(step, None) or (0, 0, {})
+        missing = lossy = worst = closed = closed_missing = 0
+        for key in self.sockets:
+            miss = max(0, sent - fresh.get(key, 0))
+            gone = not is_open(key)
+            closed += gone
+            if miss:
+                missing += miss
+                lossy += 1
+                worst = max(worst, miss)
+                if gone:
+                    closed_missing += miss
+        return {"sockets": len(self.sockets), "sent": sent, "dups": dups, "gaps": gaps, "missing": missing,
+                "lossy_sockets": lossy, "max_socket_missing": worst, "closed_sockets": closed,
+                "closed_missing": closed_missing}
+
+
 def tick_frame(step: int, seq: int, sent_ns: int) -> bytes:
     return (
         '["1","2","' + TOPIC + '","broadcast",{"type":"broadcast","event":"' + EVENT + '",'
@@ -210,9 +274,14 @@ def receive(conn: Any, rbuf: bytearray, rview: memoryview) -> bytes | str | None
 
 
 def answer_control(
-    line: bytes, stats: dict[int, list[Any]], counters: dict[str, int], close_reasons: dict[str, int], open_sockets: int
+    line: bytes, stats: dict[int, list[Any]], counters: dict[str, int], close_reasons: dict[str, int], open_sockets: int,
+    seqs: SeqCheck | None = None, is_open: Callable[[Any], bool] | None = None, sample: list[str] | None = None,
 ) -> bool:
-    """Answer one command of the controller to a subscriber worker; False after ``quit``."""
+    """Answer one command of the controller to a subscriber worker; False after ``quit``.
+
+    With ``seqs``, ``stats`` also answers the step's per-socket sequence checks (``seq``) against the
+    ``sent`` count the command carries; with ``sample``, ``status`` carries the first broadcast frame received.
+    """
     msg = json.loads(line)
     cmd = msg.get("cmd")
     if cmd == "count":
@@ -221,9 +290,15 @@ def answer_control(
     elif cmd == "stats":
         reply = stats_reply(stats, int(msg["step"]), remove=bool(msg.get("remove", True)))
         reply["cpu"] = time.process_time()
+        if seqs is not None and is_open is not None:
+            reply["seq"] = seqs.reply(int(msg["step"]), int(msg.get("sent", 0)), is_open)
         emit(reply)
     elif cmd == "status":
-        emit({"open": open_sockets, "cpu": time.process_time(), "counters": counters, "close_reasons": close_reasons})
+        status: dict[str, Any] = {"open": open_sockets, "cpu": time.process_time(), "counters": counters,
+                                  "close_reasons": close_reasons}
+        if sample is not None:
+            status["sample"] = sample[0] if sample else None
+        emit(status)
     elif cmd == "quit":
         emit({"bye": True})
         return False
@@ -462,8 +537,15 @@ def run_lite_worker(cfg: dict[str, Any]) -> None:
             pending_out.discard(conn)
             write(conn, data)
 
+    seqs = SeqCheck(order)
+    see = seqs.see
+    sample: list[str] = []
+
+    def is_open(conn: LiteConn) -> bool:
+        return by_fd.get(conn.fd) is conn
+
     def handle_control(line: bytes) -> bool:
-        return answer_control(line, stats, counters, close_reasons, len(by_fd))
+        return answer_control(line, stats, counters, close_reasons, len(by_fd), seqs, is_open, sample)
 
     batch_wait = float(cfg.get("batch_wait_ms", 1.0)) / 1000
     batch_events = 64 if batch_wait > 0 else 0
@@ -502,6 +584,11 @@ def run_lite_worker(cfg: dict[str, Any]) -> None:
                     if k > 0:
                         counters["ticks"] += 1
                         step = int(data[k + 4 : data.index(b",", k, j)])
+                        q = data.rfind(b'"seq":', k, j)
+                        if q > 0:
+                            see(conn, step, int(data[q + 6 : data.index(b",", q, j)]))
+                        if not sample:
+                            sample.append(data[start:end].decode("utf-8", "replace"))
                         lat = (now - int(data[j + 4 : data.index(b"}", j, end)])) // 1000
                         st = stats.get(step)
                         if st is None:
@@ -579,22 +666,29 @@ async def _websockets_worker(cfg: dict[str, Any]) -> None:
     emit({"ready": True, "joined": len(conns), "failed": count - len(conns), "errors": errors[:5],
           "setup_s": round(time.monotonic() - started, 3)})
     open_count = [len(conns)]
+    seqs = SeqCheck(list(range(len(conns))))
+    gone: set[int] = set()
+    sample: list[str] = []
 
     async def reader(ws: Any, index: int) -> None:
         try:
             async for msg in ws:
                 counters["frames"] += 1
-                tick = parse_tick(msg) if isinstance(msg, str) else None
+                tick = parse_tick_seq(msg) if isinstance(msg, str) else None
                 if tick is None:
                     counters["other"] += 1
                 else:
                     counters["ticks"] += 1
-                    record(stats, tick[0], tick[1], time.time_ns())
+                    record(stats, tick[0], tick[2], time.time_ns())
+                    seqs.see(index, tick[0], tick[1])
+                    if not sample:
+                        sample.append(msg)
         except Exception as error:
             close_reasons[type(error).__name__] = close_reasons.get(type(error).__name__, 0) + 1
         finally:
             counters["closed"] += 1
             open_count[0] -= 1
+            gone.add(index)
 
     async def heartbeats(ws: Any, index: int) -> None:
         await asyncio.sleep(heartbeat_s * index / max(1, len(conns)))
@@ -623,7 +717,8 @@ async def _websockets_worker(cfg: dict[str, Any]) -> None:
             break
         if not line.strip():
             continue
-        if not answer_control(line, stats, counters, close_reasons, open_count[0]):
+        if not answer_control(line, stats, counters, close_reasons, open_count[0], seqs,
+                              lambda index: index not in gone, sample):
             break
     for task in tasks:
         task.cancel()
@@ -664,6 +759,7 @@ class Publisher:
         total = max(1, round(rate * duration))
         sent = 0
         first_ns = 0
+        seq_first = self.seq + 1
         t0 = time.monotonic()
         while sent < total:
             due = min(total, int((time.monotonic() - t0) * rate) + 1)
@@ -679,7 +775,8 @@ class Publisher:
             if delay > 0:
                 time.sleep(delay)
         wall = time.monotonic() - t0
-        return {"sent": sent, "first_ns": first_ns, "last_ns": time.time_ns(), "wall": wall, "rate": sent / wall if wall else 0.0}
+        return {"sent": sent, "first_ns": first_ns, "last_ns": time.time_ns(), "wall": wall, "rate": sent / wall if wall else 0.0,
+                "seq_first": seq_first, "seq_last": self.seq}
 
     def close(self) -> None:
         self.conn.close()
