@@ -115,6 +115,8 @@ class Delivery:
     deliveries_per_s: float = 0.0
     lag_s: float | None = None
     caught_up: bool = False
+    ended_s: float | None = None  # when the bench stopped waiting, seconds after the writes
+    end_reason: str = ""  # all delivered | drain limit | quiet after catch-up
     p99_bound_ms: float = 100.0
     cpu: dict[str, float] = field(default_factory=dict)
     note: str = ""
@@ -495,17 +497,20 @@ class Bench:
         return reply
 
     def wait_delivered(
-        self, step_id: int, expected: int, marker_lsn: int, written: float, drain_limit: float
+        self, step_id: int, expected: int, marker_lsn: int, written: float, drain_limit: float,
+        st: Delivery | None = None,
     ) -> float | None:
         """Poll the workers until a step's ``expected`` deliveries arrived and the slot passed its marker.
 
-        Gives up ``drain_limit`` s after the writes, or 1.5 s after the last
-        delivery once the replicator has caught up. Returns when it caught up
-        (monotonic), or None if it never did.
+        Gives up ``drain_limit`` s after the writes, or ``--settle`` s after the
+        last delivery once the replicator has caught up (the server may still be
+        delivering then: a late row counts as lost). Returns when it caught up
+        (monotonic), or None if it never did; records in ``st`` when and why it stopped.
         """
         assert self.server is not None
         caught_up_at = None
         last, last_change = -1, time.monotonic()
+        reason = ""
         while True:
             now = time.monotonic()
             if caught_up_at is None and self.confirmed_lsn() > marker_lsn:
@@ -514,16 +519,21 @@ class Bench:
             if got != last:
                 last, last_change = got, now
             if got >= expected and caught_up_at is not None:
+                reason = "all delivered"
                 break
             if now > written + drain_limit:
+                reason = f"drain limit {drain_limit:g}s"
                 break
-            if caught_up_at is not None and now - last_change > 1.5:
+            if caught_up_at is not None and now - max(last_change, caught_up_at) > self.args.settle:
+                reason = f"nothing new {self.args.settle:g}s after the replicator caught up"
                 break
             if self.server.poll() is not None:
                 raise BenchError(f"server exited with code {self.server.returncode}")
             if self.replicator is not None and self.replicator.poll() is not None:
                 raise BenchError(f"replicator exited: {self.log_tail(self.replicator_log)}")
             time.sleep(0.02)
+        if st is not None:
+            st.ended_s, st.end_reason = time.monotonic() - written, reason
         return caught_up_at
 
     def gather(self, st: Delivery, step_id: int, reply: dict[str, Any]) -> float:
@@ -609,6 +619,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--join-batch", type=int, default=20, help="joins in flight per subscriber process")
     p.add_argument("--keep-table", action="store_true", help="leave the bench's table in place at the end")
     p.add_argument("--log-dir", type=Path, help="logs, configs, counts and results (default: a temp dir)")
+    p.add_argument("--settle", type=float, default=5.0, help="once the replicator has caught up, stop waiting "
+                   "for a step's deliveries after this many seconds without one (default 5; the server may "
+                   "still be delivering after the slot is confirmed)")
     p.add_argument("--json", type=Path, help="where to write the JSON results (default: in the log dir)")
 
 

@@ -357,7 +357,7 @@ class Bench(pb.Bench):
             st.expected = sum(residue_count(id_base, st.rows, subs, n) for n in joined_ids)
         else:
             st.expected = st.rows * st.receivers
-        caught_up_at = self.wait_delivered(step_id, st.expected, marker_lsn, written, drain_limit)
+        caught_up_at = self.wait_delivered(step_id, st.expected, marker_lsn, written, drain_limit, st)
         s1 = self.cpu_snapshot()
         st.wall_s = time.monotonic() - t0
         st.cpu = self.cpu_delta(s0, s1)
@@ -480,7 +480,8 @@ def summary_lines(args: argparse.Namespace, bench: Bench | None) -> tuple[list[s
                            f"({100 * (s.received - s.duplicates) / max(1, s.expected):.1f}%) received between "
                            f"{fmt(s.first_s, '.2f')}s and {fmt(s.last_s, '.2f')}s after the first commit; replicator "
                            + (f"caught up {fmt(s.lag_s, '.1f')}s after the writer stopped" if s.caught_up
-                              else "had not caught up when the drain limit ended the step"))
+                              else "had not caught up")
+                           + f"; the bench stopped waiting {fmt(s.ended_s, '.1f')}s after the writes ({s.end_reason})")
     out.append("\n  Targets:")
     target = next((s for s in steps if s.subs == TARGET_SUBS and not s.filtered and s.rate == TARGET_RATE), None)
     head = (f"    p50 <= {P50_TARGET_MS:g} ms and p99 <= {P99_TARGET_MS:g} ms at {TARGET_RATE:,} changes/s with "

@@ -405,7 +405,7 @@ $fn$""").format(schema=schema, table=sql.Identifier("public", TABLE)))
             marker_lsn = self.marker()
             written = time.monotonic()
             st.expected = self.expected_for(id_base, st.rows)
-            caught_up_at = self.wait_delivered(step_id, st.expected, marker_lsn, written, drain_limit)
+            caught_up_at = self.wait_delivered(step_id, st.expected, marker_lsn, written, drain_limit, st)
             s1 = self.cpu_snapshot()
             st.cpu = self.cpu_delta(s0, s1)
             self.gather(st, step_id, reply)
@@ -548,9 +548,9 @@ def summary_lines(args: argparse.Namespace, bench: Bench | None) -> tuple[list[s
                            f"{s.expected:,} authorized deliveries ({100 * got / max(1, s.expected):.1f}%) received "
                            + (f"between {fmt(s.first_s, '.2f')}s and {fmt(s.last_s, '.2f')}s after the first commit"
                               if got else "at all")
-                           + f" (drain limit {args.drain_limit_max:g}s after the writes); replicator "
-                           + (f"caught up {fmt(s.lag_s, '.1f')}s after the writer stopped" if s.caught_up
-                              else "had not caught up when the step ended"))
+                           + f"; replicator " + (f"caught up {fmt(s.lag_s, '.1f')}s after the writer stopped" if s.caught_up
+                                                 else "had not caught up")
+                           + f"; the bench stopped waiting {fmt(s.ended_s, '.1f')}s after the writes ({s.end_reason})")
     good = [s for s in steps if s.rate and s.ok]  # the max step is a burst, not a sustained rate
     best = max(good, key=lambda s: s.deliveries_per_s, default=None)
     if best is not None:
