@@ -99,7 +99,7 @@ class Delivery:
     rate: float  # target changes/s, 0 = as fast as the writer can
     duration: float = 0.0  # scheduled seconds of writing (fixed-rate steps)
     rows: int = 0
-    write_rate: float = 0.0  # rows / max(writing time, scheduled duration)
+    write_rate: float = 0.0  # achieved: rows over the scheduled time, or over the time actually taken if later
     rows_per_commit: float = 0.0
     commit_p50_ms: float | None = None
     commit_p99_ms: float | None = None
@@ -490,8 +490,13 @@ class Bench:
                                     "max_batch": max_batch or self.args.max_batch}, st.duration + 600)
         self.next_id = max(self.next_id, id_base + int(reply["sent"]))
         st.rows = int(reply["sent"])
-        # The rate over the scheduled time: a writer that finishes late achieved less than its target.
-        st.write_rate = st.rows / max(float(reply["wall"]), st.duration if st.rate else 0.0, 1e-6)
+        if st.rate:
+            # On schedule, the last statement starts 1/rate before the end of the scheduled time; a
+            # writer that starts it later achieved less than its target (its commit time is latency).
+            taken = float(reply.get("last_start_s", reply["wall"])) + 1 / st.rate
+            st.write_rate = st.rows / max(taken, st.duration, 1e-6)
+        else:
+            st.write_rate = st.rows / max(float(reply["wall"]), 1e-6)
         st.rows_per_commit = float(reply["rows_per_commit"])
         st.commit_p50_ms, st.commit_p99_ms = reply["commit_p50_ms"], reply["commit_p99_ms"]
         return reply

@@ -472,6 +472,7 @@ class Writer:
         sent = 0
         pos = 0
         first_ns = last_ns = 0
+        last_start = 0.0
         t0 = time.monotonic()
         end = t0 + duration if duration else float("inf")
         next_tick = t0
@@ -485,6 +486,7 @@ class Writer:
                 due = total
             k = min(due - sent, max_batch)
             if k > 0:
+                last_start = time.monotonic() - t0
                 segs = self.segments(pos, k, base, space, truncate_first)
                 sent_ns, done_ns = self.insert(step, segs, statement)
                 if not first_ns:
@@ -500,7 +502,7 @@ class Writer:
                 if delay > 0:
                     time.sleep(delay)
         wall = time.monotonic() - t0
-        return {"sent": sent, "commits": commits, "wall": wall, "rate": sent / wall if wall > 0 else 0.0,
+        return {"sent": sent, "commits": commits, "wall": wall, "last_start_s": last_start, "rate": sent / wall if wall > 0 else 0.0,
                 "first_ns": first_ns, "last_ns": last_ns,
                 "commit_p50_ms": percentile_ms(hist, commits, 0.5), "commit_p99_ms": percentile_ms(hist, commits, 0.99),
                 "rows_per_commit": sent / commits if commits else 0.0, "cpu": time.process_time()}

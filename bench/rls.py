@@ -496,7 +496,8 @@ def step_row(s: Step) -> str:
 
 def print_legend() -> None:
     print("columns: rate = target changes/s (max = as fast as the writer can), rows = rows inserted, write/s = the "
-          "writer's achieved rate (over the scheduled time), r/txn = rows per transaction, expected/received/loss = "
+          "writer's achieved rate (rows over the scheduled time, or over the time it took to start its last statement "
+          "plus one interval if that was later), r/txn = rows per transaction, expected/received/loss = "
           "authorized deliveries, dups = duplicates, leaks = changes received by a socket whose user does not own the "
           "row, p50/p99/max = commit-to-client latency, dlv/s = deliveries per second from first commit to last receipt, "
           "lag s = seconds after the writer stopped until the slot passed its last row; R = change batches (runs) the "
@@ -669,7 +670,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.baseline_changes = args.baseline_changes or (5 if q else 20)
     args.baseline_passes = args.baseline_passes or (1 if q else 3)
     args.baseline_seconds = args.baseline_seconds or (10.0 if q else 30.0)
-    args.timeout = args.timeout or (240.0 if q else 900.0 + args.sockets / 10)
+    args.timeout = args.timeout or ((240.0 if q else 900.0) + args.sockets / 10)
     args.publication = ""  # set per run by Bench
     return args
 
