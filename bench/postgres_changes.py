@@ -439,14 +439,14 @@ def summary_lines(args: argparse.Namespace, bench: Bench | None) -> tuple[list[s
     out = ["", "=" * 120, "Summary"]
     summary: dict[str, Any] = {"subs": args.subs, "rates": args.rates, "duration_s": args.duration}
     if through is not None:
-        verdict = "PASS" if not through.failures() else f"FAIL ({', '.join(through.failures())})"
         out.append(f"\n  Replicator throughput with real subscribers ({through.joined} sockets each filtering k=eq.N, "
                    f"through Redis to one server), a {through.rows:,}-row backlog: {through.received - through.duplicates:,}"
                    f"/{through.expected:,} delivered, loss {through.loss:,}, duplicates {through.duplicates:,}; slot "
                    f"confirmed after {fmt(through.repl_s, '.2f')}s ({fmt(through.repl_rate, ',.0f')} changes/s), last row "
                    f"received after {fmt(through.delivered_s, '.2f')}s ({fmt(through.rate, ',.0f')} changes/s); CPU "
                    f"server {through.cpu.get('server', 0):.0f}%, replicator {through.cpu.get('repl', 0):.0f}%, "
-                   f"redis {through.cpu.get('redis', 0):.0f}%")
+                   f"redis {through.cpu.get('redis', 0):.0f}%"
+                   + (f"; error: {through.error}" if through.error else ""))
         summary["throughput"] = {"rate": through.rate, "repl_rate": through.repl_rate, "loss": through.loss,
                                  "duplicates": through.duplicates, "ok": not through.failures()}
     if ceiling is not None:
