@@ -573,7 +573,7 @@ def summary_lines(args: argparse.Namespace, bench: Bench | None) -> tuple[list[s
                            f"{b.kind} ceiling {b.ceiling:,.0f}/s -> {best.deliveries_per_s / b.ceiling:.1f}x")
                 summary[f"ratio_to_{b.kind}"] = best.deliveries_per_s / b.ceiling
         burst = next((s for s in steps if s.rate == 0), None)
-        out.append("  (ours is what that step's target rate asked for, not our ceiling: rates above it did not pass"
+        out.append("  (ours is what that step's target rate asked for, not our ceiling: higher fixed rates failed or were not run"
                    + (f"; the max step, a burst, delivered {burst.deliveries_per_s:,.0f}/s" if burst else "") + ")")
     else:
         out.append("\n  no fixed-rate step passed (no loss, p99 within bound): no ratio to the baselines")
