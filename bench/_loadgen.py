@@ -477,6 +477,14 @@ def open_joined(host: str, port: int, path: str, count: int, batch: int, timeout
 # --- lite worker -----------------------------------------------------------------
 
 
+def load_config(arg: str) -> dict[str, Any]:
+    """A worker's configuration: ``@path`` to a JSON file (large configs), or the JSON itself."""
+    if arg.startswith("@"):
+        with open(arg[1:], "rb") as f:
+            return dict(json.load(f))
+    return dict(json.loads(arg))
+
+
 def emit(obj: dict[str, Any]) -> None:
     os.write(1, (json.dumps(obj, separators=(",", ":")) + "\n").encode())
 
@@ -784,9 +792,9 @@ class Publisher:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[1] not in {"lite", "websockets"}:
-        print("usage: _loadgen.py lite|websockets CONFIG_JSON", file=sys.stderr)
+        print("usage: _loadgen.py lite|websockets CONFIG_JSON|@CONFIG_FILE", file=sys.stderr)
         return 2
-    cfg = json.loads(argv[2])
+    cfg = load_config(argv[2])
     if argv[1] == "lite":
         run_lite_worker(cfg)
     else:

@@ -2,35 +2,45 @@
 
 ``sub`` workers open COUNT sockets, join each to ``realtime:bench`` with one
 postgres_changes INSERT binding on ``public.bench_rows`` (unfiltered, or
-``id=eq.N`` with a different N per socket), wait for the "Subscribed to
-PostgreSQL" system push, then count the changes they receive with a latency
-histogram per step. The row's ``payload`` starts with ``<step>|`` and its
-``sent_ns`` column holds the writer's ``time.time_ns()`` just before the
-statement that commits it, so latency = receipt - sent_ns includes the commit.
+``<filter_column>=eq.N`` with a different N per socket, ``filter_ids``), wait
+for the "Subscribed to PostgreSQL" system push, then count the changes they
+receive with a latency histogram per step. The row's ``payload`` starts with
+``<step>|`` and its ``sent_ns`` column holds the writer's ``time.time_ns()``
+just before the statement that commits it, so latency = receipt - sent_ns
+includes the commit. Ids only grow, so a socket that receives an id at or
+below the last one it got counts a duplicate (``dups`` of the step), and a
+filtered socket that receives a row whose filter column differs counts it
+``misrouted``.
 
 Optional, for other tables and row level security (``bench/rls.py``):
-``table`` (default ``bench_rows``), and ``user_of`` (one index per socket)
-into ``tokens`` (sent as the join's ``access_token``) and ``owners`` (uuids:
-a change whose ``user_id`` is not the socket's owner is counted as
-``leaked``).
+``table`` (default ``bench_rows``), ``users`` (``seed``, ``count``, ``role``,
+``iat``, ``exp``) and ``user_of`` (one user index per socket): the worker
+mints each user's token itself from ``JWT_SECRET`` (same claims, so every
+socket of a user sends the very same token) and a change whose ``user_id``
+is not the socket's owner is counted as ``leaked``. User i's uuid is
+``owner_uuid(seed, i)``, which PostgreSQL computes the same way
+(``md5(seed || ':' || i)::uuid``).
 
 The ``writer`` inserts rows into ``bench_rows`` (or ``table``) at a target rate
 (or as fast as it can) in batched statements, one row per change. With
-``owners`` (a list of uuids) each row's ``user_id`` is ``owners[id % len]``
-(NULL for the negative ids of markers).
+``k_mod`` it fills the ``k`` column with ``id % k_mod``; with ``users`` each
+row's ``user_id`` is ``owner_uuid(seed, id % count)`` (NULL for the negative
+ids of markers).
 
 Both are driven by JSON lines on stdin and answer with JSON lines on stdout.
-Usage: ``python bench/_pgload.py sub|writer CONFIG_JSON``.
+Usage: ``python bench/_pgload.py sub|writer @CONFIG_FILE`` (or the JSON itself).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import select
 import sys
 import time
+import uuid
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -84,14 +94,33 @@ def percentile_ms(hist: list[int], total: int, q: float) -> float | None:
 
 
 def new_stats(now_ns: int) -> list[Any]:
-    """[count, first_ns, last_ns, histogram, max_us]."""
-    return [0, now_ns, now_ns, [0] * NBUCKETS, 0]
+    """[count, first_ns, last_ns, histogram, max_us, duplicates]."""
+    return [0, now_ns, now_ns, [0] * NBUCKETS, 0, 0]
 
 
-def join_frame(filter_id: int | None, table: str = TABLE, access_token: str | None = None) -> bytes:
+def owner_uuid(seed: str, index: int) -> str:
+    """User ``index``'s uuid; PostgreSQL: ``md5(seed || ':' || index)::uuid``."""
+    return str(uuid.UUID(hashlib.md5(f"{seed}:{index}".encode()).hexdigest()))
+
+
+def user_claims(users: dict[str, Any], index: int) -> dict[str, Any]:
+    """The claims of user ``index`` of a ``users`` spec (``seed``, ``role``, ``iat``, ``exp``)."""
+    role = str(users.get("role", "authenticated"))
+    return {"aud": role, "role": role, "sub": owner_uuid(str(users["seed"]), index),
+            "iat": int(users["iat"]), "exp": int(users["exp"])}
+
+
+def mint_token(secret: str, claims: dict[str, Any]) -> str:
+    import jwt
+
+    return str(jwt.encode(claims, secret, algorithm="HS256"))
+
+
+def join_frame(filter_id: int | None, table: str = TABLE, access_token: str | None = None,
+               filter_column: str = "id") -> bytes:
     binding: dict[str, Any] = {"event": "INSERT", "schema": "public", "table": table}
     if filter_id is not None:
-        binding["filter"] = f"id=eq.{filter_id}"
+        binding["filter"] = f"{filter_column}=eq.{filter_id}"
     payload: dict[str, Any] = {"config": {"postgres_changes": [binding]}}
     if access_token is not None:
         payload["access_token"] = access_token
@@ -128,10 +157,16 @@ def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | 
     table = str(cfg.get("table") or TABLE)
     count = socket_count(cfg)
     ids: list[int | None] = list(cfg["filter_ids"]) if cfg.get("filter_ids") else [None] * count
+    column = str(cfg.get("filter_column") or "id")
     user_of: list[int] | None = cfg.get("user_of")
     tokens: list[str | None] = [None] * count
-    if user_of is not None and cfg.get("tokens"):
-        tokens = [cfg["tokens"][user] for user in user_of]
+    if user_of is not None and cfg.get("users"):
+        secret = os.environ["JWT_SECRET"]
+        minted: dict[int, str] = {}
+        for i, user in enumerate(user_of):
+            if user not in minted:
+                minted[user] = mint_token(secret, user_claims(cfg["users"], user))
+            tokens[i] = minted[user]
     done: list[tuple[lg.LiteConn, int | None, int]] = []
     errors: list[str] = []
     for start in range(0, len(ids), batch):
@@ -152,7 +187,7 @@ def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | 
                         conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
                         conn.recv_handshake()
                     elif stage == "join":
-                        conn.send(1, join_frame(filter_id, table, tokens[index]))
+                        conn.send(1, join_frame(filter_id, table, tokens[index], column))
                     else:
                         wait_subscribed(conn, deadline)
                     alive.append((conn, filter_id, index))
@@ -172,8 +207,10 @@ def run_sub_worker(cfg: dict[str, Any]) -> None:
     subscribed, errors = open_subscribed(cfg)
     wanted = socket_count(cfg)
     owners: list[str] | None = None
-    if cfg.get("owners") and cfg.get("user_of") is not None:
-        owners = [cfg["owners"][user] for user in cfg["user_of"]]  # one per socket
+    if cfg.get("users") and cfg.get("user_of") is not None:
+        seed = str(cfg["users"]["seed"])
+        owners = [owner_uuid(seed, user) for user in cfg["user_of"]]  # one per socket
+    filter_key = f'"{cfg.get("filter_column") or "id"}":'.encode()
     joined_by_owner: dict[str, int] = {}
     if owners:
         for _, _, index in subscribed:
@@ -183,6 +220,7 @@ def run_sub_worker(cfg: dict[str, Any]) -> None:
              "errors": errors[:5], "setup_s": round(time.monotonic() - started, 3)})
     conns = [c for c, _, _ in subscribed]
     want_id: dict[int, int | None] = {c.fd: i for c, i, _ in subscribed}
+    last_id: dict[int, int] = {c.fd: -1 for c in conns}  # ids only grow: one at or below the last is a duplicate
     # The bytes that follow ``"user_id":`` in a change this socket may see.
     want_owner: dict[int, bytes] = {c.fd: f'"{owners[index]}"'.encode() for c, _, index in subscribed} if owners else {}
     by_fd: dict[int, lg.LiteConn] = {c.fd: c for c in conns}
@@ -234,7 +272,10 @@ def run_sub_worker(cfg: dict[str, Any]) -> None:
             st = stats.get(int(msg["step"]))
             lg.emit({"recv": st[0] if st else 0, "changes": counters["changes"]})
         elif cmd == "stats":
+            st = stats.get(int(msg["step"]))
+            dups = st[5] if st else 0
             reply = lg.stats_reply(stats, int(msg["step"]), remove=bool(msg.get("remove", True)))
+            reply["dups"] = dups
             reply["cpu"] = time.process_time()
             lg.emit(reply)
         elif cmd == "status":
@@ -284,17 +325,25 @@ def run_sub_worker(cfg: dict[str, Any]) -> None:
                         counters["changes"] += 1
                         step = int(data[k + 11 : data.index(b"|", k + 11, j)])
                         lat = (now - int(data[j + 10 : data.index(b"}", j, end)])) // 1000
+                        r = data.find(ID_KEY, start, k)
+                        row_id = int(data[r + 15 : data.index(b",", r, k)]) if r >= 0 else -1
+                        st = stats.get(step)
+                        if st is None:
+                            st = stats[step] = new_stats(now)
+                        if row_id >= 0:  # markers have negative ids
+                            if row_id <= last_id[fd]:
+                                st[5] += 1
+                            else:
+                                last_id[fd] = row_id
                         if expect_id is not None:
-                            r = data.find(ID_KEY, start, k)
-                            if r < 0 or int(data[r + 15 : data.index(b",", r, k)]) != expect_id:
+                            f = data.find(filter_key, r if r >= 0 else start, k)
+                            e = data.find(b",", f, k) if f >= 0 else -1
+                            if e < 0 or int(data[f + len(filter_key) : e]) != expect_id:
                                 counters["misrouted"] += 1
                         if expect_owner is not None:
                             r = data.find(OWNER_KEY, start, end)
                             if r < 0 or not data.startswith(expect_owner, r + len(OWNER_KEY)):
                                 counters["leaked"] += 1
-                        st = stats.get(step)
-                        if st is None:
-                            st = stats[step] = new_stats(now)
                         st[0] += 1
                         st[2] = now
                         st[3][bucket(lat)] += 1
@@ -341,10 +390,12 @@ class Writer:
 
     Each wrap of the cycle (and the start of a run with ``truncate_first``) empties the
     table with TRUNCATE in the same transaction, so every id is inserted once per cycle.
-    With ``owners``, the table has a ``user_id uuid`` column set to ``owners[id % len(owners)]``.
+    With ``users``, the table has a ``user_id uuid`` column set to ``owner_uuid(seed, id % count)``;
+    with ``k_mod``, a ``k int`` column set to ``id % k_mod``.
     """
 
-    def __init__(self, dsn: str, payload_pad: int, table: str = TABLE, owners: list[str] | None = None) -> None:
+    def __init__(self, dsn: str, payload_pad: int, table: str = TABLE, users: dict[str, Any] | None = None,
+                 k_mod: int = 0) -> None:
         import psycopg
 
         self.conn = psycopg.connect(dsn, autocommit=True, application_name="realtime bench writer")
@@ -352,17 +403,32 @@ class Writer:
         self.backend_pid = int(self.conn.execute("SELECT pg_backend_pid()").fetchone()[0])
         from psycopg import sql
 
-        if owners:
+        self.table = table
+        self.by_k_mod: dict[int, Any] = {}
+        if users:
             self.insert_sql = sql.SQL(
                 "INSERT INTO {} (id, user_id, payload, sent_ns) SELECT g, "
-                "CASE WHEN g >= 0 THEN ({}::uuid[])[1 + mod(g, {})] END, %s, %s "
+                "CASE WHEN g >= 0 THEN md5({} || ':' || mod(g, {})::text)::uuid END, %s, %s "
                 "FROM generate_series(%s::bigint, %s::bigint) g"
-            ).format(sql.Identifier(table), sql.Literal(list(owners)), sql.Literal(len(owners)))
+            ).format(sql.Identifier(table), sql.Literal(str(users["seed"])), sql.Literal(int(users["count"])))
+        elif k_mod:
+            self.insert_sql = self.k_insert(k_mod)
         else:
             self.insert_sql = sql.SQL(
                 "INSERT INTO {} (id, payload, sent_ns) SELECT g, %s, %s FROM generate_series(%s::bigint, %s::bigint) g"
             ).format(sql.Identifier(table))
         self.truncate_sql = sql.SQL("TRUNCATE {}").format(sql.Identifier(table))
+
+    def k_insert(self, k_mod: int) -> Any:
+        """The insert that sets ``k`` to ``id % k_mod`` (one statement text per modulus)."""
+        from psycopg import sql
+
+        if k_mod not in self.by_k_mod:
+            self.by_k_mod[k_mod] = sql.SQL(
+                "INSERT INTO {} (id, k, payload, sent_ns) SELECT g, mod(g, {}), %s, %s "
+                "FROM generate_series(%s::bigint, %s::bigint) g"
+            ).format(sql.Identifier(self.table), sql.Literal(int(k_mod)))
+        return self.by_k_mod[k_mod]
 
     def segments(self, pos: int, k: int, base: int, space: int, truncate_first: bool) -> list[tuple[bool, int, int]]:
         out = []
@@ -374,19 +440,20 @@ class Writer:
             k -= n
         return out
 
-    def insert(self, step: int, segments: list[tuple[bool, int, int]]) -> tuple[int, int]:
+    def insert(self, step: int, segments: list[tuple[bool, int, int]], statement: Any = None) -> tuple[int, int]:
         payload = f"{step}|{self.pad}"
+        statement = statement or self.insert_sql
         if len(segments) == 1 and not segments[0][0]:
             _, lo, hi = segments[0]
             sent_ns = time.time_ns()
-            self.conn.execute(self.insert_sql, (payload, sent_ns, lo, hi))
+            self.conn.execute(statement, (payload, sent_ns, lo, hi))
             return sent_ns, time.time_ns()
         sent_ns = time.time_ns()
         with self.conn.transaction():
             for truncate, lo, hi in segments:
                 if truncate:
                     self.conn.execute(self.truncate_sql)
-                self.conn.execute(self.insert_sql, (payload, sent_ns, lo, hi))
+                self.conn.execute(statement, (payload, sent_ns, lo, hi))
         return sent_ns, time.time_ns()
 
     def run(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -398,12 +465,14 @@ class Writer:
         truncate_first = bool(msg.get("truncate_first"))
         tick = float(msg.get("tick_ms", 5)) / 1000
         max_batch = int(msg.get("max_batch", 500))
+        statement = self.k_insert(int(msg["k_mod"])) if msg.get("k_mod") else self.insert_sql
         total = round(rate * duration) if rate else (rows_limit or 1 << 62)
         hist = [0] * NBUCKETS
         commits = 0
         sent = 0
         pos = 0
         first_ns = last_ns = 0
+        last_start = 0.0
         t0 = time.monotonic()
         end = t0 + duration if duration else float("inf")
         next_tick = t0
@@ -417,8 +486,9 @@ class Writer:
                 due = total
             k = min(due - sent, max_batch)
             if k > 0:
+                last_start = time.monotonic() - t0
                 segs = self.segments(pos, k, base, space, truncate_first)
-                sent_ns, done_ns = self.insert(step, segs)
+                sent_ns, done_ns = self.insert(step, segs, statement)
                 if not first_ns:
                     first_ns = sent_ns
                 last_ns = done_ns
@@ -432,7 +502,7 @@ class Writer:
                 if delay > 0:
                     time.sleep(delay)
         wall = time.monotonic() - t0
-        return {"sent": sent, "commits": commits, "wall": wall, "rate": sent / wall if wall > 0 else 0.0,
+        return {"sent": sent, "commits": commits, "wall": wall, "last_start_s": last_start, "rate": sent / wall if wall > 0 else 0.0,
                 "first_ns": first_ns, "last_ns": last_ns,
                 "commit_p50_ms": percentile_ms(hist, commits, 0.5), "commit_p99_ms": percentile_ms(hist, commits, 0.99),
                 "rows_per_commit": sent / commits if commits else 0.0, "cpu": time.process_time()}
@@ -446,7 +516,8 @@ class Writer:
 
 
 def run_writer(cfg: dict[str, Any]) -> None:
-    writer = Writer(cfg["dsn"], int(cfg.get("payload_pad", 16)), str(cfg.get("table") or TABLE), cfg.get("owners"))
+    writer = Writer(cfg["dsn"], int(cfg.get("payload_pad", 16)), str(cfg.get("table") or TABLE), cfg.get("users"),
+                    int(cfg.get("k_mod") or 0))
     lg.emit({"ready": True, "backend_pid": writer.backend_pid})
     for line in sys.stdin.buffer:
         if not line.strip():
@@ -473,9 +544,9 @@ def run_writer(cfg: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[1] not in {"sub", "writer"}:
-        print("usage: _pgload.py sub|writer CONFIG_JSON", file=sys.stderr)
+        print("usage: _pgload.py sub|writer @CONFIG_FILE|CONFIG_JSON", file=sys.stderr)
         return 2
-    cfg = json.loads(argv[2])
+    cfg = lg.load_config(argv[2])
     if argv[1] == "sub":
         run_sub_worker(cfg)
     else:
