@@ -12,6 +12,7 @@ import json
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,7 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.fixtures.server import ServerProcess, mint_token, start_server
+from tests.fixtures.server import SERVER_KINDS, ServerProcess, mint_token, start_server
 from tests.integration.conftest import sql_literal
 
 pytestmark = pytest.mark.integration
@@ -255,16 +256,80 @@ async def test_bad_input_never_disturbs_a_well_behaved_client(realtime_server: S
     await receiver.close()
 
 
-async def test_uvicorn_serves_the_same_protocol() -> None:
-    with start_server(server="uvicorn") as server:
-        topic = room()
-        a = await joined(server, topic)
-        b = await joined(server, topic)
-        await a.send(json.dumps(["1", "2", topic, "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]))
-        assert json.loads(await asyncio.wait_for(b.recv(), WAIT))[3] == "broadcast"
-        assert await refused(ws_url(server, apikey=None)) == (401, {"error": "API key is missing"})
-        await a.close()
-        await b.close()
+# --- every server the README offers ------------------------------------------
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def any_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The session's daphne server, then one uvicorn server per --ws implementation."""
+    if request.param == "daphne":
+        yield request.getfixturevalue("realtime_server")
+        return
+    with start_server(server=request.param) as server:
+        yield server
+
+
+async def test_every_server_serves_the_same_protocol(any_server: ServerProcess) -> None:
+    topic = room()
+    a = await joined(any_server, topic)
+    b = await joined(any_server, topic)
+    await a.send(json.dumps(["1", "2", topic, "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]))
+    assert json.loads(await asyncio.wait_for(b.recv(), WAIT))[3] == "broadcast"
+    await a.close()
+    await b.close()
+
+
+# Fields an HTTP/1.1 parser must refuse to see twice (RFC 9112 section 6.3); Node's does.
+SINGLE_FIELDS = ("content-length", "transfer-encoding")
+
+
+async def raw_refusal(server: ServerProcess, apikey: str | None) -> tuple[int, dict[str, list[str]], bytes]:
+    """The answer to an upgrade request read as a strict HTTP/1.1 client reads it.
+
+    Fails on a repeated Content-Length or Transfer-Encoding (Node's parser answers
+    "Parse Error: Duplicate Content-Length", and supabase-js sees no status) and on
+    a body shorter or longer than its Content-Length.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        target = ws_url(server, apikey=apikey).removeprefix(f"ws://127.0.0.1:{server.port}")
+        writer.write(
+            (
+                f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nConnection: Upgrade\r\n"
+                "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            ).encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers: dict[str, list[str]] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+        for name in SINGLE_FIELDS:
+            assert len(headers.get(name, [])) <= 1, f"{name} sent {len(headers[name])} times: {head!r}"
+        assert "content-length" in headers, f"no content-length: {head!r}"
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"][0])), WAIT)
+        rest = await asyncio.wait_for(reader.read(), WAIT)  # the server closes the connection
+        assert rest == b"", f"bytes after the body: {rest!r}"
+        return int(status_line.split(" ")[1]), headers, body
+    finally:
+        writer.close()
+
+
+async def test_every_server_answers_refusals_with_one_content_length(any_server: ServerProcess) -> None:  # C2-C4
+    import jwt
+
+    cases = [
+        (None, "API key is missing"),
+        ("potato", "The token provided is not a valid JWT"),
+        (mint_token("anon", exp_in=-60), "Token has expired"),
+        (jwt.encode({"role": "anon", "exp": 4102444800}, "x" * 40, algorithm="HS256"), "Failed to validate JWT signature"),
+    ]
+    for apikey, error in cases:
+        status, headers, body = await raw_refusal(any_server, apikey)
+        assert (status, json.loads(body)) == (401, {"error": error})
+        assert "application/json" in headers["content-type"], headers
 
 
 async def test_jwks_signed_tokens_upgrade_and_an_unknown_kid_is_refused() -> None:  # C7
