@@ -163,6 +163,51 @@ async def test_rest_batch_refusals(realtime_server: ServerProcess) -> None:  # C
     assert json.loads(raw) == {"errors": {"messages": [{}, {"payload": ["can't be blank"]}]}}
 
 
+def batch_for(sub: str, event: str) -> bytes:
+    return json.dumps({"messages": [{"topic": sub, "event": event, "payload": {}}]}).encode()
+
+
+async def test_rest_tokens_are_verified_as_the_handshake_verifies_them(realtime_server: ServerProcess) -> None:  # C74
+    import jwt
+
+    topic = room()
+    sub = topic.removeprefix("realtime:")
+    ws = await joined(realtime_server, topic)
+    accepted = {
+        "lower-case bearer": {"authorization": f"bearer {mint_token('service_role')}"},
+        "apikey header": {"apikey": mint_token("anon")},
+        "empty bearer, apikey header": {"Authorization": "Bearer ", "apikey": mint_token("anon")},
+    }
+    for label, headers in accepted.items():
+        assert post(realtime_server, "/realtime/v1/api/broadcast", batch_for(sub, label), headers) == (202, b""), label
+        assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))[4]["event"] == label
+    refused_tokens = {
+        "expired": mint_token("anon", exp_in=-60),
+        "no role": mint_token(None),
+        "another secret": jwt.encode({"role": "anon", "exp": 4102444800}, "x" * 40, algorithm="HS256"),
+        "not a JWT": "potato",
+    }
+    for label, token in refused_tokens.items():
+        status, body = post(realtime_server, "/realtime/v1/api/broadcast", batch_for(sub, label), {"Authorization": f"Bearer {token}"})
+        assert (status, json.loads(body)) == (401, {"message": "Unauthorized"}), label
+    assert await quiet(ws)
+    await ws.close()
+
+
+async def test_rest_preflight_and_other_methods_need_no_token(realtime_server: ServerProcess) -> None:
+    for method, expected in (("OPTIONS", 204), ("GET", 405)):
+        request = urllib.request.Request(f"{realtime_server.url}/realtime/v1/api/broadcast", method=method, headers={"Authorization": "Bearer potato"})
+        try:
+            with urllib.request.urlopen(request, timeout=WAIT) as response:
+                status, headers, body = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            status, headers, body = error.code, error.headers, error.read()
+        assert status == expected, method
+        assert headers["Access-Control-Allow-Origin"] == "*"
+        if expected == 405:
+            assert json.loads(body) == {"message": "Method not allowed"}
+
+
 async def test_rest_batch_private_without_write_is_accepted_and_dropped(realtime_server: ServerProcess, policy) -> None:  # C75
     topic = room()
     sub = topic.removeprefix("realtime:")
@@ -352,3 +397,7 @@ async def test_jwks_signed_tokens_upgrade_and_an_unknown_kid_is_refused() -> Non
         # HS256 with the JWT secret keeps working next to the JWKS.
         async with connect(ws_url(server, apikey=mint_token("anon")), open_timeout=WAIT):
             pass
+        # REST verifies tokens the same way.
+        assert post(server, "/realtime/v1/api/broadcast", batch_for("jwks", "e"), {"Authorization": f"Bearer {good}"}) == (202, b"")
+        status, body = post(server, "/realtime/v1/api/broadcast", batch_for("jwks", "e"), {"Authorization": f"Bearer {unknown}"})
+        assert (status, json.loads(body)) == (401, {"message": "Unauthorized"})
