@@ -324,6 +324,22 @@ async def test_every_server_serves_the_same_protocol(any_server: ServerProcess) 
     await b.close()
 
 
+async def test_every_server_serves_the_admin_static_files(any_server: ServerProcess) -> None:
+    def get(path: str) -> tuple[int, str, bytes]:
+        with urllib.request.urlopen(f"{any_server.url}{path}", timeout=WAIT) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+
+    status, content_type, body = await asyncio.to_thread(get, "/static/admin/css/base.css")
+    assert (status, content_type.split(";")[0]) == (200, "text/css")
+    assert b"--body-bg" in body  # Django's admin stylesheet, not an error page
+    status, content_type, _ = await asyncio.to_thread(get, "/static/admin/js/core.js")
+    assert (status, content_type.split(";")[0]) == (200, "text/javascript")
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        await asyncio.to_thread(get, "/static/admin/css/no-such-file.css")
+    assert missing.value.code == 404
+    missing.value.close()
+
+
 # Fields an HTTP/1.1 parser must refuse to see twice (RFC 9112 section 6.3); Node's does.
 SINGLE_FIELDS = ("content-length", "transfer-encoding")
 
