@@ -37,7 +37,6 @@ REQUIREMENTS_STAMP = VENV / ".requirements.sha256"
 MANAGE = ROOT / "manage.py"
 REPLICATE_COMMAND = ROOT / "replication" / "management" / "commands" / "replicate.py"
 E2E_JS = ROOT / "tests" / "e2e" / "js"
-DEFAULT_ADDRESS = "127.0.0.1:8000"
 REEXEC_MARKER = "REALTIME_DEV_REEXEC"
 STOP_GRACE_S = 10.0
 
@@ -266,9 +265,15 @@ def display_url(address: str) -> str:
 def cmd_run(args: Sequence[str]) -> int:
     if len(args) > 1 or (args and args[0].startswith("-")):
         return fail(f"unexpected arguments {' '.join(args)!r}\n{USAGE}", 2)
-    address = args[0] if args else DEFAULT_ADDRESS
     bootstrap()
     prepare_environment()
+    from realtime_project import embedded
+
+    # Without an address: 127.0.0.1:8000, or this checkout's own port when another checkout serves there.
+    try:
+        address = args[0] if args else f"127.0.0.1:{embedded.http_port()}"
+    except embedded.EmbeddedServiceError as exc:
+        return fail(str(exc))
     if not MANAGE.exists():
         return fail("manage.py is missing")
     migrate = subprocess.run(manage("migrate", "--noinput"), cwd=ROOT)

@@ -1,8 +1,9 @@
 """Django admin pages for presence, read live from Redis (no database copy).
 
 ``/admin/presence/`` lists channels with member counts; a channel page lists
-each key's metas with join time and owning server process, and a staff user
-can disconnect a member, which removes it and sends its leave to the channel.
+each key's metas (as JSON, the form clients send) with join time and owning
+server process, and a staff user can disconnect a member, which removes it
+and sends its leave to the channel.
 The views go through ``admin.site.admin_view``, so Django's login and staff
 check protect them.
 
@@ -18,6 +19,7 @@ newlines in form values into CRLF.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -132,7 +134,8 @@ def channel_detail(request: HttpRequest, channel: str) -> HttpResponse:
             "key": entry.key,
             "label": _label(entry.key),
             "phx_ref": entry.phx_ref,
-            "meta": {k: v for k, v in entry.meta.items() if k != "phx_ref"},
+            "meta": (meta := {k: v for k, v in entry.meta.items() if k != "phx_ref"}),
+            "meta_json": json.dumps(meta, ensure_ascii=False),
             "joined_at": datetime.fromtimestamp(entry.joined_at, tz=timezone.utc),
             "process_id": entry.process_id,
             "socket_id": entry.socket_id,

@@ -6,6 +6,10 @@ whose body is the payload, JSON or raw bytes. Both answer 202 with an empty
 body once every accepted message is in the channel layer. A private message
 needs broadcast write on its sub-topic as the request's claims, decided by
 the ``realtime.messages`` policies (``realtime.channel_auth``, PROTOCOL.md 7).
+
+Both are Django REST framework views (``realtime.rest.AsyncAPIView``):
+authentication by ``realtime.rest_auth``, errors raised as ``APIError`` with
+the reference's status and body.
 """
 
 from __future__ import annotations
@@ -19,94 +23,54 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.views.decorators.csrf import csrf_exempt
+from rest_framework.request import Request
+from rest_framework.response import Response
 
 from realtime.channel_auth import headers_json, private_writes
-from realtime.jwt import Claims, TokenError, opaque_key_claims
+from realtime.jwt import Claims
 from realtime.limits import get_redis, rest_rate_exceeded
 from realtime.protocol.serializer import is_json_payload
 from realtime.publisher import get_publisher
-from realtime.tokens import verify
+from realtime.rest import APIError, AsyncAPIView, message
+from realtime.rest_auth import SupabaseTokenUser
 from realtime.topics import broadcast_group
 from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
 
 logger = logging.getLogger(__name__)
 
-View = Callable[..., Awaitable[HttpResponse]]
 
-CORS_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "POST, OPTIONS",
-    "Access-Control-Allow-Headers": "authorization, apikey, x-client-info, content-type, x-api-key",
-    "Access-Control-Max-Age": "86400",
-}
+def _claims(request: Request) -> Claims:
+    user = request.user
+    assert isinstance(user, SupabaseTokenUser), "TokenForPost admits only authenticated POSTs"
+    return user.claims
 
 
-def _with_cors(view: View) -> View:
-    async def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if request.method == "OPTIONS":
-            response: HttpResponse = HttpResponse(status=204)
-        elif request.method != "POST":
-            response = JsonResponse({"message": "Method not allowed"}, status=405)
-        else:
-            response = await view(request, *args, **kwargs)
-        for name, value in CORS_HEADERS.items():
-            response[name] = value
-        return response
-
-    wrapped.__name__ = view.__name__
-    wrapped.__doc__ = view.__doc__
-    exempt: Callable[..., Awaitable[Any]] = csrf_exempt(wrapped)
-    return exempt
-
-
-def _authenticate(request: HttpRequest) -> Claims | None:
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    token = token or request.headers.get("apikey", "").strip()
-    if not token:
-        return None
-    claims = opaque_key_claims(token, settings.REALTIME_SECRET_KEYS)
-    if claims is not None:
-        return claims
-    try:
-        return verify(token, time.time())
-    except TokenError as error:
-        logger.info("REST broadcast refused: %s", error.reason)
-        return None
-
-
-def _unauthorized() -> JsonResponse:
-    return JsonResponse({"message": "Unauthorized"}, status=401)
-
-
-def _private_writes(request: HttpRequest, claims: Claims) -> Callable[[str], Awaitable[bool]]:
+def _private_writes(request: Request, claims: Claims) -> Callable[[str], Awaitable[bool]]:
     return private_writes(claims, headers_json(request.headers.items()))
 
 
-def _too_many(message: str) -> JsonResponse:
-    """PROTOCOL.md 5.3: 429 with the reference's message."""
-    return JsonResponse({"message": message}, status=429)
+def _too_large() -> APIError:
+    return message(413, f"Request body too large: at most {settings.REALTIME_MAX_REST_BODY_BYTES} bytes")
 
 
-def _too_large() -> JsonResponse:
-    return JsonResponse(
-        {"message": f"Request body too large: at most {settings.REALTIME_MAX_REST_BODY_BYTES} bytes"}, status=413
-    )
+async def _check_rate(request: Request, claims: Claims, count: int) -> None:
+    """Raise the reference's 429 if this caller (role, sub, client address) sent more than
+    REALTIME_MAX_EVENTS_PER_SECOND.
 
-
-async def _over_rate(request: HttpRequest, claims: Claims, count: int) -> bool:
-    """Whether this caller (role, sub, client address) sent more than REALTIME_MAX_EVENTS_PER_SECOND."""
+    Not a DRF throttle: ``allow_request`` is synchronous and the counters are in Redis
+    behind redis.asyncio (one pipelined round trip).
+    """
     caller = f"{claims.role}\n{claims.sub or ''}\n{request.META.get('REMOTE_ADDR', '')}"
     try:
-        return await rest_rate_exceeded(
+        exceeded = await rest_rate_exceeded(
             get_redis(), settings.REALTIME_REDIS_PREFIX, caller, count,
             settings.REALTIME_MAX_EVENTS_PER_SECOND, settings.REALTIME_RATE_WINDOW_S, time.time(),
         )
     except Exception:
         logger.warning("REST rate not counted: Redis unavailable", exc_info=True)
-        return False
+        return
+    if exceeded:
+        raise message(429, "Too many requests")
 
 
 def _max_payload_bytes() -> int:
@@ -159,71 +123,69 @@ def _validate(item: Any) -> tuple[dict[str, list[str]], bytes | None]:
     return {}, encoded
 
 
-@_with_cors
-async def broadcast_batch(request: HttpRequest) -> HttpResponse:
+class BroadcastBatchView(AsyncAPIView):
     """``POST /realtime/v1/api/broadcast`` with ``{"messages": [...]}``."""
-    claims = _authenticate(request)
-    if claims is None:
-        return _unauthorized()
-    if await _over_rate(request, claims, 1):  # before the body is parsed; the rest of its messages below
-        return _too_many("Too many requests")
-    try:
-        body = json.loads(request.body or b"null")
-    except RequestDataTooBig:
-        return _too_large()
-    except (ValueError, UnicodeDecodeError):
-        return JsonResponse({"errors": {"messages": ["is invalid"]}}, status=422)
-    messages = body.get("messages") if isinstance(body, dict) else None
-    if not isinstance(messages, list) or not messages:
-        return JsonResponse({"errors": {"messages": ["can't be blank"]}}, status=422)
-    if len(messages) > settings.REALTIME_MAX_BROADCAST_BATCH:
-        return _too_many("Too many messages to broadcast, please reduce the batch size")
-    if len(messages) > 1 and await _over_rate(request, claims, len(messages) - 1):
-        return _too_many("Too many requests")
-    checked = [_validate(item) for item in messages]
-    if any(errors for errors, _ in checked):
-        return JsonResponse({"errors": {"messages": [errors for errors, _ in checked]}}, status=422)
-    may_write = _private_writes(request, claims)
-    accepted: list[BroadcastMessage] = []
-    for item, (_, encoded) in zip(messages, checked):
-        assert encoded is not None
-        private = bool(item.get("private", False))
-        if private and not await may_write(item["topic"]):
-            continue  # PROTOCOL.md 5.3: dropped silently, still 202
-        accepted.append(_message(item["topic"], private, KIND_JSON, item["event"], 1, encoded))
-    # Handed to the publisher together (in order), so messages to one topic travel as one batch
-    # instead of one channel-layer send each.
-    await asyncio.gather(*(_publish(message) for message in accepted))
-    return HttpResponse(status=202)
+
+    async def post(self, request: Request) -> Response:
+        claims = _claims(request)
+        await _check_rate(request, claims, 1)  # before the body is parsed; the rest of its messages below
+        try:
+            body = json.loads(request.body or b"null")
+        except RequestDataTooBig:
+            raise _too_large() from None
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(422, {"errors": {"messages": ["is invalid"]}}) from None
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise APIError(422, {"errors": {"messages": ["can't be blank"]}})
+        if len(messages) > settings.REALTIME_MAX_BROADCAST_BATCH:
+            raise message(429, "Too many messages to broadcast, please reduce the batch size")
+        if len(messages) > 1:
+            await _check_rate(request, claims, len(messages) - 1)
+        checked = [_validate(item) for item in messages]
+        if any(errors for errors, _ in checked):
+            raise APIError(422, {"errors": {"messages": [errors for errors, _ in checked]}})
+        may_write = _private_writes(request, claims)
+        accepted: list[BroadcastMessage] = []
+        for item, (_, encoded) in zip(messages, checked):
+            assert encoded is not None
+            private = bool(item.get("private", False))
+            if private and not await may_write(item["topic"]):
+                continue  # PROTOCOL.md 5.3: dropped silently, still 202
+            accepted.append(_message(item["topic"], private, KIND_JSON, item["event"], 1, encoded))
+        # Handed to the publisher together (in order), so messages to one topic travel as one batch
+        # instead of one channel-layer send each.
+        await asyncio.gather(*(_publish(broadcast) for broadcast in accepted))
+        return Response(status=202)
 
 
-@_with_cors
-async def broadcast_single(request: HttpRequest, topic: str, event: str) -> HttpResponse:
+class BroadcastSingleView(AsyncAPIView):
     """``POST /realtime/v1/api/broadcast/<topic>/events/<event>``: the body is the payload."""
-    claims = _authenticate(request)
-    if claims is None:
-        return _unauthorized()
-    content_type = request.content_type or ""
-    try:
-        body = request.body
-    except RequestDataTooBig:
-        return _too_large()
-    if await _over_rate(request, claims, 1):
-        return _too_many("Too many requests")
-    if content_type in ("", "application/json"):
-        if not is_json_payload(body):  # what realtime-js can parse, not all json.loads takes
-            return JsonResponse({"errors": {"payload": ["is invalid"]}}, status=422)
-        encoding = 1
-    elif content_type == "application/octet-stream":
-        encoding = 0
-    else:
-        return JsonResponse(
-            {"error": "Unsupported Media Type. Use application/json or application/octet-stream"}, status=415
-        )
-    if len(body) > _max_payload_bytes():
-        return JsonResponse({"errors": {"payload": ["Payload size exceeds tenant limit"]}}, status=422)
-    private = request.GET.get("private", "").strip().lower() == "true"
-    if private and not await _private_writes(request, claims)(topic):
-        return JsonResponse({"message": "Unauthorized"}, status=403)
-    await _publish(_message(topic, private, KIND_BINARY, event, encoding, body))
-    return HttpResponse(status=202)
+
+    async def post(self, request: Request, topic: str, event: str) -> Response:
+        claims = _claims(request)
+        content_type = request.content_type or ""
+        try:
+            body = request.body
+        except RequestDataTooBig:
+            raise _too_large() from None
+        await _check_rate(request, claims, 1)
+        if content_type in ("", "application/json"):
+            if not is_json_payload(body):  # what realtime-js can parse, not all json.loads takes
+                raise APIError(422, {"errors": {"payload": ["is invalid"]}})
+            encoding = 1
+        elif content_type == "application/octet-stream":
+            encoding = 0
+        else:
+            raise APIError(415, {"error": "Unsupported Media Type. Use application/json or application/octet-stream"})
+        if len(body) > _max_payload_bytes():
+            raise APIError(422, {"errors": {"payload": ["Payload size exceeds tenant limit"]}})
+        private = request.query_params.get("private", "").strip().lower() == "true"
+        if private and not await _private_writes(request, claims)(topic):
+            raise message(403, "Unauthorized")
+        await _publish(_message(topic, private, KIND_BINARY, event, encoding, body))
+        return Response(status=202)
+
+
+broadcast_batch = BroadcastBatchView.as_view()
+broadcast_single = BroadcastSingleView.as_view()

@@ -239,7 +239,9 @@ class RealtimeConsumer(AsyncConsumer):
                 _delayed_refusals -= 1
         if DENIAL_EXTENSION in self.scope.get("extensions", {}):
             body = json.dumps({"error": error}, separators=(",", ":")).encode("utf-8")
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            # No content-length: every server adds its own (uvicorn's websockets-sansio
+            # appends ours after its own, and Node's parser refuses the duplicate).
+            headers = [(b"content-type", b"application/json")]
             await self.base_send({"type": "websocket.http.response.start", "status": status, "headers": headers})
             await self.base_send({"type": "websocket.http.response.body", "body": body})
         else:

@@ -12,8 +12,12 @@ never needs them. Starting is idempotent (a running server is found and
 reused), stale pid files left by a crash are cleared, and a concurrent
 ``ensure`` from another process waits on a file lock instead of racing.
 
-Environment variables: ``REALTIME_EMBEDDED_PG_PORT`` (default 54329) and
-``REALTIME_EMBEDDED_REDIS_PORT`` (default 63799).
+Ports: ``REALTIME_EMBEDDED_PG_PORT`` and ``REALTIME_EMBEDDED_REDIS_PORT`` when
+set; otherwise each checkout picks its ports on its first start and remembers
+them in ``.local/ports.json``: the defaults (54329, 63799; ``dev.py run``'s
+8000 likewise) when free, else a free port at an offset derived from the
+checkout's path, so two checkouts on one machine each run their own services.
+A remembered port that something else holds is an error naming that holder.
 
 CLI: ``python -m realtime_project.embedded start|stop|status``.
 """
@@ -24,6 +28,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import pwd
 import shutil
@@ -42,6 +47,9 @@ from typing import Literal, Union
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_DIR = REPO_ROOT / ".local"
 LOCK_FILE = LOCAL_DIR / "embedded.lock"
+PORTS_FILE = LOCAL_DIR / "ports.json"
+# A checkout whose default port is taken tries this many ports past it, from an offset of its own.
+PORT_RANGE = 500
 
 PG_DIR = LOCAL_DIR / "pg"
 PG_DATA = PG_DIR / "data"
@@ -57,6 +65,7 @@ REDIS_DIR = LOCAL_DIR / "redis"
 REDIS_PIDFILE = REDIS_DIR / "redis.pid"
 REDIS_LOG = REDIS_DIR / "redis.log"
 DEFAULT_REDIS_PORT = 63799
+DEFAULT_HTTP_PORT = 8000
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 60.0
@@ -102,14 +111,93 @@ def _port_from_env(name: str, default: int) -> int:
     return port
 
 
+def _remembered_ports() -> dict[str, int]:
+    """The ports this checkout chose earlier (``.local/ports.json``), by service."""
+    try:
+        document = json.loads(PORTS_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(document, dict):
+        return {}
+    return {name: port for name, port in document.items() if isinstance(port, int) and 0 < port < 65536}
+
+
+def _remember_port(service: str, port: int) -> None:
+    LOCAL_DIR.mkdir(parents=True, exist_ok=True)
+    ports = {**_remembered_ports(), service: port}
+    PORTS_FILE.write_text(json.dumps(ports, indent=2, sort_keys=True) + "\n")
+
+
 def pg_port() -> int:
-    """The port the embedded PostgreSQL listens on."""
-    return _port_from_env("REALTIME_EMBEDDED_PG_PORT", DEFAULT_PG_PORT)
+    """The port the embedded PostgreSQL listens on (the environment's, this checkout's, or the default)."""
+    return _port_from_env("REALTIME_EMBEDDED_PG_PORT", _remembered_ports().get("postgres", DEFAULT_PG_PORT))
 
 
 def redis_port() -> int:
-    """The port the embedded Redis listens on."""
-    return _port_from_env("REALTIME_EMBEDDED_REDIS_PORT", DEFAULT_REDIS_PORT)
+    """The port the embedded Redis listens on (the environment's, this checkout's, or the default)."""
+    return _port_from_env("REALTIME_EMBEDDED_REDIS_PORT", _remembered_ports().get("redis", DEFAULT_REDIS_PORT))
+
+
+def _checkout_offset() -> int:
+    """A number in [1, PORT_RANGE) fixed for this checkout's path, so checkouts spread out."""
+    digest = hashlib.sha256(str(REPO_ROOT).encode()).digest()
+    return 1 + int.from_bytes(digest[:4], "big") % (PORT_RANGE - 1)
+
+
+def _choose_port(
+    service: str,
+    env_name: str,
+    default: int,
+    ours: Callable[[int], bool],
+    holder: Callable[[int], str],
+    hint: str = "Stop that (python3 dev.py stop in its checkout)",
+) -> int:
+    """The port for ``service``: from the environment, remembered, or chosen now and remembered.
+
+    Raises:
+        EmbeddedServiceError: the remembered port is held by something that is not ours.
+    """
+    if os.environ.get(env_name, "").strip():
+        return _port_from_env(env_name, default)
+    remembered = _remembered_ports().get(service)
+    if remembered is not None:
+        if _port_in_use(remembered) and not ours(remembered):
+            raise EmbeddedServiceError(
+                f"Port {remembered}, which this checkout uses for its {service} (.local/ports.json), is taken "
+                f"by {holder(remembered)}. {hint}, or delete {PORTS_FILE} to pick a free port."
+            )
+        return remembered
+    port = default
+    if _port_in_use(default) and not ours(default):
+        offset = _checkout_offset()
+        candidates = [default + (offset + step) % PORT_RANGE for step in range(PORT_RANGE)]
+        port = next((p for p in candidates if p != default and not _port_in_use(p)), 0)
+        if not port:
+            raise EmbeddedServiceError(f"No free port for the embedded {service} in {default}-{default + PORT_RANGE}.")
+        print(
+            f"[embedded] port {default} is taken by {holder(default)}; this checkout's {service} uses "
+            f"port {port} (remembered in {PORTS_FILE})",
+            file=sys.stderr,
+            flush=True,
+        )
+    _remember_port(service, port)
+    return port
+
+
+def _checkout_of(path: str, inside: str) -> str:
+    """``path`` (a service's data directory ``<checkout>/<inside>``) as "the checkout <checkout>"."""
+    if path.rstrip("/").endswith(inside):
+        return f"the checkout {path.rstrip('/')[: -len(inside)].rstrip('/')}"
+    return f"a server with its data in {path}"
+
+
+def http_port() -> int:
+    """The port of ``dev.py run``'s server: 8000 unless taken, then one of this checkout's own."""
+    with _service_lock():
+        return _choose_port(
+            "http", "REALTIME_DEV_HTTP_PORT", DEFAULT_HTTP_PORT, lambda port: False, lambda port: "another program",
+            hint="Stop it, pass an address (python3 dev.py run 127.0.0.1:PORT)",
+        )
 
 
 def postgres_url(port: int | None = None) -> str:
@@ -599,10 +687,22 @@ def _start_postgres(port: int, run_as: _RunAs | None) -> None:
     )
 
 
+def _pg_ours(port: int) -> bool:
+    running = _read_postmaster_pid()
+    return running is not None and running[1] == port and _is_postgres_process(running[0])
+
+
+def _pg_holder(port: int) -> str:
+    try:
+        return _checkout_of(_psql(port, "SHOW data_directory"), ".local/pg/data") + "'s PostgreSQL"
+    except (EmbeddedServiceError, OSError, subprocess.SubprocessError):
+        return "another program"
+
+
 def ensure_postgres() -> str:
     """Start the embedded PostgreSQL unless it already runs; return its URL."""
-    port = pg_port()
     with _service_lock():
+        port = _choose_port("postgres", "REALTIME_EMBEDDED_PG_PORT", DEFAULT_PG_PORT, _pg_ours, _pg_holder)
         run_as = _pg_run_as()
         running = _read_postmaster_pid()
         if running is not None and _is_postgres_process(running[0]) and _pg_ctl_status(run_as):
@@ -831,17 +931,27 @@ def _start_redis(port: int) -> None:
         )
 
 
+def _redis_holder(port: int) -> str:
+    directory = _redis_dir(port)
+    if directory is None:
+        return "another program"
+    return _checkout_of(directory, ".local/redis") + "'s Redis"
+
+
 def ensure_redis() -> str:
     """Start the embedded Redis unless it already answers; return its URL."""
-    port = redis_port()
     with _service_lock():
+        port = _choose_port(
+            "redis", "REALTIME_EMBEDDED_REDIS_PORT", DEFAULT_REDIS_PORT,
+            lambda port: _redis_ping(port) and _redis_owner(port) != "foreign", _redis_holder,
+        )
         if _redis_ping(port):
             owner = _redis_owner(port)
             if owner == "ours":
                 return redis_url(port)
             if owner == "foreign":
                 raise EmbeddedServiceError(
-                    f"Port {port} is served by another Redis (dir {_redis_dir(port)!r}); set REDIS_URL to "
+                    f"Port {port} is served by {_redis_holder(port)}; set REDIS_URL to "
                     f"use it or REALTIME_EMBEDDED_REDIS_PORT to pick another port."
                 )
             # Our own server, whose .local/redis was deleted: start afresh.

@@ -30,12 +30,13 @@ INSTALLED_APPS = [
     # realtime first: its runserver (daphne with our protocol tweaks) wins.
     "realtime",
     "daphne",
-    "django.contrib.admin",
+    "realtime_project.apps.RealtimeAdminConfig",  # django.contrib.admin with Presence on its index
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "servestatic",  # its system checks
     "channels",
     "presence",
     "replication",
@@ -43,6 +44,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (the admin's CSS and scripts) under daphne and uvicorn alike: async, so it
+    # answers on the event loop before the other middleware runs.
+    "servestatic.middleware.ServeStaticMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -111,7 +115,11 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# `manage.py collectstatic` copies every app's static files here (README, production).
+STATIC_ROOT = Path(env_str("DJANGO_STATIC_ROOT", str(BASE_DIR / "staticfiles")))
+# ServeStatic serves STATIC_ROOT once collectstatic has made it; until then (development, tests)
+# it serves the apps' own static directories, so the admin has its CSS either way.
+SERVESTATIC_USE_FINDERS = not STATIC_ROOT.is_dir()
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("DJANGO_BEHIND_TLS_PROXY", False) else None
 
@@ -195,6 +203,16 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = REALTIME_MAX_REST_BODY_BYTES
 # Opaque project keys (sb_publishable_..., sb_secret_...) accepted at connect.
 REALTIME_PUBLISHABLE_KEYS = env_list("REALTIME_PUBLISHABLE_KEYS", [])
 REALTIME_SECRET_KEYS = env_list("REALTIME_SECRET_KEYS", [])
+# The REST endpoints authenticate with simplejwt's classes around realtime.jwt's verification
+# (JWT_SECRET, JWT_JWKS, JWT_CLAIM_VALIDATORS; realtime/rest_auth.py says why). simplejwt's own
+# TokenBackend is unused; its key is set to JWT_SECRET so that it never falls back to SECRET_KEY.
+SIMPLE_JWT = {
+    "AUTH_TOKEN_CLASSES": ("realtime.rest_auth.SupabaseAccessToken",),
+    "SIGNING_KEY": JWT_SECRET,
+    "USER_ID_CLAIM": "sub",
+    "TOKEN_TYPE_CLAIM": None,
+    "JTI_CLAIM": None,
+}
 
 DAPHNE_WEBSOCKET_MAX_MESSAGE_SIZE = REALTIME_MAX_FRAME_BYTES
 DAPHNE_WEBSOCKET_MAX_FRAME_SIZE = REALTIME_MAX_FRAME_BYTES

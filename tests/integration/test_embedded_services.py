@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -69,3 +72,71 @@ def test_ensure_services_only_fills_unset_urls() -> None:
         "DATABASE_URL": embedded.postgres_url(),
         "REDIS_URL": embedded.redis_url(),
     }
+
+
+# --- ports per checkout --------------------------------------------------------------
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch) -> Path:
+    """A checkout of its own at tmp_path: its .local/ports.json starts empty."""
+    monkeypatch.setattr(embedded, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(embedded, "LOCAL_DIR", tmp_path / ".local")
+    monkeypatch.setattr(embedded, "LOCK_FILE", tmp_path / ".local" / "embedded.lock")
+    monkeypatch.setattr(embedded, "PORTS_FILE", tmp_path / ".local" / "ports.json")
+    monkeypatch.delenv("REALTIME_TEST_PORT", raising=False)
+    return tmp_path
+
+
+def listening() -> socket.socket:
+    """A listener on a free 127.0.0.1 port: another checkout's service."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def choose(default: int, ours: bool = False) -> int:
+    return embedded._choose_port("svc", "REALTIME_TEST_PORT", default, lambda port: ours, lambda port: f"holder-of-{port}")
+
+
+def test_a_checkout_takes_a_free_default_port_and_remembers_it(checkout) -> None:
+    with listening() as probe:
+        default = probe.getsockname()[1]
+    assert choose(default) == default
+    assert json.loads((checkout / ".local" / "ports.json").read_text()) == {"svc": default}
+
+
+def test_a_second_checkout_picks_its_own_port_and_keeps_it(checkout, capsys) -> None:
+    with listening() as other:
+        default = other.getsockname()[1]
+        port = choose(default)
+        assert port != default and default < port <= default + embedded.PORT_RANGE
+        assert f"port {default} is taken by holder-of-{default}" in capsys.readouterr().err
+    # Remembered: the same port once the default is free again, and no second message.
+    assert choose(default) == port
+    assert capsys.readouterr().err == ""
+    assert json.loads((checkout / ".local" / "ports.json").read_text()) == {"svc": port}
+
+
+def test_the_default_held_by_this_checkouts_own_service_is_kept(checkout) -> None:
+    with listening() as ours:
+        default = ours.getsockname()[1]
+        assert choose(default, ours=True) == default
+
+
+def test_a_remembered_port_held_by_another_program_is_an_error_naming_it(checkout) -> None:
+    with listening() as other:
+        taken = other.getsockname()[1]
+        (checkout / ".local").mkdir()
+        (checkout / ".local" / "ports.json").write_text(json.dumps({"svc": taken}))
+        with pytest.raises(embedded.EmbeddedServiceError) as error:
+            choose(taken - 1)
+    assert f"Port {taken}" in str(error.value) and f"holder-of-{taken}" in str(error.value)
+    assert "ports.json" in str(error.value)
+
+
+def test_the_environment_wins_and_is_not_remembered(checkout, monkeypatch) -> None:
+    monkeypatch.setenv("REALTIME_TEST_PORT", "61234")
+    assert choose(54329) == 61234
+    assert not (checkout / ".local" / "ports.json").exists()

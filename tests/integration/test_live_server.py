@@ -12,6 +12,7 @@ import json
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,7 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.fixtures.server import ServerProcess, mint_token, start_server
+from tests.fixtures.server import SERVER_KINDS, ServerProcess, mint_token, start_server
 from tests.integration.conftest import sql_literal
 
 pytestmark = pytest.mark.integration
@@ -162,6 +163,51 @@ async def test_rest_batch_refusals(realtime_server: ServerProcess) -> None:  # C
     assert json.loads(raw) == {"errors": {"messages": [{}, {"payload": ["can't be blank"]}]}}
 
 
+def batch_for(sub: str, event: str) -> bytes:
+    return json.dumps({"messages": [{"topic": sub, "event": event, "payload": {}}]}).encode()
+
+
+async def test_rest_tokens_are_verified_as_the_handshake_verifies_them(realtime_server: ServerProcess) -> None:  # C74
+    import jwt
+
+    topic = room()
+    sub = topic.removeprefix("realtime:")
+    ws = await joined(realtime_server, topic)
+    accepted = {
+        "lower-case bearer": {"authorization": f"bearer {mint_token('service_role')}"},
+        "apikey header": {"apikey": mint_token("anon")},
+        "empty bearer, apikey header": {"Authorization": "Bearer ", "apikey": mint_token("anon")},
+    }
+    for label, headers in accepted.items():
+        assert post(realtime_server, "/realtime/v1/api/broadcast", batch_for(sub, label), headers) == (202, b""), label
+        assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))[4]["event"] == label
+    refused_tokens = {
+        "expired": mint_token("anon", exp_in=-60),
+        "no role": mint_token(None),
+        "another secret": jwt.encode({"role": "anon", "exp": 4102444800}, "x" * 40, algorithm="HS256"),
+        "not a JWT": "potato",
+    }
+    for label, token in refused_tokens.items():
+        status, body = post(realtime_server, "/realtime/v1/api/broadcast", batch_for(sub, label), {"Authorization": f"Bearer {token}"})
+        assert (status, json.loads(body)) == (401, {"message": "Unauthorized"}), label
+    assert await quiet(ws)
+    await ws.close()
+
+
+async def test_rest_preflight_and_other_methods_need_no_token(realtime_server: ServerProcess) -> None:
+    for method, expected in (("OPTIONS", 204), ("GET", 405)):
+        request = urllib.request.Request(f"{realtime_server.url}/realtime/v1/api/broadcast", method=method, headers={"Authorization": "Bearer potato"})
+        try:
+            with urllib.request.urlopen(request, timeout=WAIT) as response:
+                status, headers, body = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            status, headers, body = error.code, error.headers, error.read()
+        assert status == expected, method
+        assert headers["Access-Control-Allow-Origin"] == "*"
+        if expected == 405:
+            assert json.loads(body) == {"message": "Method not allowed"}
+
+
 async def test_rest_batch_private_without_write_is_accepted_and_dropped(realtime_server: ServerProcess, policy) -> None:  # C75
     topic = room()
     sub = topic.removeprefix("realtime:")
@@ -255,16 +301,96 @@ async def test_bad_input_never_disturbs_a_well_behaved_client(realtime_server: S
     await receiver.close()
 
 
-async def test_uvicorn_serves_the_same_protocol() -> None:
-    with start_server(server="uvicorn") as server:
-        topic = room()
-        a = await joined(server, topic)
-        b = await joined(server, topic)
-        await a.send(json.dumps(["1", "2", topic, "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]))
-        assert json.loads(await asyncio.wait_for(b.recv(), WAIT))[3] == "broadcast"
-        assert await refused(ws_url(server, apikey=None)) == (401, {"error": "API key is missing"})
-        await a.close()
-        await b.close()
+# --- every server the README offers ------------------------------------------
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def any_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The session's daphne server, then one uvicorn server per --ws implementation."""
+    if request.param == "daphne":
+        yield request.getfixturevalue("realtime_server")
+        return
+    with start_server(server=request.param) as server:
+        yield server
+
+
+async def test_every_server_serves_the_same_protocol(any_server: ServerProcess) -> None:
+    topic = room()
+    a = await joined(any_server, topic)
+    b = await joined(any_server, topic)
+    await a.send(json.dumps(["1", "2", topic, "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]))
+    assert json.loads(await asyncio.wait_for(b.recv(), WAIT))[3] == "broadcast"
+    await a.close()
+    await b.close()
+
+
+async def test_every_server_serves_the_admin_static_files(any_server: ServerProcess) -> None:
+    def get(path: str) -> tuple[int, str, bytes]:
+        with urllib.request.urlopen(f"{any_server.url}{path}", timeout=WAIT) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+
+    status, content_type, body = await asyncio.to_thread(get, "/static/admin/css/base.css")
+    assert (status, content_type.split(";")[0]) == (200, "text/css")
+    assert b"--body-bg" in body  # Django's admin stylesheet, not an error page
+    status, content_type, _ = await asyncio.to_thread(get, "/static/admin/js/core.js")
+    assert (status, content_type.split(";")[0]) == (200, "text/javascript")
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        await asyncio.to_thread(get, "/static/admin/css/no-such-file.css")
+    assert missing.value.code == 404
+    missing.value.close()
+
+
+# Fields an HTTP/1.1 parser must refuse to see twice (RFC 9112 section 6.3); Node's does.
+SINGLE_FIELDS = ("content-length", "transfer-encoding")
+
+
+async def raw_refusal(server: ServerProcess, apikey: str | None) -> tuple[int, dict[str, list[str]], bytes]:
+    """The answer to an upgrade request read as a strict HTTP/1.1 client reads it.
+
+    Fails on a repeated Content-Length or Transfer-Encoding (Node's parser answers
+    "Parse Error: Duplicate Content-Length", and supabase-js sees no status) and on
+    a body shorter or longer than its Content-Length.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        target = ws_url(server, apikey=apikey).removeprefix(f"ws://127.0.0.1:{server.port}")
+        writer.write(
+            (
+                f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nConnection: Upgrade\r\n"
+                "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            ).encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers: dict[str, list[str]] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+        for name in SINGLE_FIELDS:
+            assert len(headers.get(name, [])) <= 1, f"{name} sent {len(headers[name])} times: {head!r}"
+        assert "content-length" in headers, f"no content-length: {head!r}"
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"][0])), WAIT)
+        rest = await asyncio.wait_for(reader.read(), WAIT)  # the server closes the connection
+        assert rest == b"", f"bytes after the body: {rest!r}"
+        return int(status_line.split(" ")[1]), headers, body
+    finally:
+        writer.close()
+
+
+async def test_every_server_answers_refusals_with_one_content_length(any_server: ServerProcess) -> None:  # C2-C4
+    import jwt
+
+    cases = [
+        (None, "API key is missing"),
+        ("potato", "The token provided is not a valid JWT"),
+        (mint_token("anon", exp_in=-60), "Token has expired"),
+        (jwt.encode({"role": "anon", "exp": 4102444800}, "x" * 40, algorithm="HS256"), "Failed to validate JWT signature"),
+    ]
+    for apikey, error in cases:
+        status, headers, body = await raw_refusal(any_server, apikey)
+        assert (status, json.loads(body)) == (401, {"error": error})
+        assert "application/json" in headers["content-type"], headers
 
 
 async def test_jwks_signed_tokens_upgrade_and_an_unknown_kid_is_refused() -> None:  # C7
@@ -287,3 +413,7 @@ async def test_jwks_signed_tokens_upgrade_and_an_unknown_kid_is_refused() -> Non
         # HS256 with the JWT secret keeps working next to the JWKS.
         async with connect(ws_url(server, apikey=mint_token("anon")), open_timeout=WAIT):
             pass
+        # REST verifies tokens the same way.
+        assert post(server, "/realtime/v1/api/broadcast", batch_for("jwks", "e"), {"Authorization": f"Bearer {good}"}) == (202, b"")
+        status, body = post(server, "/realtime/v1/api/broadcast", batch_for("jwks", "e"), {"Authorization": f"Bearer {unknown}"})
+        assert (status, json.loads(body)) == (401, {"message": "Unauthorized"})

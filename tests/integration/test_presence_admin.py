@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from html import escape
 from html.parser import HTMLParser
@@ -53,6 +54,40 @@ def test_channel_page_shows_metas_and_disconnect_removes_the_member(admin_client
     response = admin_client.post(f"/admin/presence/{channel}/", {"key": "ann", "phx_ref": phx_ref})
     assert response.status_code == 302
     assert admin_client.get(f"/admin/presence/{channel}/").context["rows"] == []
+
+
+def test_admin_index_and_sidebar_list_presence(admin_client) -> None:
+    index = admin_client.get("/admin/")
+    assert index.status_code == 200
+    [app] = [app for app in index.context["app_list"] if app["app_label"] == "presence"]
+    assert (app["name"], app["app_url"], app["models"][0]["admin_url"]) == ("Presence", "/admin/presence/", "/admin/presence/")
+    assert b'href="/admin/presence/"' in index.content
+    # Django's own apps stay listed, in alphabetical order with Presence.
+    names = [str(app["name"]) for app in index.context["app_list"]]
+    assert "Authentication and Authorization" in names and names == sorted(names, key=str.lower)
+    # The sidebar of every admin page lists it too.
+    page = admin_client.get("/admin/presence/")
+    assert any(app["app_label"] == "presence" for app in page.context["available_apps"])
+
+
+def test_admin_index_shows_no_presence_to_anonymous_users(client) -> None:
+    response = client.get("/admin/")
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_metas_are_shown_as_json(admin_client) -> None:
+    channel = f"public:admin-{uuid.uuid4().hex[:8]}"
+    meta = {"user": "ann", "online": True, "away": None, "tags": ["a", "é"], "n": 1.5}
+    store = RedisPresenceStore(settings.REDIS_URL, "test-process", ttl=30)
+
+    async def track() -> None:
+        await store.track(channel, "ann", "socket-1", meta)
+        await store.close()
+
+    async_to_sync(track)()
+    html = admin_client.get(channel_url(channel)).content.decode()
+    assert escape(json.dumps(meta, ensure_ascii=False)) in html
+    assert "True" not in html and "None" not in html  # no Python repr
 
 
 # --- names chosen by clients --------------------------------------------------------
