@@ -123,11 +123,33 @@ def _jsonb(text: str) -> JsonValue:
     return value
 
 
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: JsonValue) -> JsonValue:
+    """``value`` with each lone surrogate (a ``\\ud800`` escape json keeps) as U+FFFD.
+
+    UTF-8 cannot carry a lone surrogate: left in, encoding the change would fail, and with it
+    every later change of the stream.
+    """
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_LONE_SURROGATE.sub("\ufffd", key): _without_lone_surrogates(item) for key, item in value.items()}
+    return value
+
+
 def _json(text: str) -> JsonValue:
     # to_jsonb(json) goes through jsonb, which reorders and deduplicates keys.
     value: JsonValue = json.loads(
         text, parse_float=Decimal, object_pairs_hook=_jsonb_object, parse_constant=_not_json
     )
+    # json (unlike jsonb) keeps its input text, so it may hold \ud800-\udfff escapes without a pair;
+    # json.loads turns a valid pair into one character, so only lone ones remain.
+    if "\\u" in text:  # no escape, no surrogate: PostgreSQL text is valid UTF-8
+        value = _without_lone_surrogates(value)
     return value
 
 
