@@ -11,6 +11,8 @@ import hashlib
 import hmac
 from pathlib import Path
 
+from django.core.exceptions import ImproperlyConfigured
+
 from realtime_project.env import database_from_url, env_bool, env_int, env_json_object, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -188,6 +190,10 @@ REALTIME_RATE_WINDOW_S = env_int("REALTIME_RATE_WINDOW_S", 5)
 # Database broadcasts (realtime.send, broadcast_changes) the replicator publishes per second, all topics
 # together; beyond it they wait in the slot, none is dropped (0: no limit).
 REALTIME_MAX_DB_BROADCASTS_PER_SECOND = env_int("REALTIME_MAX_DB_BROADCASTS_PER_SECOND", 0)
+# How the replicator reads its slots: "stream" (the replication protocol) or "peek" (the SQL interface).
+REALTIME_REPLICATION_READ = env_str("REALTIME_REPLICATION_READ", "stream")
+if REALTIME_REPLICATION_READ not in ("stream", "peek"):
+    raise ImproperlyConfigured(f"REALTIME_REPLICATION_READ must be stream or peek, not {REALTIME_REPLICATION_READ!r}")
 # postgres_changes bindings per join, and pushes held per channel while its policies are checked.
 REALTIME_MAX_BINDINGS_PER_CHANNEL = env_int("REALTIME_MAX_BINDINGS_PER_CHANNEL", 50)
 # RE2 instructions of one socket's match/imatch filters, all channels together: what one change

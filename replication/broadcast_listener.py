@@ -75,7 +75,6 @@ class BroadcastListener(SlotLoop):
     """Publishes inserted ``realtime.messages`` rows; ``run`` returns when ``stop`` is set."""
 
     label = "broadcast replication"
-    streaming = True
 
     def __init__(
         self,
@@ -89,8 +88,9 @@ class BroadcastListener(SlotLoop):
         poll_interval: float = 0.01,
         maintain_partitions: bool = True,
         max_per_second: float = 0.0,
+        streaming: bool = True,
     ) -> None:
-        super().__init__(dsn, slot, publication, layer, batch_changes, poll_interval, BroadcastStats())
+        super().__init__(dsn, slot, publication, layer, batch_changes, poll_interval, BroadcastStats(), streaming)
         self.max_payload_bytes = max_payload_bytes
         self._pace = TokenBucket(max_per_second, max_per_second, time.monotonic())
         self.maintain_partitions = maintain_partitions

@@ -2,12 +2,14 @@
 
 It ensures the publication (never adding tables to it: that is the user's
 call) and a permanent logical replication slot, holds the advisory lock that
-makes one replicator per slot active, reads decoded pgoutput messages from the
-slot and confirms positions. Changes are read through the SQL interface:
-``pg_logical_slot_peek_binary_changes`` returns whole transactions without
-consuming them, and ``pg_replication_slot_advance`` consumes them only once the
-listener has published them, so a crash at any point replays instead of
-losing. Decoding lives in ``pgoutput``; this module knows nothing of it.
+makes one replicator per slot active, and answers the listeners' catalog
+queries. By default the slot is streamed on a second, replication connection
+(``replication.streaming``); with ``--read peek`` this connection reads it
+through the SQL interface: ``pg_logical_slot_peek_binary_changes`` returns
+whole transactions without consuming them, and ``pg_replication_slot_advance``
+consumes them only once the listener has published them. Either way a crash at
+any point replays instead of losing. Decoding lives in ``pgoutput``; this
+module knows nothing of it.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class SlotReader:
         )
         row = await cursor.fetchone()
         return bool(row and row[0])
+
+    async def ping(self) -> None:
+        """Raise if this session (and the advisory lock it holds) is gone."""
+        await self._conn().execute("SELECT 1")
 
     async def ensure_publication(self) -> None:
         conn = self._conn()

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 STANDBY_POLL_S = 1.0
 STREAM_IDLE_S = 0.5  # how long a streaming loop waits for data before it looks at ``stop`` and ticks
+LOCK_CHECK_S = 2.0  # how often a streaming loop checks that the session holding its lock is alive
 # How long a streamed page gathers rows after its first: at most about 100 layer messages per second
 # per group, each server process receiving them one Redis round trip at a time.
 STREAM_LINGER_S = 0.01
@@ -102,12 +103,10 @@ class SlotLoop:
     """
 
     label = "replication"
-    # Read with the streaming replication protocol (``replication.streaming``) rather than by
-    # peeking through the SQL interface every ``poll_interval``.
-    streaming = False
 
     def __init__(self, dsn: str, slot: str, publication: str, layer: BaseChannelLayer,
-                 batch_changes: int, poll_interval: float, stats: Any) -> None:
+                 batch_changes: int, poll_interval: float, stats: Any, streaming: bool = True) -> None:
+        self.streaming = streaming
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
@@ -190,11 +189,18 @@ class SlotLoop:
         The reader's connection keeps the lock and answers the subclass's catalog queries.
         """
         stream = SlotStream(self.dsn, self.slot, self.publication, f"realtime replicate {self.slot} stream")
+        loop = asyncio.get_running_loop()
         try:
             await stream.start()
+            checked = loop.time()
             while not stop.is_set():
                 await self._tick()
                 rows = await stream.next_page(self.batch_changes, STREAM_IDLE_S, STREAM_LINGER_S)
+                if loop.time() - checked >= LOCK_CHECK_S:
+                    # The lock lives in the reader's session: if that session died, fail now and
+                    # start over, rather than stream on while a standby believes the slot is free.
+                    await reader.ping()
+                    checked = loop.time()
                 if not rows:
                     continue
                 stopped, committed = await self._page(reader, decoder, rows, stop)
@@ -287,8 +293,9 @@ class Listener(SlotLoop):
         max_payload_bytes: int = 1_048_576,
         on_active: Callable[[], None] | None = None,
         directory: Directory | None = None,
+        streaming: bool = True,
     ) -> None:
-        super().__init__(dsn, slot, publication, layer, batch_changes, poll_interval, ListenerStats())
+        super().__init__(dsn, slot, publication, layer, batch_changes, poll_interval, ListenerStats(), streaming)
         self.max_payload_bytes = max_payload_bytes
         self.on_active = on_active
         self.directory = directory

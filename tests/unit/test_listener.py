@@ -131,7 +131,7 @@ class Harness:
         self.slot = ScriptedSlot(reads, self.log)
         self.layer = LoggedLayer(self.log)
         monkeypatch.setattr(listener_module, "SlotReader", lambda dsn, slot, publication: self.slot)
-        self.listener = Listener("postgresql://unused", "slot", "publication", self.layer, poll_interval=0.001)
+        self.listener = Listener("postgresql://unused", "slot", "publication", self.layer, poll_interval=0.001, streaming=False)
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 

@@ -29,8 +29,13 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--slot", default=settings.REALTIME_SLOT, help="Logical replication slot name.")
         parser.add_argument("--publication", default=settings.REALTIME_PUBLICATION, help="Publication name.")
-        parser.add_argument("--poll-interval", type=float, default=0.01, help="Seconds between polls when idle.")
-        parser.add_argument("--batch", type=int, default=2000, help="Changes read per poll (whole transactions).")
+        parser.add_argument(
+            "--read", choices=("stream", "peek"), default=settings.REALTIME_REPLICATION_READ,
+            help="stream: START_REPLICATION on a replication connection (default); peek: poll the SQL interface"
+            " (for a database reachable only through a pooler that refuses replication connections).",
+        )
+        parser.add_argument("--poll-interval", type=float, default=0.01, help="Seconds between polls when idle (peek).")
+        parser.add_argument("--batch", type=int, default=2000, help="Changes read per page (whole transactions when peeking).")
         parser.add_argument(
             "--messages-slot", default=None,
             help="Slot streaming realtime.messages (broadcast from the database); default: <slot>_messages.",
@@ -50,6 +55,7 @@ class Command(BaseCommand):
             layer,
             batch_changes=options["batch"],
             poll_interval=options["poll_interval"],
+            streaming=options["read"] == "stream",
         )
         broadcasts = None
         if not options["no_broadcasts"]:
@@ -60,6 +66,7 @@ class Command(BaseCommand):
                 max_payload_bytes=settings.REALTIME_MAX_PAYLOAD_SIZE_KB * 1000 + 500,
                 poll_interval=options["poll_interval"],
                 max_per_second=settings.REALTIME_MAX_DB_BROADCASTS_PER_SECOND,
+                streaming=options["read"] == "stream",
             )
         asyncio.run(self._run(listener, broadcasts))
 
