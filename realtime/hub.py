@@ -695,6 +695,8 @@ class Hub:
     async def aclose(self) -> None:
         """Stop receiving and leave every group (server shutdown, test teardown)."""
         self._closing = True
+        if self._privileges is not None:
+            self._privileges.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
