@@ -41,6 +41,7 @@ retries the whole batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -63,6 +64,7 @@ QUERY_CANCELED = "57014"
 # The lookup itself is wrong (a key column dropped or retyped, the statement gone): prepare it again next time.
 STALE_LOOKUP = frozenset({"26000", "42703", "42P01", "42804", "42883", "0A000"})
 UNABLE_TO_CHECK = "Realtime was unable to check row level security for this change"
+_statement_ids = itertools.count(1)  # prepared statement names: unique in the process, whichever checker prepares
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +148,6 @@ class RowChecker:
         self._lookups: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], str]] = weakref.WeakKeyDictionary()
         self._timeouts: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._slow: dict[str, float] = {}  # claim set -> when its check last ran out of time
-        self._names = 0
         self.queries = 0  # database calls that checked rows (round trips of check_visibility)
         self.checks = 0  # claim-set checks those calls ran
 
@@ -289,8 +290,7 @@ class RowChecker:
         name = prepared.get(key)
         if name is not None:
             return name
-        self._names += 1
-        name = f"realtime_rls_{self._names}"
+        name = f"realtime_rls_{next(_statement_ids)}"
         match = sql.SQL(" AND ").join(sql.SQL("r.{0} = k.{0}").format(sql.Identifier(n)) for n in names)
         record = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in columns)
         await conn.execute(
