@@ -263,7 +263,8 @@ class RowChecker:
         own_connection: bool,
     ) -> CallResult:
         """One ``check_visibility`` call for ``claims``, under the check timeout."""
-        statement = "SELECT claim_set, visible, error, sqlstate FROM realtime.check_visibility(%s, %s, %s, %s, %s)"
+        # Binary arrays: psycopg quotes each element of a text array with a regex (20 ms per 400 claim sets).
+        statement = "SELECT claim_set, visible, error, sqlstate FROM realtime.check_visibility(%s, %s, %b, %b, %b)"
         params = (
             lookup, argument, [c.role for c in claims], [json.dumps(c.raw) for c in claims], [c.sub or "" for c in claims],
         )
