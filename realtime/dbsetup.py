@@ -307,7 +307,7 @@ DECLARE
   -- One call per run of changes, for every claim set (realtime.visibility):
   -- per claim set, in a block of its own that is always rolled back, become
   -- its role with its claims and run the caller's prepared lookup (``lookup``
-  -- names it; ``keys`` is its argument). Returns a row per claim set that sees
+  -- names it; ``keys`` is its argument, as text its parameter type reads). Returns a row per claim set that sees
   -- something (claim_set, visible = ordinals of the keys it sees), per claim
   -- set whose check failed (claim_set, error, sqlstate), and, when the
   -- statement timeout fired during a claim set other than the first, one row
@@ -358,13 +358,13 @@ BEGIN
   END LOOP;
 END;
 $body$;
-  signature text := 'realtime.check_visibility(text, jsonb, text[], text[], text[])';
+  signature text := 'realtime.check_visibility(text, text, text[], text[], text[])';
   me oid := (SELECT oid FROM pg_roles WHERE rolname = current_user);
 BEGIN
   PERFORM pg_advisory_xact_lock(hashtextextended('realtime.dbsetup', 0));
   CREATE SCHEMA IF NOT EXISTS realtime;
   IF coalesce((SELECT prosrc <> body AND proowner = me FROM pg_proc WHERE oid = to_regprocedure(signature)), true) THEN
-    EXECUTE 'CREATE OR REPLACE FUNCTION realtime.check_visibility(lookup text, keys jsonb, roles text[],'
+    EXECUTE 'CREATE OR REPLACE FUNCTION realtime.check_visibility(lookup text, keys text, roles text[],'
       ' claims text[], subs text[]) RETURNS TABLE (claim_set integer, visible integer[], error text, sqlstate text)'
       ' LANGUAGE plpgsql VOLATILE AS ' || quote_literal(body);
     -- It switches to any role the session user may become: never for API clients.

@@ -6,6 +6,7 @@ claim set; what one claim set's policies do never reaches the next one.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -130,3 +131,27 @@ async def test_each_claim_set_has_the_whole_timeout_and_slow_ones_are_checked_la
     # Next run: the slow ones go last, so one call answers every fast claim set before the first timeout.
     verdicts = await checker.check(conn, sets, "public", owned, KEYS[:3], own_connection=True)
     assert set(verdicts.failed) == {"b", "d"} and checker.queries == 5 + 3
+
+
+async def test_text_keys_with_quotes_backslashes_and_braces_are_looked_up_exactly(realtime_schema, conn) -> None:
+    name = f"vis_text_{uuid.uuid4().hex[:8]}"
+    ident = sql.Identifier("public", name)
+    odd = ['a"b', "c\\d", "x,y", "{z}", "NULL", " sp ", "ü", "", "\\x01"]
+    execute(
+        sql.SQL("CREATE TABLE {} (id text PRIMARY KEY, owner uuid)").format(ident),
+        sql.SQL("GRANT SELECT ON {} TO authenticated").format(ident),
+        sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(ident),
+        sql.SQL("CREATE POLICY owner ON {} FOR SELECT TO authenticated USING (owner = auth.uid())").format(ident),
+    )
+    try:
+        with psycopg.connect(dsn(), autocommit=True) as sync:
+            for n, key in enumerate(odd):
+                sync.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s)").format(ident), (key, user(1 + n % 2)))
+        keys = [json.dumps({"id": key}).encode() for key in odd + ["missing"]]
+        checker = RowChecker()
+        verdicts = await checker.check(conn, {"one": claims(user(1)), "two": claims(user(2))}, "public", name, keys)
+        assert verdicts.failed == {}
+        assert verdicts.visible["one"] == bytes([1, 0, 1, 0, 1, 0, 1, 0, 1, 0])
+        assert verdicts.visible["two"] == bytes([0, 1, 0, 1, 0, 1, 0, 1, 0, 0])
+    finally:
+        execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))

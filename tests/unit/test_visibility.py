@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from realtime.jwt import Claims
-from realtime.visibility import CallResult, check_order, error_text, read_call, verdict_bytes
+from realtime.visibility import CallResult, array_literal, check_order, error_text, read_call, verdict_bytes
 
 pytestmark = pytest.mark.unit
 
@@ -66,3 +66,8 @@ def test_claim_sets_are_sent_by_role_with_the_ones_that_timed_out_last() -> None
     sets = {"d": claims("authenticated"), "a": claims("anon"), "c": claims("authenticated"), "b": claims("authenticated")}
     assert check_order(sets) == ["a", "b", "c", "d"]
     assert check_order(sets, slow={"b", "a"}) == ["c", "d", "a", "b"]
+
+
+def test_an_array_literal_quotes_every_value() -> None:
+    assert array_literal(["1", 'a"b', "c\\d", "x,y", "{}", "NULL", ""]) == '{"1","a\\"b","c\\\\d","x,y","{}","NULL",""}'
+    assert array_literal([]) == "{}"
