@@ -2,7 +2,14 @@
 
 Row level security is checked once per distinct claim set (role and JWT
 claims), not once per socket: subscribers with identical claims see the same
-rows. The replicator runs those checks, so it must know every claim set
+rows. Identity is exact: every claim counts, ``iat``, ``exp`` and
+``session_id`` included, so two tokens of one user are two claim sets. There
+is deliberately no option to group tokens by the claims policies read
+(ignoring ``iat``/``exp``, say): a policy may read any claim (``auth.jwt()``),
+and a grouped claim set would be checked with one member's claims on behalf
+of the others, so a policy that reads ``exp`` or ``session_id`` would answer
+for the wrong token. The per-batch cost of many claim sets is kept down by
+checking them all in one database call instead (``realtime.visibility``). The replicator runs those checks, so it must know every claim set
 subscribed to a table on any server process. This registry keeps that in
 Redis:
 

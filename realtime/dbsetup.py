@@ -21,6 +21,11 @@ Supabase's) is left as it is but for what it lacks. ``BROADCAST_SQL`` creates
 as the reference defines them, and re-creates them when this file changes
 them, unless someone else owns them.
 
+Row level security of postgres_changes is checked by
+``realtime.check_visibility`` (``VISIBILITY_SQL``): one call checks a run of
+changes for every subscribed claim set, inside PostgreSQL, as
+``realtime.visibility`` describes. Only the owner may execute it.
+
 Run by the ``realtime`` migrations and by the test fixtures (``SETUP_SQL`` is
 all of it, in order). Idempotent; concurrent runs wait for each other.
 """
@@ -302,4 +307,77 @@ END
 $realtime$;
 """
 
-SETUP_SQL = ROLES_SQL + AUTH_SQL + MESSAGES_SQL + BROADCAST_SQL
+VISIBILITY_SQL = """
+DO $realtime$
+DECLARE
+  -- One call per run of changes, for every claim set (realtime.visibility):
+  -- per claim set, in a block of its own that is always rolled back, become
+  -- its role with its claims and run the caller's prepared lookup (``lookup``
+  -- names it; ``keys`` is its argument, as text its parameter type reads). Returns a row per claim set that sees
+  -- something (claim_set, visible = ordinals of the keys it sees), per claim
+  -- set whose check failed (claim_set, error, sqlstate), and, when the
+  -- statement timeout fired during a claim set other than the first, one row
+  -- (claim_set, NULL, NULL, NULL): that claim set and the ones after it were
+  -- not checked, and the caller asks again from there with a fresh timeout.
+  body text := $body$
+DECLARE
+  statement text := format('EXECUTE %I(%L)', lookup, keys);
+  found integer[];
+  message text;
+  code text;
+BEGIN
+  -- The lookup's plan is made once per role, not once per claim set.
+  PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
+  FOR i IN 1 .. coalesce(array_length(roles, 1), 0) LOOP
+    found := NULL;
+    BEGIN
+      PERFORM set_config('role', roles[i], true);
+      PERFORM set_config('request.jwt.claims', claims[i], true),
+              set_config('request.jwt.claim.sub', subs[i], true),
+              set_config('request.jwt.claim.role', roles[i], true);
+      EXECUTE statement INTO found;
+      -- Undo whatever the policies did (settings, writes), as a rolled-back transaction would.
+      RAISE SQLSTATE 'RLSOK';
+    EXCEPTION
+      WHEN SQLSTATE 'RLSOK' THEN
+        NULL;
+      WHEN query_canceled THEN
+        -- The statement timeout fires once per call. The first claim set had all of
+        -- it: its check took too long. Any other is asked again, first, in a new call.
+        IF i = 1 THEN
+          GET STACKED DIAGNOSTICS message = MESSAGE_TEXT, code = RETURNED_SQLSTATE;
+          RETURN QUERY SELECT i, NULL::integer[], message, code;
+          i := i + 1;
+        END IF;
+        IF i <= array_length(roles, 1) THEN
+          RETURN QUERY SELECT i, NULL::integer[], NULL::text, NULL::text;
+        END IF;
+        RETURN;
+      WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS message = MESSAGE_TEXT, code = RETURNED_SQLSTATE;
+        RETURN QUERY SELECT i, NULL::integer[], message, code;
+        CONTINUE;
+    END;
+    IF found IS NOT NULL THEN
+      RETURN QUERY SELECT i, found, NULL::text, NULL::text;
+    END IF;
+  END LOOP;
+END;
+$body$;
+  signature text := 'realtime.check_visibility(text, text, text[], text[], text[])';
+  me oid := (SELECT oid FROM pg_roles WHERE rolname = current_user);
+BEGIN
+  PERFORM pg_advisory_xact_lock(hashtextextended('realtime.dbsetup', 0));
+  CREATE SCHEMA IF NOT EXISTS realtime;
+  IF coalesce((SELECT prosrc <> body AND proowner = me FROM pg_proc WHERE oid = to_regprocedure(signature)), true) THEN
+    EXECUTE 'CREATE OR REPLACE FUNCTION realtime.check_visibility(lookup text, keys text, roles text[],'
+      ' claims text[], subs text[]) RETURNS TABLE (claim_set integer, visible integer[], error text, sqlstate text)'
+      ' LANGUAGE plpgsql VOLATILE AS ' || quote_literal(body);
+    -- It switches to any role the session user may become: never for API clients.
+    EXECUTE 'REVOKE ALL ON FUNCTION ' || signature || ' FROM PUBLIC';
+  END IF;
+END
+$realtime$;
+"""
+
+SETUP_SQL = ROLES_SQL + AUTH_SQL + MESSAGES_SQL + BROADCAST_SQL + VISIBILITY_SQL

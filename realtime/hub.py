@@ -14,7 +14,7 @@ Row level security: each channel with postgres_changes belongs to a claim set
 so the replicator checks each claim set once per run of changes. A run from a
 table with RLS carries the verdicts; a claim set the replicator did not check
 (it read the registry before the channel registered) is checked here through
-``row_check``, once per run and claim set, never skipped. A claim set whose
+``row_check``, once per run for all of them, never skipped. A claim set whose
 check failed (a policy raised or timed out) gets nothing of that run: each of
 its channels the run would reach gets one ``system`` error instead. A channel
 whose role cannot read the table's primary key gets ``Error 401`` events.
@@ -42,7 +42,6 @@ from realtime.protocol.serializer import (
 from realtime.filters import BindingIndex
 from realtime.bindings import select_columns
 from realtime.cork import corked
-from realtime.errors import RowCheckFailed
 from realtime.types import (
     ERROR_UNAUTHORIZED,
     KIND_BINARY,
@@ -61,12 +60,13 @@ from realtime.writer import SocketWriter, frame_size
 if TYPE_CHECKING:
     from realtime.claimsets import Registration
     from realtime.jwt import Claims
+    from realtime.visibility import Verdicts
 
 logger = logging.getLogger(__name__)
 
-# (claims, schema, table, primary keys as JSON) -> one byte per key, 1 if visible;
-# raises RowCheckFailed when the check failed for that claim set.
-RowCheck = Callable[["Claims", str, str, list[bytes]], Awaitable[bytes]]
+# (claim set -> claims, schema, table, primary keys as JSON) -> per claim set one byte per key
+# (1 if visible), or its failure message (a policy raised or timed out).
+RowCheck = Callable[[Mapping[str, "Claims"], str, str, list[bytes]], Awaitable["Verdicts"]]
 UNABLE_TO_CHECK = "Realtime was unable to connect to the project database"
 
 # channels_redis forgets a group membership group_expiry seconds after its
@@ -697,19 +697,23 @@ class Hub:
         if not positions:
             return visible, failed
         keys = [run["changes"][i]["key"] for i in positions]
-        for claim_set, claims in missing.items():
-            if claims is None or self._row_check is None:
-                continue  # no way to check: the rows stay undelivered
-            try:
-                verdict = await self._row_check(claims, route.schema, route.table, keys)
-            except RowCheckFailed as failure:  # a policy raised or timed out: logged by the check
-                failed[claim_set] = failure.message
-                continue
-            except Exception:
-                logger.exception("row level security check failed on %s.%s", route.schema, route.table)
-                failed[claim_set] = UNABLE_TO_CHECK  # never a silent loss
-                continue
-            visible[claim_set] = verdict_per_change(run, positions, verdict)
+        checkable = {c: claims for c, claims in missing.items() if claims is not None}
+        if not checkable or self._row_check is None:
+            return visible, failed  # no way to check: the rows stay undelivered
+        try:
+            # One call for every claim set the replicator missed; a failed policy denies only its own.
+            verdicts = await self._row_check(checkable, route.schema, route.table, keys)
+        except Exception:
+            logger.exception("row level security check failed on %s.%s", route.schema, route.table)
+            failed.update((claim_set, UNABLE_TO_CHECK) for claim_set in checkable)  # never a silent loss
+            return visible, failed
+        nothing = bytes(len(keys))
+        for claim_set in checkable:
+            message = verdicts.failed.get(claim_set)
+            if message is not None:
+                failed[claim_set] = message
+            else:
+                visible[claim_set] = verdict_per_change(run, positions, verdicts.visible.get(claim_set, nothing))
         return visible, failed
 
     def _grants(self, route: TableRoute) -> dict[str, Grants] | None:
@@ -761,6 +765,8 @@ class Hub:
     async def aclose(self) -> None:
         """Stop receiving and leave every group (server shutdown, test teardown)."""
         self._closing = True
+        if self._privileges is not None:
+            self._privileges.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

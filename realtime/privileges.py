@@ -91,6 +91,15 @@ class PrivilegeCache:
             for role, schema, table in list(self._known):
                 await self.grants(role, schema, table, fresh=True)
 
+    def close(self) -> None:
+        """Stop refreshing and fetching (the hub is closing): nothing may open a pool after it closed."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+        for pending in list(self._pending.values()):
+            pending.cancel()
+        self._known.clear()
+
     def forget(self, schema: str, table: str) -> None:
         """Drop what is known of a table (its last subscriber left)."""
         for key in [k for k in self._known if k[1:] == (schema, table)]:

@@ -7,9 +7,9 @@ A crash anywhere before the advance replays those transactions after restart:
 changes are delivered at least once, in commit order per table.
 
 Changes to a table with row level security are checked before they are
-published: for each claim set subscribed to the table on any server process
-(``realtime.claimsets``), one query per run decides which rows it may see
-(``realtime.visibility``), and the run carries the verdicts to every process.
+published: one database call per run decides, for every claim set subscribed
+to the table on any server process (``realtime.claimsets``), which rows it may
+see (``realtime.visibility``), and the run carries the verdicts to every process.
 A check that fails for one claim set (its policy raises or runs past the
 statement timeout) denies that claim set for that run and travels in the run
 as its ``check_errors``; only a lost connection retries the batch.
@@ -38,7 +38,6 @@ import psycopg
 from channels.layers import BaseChannelLayer
 
 from realtime.claimsets import Directory
-from realtime.errors import RowCheckFailed
 from realtime.hub import MEMBERSHIP_CHECK_S, RECEIVE_RETRY_S
 from realtime.types import ChangeRun, checked_positions, verdict_per_change
 from realtime.visibility import RowChecker
@@ -85,7 +84,8 @@ class ListenerStats:
     changes: int = 0
     published_runs: int = 0
     rls_runs: int = 0  # runs of changes checked for row level security
-    rls_queries: int = 0  # visibility queries those checks ran
+    rls_queries: int = 0  # database calls those checks made (one per run, more only after a timeout)
+    rls_checks: int = 0  # claim-set checks those calls ran
     rls_failures: int = 0  # checks that failed for one claim set (a policy raised or timed out)
     active: bool = False
     last_error: str = ""
@@ -358,21 +358,19 @@ class Listener(SlotLoop):
                 continue
             keys = [run["changes"][i]["key"] for i in positions]
             conn = await self._check_connection()
-            visible: dict[str, bytes] = {}
-            failed: dict[str, str] = {}
-            for claim_set, claims in claim_sets.items():
-                try:
-                    verdict = await self.checker.visible(conn, claims, run["schema"], run["table"], keys)
-                except RowCheckFailed as failure:  # this claim set only; a lost connection raises on
-                    failed[claim_set] = failure.message
-                    self.stats.rls_failures += 1
-                    verdict = bytes(len(keys))
-                visible[claim_set] = verdict_per_change(run, positions, verdict)
-            run["visible"] = visible
-            if failed:
-                run["check_errors"] = failed
+            # One call for every claim set; a lost connection raises and the batch is retried.
+            verdicts = await self.checker.check(conn, claim_sets, run["schema"], run["table"], keys, own_connection=True)
+            nothing = bytes(len(keys))
+            run["visible"] = {
+                claim_set: verdict_per_change(run, positions, verdicts.visible.get(claim_set, nothing))
+                for claim_set in claim_sets
+            }
+            if verdicts.failed:
+                run["check_errors"] = dict(verdicts.failed)
+                self.stats.rls_failures += len(verdicts.failed)
             self.stats.rls_runs += 1
         self.stats.rls_queries = self.checker.queries
+        self.stats.rls_checks = self.checker.checks
 
     async def _check_connection(self) -> psycopg.AsyncConnection[Any]:
         if self.check_conn is None or self.check_conn.closed:

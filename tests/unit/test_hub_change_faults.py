@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -15,13 +16,13 @@ from channels.layers import InMemoryChannelLayer
 
 from realtime.authorization import AuthorizedBinding
 from realtime.bindings import parse_binding
-from realtime.errors import RowCheckFailed
 from realtime.filters import compile_filter
 from realtime.hub import ChangeSubscription, Hub
 from realtime.jwt import Claims
 from realtime.protocol.message import Vsn
 from realtime.topics import table_group
 from realtime.types import ChangeRun, checked_positions, verdict_per_change
+from realtime.visibility import Verdicts
 from replication.values import encode_json
 
 pytestmark = pytest.mark.unit
@@ -160,10 +161,14 @@ async def test_a_claim_set_whose_check_failed_gets_one_system_error_per_run_and_
 
 
 async def test_the_hubs_own_check_treats_a_failed_policy_like_the_replicator_does() -> None:
-    async def row_check(who: Claims, schema: str, table: str, keys: list[bytes]) -> bytes:
-        if who.sub == "slow":
-            raise RowCheckFailed(TIMEOUT)
-        return b"\x01" * len(keys)
+    async def row_check(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
+        verdicts = Verdicts()
+        for claim_set, who in claim_sets.items():
+            if who.sub == "slow":
+                verdicts.failed[claim_set] = TIMEOUT
+            else:
+                verdicts.visible[claim_set] = b"\x01" * len(keys)
+        return verdicts
 
     hub = Hub(InMemoryChannelLayer(), Registration(), row_check)  # type: ignore[arg-type]
     try:
@@ -179,7 +184,7 @@ async def test_the_hubs_own_check_treats_a_failed_policy_like_the_replicator_doe
 
 
 async def test_a_check_that_cannot_reach_the_database_is_reported_not_silent() -> None:
-    async def row_check(who: Claims, schema: str, table: str, keys: list[bytes]) -> bytes:
+    async def row_check(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
         raise ConnectionError("pool closed")
 
     hub = Hub(InMemoryChannelLayer(), Registration(), row_check)  # type: ignore[arg-type]
