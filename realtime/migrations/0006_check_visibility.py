@@ -6,5 +6,5 @@ from realtime.dbsetup import VISIBILITY_SQL
 
 
 class Migration(migrations.Migration):
-    dependencies = [("realtime", "0004_partitioned_messages")]
+    dependencies = [("realtime", "0005_replay_topic_index")]
     operations = [migrations.RunSQL(VISIBILITY_SQL, reverse_sql=migrations.RunSQL.noop)]
