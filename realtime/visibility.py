@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 ROLE_CACHE_S = 60.0
 SLOW_MEMORY_S = 60.0  # how long a claim set that timed out is checked after the others
 QUERY_CANCELED = "57014"
+MISSING_STATEMENT = "26000"  # invalid_sql_statement_name: the prepared lookup is gone from the session
 # The lookup itself is wrong (a key column dropped or retyped, the statement gone): prepare it again next time.
 STALE_LOOKUP = frozenset({"26000", "42703", "42P01", "42804", "42883", "0A000"})
 UNABLE_TO_CHECK = "Realtime was unable to check row level security for this change"
@@ -219,6 +220,7 @@ class RowChecker:
                 self._failed(result, claim_set, pending[claim_set], schema, table, message)
             return result
         start = 0
+        prepared_again = False
         while start < len(order):
             batch = order[start:]
             try:
@@ -234,6 +236,23 @@ class RowChecker:
                 break
             finally:
                 self.queries += 1
+            first = answer.errors.get(0)
+            if first is not None and first[0] == MISSING_STATEMENT and not prepared_again:
+                # The session lost the prepared lookup (psycopg sends DEALLOCATE ALL after a ROLLBACK
+                # once it has prepared statements of its own; a pooler may DISCARD ALL): prepare it
+                # again and ask once more, rather than deny these claim sets this run.
+                prepared_again = True
+                self._forget(conn, schema, table)
+                try:
+                    lookup = await self._lookup(conn, schema, table, names, single)
+                except (psycopg.Error, KeyError) as error:
+                    if isinstance(error, psycopg.Error) and connection_lost(conn, error):
+                        raise
+                    self._forget(conn, schema, table)
+                    for claim_set in batch:
+                        self._failed(result, claim_set, pending[claim_set], schema, table, UNABLE_TO_CHECK)
+                    break
+                continue
             checked = len(batch) if answer.resume is None else answer.resume
             self.checks += checked
             stale = False

@@ -103,6 +103,18 @@ async def test_one_call_answers_every_claim_set_and_nothing_leaks_between_them(o
     assert audit == (0,)
 
 
+async def test_a_session_that_lost_its_prepared_lookup_prepares_it_again_and_denies_no_one(owned, conn) -> None:
+    """psycopg sends DEALLOCATE ALL after a ROLLBACK once it has prepared statements of its own (the pooled path
+    rolls back every call); a pooler may DISCARD ALL. The next check must prepare its lookup again, not deny."""
+    checker = RowChecker()
+    sets = {"c1": claims(user(1)), "c2": claims(user(2))}
+    first = await checker.check(conn, sets, "public", owned, KEYS, own_connection=False)
+    await conn.execute("DEALLOCATE ALL")
+    again = await checker.check(conn, sets, "public", owned, KEYS, own_connection=False)
+    assert again.failed == {}
+    assert again.visible == first.visible == {"c1": b"\x01\x00\x00\x00\x00", "c2": b"\x00\x01\x00\x00\x00"}
+
+
 async def test_a_policy_error_or_an_unknown_role_denies_only_its_claim_set(owned, conn) -> None:
     checker = RowChecker()
     sets = {"a": claims(user(1)), "bad-sub": claims("not-a-uuid"), "ghost": claims(user(2), role="no_such_role_x"), "b": claims(user(2))}
