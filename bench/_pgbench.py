@@ -53,15 +53,7 @@ def lsn_int(text: str) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
-def postgres_pids() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == "postgres":
-                        pids.append(int(entry))
-    return pids
+postgres_pids = _report.postgres_pids
 
 
 class Proc(bc.Worker):

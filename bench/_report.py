@@ -61,5 +61,20 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
 
 
+def pids_named(comm: str) -> list[int]:
+    """The pids of the processes whose ``/proc/<pid>/comm`` is ``comm`` (e.g. ``postgres``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() == comm:
+                    found.append(int(entry))
+    return found
+
+
+def postgres_pids() -> list[int]:
+    return pids_named("postgres")
+
+
 def fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)

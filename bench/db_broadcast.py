@@ -594,25 +594,14 @@ class Bench:
             self.pg.close()
 
 
-def pids_named(comm: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as f:
-                if f.read().strip() == comm:
-                    found.append(int(entry))
-    return found
+pids_named = _report.pids_named
 
 
 def postgres_cpu() -> dict[int, float]:
     total: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() != "postgres":
-                        continue
-                total[int(entry)] = bc.cpu_seconds(int(entry))
+    for pid in _report.postgres_pids():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total[pid] = bc.cpu_seconds(pid)
     return total
 
 

@@ -833,7 +833,7 @@ class Bench:
     # --- measurements -----------------------------------------------------------
 
     def ours(self) -> set[int]:
-        pids = {os.getpid(), *(p.pid for p in bc._children), *pc_postgres_pids()}
+        pids = {os.getpid(), *(p.pid for p in bc._children), *_report.postgres_pids()}
         if self.redis_pid:
             pids.add(self.redis_pid)
         return pids
@@ -841,7 +841,7 @@ class Bench:
     def snapshot(self, server: Server, workers: list[JoinWorkerProc]) -> dict[str, Any]:
         return {
             "wall": time.monotonic(), "server": bc.cpu_seconds(server.proc.pid),
-            "core": bc.core_busy_seconds(self.server_cpus), "pg": cpu_of(pc_postgres_pids()),
+            "core": bc.core_busy_seconds(self.server_cpus), "pg": cpu_of(_report.postgres_pids()),
             "redis": bc.cpu_seconds(self.redis_pid) if self.redis_pid else None,
             "userland": bc.userland_cpu(), "ours": self.ours(), "overflows": listen_overflows(),
             "self": time.process_time(),
@@ -1120,15 +1120,6 @@ class Bench:
         self.drop_table()
 
 
-def pc_postgres_pids() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == "postgres":
-                        pids.append(int(entry))
-    return pids
 
 
 def cpu_of(pids: list[int]) -> float:
