@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from realtime.errors import RealtimeError
+from core.errors import RealtimeError
 
 BINDING_ID_MASK = (1 << 27) - 1
 WILDCARD = "*"

@@ -81,7 +81,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
 
-from realtime.errors import RealtimeError
+from core.errors import RealtimeError
 
 MAX_IN_VALUES: Final = 100
 FILTER_ERROR_CODE: Final = "InvalidFilter"

@@ -27,7 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from realtime.bindings import binding_id
-from realtime.errors import RealtimeError
+from core.errors import RealtimeError
 from realtime.jwt import Claims, TokenError
 from realtime.protocol.message import Message, UserBroadcast
 from realtime.protocol.payloads import JoinConfig, parse_join_payload

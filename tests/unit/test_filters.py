@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from realtime.errors import RealtimeError
+from core.errors import RealtimeError
 from realtime.filters import (
     MAX_IN_VALUES,
     MAX_REGEX_LENGTH,
