@@ -33,8 +33,8 @@ from realtime.protocol.serializer import is_json_payload
 from realtime.publisher import get_publisher
 from realtime.rest import APIError, AsyncAPIView, message
 from realtime.rest_auth import SupabaseTokenUser
-from realtime.topics import broadcast_group
-from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
+from core.topics import broadcast_group
+from core.types import KIND_BINARY, KIND_JSON, BroadcastMessage
 
 logger = logging.getLogger(__name__)
 

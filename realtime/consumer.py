@@ -61,7 +61,7 @@ from realtime.protocol.session import (
     Untrack,
     system_message,
 )
-from realtime.topics import sub_topic
+from core.topics import sub_topic
 from realtime.writer import CLOSE_SLOW_CONSUMER, SocketWriter
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from realtime.protocol.serializer import (
 from realtime.filters import BindingIndex
 from realtime.bindings import select_columns
 from realtime.cork import corked
-from realtime.types import (
+from core.types import (
     ERROR_UNAUTHORIZED,
     KIND_BINARY,
     KIND_PRESENCE,
@@ -54,7 +54,7 @@ from realtime.types import (
     verdict_per_change,
 )
 from realtime.privileges import NO_GRANTS, Grants, PrivilegeCache, fetch_grants
-from realtime.topics import sub_topic, table_group
+from core.topics import sub_topic, table_group
 from realtime.writer import SocketWriter, frame_size
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from realtime.topics import table_group
-from realtime.types import ChangeRun, error_data
+from core.topics import table_group
+from core.types import ChangeRun, error_data
 from replication import pgoutput, values
 
 MAX_RUN_CHANGES = 500

@@ -39,7 +39,7 @@ from channels.layers import BaseChannelLayer
 
 from realtime.claimsets import Directory
 from realtime.hub import MEMBERSHIP_CHECK_S, RECEIVE_RETRY_S
-from realtime.types import ChangeRun, checked_positions, verdict_per_change
+from core.types import ChangeRun, checked_positions, verdict_per_change
 from realtime.visibility import RowChecker
 from replication import pgoutput
 from replication.changes import ChangeDecoder

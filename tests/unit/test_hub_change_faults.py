@@ -20,8 +20,8 @@ from realtime.filters import compile_filter
 from realtime.hub import ChangeSubscription, Hub
 from realtime.jwt import Claims
 from realtime.protocol.message import Vsn
-from realtime.topics import table_group
-from realtime.types import ChangeRun, checked_positions, verdict_per_change
+from core.topics import table_group
+from core.types import ChangeRun, checked_positions, verdict_per_change
 from realtime.visibility import Verdicts
 from replication.values import encode_json
 

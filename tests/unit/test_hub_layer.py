@@ -21,8 +21,8 @@ from realtime.filters import compile_filter
 from realtime.hub import ChangeSubscription, Hub, Subscription
 from realtime.protocol.message import UserBroadcast, Vsn
 from realtime.protocol.serializer import encode_user_broadcast
-from realtime.topics import table_group
-from realtime.types import KIND_BINARY, KIND_JSON, KIND_PRESENCE, BatchMessage, BroadcastMessage, ChangeRun
+from core.topics import table_group
+from core.types import KIND_BINARY, KIND_JSON, KIND_PRESENCE, BatchMessage, BroadcastMessage, ChangeRun
 from replication.values import encode_json
 
 pytestmark = pytest.mark.unit

@@ -24,7 +24,7 @@ from realtime.protocol.session import (
     Untrack,
     Unsubscribe,
 )
-from realtime.topics import broadcast_group, presence_group
+from core.topics import broadcast_group, presence_group
 
 pytestmark = pytest.mark.unit
 
