@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from realtime.bindings import WILDCARD, Binding, BindingError
 from realtime.filters import Condition, FilterError, compile_conditions, parse_filter
-from realtime.jwt import Claims
+from core.jwt import Claims
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from realtime.channel_auth import headers_json, private_writes
-from realtime.jwt import Claims
+from core.jwt import Claims
 from realtime.limits import get_redis, rest_rate_exceeded
 from realtime.protocol.serializer import is_json_payload
 from realtime.publisher import get_publisher

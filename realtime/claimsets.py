@@ -38,7 +38,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from realtime.jwt import Claims
+from core.jwt import Claims
 
 logger = logging.getLogger(__name__)
 

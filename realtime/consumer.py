@@ -33,12 +33,12 @@ from realtime.channel_auth import check_policies, headers_json
 from realtime.hub import ChangeSubscription, Held, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
 from realtime.publisher import get_publisher
-from realtime.jwt import Claims, TokenError, opaque_key_claims
+from core.jwt import Claims, TokenError, opaque_key_claims
 from realtime.limits import get_socket_counter
 from realtime.tokens import verify
 from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, UserBroadcast, Vsn
-from realtime.protocol.rates import TokenBucket
+from core.rates import TokenBucket
 from realtime.protocol.serializer import decode_binary, decode_text, encode_text, encode_user_broadcast, parse_vsn
 from realtime.replay import replay_rows
 from realtime.protocol.session import (

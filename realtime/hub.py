@@ -59,7 +59,7 @@ from realtime.writer import SocketWriter, frame_size
 
 if TYPE_CHECKING:
     from realtime.claimsets import Registration
-    from realtime.jwt import Claims
+    from core.jwt import Claims
     from realtime.visibility import Verdicts
 
 logger = logging.getLogger(__name__)

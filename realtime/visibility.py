@@ -58,7 +58,7 @@ import psycopg
 from psycopg import errors, sql
 
 from realtime.authorization import check_timeout_ms, connection_lost, get_database
-from realtime.jwt import Claims
+from core.jwt import Claims
 
 logger = logging.getLogger(__name__)
 

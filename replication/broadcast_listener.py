@@ -43,7 +43,7 @@ import psycopg
 from channels.layers import BaseChannelLayer
 
 from realtime.partitions import NotPartitioned, amaintain_partitions
-from realtime.protocol.rates import TokenBucket
+from core.rates import TokenBucket
 from replication.broadcasts import PUBLICATION, BroadcastDecoder
 from replication.connection import SlotReader
 from replication.listener import SlotLoop

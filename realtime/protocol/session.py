@@ -28,10 +28,10 @@ from typing import Any
 
 from realtime.bindings import binding_id
 from core.errors import RealtimeError
-from realtime.jwt import Claims, TokenError
+from core.jwt import Claims, TokenError
 from realtime.protocol.message import Message, UserBroadcast
 from realtime.protocol.payloads import JoinConfig, parse_join_payload
-from realtime.protocol.rates import RateWindow
+from core.rates import RateWindow
 from core.topics import (
     TOPIC_PREFIX,
     TOPIC_TOO_LONG,

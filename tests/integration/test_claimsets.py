@@ -11,7 +11,7 @@ from django.conf import settings
 from redis.asyncio import Redis
 
 from realtime.claimsets import Directory, Registration, fingerprint
-from realtime.jwt import Claims
+from core.jwt import Claims
 
 pytestmark = pytest.mark.integration
 

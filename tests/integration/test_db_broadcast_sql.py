@@ -27,7 +27,7 @@ import realtime.partitions
 from realtime.authorization import Database
 from realtime.channel_auth import check_policies
 from realtime.dbsetup import AUTH_SQL, ROLES_SQL, SETUP_SQL
-from realtime.jwt import Claims
+from core.jwt import Claims
 from realtime.partitions import amaintain_partitions, maintain_partitions, partition_name
 from realtime.protocol.session import Extension, Permissions
 from tests.integration.conftest import dsn, execute, sql_literal

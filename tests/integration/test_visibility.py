@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from realtime.jwt import Claims
+from core.jwt import Claims
 from realtime.visibility import RowChecker
 from tests.integration.conftest import dsn, execute
 

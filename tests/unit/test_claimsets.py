@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from realtime.claimsets import decode_claims, encode_claims, fingerprint
-from realtime.jwt import Claims
+from core.jwt import Claims
 
 pytestmark = pytest.mark.unit
 

@@ -18,7 +18,7 @@ from realtime.authorization import AuthorizedBinding
 from realtime.bindings import parse_binding
 from realtime.filters import compile_filter
 from realtime.hub import ChangeSubscription, Hub
-from realtime.jwt import Claims
+from core.jwt import Claims
 from realtime.protocol.message import Vsn
 from core.topics import table_group
 from core.types import ChangeRun, checked_positions, verdict_per_change

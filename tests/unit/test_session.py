@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from realtime.bindings import binding_id
-from realtime.jwt import Claims, TokenError, check_claims
+from core.jwt import Claims, TokenError, check_claims
 from realtime.protocol.message import Message, UserBroadcast
 from realtime.protocol.session import (
     Authorize,

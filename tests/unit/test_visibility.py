@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from realtime.jwt import Claims
+from core.jwt import Claims
 from realtime.visibility import CallResult, array_literal, check_order, error_text, read_call, verdict_bytes
 
 pytestmark = pytest.mark.unit
