@@ -130,7 +130,7 @@ def select_columns(data_json: str, keep: frozenset[str]) -> str:
     """A change's ``data`` JSON with ``record``, ``old_record`` and ``columns`` cut to ``keep``."""
     from decimal import Decimal
 
-    from replication.values import encode_json
+    from pgtypes.values import encode_json
 
     data = json.loads(data_json, parse_float=Decimal)
     for name in ("record", "old_record"):

@@ -22,7 +22,8 @@ from typing import Any
 
 from core.topics import table_group
 from core.types import ChangeRun, error_data
-from replication import pgoutput, values
+from pgtypes import values
+from replication import pgoutput
 
 MAX_RUN_CHANGES = 500
 # Encoded change bytes in one run (one layer message): one larger change still goes, alone.

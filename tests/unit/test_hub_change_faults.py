@@ -23,7 +23,7 @@ from realtime.protocol.message import Vsn
 from core.topics import table_group
 from core.types import ChangeRun, checked_positions, verdict_per_change
 from realtime.visibility import Verdicts
-from replication.values import encode_json
+from pgtypes.values import encode_json
 
 pytestmark = pytest.mark.unit
 

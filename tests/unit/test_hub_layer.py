@@ -23,7 +23,7 @@ from realtime.protocol.message import UserBroadcast, Vsn
 from realtime.protocol.serializer import encode_user_broadcast
 from core.topics import table_group
 from core.types import KIND_BINARY, KIND_JSON, KIND_PRESENCE, BatchMessage, BroadcastMessage, ChangeRun
-from replication.values import encode_json
+from pgtypes.values import encode_json
 
 pytestmark = pytest.mark.unit
 

@@ -40,8 +40,8 @@ Python's ``json`` cannot write a Decimal as a bare number, so
 :func:`encode_json` encodes a payload holding these values, exactly as
 ``realtime.protocol.serializer.encode_json`` does otherwise (compact, UTF-8,
 no NaN). Conversion never raises: text a converter cannot read is returned
-unchanged. :func:`parse_array_literal` raises only
-:class:`~replication.errors.DecodeError`. The module is pure: no I/O.
+unchanged. :func:`parse_array_literal` raises only :class:`DecodeError`.
+The module is pure: no I/O.
 """
 
 from __future__ import annotations
@@ -53,10 +53,9 @@ from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final, TypeAlias
 
-from replication.errors import DecodeError
-
 __all__ = [
     "ArrayItem",
+    "DecodeError",
     "JsonValue",
     "convert",
     "convert_row",
@@ -70,6 +69,11 @@ JsonValue: TypeAlias = (
 ArrayItem: TypeAlias = str | None | list["ArrayItem"]
 
 Converter: TypeAlias = Callable[[str], JsonValue]
+
+
+class DecodeError(Exception):
+    """Text that is not an array literal (``parse_array_literal``)."""
+
 
 _NON_FINITE: Final = frozenset({"NaN", "Infinity", "-Infinity"})
 
