@@ -10,7 +10,7 @@ import pytest
 from django.conf import settings
 from redis.asyncio import Redis
 
-from realtime.claimsets import Directory, Registration, fingerprint
+from shared.claimsets import Directory, Registration, fingerprint
 from core.jwt import Claims
 
 pytestmark = pytest.mark.integration

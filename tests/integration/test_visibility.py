@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql
 
 from core.jwt import Claims
-from realtime.visibility import RowChecker
+from shared.visibility import RowChecker
 from tests.integration.conftest import dsn, execute
 
 pytestmark = pytest.mark.integration

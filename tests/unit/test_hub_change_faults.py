@@ -22,7 +22,7 @@ from core.jwt import Claims
 from realtime.protocol.message import Vsn
 from core.topics import table_group
 from core.types import ChangeRun, checked_positions, verdict_per_change
-from realtime.visibility import Verdicts
+from shared.visibility import Verdicts
 from pgtypes.values import encode_json
 
 pytestmark = pytest.mark.unit

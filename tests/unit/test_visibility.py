@@ -1,4 +1,4 @@
-"""The pure parts of ``realtime.visibility``: reading a call's answer, verdict bytes, messages, order."""
+"""The pure parts of ``shared.visibility``: reading a call's answer, verdict bytes, messages, order."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from core.jwt import Claims
-from realtime.visibility import CallResult, array_literal, check_order, error_text, read_call, verdict_bytes
+from shared.visibility import CallResult, array_literal, check_order, error_text, read_call, verdict_bytes
 
 pytestmark = pytest.mark.unit
 
