@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from realtime.bindings import WILDCARD, Binding, BindingError
-from realtime.filters import Condition, FilterError, compile_conditions, parse_filter
+from pgtypes.casting import Condition, FilterError, compile_conditions, parse_filter
 from core.jwt import Claims
 from shared.database import check_timeout_ms, connection_lost
 from shared.visibility import RowChecker, Verdicts

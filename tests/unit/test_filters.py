@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from core.errors import RealtimeError
-from realtime.filters import (
+from pgtypes.casting import (
     MAX_IN_VALUES,
     MAX_REGEX_LENGTH,
     MAX_REGEX_PROGRAM_SIZE,
