@@ -23,7 +23,9 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from realtime.bindings import WILDCARD, Binding, BindingError
-from pgtypes.casting import Condition, FilterError, compile_conditions, parse_filter
+from core.errors import FilterError
+from realtime.filters.grammar import Condition, parse_filter
+from realtime.filters.predicates import compile_conditions
 from core.jwt import Claims
 from shared.database import check_timeout_ms, connection_lost
 from shared.visibility import RowChecker, Verdicts

@@ -28,7 +28,7 @@ from django.conf import settings
 
 from realtime.authorization import AuthorizedBinding, authorize_binding, get_database
 from realtime.bindings import BindingError, parse_binding
-from pgtypes.casting import regex_cost
+from realtime.filters.predicates import regex_cost
 from realtime.channel_auth import check_policies, headers_json
 from realtime.hub import ChangeSubscription, Held, Subscription, get_hub
 from realtime.presence import get_store, publish_diff

@@ -39,7 +39,7 @@ from realtime.protocol.serializer import (
     encode_user_broadcast,
     user_broadcast_as_json_payload,
 )
-from pgtypes.casting import BindingIndex
+from realtime.filters.index import BindingIndex
 from realtime.bindings import select_columns
 from realtime.cork import corked
 from core.types import (

@@ -16,7 +16,7 @@ from channels.layers import InMemoryChannelLayer
 
 from realtime.authorization import AuthorizedBinding
 from realtime.bindings import parse_binding
-from pgtypes.casting import compile_filter
+from realtime.filters.predicates import compile_filter
 from realtime.hub import ChangeSubscription, Hub
 from core.jwt import Claims
 from realtime.protocol.message import Vsn

@@ -17,7 +17,7 @@ from channels.layers import InMemoryChannelLayer
 
 from realtime.authorization import AuthorizedBinding
 from realtime.bindings import parse_binding
-from pgtypes.casting import compile_filter
+from realtime.filters.predicates import compile_filter
 from realtime.hub import ChangeSubscription, Hub, Subscription
 from realtime.protocol.message import UserBroadcast, Vsn
 from realtime.protocol.serializer import encode_user_broadcast
