@@ -31,9 +31,7 @@ from functools import lru_cache
 from typing import Any, Final
 
 from core.errors import FilterError, SqlState
-
-# The bytes Postgres input functions treat as space (scanner_isspace).
-_PG_SPACE: Final = " \t\n\r\x0b\x0c"
+from pgtypes.values import PG_SPACE, reject_json_constant
 
 
 def parse_array_items(inner: str, literal: str) -> tuple[str | None, ...]:
@@ -44,13 +42,13 @@ def parse_array_items(inner: str, literal: str) -> tuple[str | None, ...]:
             f"malformed array literal: {quote(literal)}", SqlState.INVALID_TEXT_REPRESENTATION
         )
 
-    if not inner.strip(_PG_SPACE):
+    if not inner.strip(PG_SPACE):
         return ()
     items: list[str | None] = []
     i = 0
     length = len(inner)
     while True:
-        while i < length and inner[i] in _PG_SPACE:
+        while i < length and inner[i] in PG_SPACE:
             i += 1
         if i >= length:
             raise malformed()
@@ -73,7 +71,7 @@ def parse_array_items(inner: str, literal: str) -> tuple[str | None, ...]:
                     chars.append(char)
                     i += 1
             items.append("".join(chars))
-            while i < length and inner[i] in _PG_SPACE:
+            while i < length and inner[i] in PG_SPACE:
                 i += 1
         else:
             chars = []
@@ -93,7 +91,7 @@ def parse_array_items(inner: str, literal: str) -> tuple[str | None, ...]:
                     continue
                 chars.append(char)
                 i += 1
-                if char not in _PG_SPACE:
+                if char not in PG_SPACE:
                     significant = len(chars)
             item = "".join(chars[:significant])
             if not item and not escaped:
@@ -257,7 +255,7 @@ def _range_error(message: str) -> FilterError:
 
 
 def _parse_int(text: str) -> int | None:
-    stripped = text.strip(_PG_SPACE)
+    stripped = text.strip(PG_SPACE)
     if _INT_DECIMAL.fullmatch(stripped):
         base = 10
     elif _INT_PREFIXED.fullmatch(stripped):
@@ -271,7 +269,7 @@ def _parse_int(text: str) -> int | None:
 
 
 def _parse_float(text: str) -> float | None:
-    stripped = text.strip(_PG_SPACE)
+    stripped = text.strip(PG_SPACE)
     special = _FLOAT_SPECIALS.get(stripped.lower())
     if special is not None:
         return special
@@ -281,7 +279,7 @@ def _parse_float(text: str) -> float | None:
 
 
 def _float_overflows(text: str, value: float) -> bool:
-    stripped = text.strip(_PG_SPACE).lower()
+    stripped = text.strip(PG_SPACE).lower()
     if stripped in _FLOAT_SPECIALS:
         return False
     mantissa = re.split("e", stripped)[0]
@@ -313,7 +311,7 @@ def _float_key(ctype: ColumnType, value: float) -> Hashable:
 
 
 def _parse_numeric(text: str) -> Decimal | None:
-    stripped = text.strip(_PG_SPACE)
+    stripped = text.strip(PG_SPACE)
     if stripped.lower() not in _FLOAT_SPECIALS and not _FLOAT_LITERAL.fullmatch(stripped):
         return None
     try:
@@ -329,7 +327,7 @@ def _numeric_key(value: Decimal | int) -> Hashable:
 
 
 def _parse_bool(text: str) -> bool | None:
-    word = text.strip(_PG_SPACE).lower()
+    word = text.strip(PG_SPACE).lower()
     if word == "1":
         return True
     if word == "0":
@@ -356,7 +354,7 @@ def _parse_uuid(text: str) -> uuid.UUID | None:
 
 
 def _parse_datetime_key(ctype: ColumnType, text: str) -> Hashable | None:
-    stripped = text.strip(_PG_SPACE)
+    stripped = text.strip(PG_SPACE)
     if ctype.kind is not Kind.TIME:
         infinity = _DATE_INFINITIES.get(stripped.lower())
         if infinity is not None:
@@ -410,10 +408,6 @@ def _cast_bytea(text: str) -> bytes:
                 "invalid input syntax for type bytea", SqlState.INVALID_TEXT_REPRESENTATION
             )
     return bytes(out)
-
-
-def _reject_json_constant(name: str) -> Any:
-    raise ValueError(name)
 
 
 def _freeze_json(value: Any) -> Hashable:
@@ -486,7 +480,7 @@ def cast(ctype: ColumnType, text: str) -> Hashable:
         return _cast_bytea(text)
     if kind in (Kind.JSONB, Kind.JSON):
         try:
-            document = json.loads(text, parse_float=Decimal, parse_constant=_reject_json_constant)
+            document = json.loads(text, parse_float=Decimal, parse_constant=reject_json_constant)
         except ValueError:
             raise FilterError(
                 "invalid input syntax for type json", SqlState.INVALID_TEXT_REPRESENTATION
@@ -494,7 +488,7 @@ def cast(ctype: ColumnType, text: str) -> Hashable:
         return _freeze_json(document)
     if kind is Kind.ARRAY:
         assert ctype.element is not None
-        stripped = text.strip(_PG_SPACE)
+        stripped = text.strip(PG_SPACE)
         if not (stripped.startswith("{") and stripped.endswith("}")):
             raise FilterError(
                 f"malformed array literal: {quote(text)}", SqlState.INVALID_TEXT_REPRESENTATION

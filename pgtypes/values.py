@@ -57,10 +57,12 @@ __all__ = [
     "ArrayItem",
     "DecodeError",
     "JsonValue",
+    "PG_SPACE",
     "convert",
     "convert_row",
     "encode_json",
     "parse_array_literal",
+    "reject_json_constant",
 ]
 
 JsonValue: TypeAlias = (
@@ -116,14 +118,14 @@ def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(sorted(dict(pairs).items(), key=_jsonb_key))
 
 
-def _not_json(name: str) -> Any:
-    # Postgres json never holds NaN or Infinity; text that does is not json.
+def reject_json_constant(name: str) -> Any:
+    """``json.loads``'s ``parse_constant``: PostgreSQL json never holds NaN or Infinity; text that does is not json."""
     raise ValueError(f"{name} is not JSON")
 
 
 def _jsonb(text: str) -> JsonValue:
     # jsonb output is already in jsonb key order; Decimal keeps the digits.
-    value: JsonValue = json.loads(text, parse_float=Decimal, parse_constant=_not_json)
+    value: JsonValue = json.loads(text, parse_float=Decimal, parse_constant=reject_json_constant)
     return value
 
 
@@ -148,7 +150,7 @@ def _without_lone_surrogates(value: JsonValue) -> JsonValue:
 def _json(text: str) -> JsonValue:
     # to_jsonb(json) goes through jsonb, which reorders and deduplicates keys.
     value: JsonValue = json.loads(
-        text, parse_float=Decimal, object_pairs_hook=_jsonb_object, parse_constant=_not_json
+        text, parse_float=Decimal, object_pairs_hook=_jsonb_object, parse_constant=reject_json_constant
     )
     # json (unlike jsonb) keeps its input text, so it may hold \ud800-\udfff escapes without a pair;
     # json.loads turns a valid pair into one character, so only lone ones remain.
@@ -275,8 +277,9 @@ def _plain_items(items: list[ArrayItem]) -> list[JsonValue]:
 
 # --- array literals (array_in syntax) ----------------------------------------
 
-# array_isspace(): the whitespace array_in skips around elements.
-_ARRAY_SPACE: Final = frozenset(" \t\n\r\v\f")
+# scanner_isspace(), and array_isspace() for array_in: the whitespace PostgreSQL's input
+# functions skip (around array elements here; around filter values in ``casting``).
+PG_SPACE: Final = " \t\n\r\x0b\x0c"
 # "[1:3]=" or "[0:1][1:2]=" before the braces when a lower bound is not 1.
 _DIMENSIONS: Final = re.compile(r"[ \t\n\r\v\f]*(?:\[[^\]=]*\][ \t\n\r\v\f]*)+=")
 
@@ -296,7 +299,7 @@ def parse_array_literal(text: str, delimiter: str = ",") -> list[ArrayItem]:
     prefix = _DIMENSIONS.match(text)
     pos = prefix.end() if prefix else 0
     end = len(text)
-    while pos < end and text[pos] in _ARRAY_SPACE:
+    while pos < end and text[pos] in PG_SPACE:
         pos += 1
     if pos >= end or text[pos] != "{":
         raise DecodeError(f"array literal must start with '{{': {text[:40]!r}")
@@ -305,7 +308,7 @@ def parse_array_literal(text: str, delimiter: str = ",") -> list[ArrayItem]:
     state = _START
     pos += 1
     while stack:
-        while pos < end and text[pos] in _ARRAY_SPACE:
+        while pos < end and text[pos] in PG_SPACE:
             pos += 1
         if pos >= end:
             raise DecodeError(f"array literal ends before its closing '}}': {text[:40]!r}")
@@ -335,7 +338,7 @@ def parse_array_literal(text: str, delimiter: str = ",") -> list[ArrayItem]:
             item, pos = _array_element(text, pos, delimiter)
             stack[-1].append(item)
             state = _AFTER_ITEM
-    while pos < end and text[pos] in _ARRAY_SPACE:
+    while pos < end and text[pos] in PG_SPACE:
         pos += 1
     if pos != end:
         raise DecodeError(f"junk after array literal at offset {pos}: {text[pos : pos + 20]!r}")
@@ -383,7 +386,7 @@ def _array_element(text: str, pos: int, delimiter: str) -> tuple[str | None, int
             raise DecodeError(f"unexpected '{{' inside an element at offset {pos}")
         else:
             chars.append(char)
-            if char not in _ARRAY_SPACE:
+            if char not in PG_SPACE:
                 keep = len(chars)
             pos += 1
     value = "".join(chars[:keep])
