@@ -17,7 +17,6 @@ Evaluation compares by column type, like Postgres casting both sides. Known diff
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 import re
@@ -31,7 +30,7 @@ from functools import lru_cache
 from typing import Any, Final
 
 from core.errors import FilterError, SqlState
-from pgtypes.values import PG_SPACE, reject_json_constant
+from pgtypes.catalog import PG_SPACE, SCALAR_TYPES, Kind, reject_json_constant
 
 
 def parse_array_items(inner: str, literal: str) -> tuple[str | None, ...]:
@@ -108,24 +107,6 @@ def quote(text: str) -> str:
     return '"' + text + '"'
 
 
-class Kind(enum.Enum):
-    INTEGER = enum.auto()
-    FLOAT = enum.auto()
-    NUMERIC = enum.auto()
-    BOOLEAN = enum.auto()
-    TEXT = enum.auto()
-    UUID = enum.auto()
-    TIMESTAMPTZ = enum.auto()
-    TIMESTAMP = enum.auto()
-    DATE = enum.auto()
-    TIME = enum.auto()
-    BYTEA = enum.auto()
-    JSONB = enum.auto()
-    JSON = enum.auto()
-    ARRAY = enum.auto()
-    OTHER = enum.auto()
-
-
 @dataclass(frozen=True, slots=True)
 class ColumnType:
     name: str
@@ -134,31 +115,8 @@ class ColumnType:
     element: ColumnType | None = None
 
 
-# typname -> (kind, the name Postgres prints in errors)
-_SCALAR_TYPES: Final[Mapping[str, tuple[Kind, str]]] = {
-    "int2": (Kind.INTEGER, "smallint"),
-    "int4": (Kind.INTEGER, "integer"),
-    "int8": (Kind.INTEGER, "bigint"),
-    "float4": (Kind.FLOAT, "real"),
-    "float8": (Kind.FLOAT, "double precision"),
-    "numeric": (Kind.NUMERIC, "numeric"),
-    "bool": (Kind.BOOLEAN, "boolean"),
-    "text": (Kind.TEXT, "text"),
-    "varchar": (Kind.TEXT, "character varying"),
-    "bpchar": (Kind.TEXT, "character"),
-    "name": (Kind.TEXT, "name"),
-    "citext": (Kind.TEXT, "citext"),
-    "uuid": (Kind.UUID, "uuid"),
-    "timestamptz": (Kind.TIMESTAMPTZ, "timestamp with time zone"),
-    "timestamp": (Kind.TIMESTAMP, "timestamp without time zone"),
-    "date": (Kind.DATE, "date"),
-    "time": (Kind.TIME, "time without time zone"),
-    "bytea": (Kind.BYTEA, "bytea"),
-    "jsonb": (Kind.JSONB, "jsonb"),
-    "json": (Kind.JSON, "json"),
-}
 _TYPE_ALIASES: Final[Mapping[str, str]] = {
-    display: name for name, (_, display) in _SCALAR_TYPES.items() if display != name
+    display: name for name, (_, display) in SCALAR_TYPES.items() if display != name
 }
 _ARRAY_ELEMENT_KINDS: Final = frozenset(
     {
@@ -185,8 +143,8 @@ _INTEGER_RANGES: Final[Mapping[str, tuple[int, int]]] = {
 @lru_cache(maxsize=512)
 def column_type(type_name: str) -> ColumnType:
     name = _TYPE_ALIASES.get(type_name, type_name)
-    if name in _SCALAR_TYPES:
-        kind, display = _SCALAR_TYPES[name]
+    if name in SCALAR_TYPES:
+        kind, display = SCALAR_TYPES[name]
         return ColumnType(name, kind, display)
     element_name = None
     if name.startswith("_"):

@@ -53,16 +53,16 @@ from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final, TypeAlias
 
+from pgtypes.catalog import PG_SPACE, SCALAR_TYPES, Kind, reject_json_constant
+
 __all__ = [
     "ArrayItem",
     "DecodeError",
     "JsonValue",
-    "PG_SPACE",
     "convert",
     "convert_row",
     "encode_json",
     "parse_array_literal",
-    "reject_json_constant",
 ]
 
 JsonValue: TypeAlias = (
@@ -116,11 +116,6 @@ def _jsonb_key(item: tuple[str, Any]) -> tuple[int, bytes]:
 def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # jsonb keeps the last of duplicate keys, as dict() does.
     return dict(sorted(dict(pairs).items(), key=_jsonb_key))
-
-
-def reject_json_constant(name: str) -> Any:
-    """``json.loads``'s ``parse_constant``: PostgreSQL json never holds NaN or Infinity; text that does is not json."""
-    raise ValueError(f"{name} is not JSON")
 
 
 def _jsonb(text: str) -> JsonValue:
@@ -188,19 +183,20 @@ def _bytea(text: str) -> JsonValue:
     return text  # bytea_output = escape
 
 
-# Converters for array elements: exactly what to_jsonb does with each element.
+# Converters for array elements, by the type's kind (``catalog``): exactly what to_jsonb does with
+# each element. Kinds without one (text, uuid, date, time...) stay text.
+_KIND_CONVERTERS: Final[Mapping[Kind, Converter]] = {
+    Kind.BOOLEAN: _bool,
+    Kind.INTEGER: int,
+    Kind.FLOAT: _float,
+    Kind.NUMERIC: _numeric,
+    Kind.JSON: _json,
+    Kind.JSONB: _jsonb,
+    Kind.TIMESTAMP: _timestamp,
+    Kind.TIMESTAMPTZ: _timestamptz,
+}
 _ELEMENT_CONVERTERS: Final[Mapping[str, Converter]] = {
-    "bool": _bool,
-    "int2": int,
-    "int4": int,
-    "int8": int,
-    "float4": _float,
-    "float8": _float,
-    "numeric": _numeric,
-    "json": _json,
-    "jsonb": _jsonb,
-    "timestamp": _timestamp,
-    "timestamptz": _timestamptz,
+    name: _KIND_CONVERTERS[kind] for name, (kind, _) in SCALAR_TYPES.items() if kind in _KIND_CONVERTERS
 }
 
 # Top-level values: the same, but bytea is passed on as hex digits (realtime.cast).
@@ -277,9 +273,6 @@ def _plain_items(items: list[ArrayItem]) -> list[JsonValue]:
 
 # --- array literals (array_in syntax) ----------------------------------------
 
-# scanner_isspace(), and array_isspace() for array_in: the whitespace PostgreSQL's input
-# functions skip (around array elements here; around filter values in ``casting``).
-PG_SPACE: Final = " \t\n\r\x0b\x0c"
 # "[1:3]=" or "[0:1][1:2]=" before the braces when a lower bound is not 1.
 _DIMENSIONS: Final = re.compile(r"[ \t\n\r\v\f]*(?:\[[^\]=]*\][ \t\n\r\v\f]*)+=")
 

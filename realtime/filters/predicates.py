@@ -56,7 +56,8 @@ from typing import Any, Final
 import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
 
 from core.errors import FilterError, SqlState
-from pgtypes.casting import INVALID, ColumnType, Kind, cast, coerce, column_type, record_key, text_key
+from pgtypes.casting import INVALID, ColumnType, cast, coerce, column_type, record_key, text_key
+from pgtypes.catalog import Kind
 from realtime.filters.grammar import Condition, FilterOp, parse_filter
 
 # match/imatch patterns (see the module docstring). 1000 characters holds any realistic
