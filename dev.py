@@ -2,7 +2,7 @@
 """Development launcher: the single entry point for running and testing the server.
 
     python3 dev.py run [HOST:PORT]     serve on HOST:PORT (default 127.0.0.1:8000)
-    python3 dev.py test [PYTEST ARGS]  mypy, then the test suite (default: all of tests/)
+    python3 dev.py test [PYTEST ARGS]  mypy, lint-imports, then the test suite (default: all of tests/)
     python3 dev.py stop                stop the embedded PostgreSQL and Redis
 
 This module owns the bootstrap (``.venv`` creation, ``pip install -r
@@ -314,6 +314,12 @@ def run_mypy() -> int:
     return subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT).returncode
 
 
+def run_import_linter() -> int:
+    """lint-imports with the contracts of [tool.importlinter] in pyproject.toml; 0 when all are kept."""
+    say("lint-imports (import contracts; see [tool.importlinter] in pyproject.toml)")
+    return subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=ROOT).returncode
+
+
 def cmd_test(args: Sequence[str]) -> int:
     stop_after = "--stop-services" in args
     pytest_args = [arg for arg in args if arg != "--stop-services"] or ["tests"]
@@ -321,6 +327,9 @@ def cmd_test(args: Sequence[str]) -> int:
     typed = run_mypy()
     if typed != 0:
         return fail("mypy found type errors; pytest was not run", typed)
+    layered = run_import_linter()
+    if layered != 0:
+        return fail("lint-imports found a broken import contract; pytest was not run", layered)
     npm_ci_if_needed()
     # The services and test defaults come from the pytest plugin tests.fixtures.services,
     # which starts the embedded servers only when a test that is not marked unit runs.

@@ -23,8 +23,12 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from realtime.bindings import WILDCARD, Binding, BindingError
-from realtime.filters import Condition, FilterError, compile_conditions, parse_filter
-from realtime.jwt import Claims
+from core.errors import FilterError
+from realtime.filters.grammar import Condition, parse_filter
+from realtime.filters.predicates import compile_conditions
+from core.jwt import Claims
+from shared.database import check_timeout_ms, connection_lost
+from shared.visibility import RowChecker, Verdicts
 
 logger = logging.getLogger(__name__)
 
@@ -144,25 +148,6 @@ class Database:
                 # past the statement timeout (QueryCanceled): this subscriber's answer.
                 return database_error_text(error)
         return None
-
-
-def connection_lost(conn: psycopg.AsyncConnection[Any], error: psycopg.Error) -> bool:
-    """Whether ``error`` means the connection is gone (ask again later), not a verdict on the query.
-
-    A statement timeout (``QueryCanceled``) and a lock timeout are
-    ``OperationalError`` too, but the database answered them: they belong to
-    the query, which would fail the same way again. Only a connection that
-    closed under the query (or psycopg's ``InterfaceError``) is worth a retry.
-    """
-    return isinstance(error, psycopg.InterfaceError) or conn.closed
-
-
-def check_timeout_ms() -> int:
-    """The ``statement_timeout`` of checks run as a subscriber: ``REALTIME_CHECK_TIMEOUT_MS``."""
-    from django.conf import settings
-
-    timeout: int = settings.REALTIME_CHECK_TIMEOUT_MS
-    return timeout
 
 
 def context_statement(claims: Claims) -> sql.Composed:
@@ -292,3 +277,12 @@ async def close_database() -> None:
     db = _databases.pop(asyncio.get_running_loop(), None)
     if db is not None:
         await db.close()
+
+
+_checker = RowChecker()
+
+
+async def check_rows(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
+    """A server process's own check (``realtime.hub``'s ``row_check``), on its join-time pool."""
+    async with get_database().connection() as conn:
+        return await _checker.check(conn, claim_sets, schema, table, keys)

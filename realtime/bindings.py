@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from realtime.errors import RealtimeError
+from core.errors import RealtimeError
 
 BINDING_ID_MASK = (1 << 27) - 1
 WILDCARD = "*"
@@ -130,7 +130,7 @@ def select_columns(data_json: str, keep: frozenset[str]) -> str:
     """A change's ``data`` JSON with ``record``, ``old_record`` and ``columns`` cut to ``keep``."""
     from decimal import Decimal
 
-    from replication.values import encode_json
+    from pgtypes.values import encode_json
 
     data = json.loads(data_json, parse_float=Decimal)
     for name in ("record", "old_record"):

@@ -27,14 +27,14 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from realtime.channel_auth import headers_json, private_writes
-from realtime.jwt import Claims
+from core.jwt import Claims
 from realtime.limits import get_redis, rest_rate_exceeded
 from realtime.protocol.serializer import is_json_payload
 from realtime.publisher import get_publisher
 from realtime.rest import APIError, AsyncAPIView, message
 from realtime.rest_auth import SupabaseTokenUser
-from realtime.topics import broadcast_group
-from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
+from core.topics import broadcast_group
+from core.types import KIND_BINARY, KIND_JSON, BroadcastMessage
 
 logger = logging.getLogger(__name__)
 

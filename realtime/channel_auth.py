@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 
 from realtime.authorization import Database, get_database, set_request_context
-from realtime.jwt import Claims
+from core.jwt import Claims
 from realtime.protocol.session import Extension, Permissions
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 
-from realtime.jwt import load_jwks
+from core.jwt import load_jwks
 
 
 @checks.register("realtime")

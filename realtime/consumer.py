@@ -28,17 +28,17 @@ from django.conf import settings
 
 from realtime.authorization import AuthorizedBinding, authorize_binding, get_database
 from realtime.bindings import BindingError, parse_binding
-from realtime.filters import regex_cost
+from realtime.filters.predicates import regex_cost
 from realtime.channel_auth import check_policies, headers_json
 from realtime.hub import ChangeSubscription, Held, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
 from realtime.publisher import get_publisher
-from realtime.jwt import Claims, TokenError, opaque_key_claims
+from core.jwt import Claims, TokenError, opaque_key_claims
 from realtime.limits import get_socket_counter
 from realtime.tokens import verify
 from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, UserBroadcast, Vsn
-from realtime.protocol.rates import TokenBucket
+from core.rates import TokenBucket
 from realtime.protocol.serializer import decode_binary, decode_text, encode_text, encode_user_broadcast, parse_vsn
 from realtime.replay import replay_rows
 from realtime.protocol.session import (
@@ -61,7 +61,7 @@ from realtime.protocol.session import (
     Untrack,
     system_message,
 )
-from realtime.topics import sub_topic
+from core.topics import sub_topic
 from realtime.writer import CLOSE_SLOW_CONSUMER, SocketWriter
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ Private channels are authorized by RLS policies on ``realtime.messages`` that
 call ``realtime.topic()`` (PROTOCOL.md 7), and the database broadcasts by
 inserting into that table (PROTOCOL.md 5.4). ``MESSAGES_SQL`` gives it the
 reference's shape: partitioned by range of ``inserted_at``, with a DEFAULT
-partition so that a row always has somewhere to go (``realtime.partitions``
+partition so that a row always has somewhere to go (``shared.partitions``
 adds the daily ones), and the publication the replicator streams it from. It
 turns the plain table earlier versions made into that shape, keeping its rows,
 grants, row level security flags and policies; a partitioned table (such as
@@ -24,7 +24,7 @@ them, unless someone else owns them.
 Row level security of postgres_changes is checked by
 ``realtime.check_visibility`` (``VISIBILITY_SQL``): one call checks a run of
 changes for every subscribed claim set, inside PostgreSQL, as
-``realtime.visibility`` describes. Only the owner may execute it.
+``shared.visibility`` describes. Only the owner may execute it.
 
 Run by the ``realtime`` migrations and by the test fixtures (``SETUP_SQL`` is
 all of it, in order). Idempotent; concurrent runs wait for each other.

@@ -39,11 +39,13 @@ from realtime.protocol.serializer import (
     encode_user_broadcast,
     user_broadcast_as_json_payload,
 )
-from realtime.filters import BindingIndex
+from realtime.filters.index import BindingIndex
 from realtime.bindings import select_columns
 from realtime.cork import corked
-from realtime.types import (
+from core.types import (
     ERROR_UNAUTHORIZED,
+    MEMBERSHIP_CHECK_S,
+    RECEIVE_RETRY_S,
     KIND_BINARY,
     KIND_PRESENCE,
     BroadcastMessage,
@@ -54,13 +56,13 @@ from realtime.types import (
     verdict_per_change,
 )
 from realtime.privileges import NO_GRANTS, Grants, PrivilegeCache, fetch_grants
-from realtime.topics import sub_topic, table_group
+from core.topics import sub_topic, table_group
 from realtime.writer import SocketWriter, frame_size
 
 if TYPE_CHECKING:
-    from realtime.claimsets import Registration
-    from realtime.jwt import Claims
-    from realtime.visibility import Verdicts
+    from shared.claimsets import Registration
+    from core.jwt import Claims
+    from shared.visibility import Verdicts
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +79,6 @@ UNABLE_TO_CHECK = "Realtime was unable to connect to the project database"
 # without waiting for the next refresh.
 MEMBERSHIP_REFRESH_S = 20.0
 MEMBERSHIP_REFRESHES_PER_EXPIRY = 3
-MEMBERSHIP_CHECK_S = 2.0
-RECEIVE_RETRY_S = 1.0
 CLOSE_TIMEOUT_S = 2.0
 LAYER_OPS_IN_FLIGHT = 64
 
@@ -814,8 +814,8 @@ def get_hub() -> Hub:
         from django.conf import settings
         from redis.asyncio import Redis
 
-        from realtime.claimsets import Registration
-        from realtime.visibility import check_rows
+        from shared.claimsets import Registration
+        from realtime.authorization import check_rows
 
         layer = get_channel_layer()
         if layer is None:

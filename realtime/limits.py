@@ -14,7 +14,7 @@
   ``REALTIME_RATE_WINDOW_S`` seconds.
 
 Per-socket rates need no Redis: a socket lives in one process
-(``realtime.protocol.rates``).
+(``core.rates``).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from django.conf import settings
 
 from presence.store import RedisPresenceStore
 from realtime.publisher import get_publisher
-from realtime.topics import TOPIC_PREFIX, parse_presence_channel, presence_group
-from realtime.types import KIND_PRESENCE, BroadcastMessage
+from core.topics import TOPIC_PREFIX, parse_presence_channel, presence_group
+from core.types import KIND_PRESENCE, BroadcastMessage
 
 logger = logging.getLogger(__name__)
 

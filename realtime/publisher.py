@@ -18,7 +18,7 @@ from typing import Any
 
 from channels.layers import BaseChannelLayer, get_channel_layer
 
-from realtime.types import BatchMessage, BroadcastMessage
+from core.types import BatchMessage, BroadcastMessage
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from realtime.authorization import Database, check_timeout_ms
+from realtime.authorization import Database
+from shared.database import check_timeout_ms
 from realtime.protocol.session import ReplayedRow
 
 _QUERY = (

@@ -1,4 +1,4 @@
-"""DRF authentication of the REST endpoints: simplejwt's classes around ``realtime.jwt``'s verification.
+"""DRF authentication of the REST endpoints: simplejwt's classes around ``core.jwt``'s verification.
 
 A request is authenticated by ``Authorization: Bearer <token>``, else by the
 ``apikey`` header (PROTOCOL.md 5.3). The token is verified exactly as at
@@ -11,7 +11,7 @@ What comes from ``rest_framework_simplejwt``: the authentication flow of
 is its ``InvalidToken``, a 401 with ``WWW-Authenticate``), its ``Token``
 wrapper and ``TokenUser``.
 
-What stays with PyJWT in ``realtime.jwt``, because simplejwt's ``TokenBackend``
+What stays with PyJWT in ``core.jwt``, because simplejwt's ``TokenBackend``
 cannot express the reference's verification:
 
 - one ``ALGORITHM`` per backend, where the reference takes HS256/384/512 with
@@ -45,7 +45,7 @@ from rest_framework_simplejwt.models import TokenUser
 from rest_framework_simplejwt.tokens import Token
 
 from realtime import tokens
-from realtime.jwt import Claims, TokenError, opaque_key_claims
+from core.jwt import Claims, TokenError, opaque_key_claims
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class SupabaseAccessToken(Token):
         self.payload = claims.raw
 
     def verify(self) -> None:
-        """Nothing to add: ``realtime.jwt`` checked signature and claims."""
+        """Nothing to add: ``core.jwt`` checked signature and claims."""
 
 
 class SupabaseTokenUser(TokenUser):

@@ -55,7 +55,7 @@ from daphne.server import Server
 from twisted.internet import reactor, tcp
 
 from realtime import cork
-from realtime.protocol.rates import TokenBucket
+from core.rates import TokenBucket
 from realtime.writer import CLOSE_SLOW_CONSUMER, count_slow_consumer_close
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from realtime.jwt import Claims, KeySet, load_jwks, verify_token
+from core.jwt import Claims, KeySet, load_jwks, verify_token
 
 
 def configured_jwks() -> KeySet | None:
@@ -21,6 +21,6 @@ def verify(token: str, now: float) -> Claims:
     """Verify a connect, join, ``access_token`` or REST token.
 
     Raises:
-        realtime.jwt.TokenError: with the reference's code and message.
+        core.jwt.TokenError: with the reference's code and message.
     """
     return verify_token(token, settings.JWT_SECRET, now, settings.REALTIME_JWT_CLAIM_VALIDATORS, configured_jwks())

@@ -209,7 +209,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = REALTIME_MAX_REST_BODY_BYTES
 # Opaque project keys (sb_publishable_..., sb_secret_...) accepted at connect.
 REALTIME_PUBLISHABLE_KEYS = env_list("REALTIME_PUBLISHABLE_KEYS", [])
 REALTIME_SECRET_KEYS = env_list("REALTIME_SECRET_KEYS", [])
-# The REST endpoints authenticate with simplejwt's classes around realtime.jwt's verification
+# The REST endpoints authenticate with simplejwt's classes around core.jwt's verification
 # (JWT_SECRET, JWT_JWKS, JWT_CLAIM_VALIDATORS; realtime/rest_auth.py says why). simplejwt's own
 # TokenBackend is unused; its key is set to JWT_SECRET so that it never falls back to SECRET_KEY.
 SIMPLE_JWT = {

@@ -15,7 +15,7 @@ broadcast group only if its read policy granted broadcast read at join
 (``Channel.groups()``), as for client broadcasts.
 
 The same loop keeps the daily partitions of ``realtime.messages``
-(``realtime.partitions``) at activation and every ``PARTITIONS_EVERY_S``, on a
+(``shared.partitions``) at activation and every ``PARTITIONS_EVERY_S``, on a
 short connection of its own; a failure is logged and tried again later.
 
 With ``max_per_second`` set (``REALTIME_MAX_DB_BROADCASTS_PER_SECOND``), the
@@ -42,8 +42,8 @@ from typing import Any
 import psycopg
 from channels.layers import BaseChannelLayer
 
-from realtime.partitions import NotPartitioned, amaintain_partitions
-from realtime.protocol.rates import TokenBucket
+from shared.partitions import NotPartitioned, amaintain_partitions
+from core.rates import TokenBucket
 from replication.broadcasts import PUBLICATION, BroadcastDecoder
 from replication.connection import SlotReader
 from replication.listener import SlotLoop

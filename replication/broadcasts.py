@@ -34,8 +34,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from realtime.topics import TOPIC_PREFIX, broadcast_group
-from realtime.types import KIND_BINARY, BatchMessage, BroadcastMessage
+from core.topics import TOPIC_PREFIX, broadcast_group
+from core.types import KIND_BINARY, BatchMessage, BroadcastMessage
 from replication import pgoutput
 
 PUBLICATION: Final = "supabase_realtime_messages_publication"

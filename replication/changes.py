@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from realtime.topics import table_group
-from realtime.types import ChangeRun, error_data
-from replication import pgoutput, values
+from core.topics import table_group
+from core.types import ChangeRun, error_data
+from pgtypes import values
+from replication import pgoutput
 
 MAX_RUN_CHANGES = 500
 # Encoded change bytes in one run (one layer message): one larger change still goes, alone.

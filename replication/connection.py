@@ -61,7 +61,7 @@ class SlotReader:
 
     async def connect(self) -> None:
         # The slot is decoded in this session, so its settings shape the text
-        # of every value (replication.values expects these).
+        # of every value (pgtypes.values expects these).
         self.conn = await psycopg.AsyncConnection.connect(
             self.dsn,
             autocommit=True,

@@ -4,13 +4,14 @@ Exception tree::
 
     ReplicationError            base of every error this package raises on purpose
     └── DecodeError             bytes or text from the server that cannot be decoded:
-        │                       a truncated or corrupt COPY message, pgoutput message,
-        │                       LSN text or array literal
+        │                       a truncated or corrupt COPY message, pgoutput message
+        │                       or LSN text
         └── UnknownRelationError  a change names a relation oid that no Relation
                                   message has announced on this stream
 
-The pure modules (``stream``, ``pgoutput``, ``values``) raise nothing else for
-bad input; anything else escaping them is a bug.
+The pure modules (``stream``, ``pgoutput``) raise nothing else for bad input;
+anything else escaping them is a bug. (An array literal that does not parse is
+``pgtypes.values.DecodeError``.)
 """
 
 from __future__ import annotations

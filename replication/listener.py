@@ -8,8 +8,8 @@ changes are delivered at least once, in commit order per table.
 
 Changes to a table with row level security are checked before they are
 published: one database call per run decides, for every claim set subscribed
-to the table on any server process (``realtime.claimsets``), which rows it may
-see (``realtime.visibility``), and the run carries the verdicts to every process.
+to the table on any server process (``shared.claimsets``), which rows it may
+see (``shared.visibility``), and the run carries the verdicts to every process.
 A check that fails for one claim set (its policy raises or runs past the
 statement timeout) denies that claim set for that run and travels in the run
 as its ``check_errors``; only a lost connection retries the batch.
@@ -37,10 +37,9 @@ from typing import Any
 import psycopg
 from channels.layers import BaseChannelLayer
 
-from realtime.claimsets import Directory
-from realtime.hub import MEMBERSHIP_CHECK_S, RECEIVE_RETRY_S
-from realtime.types import ChangeRun, checked_positions, verdict_per_change
-from realtime.visibility import RowChecker
+from shared.claimsets import Directory
+from core.types import MEMBERSHIP_CHECK_S, RECEIVE_RETRY_S, ChangeRun, checked_positions, verdict_per_change
+from shared.visibility import RowChecker
 from replication import pgoutput
 from replication.changes import ChangeDecoder
 from replication.connection import SlotReader

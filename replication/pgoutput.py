@@ -18,7 +18,7 @@ invalid bytes become U+FFFD instead of stopping the stream.
 column's type (``pg_type.typname``: caller-supplied names, then Type messages,
 then a static table of built-in oids) and turns a tuple into
 ``{column name: raw text or None}`` while keeping unchanged-TOAST columns
-apart. Turning raw text into JSON values is :mod:`replication.values`.
+apart. Turning raw text into JSON values is :mod:`pgtypes.values`.
 
 What the real bytes show (tests/fixtures/pgoutput/captured.json): a ``KEY``
 old tuple carries every column, the non-identity ones as null; a column's key
@@ -680,7 +680,7 @@ class ColumnInfo:
 
     ``type_name`` is ``pg_type.typname`` (what PROTOCOL.md 4.5 ``columns[].type``
     shows); ``value_type`` names the type whose JSON rules convert the value
-    (:func:`replication.values.convert`): the same but for a domain, which
+    (:func:`pgtypes.values.convert`): the same but for a domain, which
     converts as its base type. ``is_key`` means replica identity membership.
     """
 
@@ -719,7 +719,7 @@ class RelationCache:
     knows is named by its decimal digits and its values stay text
     (:meth:`unknown_type_oids` lists such oids so the caller can look them up).
 
-    A column's ``value_type`` (the rules :func:`replication.values.convert`
+    A column's ``value_type`` (the rules :func:`pgtypes.values.convert`
     applies) comes from the caller's ``value_types``, then Type messages, then
     is the ``type_name``. pgoutput's Type message for a domain carries the
     *base* type's name (``int4`` for a domain over int4), so a domain converts

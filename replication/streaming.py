@@ -42,7 +42,7 @@ from replication.stream import PrimaryKeepalive, StandbyStatusUpdate, XLogData, 
 
 logger = logging.getLogger(__name__)
 
-# Settings the slot is decoded with: they shape the text of every value (replication.values expects these).
+# Settings the slot is decoded with: they shape the text of every value (pgtypes.values expects these).
 DECODING_OPTIONS = "-c DateStyle=ISO -c IntervalStyle=postgres -c bytea_output=hex -c TimeZone=UTC"
 # A status update at least this often, whether or not the server asks (its wal_sender_timeout is 60 s).
 STATUS_EVERY_S = 10.0

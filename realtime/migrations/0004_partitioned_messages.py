@@ -10,7 +10,7 @@ from typing import Any
 from django.db import migrations
 
 from realtime.dbsetup import BROADCAST_SQL, MESSAGES_SQL
-from realtime.partitions import maintain_partitions
+from shared.partitions import maintain_partitions
 
 
 def create_partitions(apps: Any, schema_editor: Any) -> None:

@@ -27,12 +27,12 @@ from enum import StrEnum
 from typing import Any
 
 from realtime.bindings import binding_id
-from realtime.errors import RealtimeError
-from realtime.jwt import Claims, TokenError
+from core.errors import RealtimeError
+from core.jwt import Claims, TokenError
 from realtime.protocol.message import Message, UserBroadcast
 from realtime.protocol.payloads import JoinConfig, parse_join_payload
-from realtime.protocol.rates import RateWindow
-from realtime.topics import (
+from core.rates import RateWindow
+from core.topics import (
     TOPIC_PREFIX,
     TOPIC_TOO_LONG,
     broadcast_group,
@@ -41,7 +41,7 @@ from realtime.topics import (
     sub_topic,
     topic_too_long,
 )
-from realtime.types import KIND_BINARY, KIND_JSON, BroadcastMessage
+from core.types import KIND_BINARY, KIND_JSON, BroadcastMessage
 
 logger = logging.getLogger(__name__)
 

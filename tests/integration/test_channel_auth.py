@@ -12,7 +12,7 @@ import pytest
 
 from realtime.authorization import Database
 from realtime.channel_auth import check_policies, headers_json
-from realtime.jwt import Claims
+from core.jwt import Claims
 from realtime.protocol.session import Extension, Permissions
 from tests.integration.conftest import execute, sql_literal
 

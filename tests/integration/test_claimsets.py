@@ -10,8 +10,8 @@ import pytest
 from django.conf import settings
 from redis.asyncio import Redis
 
-from realtime.claimsets import Directory, Registration, fingerprint
-from realtime.jwt import Claims
+from shared.claimsets import Directory, Registration, fingerprint
+from core.jwt import Claims
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 
 ``realtime.messages`` partitioned by day as ``migrate`` makes it (also out of
 the plain table earlier versions made), ``realtime.send``, ``send_binary`` and
-``broadcast_changes``, and the daily partitions ``realtime.partitions`` keeps.
+``broadcast_changes``, and the daily partitions ``shared.partitions`` keeps.
 Tests that replace the table or move the clock run in a scratch database of
 their own; the others use the session's database.
 """
@@ -23,12 +23,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-import realtime.partitions
+import shared.partitions
 from realtime.authorization import Database
 from realtime.channel_auth import check_policies
 from realtime.dbsetup import AUTH_SQL, ROLES_SQL, SETUP_SQL
-from realtime.jwt import Claims
-from realtime.partitions import amaintain_partitions, maintain_partitions, partition_name
+from core.jwt import Claims
+from shared.partitions import amaintain_partitions, maintain_partitions, partition_name
 from realtime.protocol.session import Extension, Permissions
 from tests.integration.conftest import dsn, execute, sql_literal
 
@@ -237,7 +237,7 @@ async def test_converted_policies_still_decide_private_channels(plain: str) -> N
     assert run(plain, "SELECT count(*) FROM realtime.messages") == [(1,)]
 
 
-def maintain_partitions_at(url: str, now: datetime | None = None) -> realtime.partitions.Outcome:
+def maintain_partitions_at(url: str, now: datetime | None = None) -> shared.partitions.Outcome:
     with psycopg.connect(url, autocommit=True) as conn:
         return maintain_partitions(conn, now)
 
@@ -364,7 +364,7 @@ def test_a_partition_in_use_is_dropped_at_a_later_run_and_holds_up_nothing_else(
     run(scratch, SETUP_SQL)
     d = date(2031, 3, 10)
     maintain_partitions_at(scratch, midday(d))
-    monkeypatch.setattr(realtime.partitions, "_SET_LOCK_TIMEOUT", sql.SQL("SET LOCAL lock_timeout = '100ms'"))
+    monkeypatch.setattr(shared.partitions, "_SET_LOCK_TIMEOUT", sql.SQL("SET LOCAL lock_timeout = '100ms'"))
     busy = partition_name(d - timedelta(days=1))
     with psycopg.connect(scratch) as reader:  # a long transaction that read the oldest day
         reader.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("realtime", busy)))

@@ -19,7 +19,7 @@ import pytest
 from channels.layers import get_channel_layer
 from redis.asyncio import Redis
 
-from realtime.topics import broadcast_group, sub_topic
+from core.topics import broadcast_group, sub_topic
 from tests.fixtures.phoenix import PhoenixClient, client_opener, is_text
 from tests.fixtures.server import start_server
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from realtime.topics import MAX_TOPIC_BYTES, TOPIC_TOO_LONG, topic_too_long
+from core.topics import MAX_TOPIC_BYTES, TOPIC_TOO_LONG, topic_too_long
 from tests.fixtures.phoenix import Frame, PhoenixClient, client_opener, is_text
 from tests.fixtures.server import ServerProcess
 

@@ -149,7 +149,7 @@ async def test_per_table_channel_isolation(connect, table, listener, publication
         assert (await posts.recv_event("postgres_changes", timeout=10))[4]["data"]["table"] == table
         assert await users.nothing(0.5)
         from realtime.hub import get_hub
-        from realtime.topics import table_group
+        from core.topics import table_group
 
         hub = get_hub()
         # The users channel's process membership is only the other table's group.

@@ -18,7 +18,7 @@ from django.conf import settings
 from psycopg import sql
 from redis.asyncio import Redis
 
-from realtime.claimsets import Directory
+from shared.claimsets import Directory
 from replication.listener import Listener
 from tests.integration.conftest import dsn, execute, token
 from tests.integration.test_postgres_changes import insert, subscribe

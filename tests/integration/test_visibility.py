@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from realtime.jwt import Claims
-from realtime.visibility import RowChecker
+from core.jwt import Claims
+from shared.visibility import RowChecker
 from tests.integration.conftest import dsn, execute
 
 pytestmark = pytest.mark.integration

@@ -198,7 +198,7 @@ async def test_the_process_joins_a_topic_group_once_and_leaves_it_with_its_last_
 
     from channels.layers import get_channel_layer
 
-    from realtime.topics import broadcast_group, sub_topic
+    from core.topics import broadcast_group, sub_topic
 
     layer = get_channel_layer()
     room = topic()
@@ -230,7 +230,7 @@ async def test_memberships_lost_in_redis_are_restored_within_seconds(connect) ->
 
     from channels.layers import get_channel_layer
 
-    from realtime.topics import broadcast_group, sub_topic
+    from core.topics import broadcast_group, sub_topic
 
     layer = get_channel_layer()
     room = topic()

@@ -10,7 +10,7 @@ import pytest
 
 from realtime.hub import Frames
 from realtime.protocol.message import Vsn
-from realtime.topics import broadcast_group
+from core.topics import broadcast_group
 from replication import pgoutput
 from replication.broadcasts import MAX_BATCH, BroadcastDecoder, meta_for, parse_row
 

@@ -1,6 +1,6 @@
 """The primary key a change carries for the RLS lookup: the text pgoutput printed (issue #10).
 
-``realtime.visibility`` reads each value back with ``jsonb_to_record``, that
+``shared.visibility`` reads each value back with ``jsonb_to_record``, that
 is through the key type's input function; JSON forms that are not input
 syntax (bytea's bare hex digits) would never match the row.
 """

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from realtime.topics import table_group
+from core.topics import table_group
 from replication import pgoutput
 from replication.changes import ChangeDecoder, commit_timestamp
 

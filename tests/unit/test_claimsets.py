@@ -1,12 +1,12 @@
-"""The pure parts of ``realtime.claimsets``: claim set identity and the registry's entry format."""
+"""The pure parts of ``shared.claimsets``: claim set identity and the registry's entry format."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, strategies as st
 
-from realtime.claimsets import decode_claims, encode_claims, fingerprint
-from realtime.jwt import Claims
+from shared.claimsets import decode_claims, encode_claims, fingerprint
+from core.jwt import Claims
 
 pytestmark = pytest.mark.unit
 

@@ -11,21 +11,16 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from realtime.errors import RealtimeError
-from realtime.filters import (
-    MAX_IN_VALUES,
+from core.errors import FilterError, RealtimeError, SqlState
+from pgtypes.casting import normalize_value
+from realtime.filters.grammar import MAX_IN_VALUES, Condition, FilterOp, parse_filter
+from realtime.filters.index import BindingIndex
+from realtime.filters.predicates import (
     MAX_REGEX_LENGTH,
     MAX_REGEX_PROGRAM_SIZE,
-    BindingIndex,
-    Condition,
-    FilterError,
-    FilterOp,
     Matcher,
-    SqlState,
     compile_conditions,
     compile_filter,
-    normalize_value,
-    parse_filter,
 )
 
 pytestmark = pytest.mark.unit

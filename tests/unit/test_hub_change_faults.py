@@ -16,14 +16,14 @@ from channels.layers import InMemoryChannelLayer
 
 from realtime.authorization import AuthorizedBinding
 from realtime.bindings import parse_binding
-from realtime.filters import compile_filter
+from realtime.filters.predicates import compile_filter
 from realtime.hub import ChangeSubscription, Hub
-from realtime.jwt import Claims
+from core.jwt import Claims
 from realtime.protocol.message import Vsn
-from realtime.topics import table_group
-from realtime.types import ChangeRun, checked_positions, verdict_per_change
-from realtime.visibility import Verdicts
-from replication.values import encode_json
+from core.topics import table_group
+from core.types import ChangeRun, checked_positions, verdict_per_change
+from shared.visibility import Verdicts
+from pgtypes.values import encode_json
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from channels.layers import InMemoryChannelLayer
 
 from realtime.hub import Hub, Subscription
 from realtime.protocol.message import Vsn
-from realtime.types import KIND_JSON, BroadcastMessage
+from core.types import KIND_JSON, BroadcastMessage
 from realtime.writer import SocketWriter
 
 pytestmark = pytest.mark.unit

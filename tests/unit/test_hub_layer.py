@@ -17,13 +17,13 @@ from channels.layers import InMemoryChannelLayer
 
 from realtime.authorization import AuthorizedBinding
 from realtime.bindings import parse_binding
-from realtime.filters import compile_filter
+from realtime.filters.predicates import compile_filter
 from realtime.hub import ChangeSubscription, Hub, Subscription
 from realtime.protocol.message import UserBroadcast, Vsn
 from realtime.protocol.serializer import encode_user_broadcast
-from realtime.topics import table_group
-from realtime.types import KIND_BINARY, KIND_JSON, KIND_PRESENCE, BatchMessage, BroadcastMessage, ChangeRun
-from replication.values import encode_json
+from core.topics import table_group
+from core.types import KIND_BINARY, KIND_JSON, KIND_PRESENCE, BatchMessage, BroadcastMessage, ChangeRun
+from pgtypes.values import encode_json
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ from channels.layers import InMemoryChannelLayer
 
 from realtime.hub import Held, Hub, Subscription
 from realtime.protocol.message import Vsn
-from realtime.types import KIND_JSON, BroadcastMessage
+from core.types import KIND_JSON, BroadcastMessage
 
 pytestmark = pytest.mark.unit
 

@@ -10,9 +10,9 @@ from channels.layers import InMemoryChannelLayer
 
 from realtime.authorization import AuthorizedBinding
 from realtime.bindings import parse_binding
-from realtime.filters import compile_filter
+from realtime.filters.predicates import compile_filter
 from realtime.hub import ChangeSubscription, Hub, TableRoute
-from realtime.jwt import Claims
+from core.jwt import Claims
 from realtime.protocol.message import Vsn
 
 pytestmark = pytest.mark.unit

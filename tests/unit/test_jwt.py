@@ -10,7 +10,7 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from realtime.jwt import KeySet, TokenError, load_jwks, mint_token, verify_token
+from core.jwt import KeySet, TokenError, load_jwks, mint_token, verify_token
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from realtime.protocol.message import Message
-from realtime.protocol.rates import RateWindow, TokenBucket
+from core.rates import RateWindow, TokenBucket
 from realtime.protocol.session import Authorize, Disconnect, Publish, Session, Subscribe, SubscribeChanges, Track
 from tests.unit.test_session import NOW, READ_ALL, frames, join, new_session, presence
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from channels.layers import InMemoryChannelLayer
 
-from realtime.topics import table_group
+from core.topics import table_group
 from replication import listener as listener_module
 from replication import pgoutput
 from replication.connection import SlotRow

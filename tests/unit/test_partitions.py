@@ -1,4 +1,4 @@
-"""Tests for realtime.partitions' pure part: the plan for a clock reading, names, and the statements."""
+"""Tests for shared.partitions' pure part: the plan for a clock reading, names, and the statements."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from realtime.partitions import (
+from shared.partitions import (
     Plan,
     _State,
     _steps,

@@ -47,7 +47,7 @@ from replication.pgoutput import (
     decode_message,
 )
 from replication.stream import parse_lsn
-from replication.values import convert_row, encode_json
+from pgtypes.values import convert_row, encode_json
 
 pytestmark = pytest.mark.unit
 

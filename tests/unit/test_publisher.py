@@ -9,7 +9,7 @@ import pytest
 from channels.layers import InMemoryChannelLayer
 
 from realtime.publisher import Publisher
-from realtime.types import BroadcastMessage
+from core.types import BroadcastMessage
 
 pytestmark = pytest.mark.unit
 

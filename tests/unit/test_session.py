@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from realtime.bindings import binding_id
-from realtime.jwt import Claims, TokenError, check_claims
+from core.jwt import Claims, TokenError, check_claims
 from realtime.protocol.message import Message, UserBroadcast
 from realtime.protocol.session import (
     Authorize,
@@ -24,7 +24,7 @@ from realtime.protocol.session import (
     Untrack,
     Unsubscribe,
 )
-from realtime.topics import broadcast_group, presence_group
+from core.topics import broadcast_group, presence_group
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Tests for replication.values: Postgres text output -> typed JSON (PROTOCOL.md 4.5).
+"""Tests for pgtypes.values: Postgres text output -> typed JSON (PROTOCOL.md 4.5).
 
 The reference is ``to_jsonb(value)`` as captured from a real PostgreSQL 16 in
 tests/fixtures/pgoutput/captured.json (``values``), with the one documented
@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from realtime.protocol.serializer import encode_json as serializer_encode_json
-from replication.errors import DecodeError
-from replication.values import (
+from pgtypes.values import (
     ArrayItem,
+    DecodeError,
     JsonValue,
     convert,
     convert_row,

@@ -1,12 +1,12 @@
-"""The pure parts of ``realtime.visibility``: reading a call's answer, verdict bytes, messages, order."""
+"""The pure parts of ``shared.visibility``: reading a call's answer, verdict bytes, messages, order."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, strategies as st
 
-from realtime.jwt import Claims
-from realtime.visibility import CallResult, array_literal, check_order, error_text, read_call, verdict_bytes
+from core.jwt import Claims
+from shared.visibility import CallResult, array_literal, check_order, error_text, read_call, verdict_bytes
 
 pytestmark = pytest.mark.unit
 

@@ -12,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from realtime.jwt import mint_token
+from core.jwt import mint_token
 
 
 class Command(BaseCommand):

@@ -1,6 +1,6 @@
 """``manage.py realtime_partitions``: create and drop the daily partitions of ``realtime.messages``, once.
 
-The replicator does this periodically (``realtime.partitions.amaintain_partitions``);
+The replicator does this periodically (``shared.partitions.amaintain_partitions``);
 the command is for a deployment that schedules it itself, or to catch up by hand.
 """
 
@@ -12,7 +12,7 @@ import psycopg
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from realtime.partitions import NotPartitioned, maintain_partitions
+from shared.partitions import NotPartitioned, maintain_partitions
 
 
 class Command(BaseCommand):

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from realtime.claimsets import Directory
+from shared.claimsets import Directory
 from replication.broadcast_listener import BroadcastListener, messages_slot
 from replication.listener import Listener
 

@@ -40,8 +40,8 @@ Python's ``json`` cannot write a Decimal as a bare number, so
 :func:`encode_json` encodes a payload holding these values, exactly as
 ``realtime.protocol.serializer.encode_json`` does otherwise (compact, UTF-8,
 no NaN). Conversion never raises: text a converter cannot read is returned
-unchanged. :func:`parse_array_literal` raises only
-:class:`~replication.errors.DecodeError`. The module is pure: no I/O.
+unchanged. :func:`parse_array_literal` raises only :class:`DecodeError`.
+The module is pure: no I/O.
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final, TypeAlias
 
-from replication.errors import DecodeError
+from pgtypes.catalog import PG_SPACE, SCALAR_TYPES, Kind, reject_json_constant
 
 __all__ = [
     "ArrayItem",
+    "DecodeError",
     "JsonValue",
     "convert",
     "convert_row",
@@ -70,6 +71,11 @@ JsonValue: TypeAlias = (
 ArrayItem: TypeAlias = str | None | list["ArrayItem"]
 
 Converter: TypeAlias = Callable[[str], JsonValue]
+
+
+class DecodeError(Exception):
+    """Text that is not an array literal (``parse_array_literal``)."""
+
 
 _NON_FINITE: Final = frozenset({"NaN", "Infinity", "-Infinity"})
 
@@ -112,14 +118,9 @@ def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(sorted(dict(pairs).items(), key=_jsonb_key))
 
 
-def _not_json(name: str) -> Any:
-    # Postgres json never holds NaN or Infinity; text that does is not json.
-    raise ValueError(f"{name} is not JSON")
-
-
 def _jsonb(text: str) -> JsonValue:
     # jsonb output is already in jsonb key order; Decimal keeps the digits.
-    value: JsonValue = json.loads(text, parse_float=Decimal, parse_constant=_not_json)
+    value: JsonValue = json.loads(text, parse_float=Decimal, parse_constant=reject_json_constant)
     return value
 
 
@@ -144,7 +145,7 @@ def _without_lone_surrogates(value: JsonValue) -> JsonValue:
 def _json(text: str) -> JsonValue:
     # to_jsonb(json) goes through jsonb, which reorders and deduplicates keys.
     value: JsonValue = json.loads(
-        text, parse_float=Decimal, object_pairs_hook=_jsonb_object, parse_constant=_not_json
+        text, parse_float=Decimal, object_pairs_hook=_jsonb_object, parse_constant=reject_json_constant
     )
     # json (unlike jsonb) keeps its input text, so it may hold \ud800-\udfff escapes without a pair;
     # json.loads turns a valid pair into one character, so only lone ones remain.
@@ -182,19 +183,20 @@ def _bytea(text: str) -> JsonValue:
     return text  # bytea_output = escape
 
 
-# Converters for array elements: exactly what to_jsonb does with each element.
+# Converters for array elements, by the type's kind (``catalog``): exactly what to_jsonb does with
+# each element. Kinds without one (text, uuid, date, time...) stay text.
+_KIND_CONVERTERS: Final[Mapping[Kind, Converter]] = {
+    Kind.BOOLEAN: _bool,
+    Kind.INTEGER: int,
+    Kind.FLOAT: _float,
+    Kind.NUMERIC: _numeric,
+    Kind.JSON: _json,
+    Kind.JSONB: _jsonb,
+    Kind.TIMESTAMP: _timestamp,
+    Kind.TIMESTAMPTZ: _timestamptz,
+}
 _ELEMENT_CONVERTERS: Final[Mapping[str, Converter]] = {
-    "bool": _bool,
-    "int2": int,
-    "int4": int,
-    "int8": int,
-    "float4": _float,
-    "float8": _float,
-    "numeric": _numeric,
-    "json": _json,
-    "jsonb": _jsonb,
-    "timestamp": _timestamp,
-    "timestamptz": _timestamptz,
+    name: _KIND_CONVERTERS[kind] for name, (kind, _) in SCALAR_TYPES.items() if kind in _KIND_CONVERTERS
 }
 
 # Top-level values: the same, but bytea is passed on as hex digits (realtime.cast).
@@ -271,8 +273,6 @@ def _plain_items(items: list[ArrayItem]) -> list[JsonValue]:
 
 # --- array literals (array_in syntax) ----------------------------------------
 
-# array_isspace(): the whitespace array_in skips around elements.
-_ARRAY_SPACE: Final = frozenset(" \t\n\r\v\f")
 # "[1:3]=" or "[0:1][1:2]=" before the braces when a lower bound is not 1.
 _DIMENSIONS: Final = re.compile(r"[ \t\n\r\v\f]*(?:\[[^\]=]*\][ \t\n\r\v\f]*)+=")
 
@@ -292,7 +292,7 @@ def parse_array_literal(text: str, delimiter: str = ",") -> list[ArrayItem]:
     prefix = _DIMENSIONS.match(text)
     pos = prefix.end() if prefix else 0
     end = len(text)
-    while pos < end and text[pos] in _ARRAY_SPACE:
+    while pos < end and text[pos] in PG_SPACE:
         pos += 1
     if pos >= end or text[pos] != "{":
         raise DecodeError(f"array literal must start with '{{': {text[:40]!r}")
@@ -301,7 +301,7 @@ def parse_array_literal(text: str, delimiter: str = ",") -> list[ArrayItem]:
     state = _START
     pos += 1
     while stack:
-        while pos < end and text[pos] in _ARRAY_SPACE:
+        while pos < end and text[pos] in PG_SPACE:
             pos += 1
         if pos >= end:
             raise DecodeError(f"array literal ends before its closing '}}': {text[:40]!r}")
@@ -331,7 +331,7 @@ def parse_array_literal(text: str, delimiter: str = ",") -> list[ArrayItem]:
             item, pos = _array_element(text, pos, delimiter)
             stack[-1].append(item)
             state = _AFTER_ITEM
-    while pos < end and text[pos] in _ARRAY_SPACE:
+    while pos < end and text[pos] in PG_SPACE:
         pos += 1
     if pos != end:
         raise DecodeError(f"junk after array literal at offset {pos}: {text[pos : pos + 20]!r}")
@@ -379,7 +379,7 @@ def _array_element(text: str, pos: int, delimiter: str) -> tuple[str | None, int
             raise DecodeError(f"unexpected '{{' inside an element at offset {pos}")
         else:
             chars.append(char)
-            if char not in _ARRAY_SPACE:
+            if char not in PG_SPACE:
                 keep = len(chars)
             pos += 1
     value = "".join(chars[:keep])

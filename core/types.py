@@ -16,6 +16,12 @@ KIND_PRESENCE = "presence"  # payload: JSON text of a presence_diff
 
 ERROR_UNAUTHORIZED = "Error 401: Unauthorized"  # the role cannot read the primary key (PROTOCOL.md 4.4)
 
+# A server process's hub checks its group memberships every MEMBERSHIP_CHECK_S (re-adding those
+# a Redis restart lost) and retries a failed receive after RECEIVE_RETRY_S (``realtime.hub``);
+# the replicator waits that long for the hubs after the layer comes back (``replication.listener``).
+MEMBERSHIP_CHECK_S = 2.0
+RECEIVE_RETRY_S = 1.0
+
 
 class BroadcastMessage(TypedDict):
     """``realtime.broadcast``: one broadcast for every channel on a topic."""

@@ -16,7 +16,7 @@ from typing import Any, TypeGuard
 
 import jwt as pyjwt
 
-from realtime.errors import RealtimeError
+from core.errors import RealtimeError
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 # Asymmetric algorithms and the JWKS key type (kty) each needs.

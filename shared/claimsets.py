@@ -9,7 +9,7 @@ is deliberately no option to group tokens by the claims policies read
 and a grouped claim set would be checked with one member's claims on behalf
 of the others, so a policy that reads ``exp`` or ``session_id`` would answer
 for the wrong token. The per-batch cost of many claim sets is kept down by
-checking them all in one database call instead (``realtime.visibility``). The replicator runs those checks, so it must know every claim set
+checking them all in one database call instead (``shared.visibility``). The replicator runs those checks, so it must know every claim set
 subscribed to a table on any server process. This registry keeps that in
 Redis:
 
@@ -38,7 +38,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from realtime.jwt import Claims
+from core.jwt import Claims
 
 logger = logging.getLogger(__name__)
 

@@ -57,8 +57,8 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
-from realtime.authorization import check_timeout_ms, connection_lost, get_database
-from realtime.jwt import Claims
+from shared.database import check_timeout_ms, connection_lost
+from core.jwt import Claims
 
 logger = logging.getLogger(__name__)
 
@@ -388,12 +388,3 @@ class RowChecker:
         bypass = bool(row and row[0])
         self._bypass[role] = (bypass, now)
         return bypass
-
-
-_checker = RowChecker()
-
-
-async def check_rows(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
-    """A server process's own check (``realtime.hub``'s ``row_check``), on its join-time pool."""
-    async with get_database().connection() as conn:
-        return await _checker.check(conn, claim_sets, schema, table, keys)
