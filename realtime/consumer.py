@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 from channels.consumer import AsyncConsumer
 from django.conf import settings
 
+from realtime import metrics
 from realtime.authorization import AuthorizedBinding, authorize_binding, get_database
 from realtime.bindings import BindingError, parse_binding
 from realtime.filters import regex_cost
@@ -76,6 +77,25 @@ _delayed_refusals = 0
 CLOSE_INTERNAL_ERROR = 1011
 DENIAL_EXTENSION = "websocket.http.response"
 DIRECT_WRITE = "realtime.write"  # scope key of a server's synchronous frame writer
+
+
+# Labels of ``metrics.channels``: every channel receives broadcasts; the others when enabled at join.
+EXTENSIONS = ("broadcast", "presence", "postgres_changes")
+NO_CHANNELS = (0, 0, 0, 0)  # broadcast, presence, postgres_changes, tracked presence members
+
+
+def channel_counts(session: Session) -> tuple[int, int, int, int]:
+    """This socket's joined channels per extension (``EXTENSIONS``), and its tracked presence members."""
+    presence = changes = tracked = 0
+    for channel in session.channels.values():
+        presence += channel.config.presence_enabled
+        changes += bool(channel.config.postgres_changes)
+        tracked += channel.tracked
+    return len(session.channels), presence, changes, tracked
+
+
+def count_limit_hit(kind: str) -> None:
+    metrics.limit_hits.labels(kind).inc()
 
 
 def _regex_cost(authorized: AuthorizedBinding) -> int:
@@ -135,6 +155,8 @@ class RealtimeConsumer(AsyncConsumer):
         self.counted = False  # in this process's socket count
         self.address = ""  # the client's address, as the server reports it
         self.malformed_logged = False
+        self.counts = NO_CHANNELS  # as last added to the channel and presence gauges
+        self.joins_started: dict[tuple[str, str | None], float] = {}  # (topic, ref) of a phx_join -> monotonic time
         started = time.monotonic()
         frames_rate = settings.REALTIME_MAX_FRAMES_PER_SECOND
         bytes_rate = settings.REALTIME_MAX_BYTES_PER_SECOND
@@ -198,8 +220,12 @@ class RealtimeConsumer(AsyncConsumer):
             if not counter.admits(
                 settings.REALTIME_MAX_CONCURRENT_USERS, self.address, settings.REALTIME_MAX_SOCKETS_PER_ADDRESS
             ):
+                per_address = settings.REALTIME_MAX_SOCKETS_PER_ADDRESS
+                full = per_address > 0 and counter.by_address.get(self.address, 0) >= per_address
+                count_limit_hit("sockets_per_address" if full else "concurrent_users")
                 raise HandshakeRefused(429, "Too many connected users")
         except HandshakeRefused as refusal:
+            metrics.connects_refused.labels(str(refusal.status)).inc()
             logger.info("connect refused status=%s error=%s", refusal.status, refusal.error)
             await self.refuse(refusal.status, refusal.error)
             return
@@ -211,6 +237,7 @@ class RealtimeConsumer(AsyncConsumer):
         )
         counter.opened(self.address)
         self.counted = True
+        metrics.sockets.inc()
         await self.base_send({"type": "websocket.accept"})
         self.writer = SocketWriter(
             self.base_send, self.scope.get(DIRECT_WRITE), settings.REALTIME_MAX_UNSENT_BYTES, self._on_slow_consumer
@@ -258,11 +285,13 @@ class RealtimeConsumer(AsyncConsumer):
         data = message.get("bytes") if text is None else None
         size = len(text) if text is not None else len(data or b"")
         if size > settings.REALTIME_MAX_FRAME_BYTES:
+            count_limit_hit("frame_bytes")
             await self.close(CLOSE_TOO_BIG)
             return
         now = time.monotonic()
         if not (self.inbound_frames.take(now) and self.inbound_bytes.take(now, size)):
             # Before any decoding: a client over these sends far more than any app does.
+            count_limit_hit("inbound_rate")
             logger.warning("inbound flood: closing socket=%s", self.socket_id)
             await self.close(CLOSE_POLICY_VIOLATION)
             return
@@ -279,6 +308,8 @@ class RealtimeConsumer(AsyncConsumer):
             self.malformed_logged = True
             logger.log(level, "malformed frame dropped socket=%s reason=%s", self.socket_id, error.message)
             return
+        if msg.event == "phx_join" and len(self.joins_started) < settings.REALTIME_MAX_CHANNELS_PER_CLIENT:
+            self.joins_started[(msg.topic, msg.ref)] = time.monotonic()
         await self.step(lambda session: session.handle(msg, time.time()), msg.event, msg.topic)
 
     async def step(self, advance: Callable[[Session], list[Effect]], event: str, topic: str) -> None:
@@ -287,7 +318,11 @@ class RealtimeConsumer(AsyncConsumer):
             return
         async with self.step_lock:
             try:
-                await self.run(advance(self.session))
+                effects = advance(self.session)
+                if self.session.limit_hits:
+                    self._limits_hit(self.session.limit_hits)
+                await self.run(effects)
+                self._count_channels()
             except Exception:
                 logger.exception("socket=%s failed on event=%s topic=%s", self.socket_id, event, topic)
                 await self.close(CLOSE_INTERNAL_ERROR)
@@ -345,6 +380,23 @@ class RealtimeConsumer(AsyncConsumer):
                 else:
                     self.loop.call_later(effect.delay, self.write, effect.message)
         self._schedule_expiry()
+
+    def _limits_hit(self, kinds: list[str]) -> None:
+        for kind in kinds:
+            count_limit_hit(kind)
+        kinds.clear()
+
+    def _count_channels(self) -> None:
+        """Move the channel and presence gauges by what this socket's channels changed."""
+        counts = channel_counts(self.session) if self.session is not None and not self.closed else NO_CHANNELS
+        if counts == self.counts:
+            return
+        for extension, now, before in zip(EXTENSIONS, counts, self.counts):
+            if now != before:
+                metrics.channels.labels(extension).inc(now - before)
+        if counts[3] != self.counts[3]:
+            metrics.presence_members.inc(counts[3] - self.counts[3])
+        self.counts = counts
 
     def _queue_db(self, wanted: Callable[[], bool], work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run database work for this socket, at most REALTIME_MAX_CHECKS_PER_SOCKET at a time.
@@ -457,6 +509,7 @@ class RealtimeConsumer(AsyncConsumer):
         others = sum(c for topic, c in self.regex_costs.items() if topic != effect.topic and topic in self.change_tables)
         budget = settings.REALTIME_MAX_REGEX_COST_PER_SOCKET
         if cost and others + cost > budget:
+            count_limit_hit("regex_cost")
             raise BindingError(
                 f"Too many regular expression filters on this socket: {others + cost} RE2 instructions,"
                 f" at most {budget} across its channels"
@@ -539,9 +592,22 @@ class RealtimeConsumer(AsyncConsumer):
                 return  # topic or event over 255 bytes: no kind 4 frame can carry it
         else:
             frame = {"type": "websocket.send", "text": encode_text(self.vsn, msg)}
+        if msg.event == "phx_reply" and self.joins_started:
+            self._join_answered(msg)
         if not self.writer.write(frame):
             # The peer is gone or too slow; the disconnect event ends this consumer.
             logger.debug("write to a closed socket=%s", self.socket_id)
+
+    def _join_answered(self, msg: Message) -> None:
+        started = self.joins_started.pop((msg.topic, msg.ref), None)
+        if started is None:
+            return
+        status = msg.payload.get("status") if isinstance(msg.payload, dict) else None
+        if status == "ok":
+            metrics.joins.labels("ok").inc()
+            metrics.join_seconds.observe(time.monotonic() - started)
+        else:
+            metrics.joins.labels("error").inc()
 
     def _on_slow_consumer(self) -> None:
         self._spawn(self.close(CLOSE_SLOW_CONSUMER))
@@ -598,6 +664,7 @@ class RealtimeConsumer(AsyncConsumer):
         if self.counted:
             self.counted = False
             get_socket_counter().closed(self.address)
+            metrics.sockets.dec()
         if self.publication_watch is not None:
             self.publication_watch.cancel()
             self.publication_watch = None
@@ -614,3 +681,4 @@ class RealtimeConsumer(AsyncConsumer):
                 elif isinstance(effect, Untrack):
                     # The socket is gone; the others still get its leave.
                     self._spawn(self.untrack(effect))
+        self._count_channels()

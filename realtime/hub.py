@@ -41,6 +41,7 @@ from realtime.protocol.serializer import (
 )
 from realtime.filters import BindingIndex
 from realtime.bindings import select_columns
+from realtime import metrics
 from realtime.cork import corked
 from realtime.types import (
     ERROR_UNAUTHORIZED,
@@ -314,8 +315,10 @@ class Hub:
             "realtime.changes": self.realtime_changes,
         }
         self.delivered = 0
+        self.delivered_bytes = 0
         self.failed = 0  # writes that raised, and deliveries skipped because building them raised
         self.loop_errors = 0  # layer messages whose handling raised
+        self._flushed = (0, 0, 0)  # delivered, delivered_bytes, failed as last added to the metrics
 
     # --- membership ------------------------------------------------------
 
@@ -498,7 +501,20 @@ class Hub:
                 await handler(message)
             except Exception:
                 self.loop_errors += 1
+                metrics.hub_loop_errors.inc()
                 logger.exception("hub failed on a %s message; going on with the next one", kind)
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        """Add the deliveries since the last call to the metrics: once per layer message, not per write."""
+        delivered, sent, failed = self.delivered, self.delivered_bytes, self.failed
+        last_delivered, last_sent, last_failed = self._flushed
+        if delivered != last_delivered:
+            metrics.deliveries.inc(delivered - last_delivered)
+            metrics.delivered_bytes.inc(sent - last_sent)
+        if failed != last_failed:
+            metrics.delivery_failures.inc(failed - last_failed)
+        self._flushed = (delivered, sent, failed)
 
     async def realtime_broadcast(self, message: BroadcastMessage) -> None:
         self.deliver(message)
@@ -585,6 +601,7 @@ class Hub:
         route = self._change_groups.get(run["group"])
         if not route:
             return
+        metrics.changes_received.inc(len(run["changes"]))
         grants = self._grants(route)
         rls = run.get("rls", False)
         visible, failed = await self._visibility(route, run) if rls else ({}, {})
@@ -679,6 +696,7 @@ class Hub:
             logger.exception("write failed socket=%s", sub.socket_id)
         if written:
             self.delivered += 1
+            self.delivered_bytes += frame_size(frame)
         else:
             self.failed += 1
 

@@ -57,6 +57,7 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
+from realtime import metrics
 from realtime.authorization import check_timeout_ms, connection_lost, get_database
 from realtime.jwt import Claims
 
@@ -221,6 +222,7 @@ class RowChecker:
         start = 0
         while start < len(order):
             batch = order[start:]
+            started = time.perf_counter()
             try:
                 answer = await self._call(conn, lookup, argument, [pending[c] for c in batch], len(keys), own_connection)
             except psycopg.Error as error:
@@ -234,6 +236,8 @@ class RowChecker:
                 break
             finally:
                 self.queries += 1
+                metrics.rls_queries.inc()
+                metrics.rls_query_seconds.observe(time.perf_counter() - started)
             checked = len(batch) if answer.resume is None else answer.resume
             self.checks += checked
             stale = False

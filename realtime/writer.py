@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from realtime import metrics
+
 logger = logging.getLogger(__name__)
 
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
@@ -50,6 +52,8 @@ def frame_size(frame: dict[str, Any]) -> int:
 def count_slow_consumer_close() -> None:
     global slow_consumer_closes
     slow_consumer_closes += 1
+    metrics.slow_consumer_closes.inc()
+    metrics.limit_hits.labels("unsent_bytes").inc()
 
 
 class SocketWriter:

@@ -171,6 +171,13 @@ REALTIME_PRESENCE_WINDOW_MS = env_int("REALTIME_PRESENCE_WINDOW_MS", 30_000)
 # Connections the kernel queues for the server to accept (daphne via manage.py runserver).
 REALTIME_LISTEN_BACKLOG = env_int("REALTIME_LISTEN_BACKLOG", 2048)
 
+# --- Operations (README "Metrics, health and logs") ---
+# GET /metrics asks for "Authorization: Bearer <this>" when set (empty: open to whoever reaches it).
+REALTIME_METRICS_TOKEN = env_str("REALTIME_METRICS_TOKEN", "")
+# manage.py replicate serves its metrics on this port (0: not at all), on this address.
+REALTIME_REPLICATOR_METRICS_PORT = env_int("REALTIME_REPLICATOR_METRICS_PORT", 0)
+REALTIME_REPLICATOR_METRICS_ADDRESS = env_str("REALTIME_REPLICATOR_METRICS_ADDRESS", "0.0.0.0")
+
 # --- Limits (README "Limits"): each protects the other clients from one client.
 # Unsent bytes a socket may leave before the server closes it (1008); it holds at most this plus one frame.
 REALTIME_MAX_UNSENT_BYTES = env_int("REALTIME_MAX_UNSENT_BYTES", 4 * 1024 * 1024)

@@ -8,6 +8,7 @@ from realtime import broadcast_api, views
 
 urlpatterns = [
     path("healthz", views.healthz),
+    path("metrics", views.prometheus_metrics),
     path("realtime/v1/api/broadcast", broadcast_api.broadcast_batch),
     path("api/broadcast", broadcast_api.broadcast_batch),
     path("realtime/v1/api/broadcast/<str:topic>/events/<str:event>", broadcast_api.broadcast_single),
