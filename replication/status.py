@@ -1,24 +1,30 @@
-"""The replicator's state, every second: how far its slot is behind, into the metrics.
+"""The replicator's state, every second: slot lag into the metrics, and into Redis for ``GET /api/health``.
 
 ``StatusReporter.run`` reads how far the slot is behind (one query on a
-connection of its own) and sets the replication gauges (``realtime.metrics``).
-It logs each change between active and not. Nothing here may stop the
-replicator: every failure is logged and retried on the next tick.
+connection of its own), sets the replication gauges (``realtime.metrics``) and,
+while this replicator holds the slot, writes ``realtime.health.ReplicatorStatus``
+under ``realtime.health.replicator_key`` with a TTL, so the state of a stopped
+replicator vanishes on its own. It logs each change between active and not.
+Nothing here may stop the replicator: every failure is logged and retried on
+the next tick.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import time
 from typing import Any
 
 import psycopg
 
 from realtime import metrics
+from realtime.health import STATUS_EVERY_S, STATUS_TTL_S, ReplicatorStatus, decode_status, replicator_key
 
 logger = logging.getLogger(__name__)
 
-STATUS_EVERY_S = 1.0
 SLOT_POSITIONS = (
     "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,"
     " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint"
@@ -29,11 +35,15 @@ SLOT_POSITIONS = (
 class StatusReporter:
     """Reports one listener's state (``stats.active``, ``last_batch_at``, ``lag_seconds``)."""
 
-    def __init__(self, listener: Any, dsn: str) -> None:
+    def __init__(self, listener: Any, dsn: str, redis: Any, prefix: str) -> None:
         self.listener = listener
         self.dsn = dsn
+        self.redis = redis
+        self.key = replicator_key(prefix, listener.slot)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._was_active: bool | None = None
+        self._wrote = False
+        self._host = socket.gethostname()
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -44,10 +54,11 @@ class StatusReporter:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            await self._forget()
             if self._conn is not None:
                 await self._conn.close()
 
-    async def report_once(self) -> None:
+    async def report_once(self) -> ReplicatorStatus:
         stats = self.listener.stats
         active = bool(stats.active)
         if active != self._was_active:
@@ -60,6 +71,20 @@ class StatusReporter:
             metrics.replication_lag_bytes.set(lag)
         if retained is not None:
             metrics.replication_retained_wal_bytes.set(retained)
+        status = ReplicatorStatus(
+            slot=self.listener.slot, active=active, lag_bytes=lag, retained_wal_bytes=retained,
+            lag_seconds=stats.lag_seconds, last_batch_at=stats.last_batch_at, updated_at=time.time(),
+            pid=os.getpid(), host=self._host,
+        )
+        if active:
+            try:
+                await self.redis.set(self.key, status.encode(), ex=STATUS_TTL_S)
+                self._wrote = True
+            except Exception as error:  # noqa: BLE001  (Redis down: the listener sees it too and retries)
+                logger.debug("replicator state not written to Redis: %s", error)
+        elif self._wrote:
+            await self._forget()
+        return status
 
     async def _slot_positions(self) -> tuple[int | None, int | None]:
         """(lag, retained WAL) of the slot in bytes; (None, None) when the query fails."""
@@ -79,3 +104,16 @@ class StatusReporter:
         if row is None:
             return None, None
         return row[0], row[1]
+
+    async def _forget(self) -> None:
+        """Remove the state this replicator wrote (it stops or lost the slot): readiness says so at once."""
+        if not self._wrote:
+            return
+        try:
+            # Only our own: a replicator that took the slot over meanwhile keeps its state.
+            current = decode_status(await self.redis.get(self.key))
+            if current is not None and (current.pid, current.host) == (os.getpid(), self._host):
+                await self.redis.delete(self.key)
+            self._wrote = False
+        except Exception as error:  # noqa: BLE001
+            logger.debug("replicator state not removed from Redis: %s", error)

@@ -84,7 +84,7 @@ class Command(BaseCommand):
     async def _run(self, listener: Listener, broadcasts: BroadcastListener | None) -> None:
         redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=15)
         listener.directory = Directory(redis, settings.REALTIME_REDIS_PREFIX)
-        reporter = StatusReporter(listener, settings.DATABASE_URL)
+        reporter = StatusReporter(listener, settings.DATABASE_URL, redis, settings.REALTIME_REDIS_PREFIX)
         try:
             await self._serve(listener, broadcasts, reporter)
         finally:
