@@ -36,6 +36,7 @@ from realtime.presence import get_store, publish_diff
 from realtime.publisher import get_publisher
 from realtime.jwt import Claims, TokenError, opaque_key_claims
 from realtime.limits import get_socket_counter
+from realtime.logs import SocketLog, parse_log_level
 from realtime.tokens import verify
 from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, UserBroadcast, Vsn
@@ -75,6 +76,7 @@ INBOUND_BURST_S = 5
 MAX_DELAYED_REFUSALS = 1000
 _delayed_refusals = 0
 CLOSE_INTERNAL_ERROR = 1011
+LOGGED_JOIN_ERRORS = 10  # per socket, so a client retrying a refused join cannot flood the log
 DENIAL_EXTENSION = "websocket.http.response"
 DIRECT_WRITE = "realtime.write"  # scope key of a server's synchronous frame writer
 
@@ -150,6 +152,10 @@ class RealtimeConsumer(AsyncConsumer):
         self.scope = scope
         self.base_send = send
         self.socket_id = uuid.uuid4().hex
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        self.log = SocketLog(logger, self.socket_id, parse_log_level((query.get("log_level") or [None])[0]))
+        self.limits_logged: set[str] = set()  # limit kinds this socket hit (each logged at INFO once)
+        self.join_errors = 0  # the first LOGGED_JOIN_ERRORS are logged at INFO, the rest at DEBUG
         self.session: Session | None = None
         self.writer: SocketWriter | None = None
         self.counted = False  # in this process's socket count
@@ -222,11 +228,14 @@ class RealtimeConsumer(AsyncConsumer):
             ):
                 per_address = settings.REALTIME_MAX_SOCKETS_PER_ADDRESS
                 full = per_address > 0 and counter.by_address.get(self.address, 0) >= per_address
-                count_limit_hit("sockets_per_address" if full else "concurrent_users")
+                count_limit_hit("sockets_per_address" if full else "concurrent_users")  # the refusal is logged below
                 raise HandshakeRefused(429, "Too many connected users")
         except HandshakeRefused as refusal:
             metrics.connects_refused.labels(str(refusal.status)).inc()
-            logger.info("connect refused status=%s error=%s", refusal.status, refusal.error)
+            self.log.info(
+                "connect refused status=%s error=%s address=%s", refusal.status, refusal.error,
+                (self.scope.get("client") or ("", 0))[0],
+            )
             await self.refuse(refusal.status, refusal.error)
             return
         self.session = Session(
@@ -285,14 +294,14 @@ class RealtimeConsumer(AsyncConsumer):
         data = message.get("bytes") if text is None else None
         size = len(text) if text is not None else len(data or b"")
         if size > settings.REALTIME_MAX_FRAME_BYTES:
-            count_limit_hit("frame_bytes")
+            self.limit_hit("frame_bytes")
             await self.close(CLOSE_TOO_BIG)
             return
         now = time.monotonic()
         if not (self.inbound_frames.take(now) and self.inbound_bytes.take(now, size)):
             # Before any decoding: a client over these sends far more than any app does.
-            count_limit_hit("inbound_rate")
-            logger.warning("inbound flood: closing socket=%s", self.socket_id)
+            self.limit_hit("inbound_rate")
+            self.log.warning("inbound flood: closing socket=%s", self.socket_id)
             await self.close(CLOSE_POLICY_VIOLATION)
             return
         try:
@@ -306,7 +315,7 @@ class RealtimeConsumer(AsyncConsumer):
             # Counted by the serializer; one line per socket, so a client cannot flood the log.
             level = logging.DEBUG if self.malformed_logged else logging.INFO
             self.malformed_logged = True
-            logger.log(level, "malformed frame dropped socket=%s reason=%s", self.socket_id, error.message)
+            self.log.log(level, "malformed frame dropped socket=%s reason=%s", self.socket_id, error.message)
             return
         if msg.event == "phx_join" and len(self.joins_started) < settings.REALTIME_MAX_CHANNELS_PER_CLIENT:
             self.joins_started[(msg.topic, msg.ref)] = time.monotonic()
@@ -324,7 +333,7 @@ class RealtimeConsumer(AsyncConsumer):
                 await self.run(effects)
                 self._count_channels()
             except Exception:
-                logger.exception("socket=%s failed on event=%s topic=%s", self.socket_id, event, topic)
+                self.log.exception("socket=%s failed on event=%s topic=%s", self.socket_id, event, topic)
                 await self.close(CLOSE_INTERNAL_ERROR)
 
     async def run(self, effects: list[Effect]) -> None:
@@ -338,7 +347,7 @@ class RealtimeConsumer(AsyncConsumer):
                     await get_publisher().publish(effect.message)
                 except Exception:
                     # The rest of this batch is the ack of this broadcast: not sent.
-                    logger.exception("broadcast publish failed socket=%s", self.socket_id)
+                    self.log.exception("broadcast publish failed socket=%s", self.socket_id)
                     return
             elif isinstance(effect, Subscribe):
                 assert self.writer is not None  # effects come only after the socket was accepted
@@ -383,8 +392,15 @@ class RealtimeConsumer(AsyncConsumer):
 
     def _limits_hit(self, kinds: list[str]) -> None:
         for kind in kinds:
-            count_limit_hit(kind)
+            self.limit_hit(kind)
         kinds.clear()
+
+    def limit_hit(self, kind: str) -> None:
+        """Count a limit this socket reached; log it, at INFO the first time per kind (a client cannot flood the log)."""
+        count_limit_hit(kind)
+        level = logging.DEBUG if kind in self.limits_logged else logging.INFO
+        self.limits_logged.add(kind)
+        self.log.log(level, "limit reached socket=%s kind=%s", self.socket_id, kind)
 
     def _count_channels(self) -> None:
         """Move the channel and presence gauges by what this socket's channels changed."""
@@ -433,7 +449,7 @@ class RealtimeConsumer(AsyncConsumer):
                 get_database(), check.claims, sub_topic(check.topic), self.policy_headers, check.read, check.write
             )
         except Exception:
-            logger.exception("policy check failed socket=%s topic=%s", self.socket_id, check.topic)
+            self.log.exception("policy check failed socket=%s topic=%s", self.socket_id, check.topic)
             permissions = None
         await self.step(lambda session: session.authorized(check, permissions, time.time()), "authorize", check.topic)
 
@@ -456,7 +472,7 @@ class RealtimeConsumer(AsyncConsumer):
                 await hub.subscribe(replay.group, hold)
                 rows = await replay_rows(get_database(), sub_topic(replay.topic), replay.since, replay.limit)
             except Exception:
-                logger.warning("replay failed socket=%s topic=%s", self.socket_id, replay.topic, exc_info=True)
+                self.log.warning("replay failed socket=%s topic=%s", self.socket_id, replay.topic, exc_info=True)
                 rows = None
             await self.step(lambda session: session.replayed(replay, rows), "replay", replay.topic)
         finally:
@@ -478,7 +494,7 @@ class RealtimeConsumer(AsyncConsumer):
         except BindingError as error:
             self._subscribe_failed(effect, error.message)
         except Exception:
-            logger.exception("postgres_changes subscription failed socket=%s topic=%s", self.socket_id, effect.topic)
+            self.log.exception("postgres_changes subscription failed socket=%s topic=%s", self.socket_id, effect.topic)
             if self._subscribe_failed(effect, "Realtime was unable to connect to the project database"):
                 delay = random.uniform(1.0, 2.0) * settings.REALTIME_SUBSCRIBE_RETRY_MS / 1000
                 self.loop.call_later(delay, self._queue_subscribe, effect)
@@ -509,7 +525,7 @@ class RealtimeConsumer(AsyncConsumer):
         others = sum(c for topic, c in self.regex_costs.items() if topic != effect.topic and topic in self.change_tables)
         budget = settings.REALTIME_MAX_REGEX_COST_PER_SOCKET
         if cost and others + cost > budget:
-            count_limit_hit("regex_cost")
+            self.limit_hit("regex_cost")
             raise BindingError(
                 f"Too many regular expression filters on this socket: {others + cost} RE2 instructions,"
                 f" at most {budget} across its channels"
@@ -561,7 +577,7 @@ class RealtimeConsumer(AsyncConsumer):
         except BindingError as error:
             self._subscribe_failed(effect, error.message)  # e.g. its table left the publication
         except Exception:
-            logger.warning("publication re-check failed socket=%s topic=%s", self.socket_id, effect.topic, exc_info=True)
+            self.log.warning("publication re-check failed socket=%s topic=%s", self.socket_id, effect.topic, exc_info=True)
 
     async def untrack(self, effect: Untrack) -> None:
         diff = await get_store().untrack(effect.presence_channel, self.socket_id)
@@ -596,7 +612,7 @@ class RealtimeConsumer(AsyncConsumer):
             self._join_answered(msg)
         if not self.writer.write(frame):
             # The peer is gone or too slow; the disconnect event ends this consumer.
-            logger.debug("write to a closed socket=%s", self.socket_id)
+            self.log.debug("write to a closed socket=%s", self.socket_id)
 
     def _join_answered(self, msg: Message) -> None:
         started = self.joins_started.pop((msg.topic, msg.ref), None)
@@ -608,8 +624,14 @@ class RealtimeConsumer(AsyncConsumer):
             metrics.join_seconds.observe(time.monotonic() - started)
         else:
             metrics.joins.labels("error").inc()
+            response = msg.payload.get("response") if isinstance(msg.payload, dict) else None
+            reason = response.get("reason") if isinstance(response, dict) else response
+            self.join_errors += 1
+            level = logging.INFO if self.join_errors <= LOGGED_JOIN_ERRORS else logging.DEBUG
+            self.log.log(level, "join refused socket=%s topic=%s reason=%s", self.socket_id, msg.topic, reason)
 
     def _on_slow_consumer(self) -> None:
+        self.log.warning("slow consumer: closing socket=%s (more than %d bytes unsent)", self.socket_id, settings.REALTIME_MAX_UNSENT_BYTES)
         self._spawn(self.close(CLOSE_SLOW_CONSUMER))
 
     async def close(self, code: int) -> None:
@@ -627,7 +649,7 @@ class RealtimeConsumer(AsyncConsumer):
         idle_for = self.loop.time() - self.last_inbound
         limit = settings.REALTIME_IDLE_TIMEOUT_S
         if idle_for >= limit:
-            logger.info("closing idle socket=%s after %.0fs", self.socket_id, idle_for)
+            self.log.info("closing idle socket=%s after %.0fs", self.socket_id, idle_for)
             self._spawn(self.close(1000))
         elif not self.closed:
             self.idle_timer = self.loop.call_later(limit - idle_for, self._check_idle)

@@ -102,7 +102,7 @@ class SocketWriter:
 
     def overflow(self) -> None:
         """Give up on this socket: more is waiting for it than the cap; the consumer closes it (1008)."""
-        logger.warning("slow consumer: %d bytes unsent, closing the socket", self._unsent)
+        logger.debug("slow consumer: %d bytes unsent, closing the socket", self._unsent)  # the consumer logs it
         count_slow_consumer_close()
         self.close()
         self._on_overflow()

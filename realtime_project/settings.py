@@ -125,11 +125,23 @@ SERVESTATIC_USE_FINDERS = not STATIC_ROOT.is_dir()
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("DJANGO_BEHIND_TLS_PROXY", False) else None
 
+# "text" (one line per event) or "json" (one JSON object per line, python-json-logger; a socket's lines
+# carry its socket_id as a field).
+REALTIME_LOG_FORMAT = env_str("REALTIME_LOG_FORMAT", "text")
+if REALTIME_LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f"REALTIME_LOG_FORMAT must be text or json, not {REALTIME_LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json" if REALTIME_LOG_FORMAT == "json" else "plain"}},
     "root": {"handlers": ["console"], "level": env_str("REALTIME_LOG_LEVEL", "INFO")},
     "loggers": {"daphne": {"level": "WARNING"}, "django.channels.server": {"level": "WARNING"}},
 }

@@ -4,7 +4,7 @@
 connection of its own), sets the replication gauges (``realtime.metrics``) and,
 while this replicator holds the slot, writes ``realtime.health.ReplicatorStatus``
 under ``realtime.health.replicator_key`` with a TTL, so the state of a stopped
-replicator vanishes on its own. It logs each change between active and not.
+replicator vanishes on its own (the listener logs its changes of state).
 Nothing here may stop the replicator: every failure is logged and retried on
 the next tick.
 """
@@ -41,7 +41,6 @@ class StatusReporter:
         self.redis = redis
         self.key = replicator_key(prefix, listener.slot)
         self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._was_active: bool | None = None
         self._wrote = False
         self._host = socket.gethostname()
 
@@ -60,11 +59,7 @@ class StatusReporter:
 
     async def report_once(self) -> ReplicatorStatus:
         stats = self.listener.stats
-        active = bool(stats.active)
-        if active != self._was_active:
-            if self._was_active is not None:
-                logger.info("replicator %s slot %s", "active on" if active else "no longer active on", self.listener.slot)
-            self._was_active = active
+        active = bool(stats.active)  # the listener logs each change (active, standby, failed)
         metrics.replication_active.set(1 if active else 0)
         lag, retained = await self._slot_positions() if active else (None, None)
         if lag is not None:
