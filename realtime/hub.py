@@ -260,6 +260,26 @@ class Frames:
                 self._v2 = frame
         return self._v1 if vsn is Vsn.V1 else self._v2
 
+    def bytes_out(self, written: int, members: tuple[Subscription, ...], origin: str, row_id: str | None) -> int:
+        """The bytes of ``written`` frames of this broadcast, counted once per message instead of per write.
+
+        One shape encoded (every receiver on one vsn, the usual case): exact. Both:
+        the vsn 1 receivers are counted in a second pass (a failed write among them
+        counts as written there).
+        """
+        v1, v2 = self._v1, self._v2
+        if v1 is None or v2 is None:
+            frame = v1 if v1 is not None else v2
+            return written * frame_size(frame) if frame is not None else 0
+        receivers_v1 = sum(
+            1
+            for sub in members
+            if sub.vsn is Vsn.V1 and sub.held is None and (sub.socket_id != origin or sub.self_broadcast)
+            and (row_id is None or row_id not in sub.skip_ids)
+        )
+        receivers_v1 = min(receivers_v1, written)
+        return receivers_v1 * frame_size(v1) + (written - receivers_v1) * frame_size(v2)
+
     def _encode(self, vsn: Vsn) -> dict[str, Any] | None:
         message = self._message
         topic = message["topic"]
@@ -584,6 +604,7 @@ class Hub:
         frames = Frames(message)
         origin = message["origin"]
         row_id = message.get("id")
+        before = self.delivered
         for sub in group_members:
             if sub.socket_id == origin and not sub.self_broadcast:
                 continue
@@ -594,7 +615,10 @@ class Hub:
                 if sub.held is not None:
                     sub.held.add(row_id, frame)
                 else:
-                    self._write(sub, frame)
+                    self._send(sub, frame)
+        written = self.delivered - before
+        if written:
+            self.delivered_bytes += frames.bytes_out(written, group_members, origin, row_id)
 
     async def deliver_changes(self, run: ChangeRun) -> None:
         """Write each change of a run to every local channel whose bindings it satisfies."""
@@ -688,7 +712,12 @@ class Hub:
             self._write(sub, frame)
 
     def _write(self, sub: Subscription | ChangeSubscription, frame: dict[str, Any]) -> None:
-        """Write ``frame`` to one socket; a failure costs that socket only."""
+        """Write ``frame`` to one socket and count its bytes; a failure costs that socket only."""
+        if self._send(sub, frame):
+            self.delivered_bytes += frame_size(frame)
+
+    def _send(self, sub: Subscription | ChangeSubscription, frame: dict[str, Any]) -> bool:
+        """Write ``frame`` to one socket, counting the write but not its bytes (``deliver`` counts them per message)."""
         try:
             written = sub.writer.write(frame)
         except Exception:
@@ -696,9 +725,9 @@ class Hub:
             logger.exception("write failed socket=%s", sub.socket_id)
         if written:
             self.delivered += 1
-            self.delivered_bytes += frame_size(frame)
         else:
             self.failed += 1
+        return written
 
     async def _visibility(self, route: TableRoute, run: ChangeRun) -> tuple[dict[str, bytes], dict[str, str]]:
         """Verdicts per claim set for an RLS run: the replicator's, plus checks of the ones it missed.

@@ -140,3 +140,21 @@ def test_multiprocess_mode_sums_the_processes_and_forgets_the_live_gauges_of_sto
     lines = set(text.splitlines())
     assert "realtime_deliveries_total 10.0" in lines
     assert "realtime_sockets 2.0" in lines
+
+
+async def test_the_bytes_of_a_broadcast_to_both_vsns_are_counted_per_shape() -> None:
+    layer = InMemoryChannelLayer()
+    hub = Hub(layer)
+    v1, v2a, v2b, origin = Recorder(), Recorder(), Recorder(), Recorder()
+    for name, vsn, recorder in (("a", Vsn.V1, v1), ("b", Vsn.V2, v2a), ("c", Vsn.V2, v2b), ("o", Vsn.V1, origin)):
+        await hub.subscribe(GROUP, Subscription(name, "realtime:room1", vsn, False, recorder))  # type: ignore[arg-type]
+    try:
+        sent = message("x")
+        sent["origin"] = "o"  # the sender does not get its own broadcast (self: false)
+        hub.deliver(sent)
+        frames = v1.frames + v2a.frames + v2b.frames
+        assert len(frames) == 3 and not origin.frames
+        assert len(v1.frames[0]["text"]) != len(v2a.frames[0]["text"])
+        assert hub.delivered_bytes == sum(len(f["text"]) for f in frames)
+    finally:
+        await hub.aclose()
