@@ -189,6 +189,11 @@ REALTIME_METRICS_TOKEN = env_str("REALTIME_METRICS_TOKEN", "")
 # manage.py replicate serves its metrics on this port (0: not at all), on this address.
 REALTIME_REPLICATOR_METRICS_PORT = env_int("REALTIME_REPLICATOR_METRICS_PORT", 0)
 REALTIME_REPLICATOR_METRICS_ADDRESS = env_str("REALTIME_REPLICATOR_METRICS_ADDRESS", "0.0.0.0")
+# prometheus-client's multiprocess mode (README, Metrics): it reads the variable itself; a missing
+# directory would fail at the first metric with a bare FileNotFoundError, so say it here.
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR", "")
+if PROMETHEUS_MULTIPROC_DIR and not Path(PROMETHEUS_MULTIPROC_DIR).is_dir():
+    raise ImproperlyConfigured(f"PROMETHEUS_MULTIPROC_DIR names no directory: {PROMETHEUS_MULTIPROC_DIR!r}; create it (empty) first.")
 
 # --- Limits (README "Limits"): each protects the other clients from one client.
 # Unsent bytes a socket may leave before the server closes it (1008); it holds at most this plus one frame.

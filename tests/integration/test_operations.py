@@ -131,3 +131,27 @@ def test_the_replicator_serves_its_metrics_on_its_port() -> None:
         with psycopg.connect(dsn(), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication)))
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
+
+
+async def test_with_a_shared_multiprocess_directory_each_server_answers_for_all(tmp_path: Any) -> None:
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    first, second = start_server(env=env), start_server(env=env)
+    try:
+        token = mint_token("anon")
+        async with connect(f"{first.ws_url}?apikey={token}&vsn=2.0.0") as a, connect(f"{second.ws_url}?apikey={token}&vsn=2.0.0") as b:
+            assert (await join(a, "realtime:multi-a", "1"))["status"] == "ok"
+            assert (await join(b, "realtime:multi-b", "1"))["status"] == "ok"
+            for server in (first, second):
+                samples = scrape(server.url + "/metrics", None)
+                assert samples["realtime_sockets"] == 2
+                assert samples['realtime_channels{extension="broadcast"}'] == 2
+                assert samples['realtime_joins_total{status="ok"}'] == 2
+        pid = second.pid
+        assert list(tmp_path.glob(f"gauge_livesum_{pid}.db"))
+        second.stop()
+        assert not list(tmp_path.glob(f"gauge_livesum_{pid}.db")), "a stopped process's live gauges leave the sums"
+        samples = eventually(lambda: (s := scrape(first.url + "/metrics", None))["realtime_sockets"] == 0 and s, "sockets 0")
+        assert samples['realtime_joins_total{status="ok"}'] == 2  # a stopped process's counters stay in the sums
+    finally:
+        first.stop()
+        second.stop()
