@@ -84,6 +84,8 @@ DIRECT_WRITE = "realtime.write"  # scope key of a server's synchronous frame wri
 # Labels of ``metrics.channels``: every channel receives broadcasts; the others when enabled at join.
 EXTENSIONS = ("broadcast", "presence", "postgres_changes")
 NO_CHANNELS = (0, 0, 0, 0)  # broadcast, presence, postgres_changes, tracked presence members
+# Effects of a step that opened, ended or changed a channel (the others leave the counts as they are).
+CHANNEL_EFFECTS = (Subscribe, Unsubscribe, SubscribeChanges, Track, Untrack, Disconnect)
 
 
 def channel_counts(session: Session) -> tuple[int, int, int, int]:
@@ -317,7 +319,10 @@ class RealtimeConsumer(AsyncConsumer):
             self.malformed_logged = True
             self.log.log(level, "malformed frame dropped socket=%s reason=%s", self.socket_id, error.message)
             return
-        if msg.event == "phx_join" and len(self.joins_started) < settings.REALTIME_MAX_CHANNELS_PER_CLIENT:
+        if msg.event == "phx_join":
+            if len(self.joins_started) >= settings.REALTIME_MAX_CHANNELS_PER_CLIENT:
+                # A join made void by a newer one on its topic gets no reply: forget the oldest.
+                del self.joins_started[next(iter(self.joins_started))]
             self.joins_started[(msg.topic, msg.ref)] = time.monotonic()
         await self.step(lambda session: session.handle(msg, time.time()), msg.event, msg.topic)
 
@@ -331,7 +336,8 @@ class RealtimeConsumer(AsyncConsumer):
                 if self.session.limit_hits:
                     self._limits_hit(self.session.limit_hits)
                 await self.run(effects)
-                self._count_channels()
+                if any(isinstance(effect, CHANNEL_EFFECTS) for effect in effects):
+                    self._count_channels()
             except Exception:
                 self.log.exception("socket=%s failed on event=%s topic=%s", self.socket_id, event, topic)
                 await self.close(CLOSE_INTERNAL_ERROR)
