@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,6 +20,10 @@ from typing import Any
 STATUS_EVERY_S = 1.0  # how often the active replicator writes its state
 STATUS_TTL_S = 5  # how long its state stays without being written again
 CHECK_TIMEOUT_S = 2.0  # each dependency answers within this or counts as down
+DOWN_LOG_INTERVAL_S = 10.0
+
+logger = logging.getLogger(__name__)
+_logged_down: dict[str, float] = {}  # part -> monotonic time its failure was last logged
 
 
 def replicator_key(prefix: str, slot: str) -> str:
@@ -76,9 +81,14 @@ class Readiness:
         }
 
 
-def _down(error: BaseException) -> dict[str, Any]:
-    text = str(error) or type(error).__name__
-    return {"status": "down", "error": f"{type(error).__name__}: {text}"[:300]}
+def _down(part: str, error: BaseException) -> dict[str, Any]:
+    """A part that is down. The answer names only the error's class (anyone may ask, and messages name
+    hosts and ports); the log has the message, at most once per part and ``DOWN_LOG_INTERVAL_S``."""
+    now = time.monotonic()
+    if now - _logged_down.get(part, -DOWN_LOG_INTERVAL_S) >= DOWN_LOG_INTERVAL_S:
+        _logged_down[part] = now
+        logger.warning("readiness: %s is down: %s: %s", part, type(error).__name__, error)
+    return {"status": "down", "error": type(error).__name__}
 
 
 async def check_postgres(dsn: str) -> dict[str, Any]:
@@ -96,7 +106,7 @@ async def check_postgres(dsn: str) -> dict[str, Any]:
             finally:
                 await conn.close()
     except Exception as error:  # noqa: BLE001  (any failure means down; CancelledError is not an Exception)
-        return _down(error)
+        return _down("postgres", error)
     return {"status": "up", "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
@@ -109,7 +119,7 @@ async def check_redis_and_replicator(redis: Any, prefix: str, slot: str, now: fl
             latency = round((time.perf_counter() - started) * 1000, 1)
             raw = await redis.get(replicator_key(prefix, slot))
     except Exception as error:  # noqa: BLE001
-        return _down(error), {"status": "unknown", "slot": slot, "error": "Redis is down"}
+        return _down("redis", error), {"status": "unknown", "slot": slot, "error": "Redis is down"}
     return {"status": "up", "latency_ms": latency}, replicator_state(decode_status(raw), slot, now)
 
 
@@ -128,6 +138,4 @@ def replicator_state(status: ReplicatorStatus | None, slot: str, now: float) -> 
         "lag_seconds": round(status.lag_seconds, 3),
         "last_batch_at": status.last_batch_at,
         "updated_at": status.updated_at,
-        "pid": status.pid,
-        "host": status.host,
     }

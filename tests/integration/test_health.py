@@ -148,3 +148,5 @@ def test_readiness_is_503_when_redis_is_down(stack: Stack) -> None:
     assert code == 503, body
     assert body["redis"]["status"] == "down" and body["postgres"]["status"] == "up"
     assert body["replicator"]["status"] == "unknown"
+    assert body["redis"]["error"].isidentifier(), body  # the class only: anyone may ask, messages name hosts
+    assert str(stack.redis.port) not in json.dumps(body)
