@@ -12,3 +12,9 @@ class RealtimeConfig(AppConfig):
         from realtime.memory import fix_mmap_threshold
 
         fix_mmap_threshold()
+        from shared import metrics
+
+        if metrics.MULTIPROCESS_DIR:
+            import atexit
+
+            atexit.register(metrics.process_exited)  # this process's live gauges leave the sums

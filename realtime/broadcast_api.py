@@ -26,6 +26,7 @@ from django.core.exceptions import RequestDataTooBig
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from shared import metrics
 from realtime.channel_auth import headers_json, private_writes
 from core.jwt import Claims
 from realtime.limits import get_redis, rest_rate_exceeded
@@ -70,6 +71,7 @@ async def _check_rate(request: Request, claims: Claims, count: int) -> None:
         logger.warning("REST rate not counted: Redis unavailable", exc_info=True)
         return
     if exceeded:
+        metrics.limit_hits.labels("rest_events_per_second").inc()
         raise message(429, "Too many requests")
 
 
@@ -139,6 +141,7 @@ class BroadcastBatchView(AsyncAPIView):
         if not isinstance(messages, list) or not messages:
             raise APIError(422, {"errors": {"messages": ["can't be blank"]}})
         if len(messages) > settings.REALTIME_MAX_BROADCAST_BATCH:
+            metrics.limit_hits.labels("rest_batch_size").inc()
             raise message(429, "Too many messages to broadcast, please reduce the batch size")
         if len(messages) > 1:
             await _check_rate(request, claims, len(messages) - 1)

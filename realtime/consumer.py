@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 from channels.consumer import AsyncConsumer
 from django.conf import settings
 
+from shared import metrics
 from realtime.authorization import AuthorizedBinding, authorize_binding, get_database
 from realtime.bindings import BindingError, parse_binding
 from realtime.filters.predicates import regex_cost
@@ -35,6 +36,7 @@ from realtime.presence import get_store, publish_diff
 from realtime.publisher import get_publisher
 from core.jwt import Claims, TokenError, opaque_key_claims
 from realtime.limits import get_socket_counter
+from realtime.logs import SocketLog, parse_log_level
 from realtime.tokens import verify
 from realtime.protocol.errors import FrameError
 from realtime.protocol.message import Message, UserBroadcast, Vsn
@@ -74,8 +76,30 @@ INBOUND_BURST_S = 5
 MAX_DELAYED_REFUSALS = 1000
 _delayed_refusals = 0
 CLOSE_INTERNAL_ERROR = 1011
+LOGGED_JOIN_ERRORS = 10  # per socket, so a client retrying a refused join cannot flood the log
 DENIAL_EXTENSION = "websocket.http.response"
 DIRECT_WRITE = "realtime.write"  # scope key of a server's synchronous frame writer
+
+
+# Labels of ``metrics.channels``: every channel receives broadcasts; the others when enabled at join.
+EXTENSIONS = ("broadcast", "presence", "postgres_changes")
+NO_CHANNELS = (0, 0, 0, 0)  # broadcast, presence, postgres_changes, tracked presence members
+# Effects of a step that opened, ended or changed a channel (the others leave the counts as they are).
+CHANNEL_EFFECTS = (Subscribe, Unsubscribe, SubscribeChanges, Track, Untrack, Disconnect)
+
+
+def channel_counts(session: Session) -> tuple[int, int, int, int]:
+    """This socket's joined channels per extension (``EXTENSIONS``), and its tracked presence members."""
+    presence = changes = tracked = 0
+    for channel in session.channels.values():
+        presence += channel.config.presence_enabled
+        changes += bool(channel.config.postgres_changes)
+        tracked += channel.tracked
+    return len(session.channels), presence, changes, tracked
+
+
+def count_limit_hit(kind: str) -> None:
+    metrics.limit_hits.labels(kind).inc()
 
 
 def _regex_cost(authorized: AuthorizedBinding) -> int:
@@ -130,11 +154,17 @@ class RealtimeConsumer(AsyncConsumer):
         self.scope = scope
         self.base_send = send
         self.socket_id = uuid.uuid4().hex
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        self.log = SocketLog(logger, self.socket_id, parse_log_level((query.get("log_level") or [None])[0]))
+        self.limits_logged: set[str] = set()  # limit kinds this socket hit (each logged at INFO once)
+        self.join_errors = 0  # the first LOGGED_JOIN_ERRORS are logged at INFO, the rest at DEBUG
         self.session: Session | None = None
         self.writer: SocketWriter | None = None
         self.counted = False  # in this process's socket count
         self.address = ""  # the client's address, as the server reports it
         self.malformed_logged = False
+        self.counts = NO_CHANNELS  # as last added to the channel and presence gauges
+        self.joins_started: dict[tuple[str, str | None], float] = {}  # (topic, ref) of a phx_join -> monotonic time
         started = time.monotonic()
         frames_rate = settings.REALTIME_MAX_FRAMES_PER_SECOND
         bytes_rate = settings.REALTIME_MAX_BYTES_PER_SECOND
@@ -198,9 +228,16 @@ class RealtimeConsumer(AsyncConsumer):
             if not counter.admits(
                 settings.REALTIME_MAX_CONCURRENT_USERS, self.address, settings.REALTIME_MAX_SOCKETS_PER_ADDRESS
             ):
+                per_address = settings.REALTIME_MAX_SOCKETS_PER_ADDRESS
+                full = per_address > 0 and counter.by_address.get(self.address, 0) >= per_address
+                count_limit_hit("sockets_per_address" if full else "concurrent_users")  # the refusal is logged below
                 raise HandshakeRefused(429, "Too many connected users")
         except HandshakeRefused as refusal:
-            logger.info("connect refused status=%s error=%s", refusal.status, refusal.error)
+            metrics.connects_refused.labels(str(refusal.status)).inc()
+            self.log.info(
+                "connect refused status=%s error=%s address=%s", refusal.status, refusal.error,
+                (self.scope.get("client") or ("", 0))[0],
+            )
             await self.refuse(refusal.status, refusal.error)
             return
         self.session = Session(
@@ -211,6 +248,7 @@ class RealtimeConsumer(AsyncConsumer):
         )
         counter.opened(self.address)
         self.counted = True
+        metrics.sockets.inc()
         await self.base_send({"type": "websocket.accept"})
         self.writer = SocketWriter(
             self.base_send, self.scope.get(DIRECT_WRITE), settings.REALTIME_MAX_UNSENT_BYTES, self._on_slow_consumer
@@ -258,12 +296,14 @@ class RealtimeConsumer(AsyncConsumer):
         data = message.get("bytes") if text is None else None
         size = len(text) if text is not None else len(data or b"")
         if size > settings.REALTIME_MAX_FRAME_BYTES:
+            self.limit_hit("frame_bytes")
             await self.close(CLOSE_TOO_BIG)
             return
         now = time.monotonic()
         if not (self.inbound_frames.take(now) and self.inbound_bytes.take(now, size)):
             # Before any decoding: a client over these sends far more than any app does.
-            logger.warning("inbound flood: closing socket=%s", self.socket_id)
+            self.limit_hit("inbound_rate")
+            self.log.warning("inbound flood: closing socket=%s", self.socket_id)
             await self.close(CLOSE_POLICY_VIOLATION)
             return
         try:
@@ -277,8 +317,13 @@ class RealtimeConsumer(AsyncConsumer):
             # Counted by the serializer; one line per socket, so a client cannot flood the log.
             level = logging.DEBUG if self.malformed_logged else logging.INFO
             self.malformed_logged = True
-            logger.log(level, "malformed frame dropped socket=%s reason=%s", self.socket_id, error.message)
+            self.log.log(level, "malformed frame dropped socket=%s reason=%s", self.socket_id, error.message)
             return
+        if msg.event == "phx_join":
+            if len(self.joins_started) >= settings.REALTIME_MAX_CHANNELS_PER_CLIENT:
+                # A join made void by a newer one on its topic gets no reply: forget the oldest.
+                del self.joins_started[next(iter(self.joins_started))]
+            self.joins_started[(msg.topic, msg.ref)] = time.monotonic()
         await self.step(lambda session: session.handle(msg, time.time()), msg.event, msg.topic)
 
     async def step(self, advance: Callable[[Session], list[Effect]], event: str, topic: str) -> None:
@@ -287,9 +332,14 @@ class RealtimeConsumer(AsyncConsumer):
             return
         async with self.step_lock:
             try:
-                await self.run(advance(self.session))
+                effects = advance(self.session)
+                if self.session.limit_hits:
+                    self._limits_hit(self.session.limit_hits)
+                await self.run(effects)
+                if any(isinstance(effect, CHANNEL_EFFECTS) for effect in effects):
+                    self._count_channels()
             except Exception:
-                logger.exception("socket=%s failed on event=%s topic=%s", self.socket_id, event, topic)
+                self.log.exception("socket=%s failed on event=%s topic=%s", self.socket_id, event, topic)
                 await self.close(CLOSE_INTERNAL_ERROR)
 
     async def run(self, effects: list[Effect]) -> None:
@@ -303,7 +353,7 @@ class RealtimeConsumer(AsyncConsumer):
                     await get_publisher().publish(effect.message)
                 except Exception:
                     # The rest of this batch is the ack of this broadcast: not sent.
-                    logger.exception("broadcast publish failed socket=%s", self.socket_id)
+                    self.log.exception("broadcast publish failed socket=%s", self.socket_id)
                     return
             elif isinstance(effect, Subscribe):
                 assert self.writer is not None  # effects come only after the socket was accepted
@@ -346,6 +396,30 @@ class RealtimeConsumer(AsyncConsumer):
                     self.loop.call_later(effect.delay, self.write, effect.message)
         self._schedule_expiry()
 
+    def _limits_hit(self, kinds: list[str]) -> None:
+        for kind in kinds:
+            self.limit_hit(kind)
+        kinds.clear()
+
+    def limit_hit(self, kind: str) -> None:
+        """Count a limit this socket reached; log it, at INFO the first time per kind (a client cannot flood the log)."""
+        count_limit_hit(kind)
+        level = logging.DEBUG if kind in self.limits_logged else logging.INFO
+        self.limits_logged.add(kind)
+        self.log.log(level, "limit reached socket=%s kind=%s", self.socket_id, kind)
+
+    def _count_channels(self) -> None:
+        """Move the channel and presence gauges by what this socket's channels changed."""
+        counts = channel_counts(self.session) if self.session is not None and not self.closed else NO_CHANNELS
+        if counts == self.counts:
+            return
+        for extension, now, before in zip(EXTENSIONS, counts, self.counts):
+            if now != before:
+                metrics.channels.labels(extension).inc(now - before)
+        if counts[3] != self.counts[3]:
+            metrics.presence_members.inc(counts[3] - self.counts[3])
+        self.counts = counts
+
     def _queue_db(self, wanted: Callable[[], bool], work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run database work for this socket, at most REALTIME_MAX_CHECKS_PER_SOCKET at a time.
 
@@ -381,7 +455,7 @@ class RealtimeConsumer(AsyncConsumer):
                 get_database(), check.claims, sub_topic(check.topic), self.policy_headers, check.read, check.write
             )
         except Exception:
-            logger.exception("policy check failed socket=%s topic=%s", self.socket_id, check.topic)
+            self.log.exception("policy check failed socket=%s topic=%s", self.socket_id, check.topic)
             permissions = None
         await self.step(lambda session: session.authorized(check, permissions, time.time()), "authorize", check.topic)
 
@@ -404,7 +478,7 @@ class RealtimeConsumer(AsyncConsumer):
                 await hub.subscribe(replay.group, hold)
                 rows = await replay_rows(get_database(), sub_topic(replay.topic), replay.since, replay.limit)
             except Exception:
-                logger.warning("replay failed socket=%s topic=%s", self.socket_id, replay.topic, exc_info=True)
+                self.log.warning("replay failed socket=%s topic=%s", self.socket_id, replay.topic, exc_info=True)
                 rows = None
             await self.step(lambda session: session.replayed(replay, rows), "replay", replay.topic)
         finally:
@@ -426,7 +500,7 @@ class RealtimeConsumer(AsyncConsumer):
         except BindingError as error:
             self._subscribe_failed(effect, error.message)
         except Exception:
-            logger.exception("postgres_changes subscription failed socket=%s topic=%s", self.socket_id, effect.topic)
+            self.log.exception("postgres_changes subscription failed socket=%s topic=%s", self.socket_id, effect.topic)
             if self._subscribe_failed(effect, "Realtime was unable to connect to the project database"):
                 delay = random.uniform(1.0, 2.0) * settings.REALTIME_SUBSCRIBE_RETRY_MS / 1000
                 self.loop.call_later(delay, self._queue_subscribe, effect)
@@ -457,6 +531,7 @@ class RealtimeConsumer(AsyncConsumer):
         others = sum(c for topic, c in self.regex_costs.items() if topic != effect.topic and topic in self.change_tables)
         budget = settings.REALTIME_MAX_REGEX_COST_PER_SOCKET
         if cost and others + cost > budget:
+            self.limit_hit("regex_cost")
             raise BindingError(
                 f"Too many regular expression filters on this socket: {others + cost} RE2 instructions,"
                 f" at most {budget} across its channels"
@@ -508,7 +583,7 @@ class RealtimeConsumer(AsyncConsumer):
         except BindingError as error:
             self._subscribe_failed(effect, error.message)  # e.g. its table left the publication
         except Exception:
-            logger.warning("publication re-check failed socket=%s topic=%s", self.socket_id, effect.topic, exc_info=True)
+            self.log.warning("publication re-check failed socket=%s topic=%s", self.socket_id, effect.topic, exc_info=True)
 
     async def untrack(self, effect: Untrack) -> None:
         diff = await get_store().untrack(effect.presence_channel, self.socket_id)
@@ -539,11 +614,30 @@ class RealtimeConsumer(AsyncConsumer):
                 return  # topic or event over 255 bytes: no kind 4 frame can carry it
         else:
             frame = {"type": "websocket.send", "text": encode_text(self.vsn, msg)}
+        if msg.event == "phx_reply" and self.joins_started:
+            self._join_answered(msg)
         if not self.writer.write(frame):
             # The peer is gone or too slow; the disconnect event ends this consumer.
-            logger.debug("write to a closed socket=%s", self.socket_id)
+            self.log.debug("write to a closed socket=%s", self.socket_id)
+
+    def _join_answered(self, msg: Message) -> None:
+        started = self.joins_started.pop((msg.topic, msg.ref), None)
+        if started is None:
+            return
+        status = msg.payload.get("status") if isinstance(msg.payload, dict) else None
+        if status == "ok":
+            metrics.joins.labels("ok").inc()
+            metrics.join_seconds.observe(time.monotonic() - started)
+        else:
+            metrics.joins.labels("error").inc()
+            response = msg.payload.get("response") if isinstance(msg.payload, dict) else None
+            reason = response.get("reason") if isinstance(response, dict) else response
+            self.join_errors += 1
+            level = logging.INFO if self.join_errors <= LOGGED_JOIN_ERRORS else logging.DEBUG
+            self.log.log(level, "join refused socket=%s topic=%s reason=%s", self.socket_id, msg.topic, reason)
 
     def _on_slow_consumer(self) -> None:
+        self.log.warning("slow consumer: closing socket=%s (more than %d bytes unsent)", self.socket_id, settings.REALTIME_MAX_UNSENT_BYTES)
         self._spawn(self.close(CLOSE_SLOW_CONSUMER))
 
     async def close(self, code: int) -> None:
@@ -561,7 +655,7 @@ class RealtimeConsumer(AsyncConsumer):
         idle_for = self.loop.time() - self.last_inbound
         limit = settings.REALTIME_IDLE_TIMEOUT_S
         if idle_for >= limit:
-            logger.info("closing idle socket=%s after %.0fs", self.socket_id, idle_for)
+            self.log.info("closing idle socket=%s after %.0fs", self.socket_id, idle_for)
             self._spawn(self.close(1000))
         elif not self.closed:
             self.idle_timer = self.loop.call_later(limit - idle_for, self._check_idle)
@@ -598,6 +692,7 @@ class RealtimeConsumer(AsyncConsumer):
         if self.counted:
             self.counted = False
             get_socket_counter().closed(self.address)
+            metrics.sockets.dec()
         if self.publication_watch is not None:
             self.publication_watch.cancel()
             self.publication_watch = None
@@ -614,3 +709,4 @@ class RealtimeConsumer(AsyncConsumer):
                 elif isinstance(effect, Untrack):
                     # The socket is gone; the others still get its leave.
                     self._spawn(self.untrack(effect))
+        self._count_channels()

@@ -41,6 +41,7 @@ from realtime.protocol.serializer import (
 )
 from realtime.filters.index import BindingIndex
 from realtime.bindings import select_columns
+from shared import metrics
 from realtime.cork import corked
 from core.types import (
     ERROR_UNAUTHORIZED,
@@ -259,6 +260,26 @@ class Frames:
                 self._v2 = frame
         return self._v1 if vsn is Vsn.V1 else self._v2
 
+    def bytes_out(self, written: int, members: tuple[Subscription, ...], origin: str, row_id: str | None) -> int:
+        """The bytes of ``written`` frames of this broadcast, counted once per message instead of per write.
+
+        One shape encoded (every receiver on one vsn, the usual case): exact. Both:
+        the vsn 1 receivers are counted in a second pass (a failed write among them
+        counts as written there).
+        """
+        v1, v2 = self._v1, self._v2
+        if v1 is None or v2 is None:
+            frame = v1 if v1 is not None else v2
+            return written * frame_size(frame) if frame is not None else 0
+        receivers_v1 = sum(
+            1
+            for sub in members
+            if sub.vsn is Vsn.V1 and sub.held is None and (sub.socket_id != origin or sub.self_broadcast)
+            and (row_id is None or row_id not in sub.skip_ids)
+        )
+        receivers_v1 = min(receivers_v1, written)
+        return receivers_v1 * frame_size(v1) + (written - receivers_v1) * frame_size(v2)
+
     def _encode(self, vsn: Vsn) -> dict[str, Any] | None:
         message = self._message
         topic = message["topic"]
@@ -314,8 +335,10 @@ class Hub:
             "realtime.changes": self.realtime_changes,
         }
         self.delivered = 0
+        self.delivered_bytes = 0
         self.failed = 0  # writes that raised, and deliveries skipped because building them raised
         self.loop_errors = 0  # layer messages whose handling raised
+        self._flushed = (0, 0, 0)  # delivered, delivered_bytes, failed as last added to the metrics
 
     # --- membership ------------------------------------------------------
 
@@ -498,7 +521,20 @@ class Hub:
                 await handler(message)
             except Exception:
                 self.loop_errors += 1
+                metrics.hub_loop_errors.inc()
                 logger.exception("hub failed on a %s message; going on with the next one", kind)
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        """Add the deliveries since the last call to the metrics: once per layer message, not per write."""
+        delivered, sent, failed = self.delivered, self.delivered_bytes, self.failed
+        last_delivered, last_sent, last_failed = self._flushed
+        if delivered != last_delivered:
+            metrics.deliveries.inc(delivered - last_delivered)
+            metrics.delivered_bytes.inc(sent - last_sent)
+        if failed != last_failed:
+            metrics.delivery_failures.inc(failed - last_failed)
+        self._flushed = (delivered, sent, failed)
 
     async def realtime_broadcast(self, message: BroadcastMessage) -> None:
         self.deliver(message)
@@ -568,6 +604,7 @@ class Hub:
         frames = Frames(message)
         origin = message["origin"]
         row_id = message.get("id")
+        before = self.delivered
         for sub in group_members:
             if sub.socket_id == origin and not sub.self_broadcast:
                 continue
@@ -578,13 +615,17 @@ class Hub:
                 if sub.held is not None:
                     sub.held.add(row_id, frame)
                 else:
-                    self._write(sub, frame)
+                    self._send(sub, frame)
+        written = self.delivered - before
+        if written:
+            self.delivered_bytes += frames.bytes_out(written, group_members, origin, row_id)
 
     async def deliver_changes(self, run: ChangeRun) -> None:
         """Write each change of a run to every local channel whose bindings it satisfies."""
         route = self._change_groups.get(run["group"])
         if not route:
             return
+        metrics.changes_received.inc(len(run["changes"]))
         grants = self._grants(route)
         rls = run.get("rls", False)
         visible, failed = await self._visibility(route, run) if rls else ({}, {})
@@ -671,7 +712,12 @@ class Hub:
             self._write(sub, frame)
 
     def _write(self, sub: Subscription | ChangeSubscription, frame: dict[str, Any]) -> None:
-        """Write ``frame`` to one socket; a failure costs that socket only."""
+        """Write ``frame`` to one socket and count its bytes; a failure costs that socket only."""
+        if self._send(sub, frame):
+            self.delivered_bytes += frame_size(frame)
+
+    def _send(self, sub: Subscription | ChangeSubscription, frame: dict[str, Any]) -> bool:
+        """Write ``frame`` to one socket, counting the write but not its bytes (``deliver`` counts them per message)."""
         try:
             written = sub.writer.write(frame)
         except Exception:
@@ -681,6 +727,7 @@ class Hub:
             self.delivered += 1
         else:
             self.failed += 1
+        return written
 
     async def _visibility(self, route: TableRoute, run: ChangeRun) -> tuple[dict[str, bytes], dict[str, str]]:
         """Verdicts per claim set for an RLS run: the replicator's, plus checks of the ones it missed.

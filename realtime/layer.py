@@ -28,6 +28,8 @@ from typing import Any
 
 from channels_redis.core import RedisChannelLayer
 
+from shared import metrics
+
 logger = logging.getLogger(__name__)
 
 DROP_LOG_INTERVAL_S = 1.0
@@ -93,6 +95,7 @@ class RealtimeChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels
 
     def _count_drops(self, group: str, full: int) -> None:
         self.dropped += full
+        metrics.layer_drops.inc(full)
         now = time.monotonic()
         unlogged = self._unlogged.pop(group, 0) + full
         if now - self._logged_at.get(group, -DROP_LOG_INTERVAL_S) < DROP_LOG_INTERVAL_S:

@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from shared import metrics
+
 logger = logging.getLogger(__name__)
 
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
@@ -50,6 +52,8 @@ def frame_size(frame: dict[str, Any]) -> int:
 def count_slow_consumer_close() -> None:
     global slow_consumer_closes
     slow_consumer_closes += 1
+    metrics.slow_consumer_closes.inc()
+    metrics.limit_hits.labels("unsent_bytes").inc()
 
 
 class SocketWriter:
@@ -98,7 +102,7 @@ class SocketWriter:
 
     def overflow(self) -> None:
         """Give up on this socket: more is waiting for it than the cap; the consumer closes it (1008)."""
-        logger.warning("slow consumer: %d bytes unsent, closing the socket", self._unsent)
+        logger.debug("slow consumer: %d bytes unsent, closing the socket", self._unsent)  # the consumer logs it
         count_slow_consumer_close()
         self.close()
         self._on_overflow()

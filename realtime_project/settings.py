@@ -125,11 +125,23 @@ SERVESTATIC_USE_FINDERS = not STATIC_ROOT.is_dir()
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("DJANGO_BEHIND_TLS_PROXY", False) else None
 
+# "text" (one line per event) or "json" (one JSON object per line, python-json-logger; a socket's lines
+# carry its socket_id as a field).
+REALTIME_LOG_FORMAT = env_str("REALTIME_LOG_FORMAT", "text")
+if REALTIME_LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f"REALTIME_LOG_FORMAT must be text or json, not {REALTIME_LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json" if REALTIME_LOG_FORMAT == "json" else "plain"}},
     "root": {"handlers": ["console"], "level": env_str("REALTIME_LOG_LEVEL", "INFO")},
     "loggers": {"daphne": {"level": "WARNING"}, "django.channels.server": {"level": "WARNING"}},
 }
@@ -170,6 +182,18 @@ REALTIME_PRESENCE_MAX_CALLS = env_int("REALTIME_PRESENCE_MAX_CALLS", 5)
 REALTIME_PRESENCE_WINDOW_MS = env_int("REALTIME_PRESENCE_WINDOW_MS", 30_000)
 # Connections the kernel queues for the server to accept (daphne via manage.py runserver).
 REALTIME_LISTEN_BACKLOG = env_int("REALTIME_LISTEN_BACKLOG", 2048)
+
+# --- Operations (README "Metrics, health and logs") ---
+# GET /metrics asks for "Authorization: Bearer <this>" when set (empty: open to whoever reaches it).
+REALTIME_METRICS_TOKEN = env_str("REALTIME_METRICS_TOKEN", "")
+# manage.py replicate serves its metrics on this port (0: not at all), on this address.
+REALTIME_REPLICATOR_METRICS_PORT = env_int("REALTIME_REPLICATOR_METRICS_PORT", 0)
+REALTIME_REPLICATOR_METRICS_ADDRESS = env_str("REALTIME_REPLICATOR_METRICS_ADDRESS", "0.0.0.0")
+# prometheus-client's multiprocess mode (README, Metrics): it reads the variable itself; a missing
+# directory would fail at the first metric with a bare FileNotFoundError, so say it here.
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR", "")
+if PROMETHEUS_MULTIPROC_DIR and not Path(PROMETHEUS_MULTIPROC_DIR).is_dir():
+    raise ImproperlyConfigured(f"PROMETHEUS_MULTIPROC_DIR names no directory: {PROMETHEUS_MULTIPROC_DIR!r}; create it (empty) first.")
 
 # --- Limits (README "Limits"): each protects the other clients from one client.
 # Unsent bytes a socket may leave before the server closes it (1008); it holds at most this plus one frame.

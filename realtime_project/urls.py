@@ -4,10 +4,13 @@ from django.contrib import admin
 from django.urls import path
 
 from presence import admin as presence_admin
-from realtime import broadcast_api, views
+from realtime import broadcast_api, health_api, views
 
 urlpatterns = [
     path("healthz", views.healthz),
+    path("metrics", views.prometheus_metrics),
+    path("healthcheck", health_api.liveness),
+    path("api/health", health_api.HealthView.as_view()),
     path("realtime/v1/api/broadcast", broadcast_api.broadcast_batch),
     path("api/broadcast", broadcast_api.broadcast_batch),
     path("realtime/v1/api/broadcast/<str:topic>/events/<str:event>", broadcast_api.broadcast_single),

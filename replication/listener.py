@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 import psycopg
 from channels.layers import BaseChannelLayer
 
+from shared import metrics
 from shared.claimsets import Directory
 from core.types import MEMBERSHIP_CHECK_S, RECEIVE_RETRY_S, ChangeRun, checked_positions, verdict_per_change
 from shared.visibility import RowChecker
@@ -88,6 +90,8 @@ class ListenerStats:
     rls_failures: int = 0  # checks that failed for one claim set (a policy raised or timed out)
     active: bool = False
     last_error: str = ""
+    last_batch_at: float | None = None  # unix time a page of changes was last published
+    lag_seconds: float = 0.0  # commit to publication, of the last transaction published
 
 
 class SlotLoop:
@@ -342,7 +346,23 @@ class Listener(SlotLoop):
         self.stats.published_runs += len(batch.runs)
         self.stats.changes += batch.changes
         self.stats.transactions += batch.transactions
+        self._published(messages, batch.changes, batch.transactions)
         return False, batch.confirm_lsn
+
+    def _published(self, messages: Sequence[Any], changes: int, transactions: int) -> None:
+        """Count a published page in the metrics; the lag of its last commit."""
+        now = time.time()
+        self.stats.last_batch_at = now
+        metrics.replication_last_batch.set(now)
+        if changes:
+            metrics.replication_changes.inc(changes)
+        if transactions:
+            metrics.replication_transactions.inc(transactions)
+        for message in reversed(messages):
+            if isinstance(message, (pgoutput.Commit, pgoutput.StreamCommit)):
+                self.stats.lag_seconds = max(0.0, now - message.commit_time.timestamp())
+                metrics.replication_lag_seconds.set(self.stats.lag_seconds)
+                break
 
     async def _check_rows(self, runs: list[ChangeRun]) -> None:
         """Attach to each RLS run which of its changes each subscribed claim set may see."""

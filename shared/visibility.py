@@ -57,6 +57,7 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
+from shared import metrics
 from shared.database import check_timeout_ms, connection_lost
 from core.jwt import Claims
 
@@ -223,6 +224,7 @@ class RowChecker:
         prepared_again = False
         while start < len(order):
             batch = order[start:]
+            started = time.perf_counter()
             try:
                 answer = await self._call(conn, lookup, argument, [pending[c] for c in batch], len(keys), own_connection)
             except psycopg.Error as error:
@@ -236,6 +238,8 @@ class RowChecker:
                 break
             finally:
                 self.queries += 1
+                metrics.rls_queries.inc()
+                metrics.rls_query_seconds.observe(time.perf_counter() - started)
             first = answer.errors.get(0)
             if first is not None and first[0] == MISSING_STATEMENT and not prepared_again:
                 # The session lost the prepared lookup (psycopg sends DEALLOCATE ALL after a ROLLBACK

@@ -346,6 +346,8 @@ class Session:
     events: RateWindow = field(init=False)
     presence_events: RateWindow = field(init=False)
     disconnecting: bool = False  # over the join rate: everything after is ignored
+    # Kinds of the limits reached since the glue last emptied this (metrics and logs; README, Limits).
+    limit_hits: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         window = self.limits.rate_window
@@ -378,8 +380,10 @@ class Session:
         # Counted as it arrives, held or not (PROTOCOL.md 8).
         if msg.event == "presence":
             if self.presence_events.hit(now):
+                self.limit_hits.append("presence_events_per_second")
                 return self._end_all("Too many presence messages per second")
         elif self.events.hit(now):
+            self.limit_hits.append("events_per_second")
             return self._end_all("Too many messages per second")
         return self._push(channel, msg, now)
 
@@ -388,6 +392,7 @@ class Session:
         if channel.checking is not None:
             # Held until the channel's policy check is answered, so pushes keep their order.
             if len(channel.deferred) >= self.limits.max_held_pushes:
+                self.limit_hits.append("held_pushes")
                 return self._end(channel, "Too many messages waiting for this channel's authorization")
             channel.deferred.append((msg, now))
             return []
@@ -463,6 +468,7 @@ class Session:
     def _counted(self, now: float, effects: list[Effect]) -> list[Effect]:
         """``effects`` of a push that counts toward the events rate, or the end of every channel past it."""
         if self.events.hit(now):
+            self.limit_hits.append("events_per_second")
             return self._end_all("Too many messages per second")
         return effects
 
@@ -483,6 +489,7 @@ class Session:
     def _too_many_joins(self, msg: Message) -> list[Effect]:
         """PROTOCOL.md 3.2: the join is refused, then the socket is closed."""
         self.disconnecting = True
+        self.limit_hits.append("joins_per_second")
         reason = "ClientJoinRateLimitReached: Too many joins per second"
         return [Send(_reply(msg, "error", {"reason": reason})), Disconnect(CLOSE_GOING_AWAY)]
 
@@ -591,12 +598,14 @@ class Session:
             raise JoinRefused(*TOPIC_TOO_LONG)
         if len(config.postgres_changes) > self.limits.max_bindings:
             # Before any binding is hashed for the reply or checked in the database.
+            self.limit_hits.append("bindings_per_channel")
             raise JoinRefused(
                 "InvalidJoinPayload", f"Too many postgres_changes bindings: at most {self.limits.max_bindings} per channel"
             )
         if self.limits.private_only and not config.private:
             raise JoinRefused("PrivateOnly", "This project only allows private channels")
         if topic not in self.channels and len(self.channels.keys() | self.pending_joins.keys()) >= self.limits.max_channels:
+            self.limit_hits.append("channels_per_client")
             raise JoinRefused("ChannelRateLimitReached", "Too many channels")
         claims, token = self.claims, self.token
         access_token = config.access_token
@@ -672,6 +681,7 @@ class Session:
                 return []  # PROTOCOL.md 5.1: dropped without a reply, even with ack
         ack = channel.config.broadcast_ack
         if size > self.limits.max_payload_bytes:
+            self.limit_hits.append("payload_size")
             # PROTOCOL.md 5.1: dropped; the error reply's response is a bare string.
             return [Send(_reply(msg, "error", "payload_size_exceeded"))] if ack else []
         effects: list[Effect] = [Publish(channel.group, message)]
@@ -688,6 +698,7 @@ class Session:
             if check is not None:
                 return check
         if self._presence_calls(channel.topic, now) > self.limits.presence_max_calls:
+            self.limit_hits.append("presence_calls")
             return self._end(channel, "Client presence rate limit exceeded")
         if event == "track":
             if channel.config.private and not channel.write[Extension.PRESENCE]:
@@ -698,6 +709,7 @@ class Session:
                 return [Send(_reply(msg, "error", {"reason": "Presence track payload must be a map"}))]
             size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
             if size > self.limits.max_payload_bytes:
+                self.limit_hits.append("payload_size")
                 return self._end(channel, "Track message size exceeded")
             channel.tracked = True
             return [Track(channel.group, channel.topic, channel.presence_channel, channel.presence_key, payload, _reply(msg, "ok", {}))]

@@ -16,9 +16,11 @@ from redis.asyncio import Redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from shared import metrics
 from shared.claimsets import Directory
 from replication.broadcast_listener import BroadcastListener, messages_slot
 from replication.listener import Listener
+from replication.status import StatusReporter
 
 logger = logging.getLogger("replication")
 
@@ -68,17 +70,27 @@ class Command(BaseCommand):
                 max_per_second=settings.REALTIME_MAX_DB_BROADCASTS_PER_SECOND,
                 streaming=options["read"] == "stream",
             )
+        port = settings.REALTIME_REPLICATOR_METRICS_PORT
+        if port:
+            from prometheus_client import start_http_server
+
+            try:
+                start_http_server(port, addr=settings.REALTIME_REPLICATOR_METRICS_ADDRESS, registry=metrics.REPLICATOR)
+            except OSError as error:
+                raise CommandError(f"cannot serve metrics on port {port}: {error.strerror}") from None
+            logger.info("metrics on http://%s:%d/metrics", settings.REALTIME_REPLICATOR_METRICS_ADDRESS, port)
         asyncio.run(self._run(listener, broadcasts))
 
     async def _run(self, listener: Listener, broadcasts: BroadcastListener | None) -> None:
         redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=15)
         listener.directory = Directory(redis, settings.REALTIME_REDIS_PREFIX)
+        reporter = StatusReporter(listener, settings.DATABASE_URL, redis, settings.REALTIME_REDIS_PREFIX)
         try:
-            await self._serve(listener, broadcasts)
+            await self._serve(listener, broadcasts, reporter)
         finally:
             await redis.aclose()
 
-    async def _serve(self, listener: Listener, broadcasts: BroadcastListener | None) -> None:
+    async def _serve(self, listener: Listener, broadcasts: BroadcastListener | None, reporter: StatusReporter) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
@@ -92,7 +104,9 @@ class Command(BaseCommand):
             loop.add_signal_handler(sig, request_stop)
         try:
             # Both slots in one process, each advanced only after its own publishing.
-            await asyncio.gather(listener.run(stop), *([broadcasts.run(stop)] if broadcasts is not None else []))
+            await asyncio.gather(
+                listener.run(stop), reporter.run(stop), *([broadcasts.run(stop)] if broadcasts is not None else [])
+            )
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)

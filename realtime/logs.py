@@ -1,0 +1,52 @@
+"""Per-socket logging: the socket's id on every line, and the ``log_level`` the client asked for.
+
+A client may pass ``log_level`` at connect (``info``, ``warning``, ``error``;
+PROTOCOL.md 1: server logging only). As in the reference, which sets it as the
+log level of the socket's own process, it is the level of that socket's lines:
+with ``error`` its refused joins and limit hits (INFO) are not logged. It can
+only quiet a socket: a line is written only if the server's own level
+(``REALTIME_LOG_LEVEL``) lets it through too, since the key that opens a socket
+is public and no client may make the server log more than its operator chose.
+
+``SocketLog`` adds ``socket_id`` (and, where given, ``topic``) to each record,
+which ``REALTIME_LOG_FORMAT=json`` writes as fields of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from typing import Any
+
+# What clients send (supabase-js passes its ``log_level`` option through), by name; others are ignored.
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "notice": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+def parse_log_level(value: str | None) -> int | None:
+    """The level a ``log_level`` connect parameter names; None when absent or unknown (no per-socket level)."""
+    if not value:
+        return None
+    return LEVELS.get(value.strip().lower())
+
+
+class SocketLog(logging.LoggerAdapter):  # type: ignore[type-arg]  # generic only in typeshed
+    """A logger for one socket's lines, at or above the level its client asked for."""
+
+    def __init__(self, logger: logging.Logger, socket_id: str, level: int | None = None) -> None:
+        super().__init__(logger, {"socket_id": socket_id})
+        self.floor = level if level is not None else logging.NOTSET
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level >= self.floor and self.logger.isEnabledFor(level)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return msg, kwargs
