@@ -206,7 +206,16 @@ class SlotLoop:
                     checked = loop.time()
                 if not rows:
                     continue
-                stopped, committed = await self._page(reader, decoder, rows, stop)
+                # The server drops a stream that says nothing for wal_sender_timeout (60 s): a page
+                # that takes long (paced, slow checks, Redis recovering) keeps reporting meanwhile,
+                # or its confirm would be lost and the page published again, each time.
+                alive = asyncio.ensure_future(stream.keep_alive())
+                try:
+                    stopped, committed = await self._page(reader, decoder, rows, stop)
+                finally:
+                    alive.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await alive
                 if stopped:
                     return
                 if committed is not None:

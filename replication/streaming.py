@@ -210,6 +210,12 @@ class SlotStream:
         await self._flush()
         self._sent, self._sent_at = position, loop.time()
 
+    async def keep_alive(self) -> None:
+        """Report the (unchanged) position every ``STATUS_EVERY_S`` until cancelled: while a page is published."""
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            await self.send_status(force=True)
+
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
