@@ -1,6 +1,7 @@
 """Run each supabase-js end-to-end file (tests/e2e/js/*.test.mjs) against a live server.
 
-One pytest test per file: ``node --test <file>`` with SUPABASE_URL, ANON_KEY,
+One pytest test per file, the files running side by side (``node_runs``):
+``node --test <file>`` with SUPABASE_URL, ANON_KEY,
 SERVICE_KEY and JWT_SECRET in its environment, from tests/e2e/js. A session
 replicator (``tests.fixtures.replicator``) streams the database to the same
 Redis as the server; the files reach the database through ``PYTHON``
@@ -22,6 +23,8 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,10 @@ pytestmark = pytest.mark.e2e
 JS_DIR = Path(__file__).resolve().parent / "js"
 JS_FILES = sorted(JS_DIR.glob("*.test.mjs"))
 NODE_TIMEOUT_S = 120
+# Files run side by side; each mostly waits on the server.
+NODE_CONCURRENCY = 4
+# Started first so that the run ends soon after them.
+SLOWEST_FIRST = ("postgres_changes.test.mjs", "auth.test.mjs", "private.test.mjs", "connect.test.mjs")
 NPM_CI_TIMEOUT_S = 300
 SUMMARY_LINE = re.compile(r"^\u2139 (tests|pass|fail|cancelled|skipped|todo) (\d+)$", re.MULTILINE)
 SUPABASE_JS = JS_DIR / "node_modules" / "@supabase" / "supabase-js" / "package.json"
@@ -155,16 +162,21 @@ def test_js_suite_is_not_empty() -> None:
     assert JS_FILES, f"no *.test.mjs files in {JS_DIR}"
 
 
-@pytest.mark.timeout(NODE_TIMEOUT_S + 60)
-@pytest.mark.parametrize("js_file", JS_FILES, ids=[path.name for path in JS_FILES])
-def test_supabase_js(
-    js_file: Path,
+@pytest.fixture(scope="module")
+def node_runs(
     realtime_server: ServerProcess,
     replicator: ReplicatorProcess,
     anon_key: str,
     service_key: str,
     node_modules: Path,
-) -> None:
+) -> Iterator[dict[Path, Future[NodeRun]]]:
+    """Every file started at once, ``NODE_CONCURRENCY`` at a time, longest first.
+
+    The files mostly wait on the server (quiet periods, backoffs), so running
+    them side by side takes about as long as the longest file, not their sum.
+    They share nothing but the server and the replicator: each makes its own
+    topics and tables (``uniqueTopic``, unique table names).
+    """
     mismatched = [name for name in SHARED_ENV if realtime_server.env.get(name) != replicator.env.get(name)]
     assert not mismatched, f"server and replicator disagree on {mismatched}"
     env = {
@@ -177,8 +189,24 @@ def test_supabase_js(
         "PYTHON": sys.executable,
         "NO_COLOR": "1",
     }
+    order = sorted(JS_FILES, key=lambda path: (path.name not in SLOWEST_FIRST, path.name))
+    with ThreadPoolExecutor(max_workers=NODE_CONCURRENCY, thread_name_prefix="node") as pool:
+        runs = {js_file: pool.submit(run_node, js_file, env) for js_file in order}
+        yield runs
+        for run in runs.values():
+            run.cancel()
+
+
+@pytest.mark.timeout(NODE_TIMEOUT_S * (1 + len(JS_FILES) // NODE_CONCURRENCY) + 60)
+@pytest.mark.parametrize("js_file", JS_FILES, ids=[path.name for path in JS_FILES])
+def test_supabase_js(
+    js_file: Path,
+    node_runs: dict[Path, Future[NodeRun]],
+    realtime_server: ServerProcess,
+    replicator: ReplicatorProcess,
+) -> None:
     try:
-        run = run_node(js_file, env)
+        run = node_runs[js_file].result()
     except subprocess.TimeoutExpired as exc:
         output = exc.stdout.decode("utf-8", "replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
         pytest.fail(
