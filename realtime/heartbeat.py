@@ -38,14 +38,14 @@ def snapshot(now: float) -> servers.ServerStatus:
     )
 
 
-async def beat_once() -> None:
-    await servers.publish(get_redis(), settings.REALTIME_REDIS_PREFIX, snapshot(time.time()))
+async def beat_once(redis: Any) -> None:
+    await servers.publish(redis, settings.REALTIME_REDIS_PREFIX, snapshot(time.time()))
 
 
 async def _beat_forever(stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            await beat_once()
+            await beat_once(get_redis())
         except Exception as error:  # noqa: BLE001  (Redis down: the page shows the process once it is back)
             logger.debug("server numbers not written to Redis: %s", error)
         try:
