@@ -156,3 +156,49 @@ def test_a_missing_replicator_is_shown_down(admin_client) -> None:
     response = admin_client.get("/admin/realtime/status/")
     assert response.context["replicator"]["status"] == "down"
     assert "no active replicator wrote its state" in response.content.decode()
+
+
+async def test_with_a_shared_multiprocess_directory_each_process_reports_its_own_numbers(tmp_path) -> None:
+    """``/metrics`` sums the processes (multiprocess mode); the status page's snapshots stay per process."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    from tests.fixtures.server import mint_token, start_server
+    from tests.integration.test_operations import join, scrape
+
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    first, second = start_server(env=env), start_server(env=env)
+    try:
+        token = mint_token("anon")
+        url = "{}?apikey=" + token + "&vsn=2.0.0"
+        async with (
+            connect(url.format(first.ws_url)) as a1, connect(url.format(first.ws_url)) as a2,
+            connect(url.format(second.ws_url)) as b,
+        ):
+            for ws, topic in ((a1, "a1"), (a2, "a2"), (b, "b")):
+                assert (await join(ws, f"realtime:status-multi-{topic}", "1"))["status"] == "ok"
+            assert scrape(first.url + "/metrics", None)["realtime_sockets"] == 3
+            names = {f"{servers_host()}:{first.pid}": 2.0, f"{servers_host()}:{second.pid}": 1.0}
+            deadline = time.monotonic() + 3 * servers.BEAT_EVERY_S + 2
+            while True:
+                redis = Redis.from_url(settings.REDIS_URL)
+                try:
+                    found = {s.name: s for s in await servers.read_servers(redis, PREFIX, time.time())}
+                finally:
+                    await redis.aclose()
+                got = {name: found[name].number("realtime_sockets") for name in names if name in found}
+                if got == names or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.3)
+            assert got == names
+            assert found[f"{servers_host()}:{first.pid}"].number('realtime_joins_total{status="ok"}') == 2
+    finally:
+        first.stop()
+        second.stop()
+
+
+def servers_host() -> str:
+    import socket
+
+    return socket.gethostname()
