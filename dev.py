@@ -308,6 +308,40 @@ def npm_ci_if_needed() -> None:
     os.utime(modules)
 
 
+# The admin's browser test (tests/browser) drives these Debian packages; dev.py test installs them when missing.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+BROWSER_PACKAGES = ("chromium", "chromium-driver")
+
+
+def only_unit_tests(pytest_args: Sequence[str]) -> bool:
+    """Whether the run names paths and all of them are under tests/unit (no browser needed then)."""
+    paths = [arg for arg in pytest_args if not arg.startswith("-") and (ROOT / arg.split("::")[0]).exists()]
+    return bool(paths) and all(Path(path).resolve().is_relative_to(ROOT / "tests" / "unit") for path in paths)
+
+
+def chromium_if_needed(pytest_args: Sequence[str]) -> None:
+    """apt-get install chromium and chromium-driver when either is missing.
+
+    A failed install does not stop the run: the browser test then fails
+    (never skips), naming the missing binary.
+    """
+    if (CHROMIUM.exists() and CHROMEDRIVER.exists()) or only_unit_tests(pytest_args):
+        return
+    apt = shutil.which("apt-get")
+    if apt is None:
+        say(f"{CHROMIUM} or {CHROMEDRIVER} is missing and there is no apt-get: the browser test will fail")
+        return
+    say(f"installing {' '.join(BROWSER_PACKAGES)} for the browser test (apt-get)")
+    install = [apt, "install", "-y", "--no-install-recommends", *BROWSER_PACKAGES]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(install, env=env, stdin=subprocess.DEVNULL).returncode != 0:
+        # The package lists may be missing or stale on a fresh machine.
+        subprocess.run([apt, "update"], env=env, stdin=subprocess.DEVNULL)
+        if subprocess.run(install, env=env, stdin=subprocess.DEVNULL).returncode != 0:
+            say("apt-get install chromium chromium-driver failed: the browser test will fail")
+
+
 def run_mypy() -> int:
     """mypy as pyproject.toml configures it (strict, its packages); 0 when they type-check."""
     say("mypy (strict; see [tool.mypy] in pyproject.toml)")
@@ -331,6 +365,7 @@ def cmd_test(args: Sequence[str]) -> int:
     if layered != 0:
         return fail("lint-imports found a broken import contract; pytest was not run", layered)
     npm_ci_if_needed()
+    chromium_if_needed(pytest_args)
     # The services and test defaults come from the pytest plugin tests.fixtures.services,
     # which starts the embedded servers only when a test that is not marked unit runs.
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -22,11 +22,13 @@ from django.conf import settings  # noqa: E402
 
 from realtime.bodylimit import BodyLimit  # noqa: E402
 from realtime.consumer import RealtimeConsumer  # noqa: E402
+from realtime.heartbeat import WithHeartbeat  # noqa: E402
 
 websocket_consumer = RealtimeConsumer.as_asgi()
 GC_THRESHOLD_0 = 20_000
 
-application = ProtocolTypeRouter(
+# Every process writes its numbers to Redis for the admin's status page from its first connection.
+application = WithHeartbeat(ProtocolTypeRouter(
     {
         "http": BodyLimit(django_application, settings.REALTIME_MAX_REST_BODY_BYTES),
         "websocket": URLRouter(
@@ -37,7 +39,7 @@ application = ProtocolTypeRouter(
             ]
         ),
     }
-)
+))
 
 # Everything loaded so far lives as long as the process. Moving it out of the
 # collector's generations keeps full collections from scanning it on the

@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.urls import path
 
 from presence import admin as presence_admin
-from realtime import broadcast_api, health_api, views
+from realtime import admin_status, broadcast_api, health_api, views
 
 urlpatterns = [
     path("healthz", views.healthz),
@@ -16,5 +16,6 @@ urlpatterns = [
     path("realtime/v1/api/broadcast/<str:topic>/events/<str:event>", broadcast_api.broadcast_single),
     path("api/broadcast/<str:topic>/events/<str:event>", broadcast_api.broadcast_single),
     *presence_admin.urls(),
+    path("admin/realtime/status/", admin.site.admin_view(admin_status.status_page), name="realtime-status"),
     path("admin/", admin.site.urls),
 ]

@@ -18,6 +18,7 @@ from psycopg import sql
 
 from realtime.authorization import close_database
 from realtime.dbsetup import SETUP_SQL
+from realtime.heartbeat import close_heartbeat
 from realtime.hub import close_hub
 from tests.fixtures.server import mint_token
 from realtime.presence import close_store
@@ -135,6 +136,7 @@ async def connect() -> AsyncIterator[Any]:
     for communicator in opened:
         await communicator.disconnect()
     await close_hub()
+    await close_heartbeat()
     await close_database()
     await close_store()
     close_publisher()
