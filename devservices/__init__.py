@@ -13,6 +13,7 @@ package (``pyproject.toml``'s import contracts hold it to that).
 - ``services``: ``ensure_services`` / ``stop_services`` / ``status``, what dev.py and the tests call
 - ``cli``: ``python -m devservices start|stop|status``
 
-Importing the package imports nothing but the standard library; the wheels
-and redis-py are needed only once a server is started or reached.
+The package and ``cli`` import only the standard library, so a bare
+``python3 -m devservices`` runs (and re-executes under ``.venv``); ``redis``
+imports redis-py, and the two wheels are located only when a server starts.
 """
