@@ -129,11 +129,11 @@ def bootstrap() -> None:
 
 def prepare_environment() -> None:
     """Start embedded services for unset URLs and default JWT_SECRET."""
-    from realtime_project import embedded
+    from devservices import checkout, services
 
     try:
-        additions = embedded.ensure_services(os.environ)
-    except embedded.EmbeddedServiceError as exc:
+        additions = services.ensure_services(os.environ)
+    except services.EmbeddedServiceError as exc:
         raise SystemExit(fail(str(exc))) from None
     for name in ("DATABASE_URL", "REDIS_URL"):
         if name in additions:
@@ -142,8 +142,8 @@ def prepare_environment() -> None:
         else:
             say(f"{name} taken from the environment")
     if not os.environ.get("JWT_SECRET"):
-        os.environ["JWT_SECRET"] = embedded.DEV_JWT_SECRET
-        say(f"JWT_SECRET unset: using the development default {embedded.DEV_JWT_SECRET!r}")
+        os.environ["JWT_SECRET"] = checkout.DEV_JWT_SECRET
+        say(f"JWT_SECRET unset: using the development default {checkout.DEV_JWT_SECRET!r}")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
@@ -267,12 +267,12 @@ def cmd_run(args: Sequence[str]) -> int:
         return fail(f"unexpected arguments {' '.join(args)!r}\n{USAGE}", 2)
     bootstrap()
     prepare_environment()
-    from realtime_project import embedded
+    from devservices import checkout, services
 
     # Without an address: 127.0.0.1:8000, or this checkout's own port when another checkout serves there.
     try:
-        address = args[0] if args else f"127.0.0.1:{embedded.http_port()}"
-    except embedded.EmbeddedServiceError as exc:
+        address = args[0] if args else f"127.0.0.1:{checkout.http_port()}"
+    except services.EmbeddedServiceError as exc:
         return fail(str(exc))
     if not MANAGE.exists():
         return fail("manage.py is missing")
@@ -394,11 +394,11 @@ def cmd_test(args: Sequence[str]) -> int:
 
 
 def stop_services() -> int:
-    from realtime_project import embedded
+    from devservices import services
 
     try:
-        embedded.stop_services()
-    except embedded.EmbeddedServiceError as exc:
+        services.stop_services()
+    except services.EmbeddedServiceError as exc:
         return fail(str(exc))
     say("embedded PostgreSQL and Redis stopped")
     return 0

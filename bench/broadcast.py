@@ -860,9 +860,9 @@ def report_server_log(path: Path, label: str) -> None:
 
 def redis_pid() -> int | None:
     try:
-        from realtime_project import embedded
+        from devservices import redis
 
-        pid = embedded.redis_pid()
+        pid = redis.redis_pid()
         return int(pid) if pid else None
     except Exception:
         return None
@@ -1141,7 +1141,7 @@ def service_env() -> dict[str, str]:
     if not (env.get("DATABASE_URL") and env.get("REDIS_URL")):
         sys.path.insert(0, str(REPO))
         try:
-            from realtime_project.embedded import ensure_services
+            from devservices.services import ensure_services
         except ImportError:
             ensure_services = None
         if ensure_services is not None:

@@ -572,11 +572,10 @@ class Hub:
         """Whether Redis no longer lists this process in one of its groups (all go at once in a restart)."""
         if not self._joined or self._channel_name is None:
             return False
-        group = next(iter(self._joined))
-        # channels_redis keeps a group's members in a sorted set (_group_key); its API has no lookup.
-        layer: Any = self._layer
-        async with layer.connection(layer.consistent_hash(group)) as connection:
-            return await connection.zscore(layer._group_key(group), self._channel_name) is None
+        has_member = getattr(self._layer, "has_member", None)  # realtime.layer; channels' layers have no lookup
+        if has_member is None:
+            return False
+        return not await has_member(next(iter(self._joined)), self._channel_name)
 
     async def _refresh_all(self) -> None:
         assert self._channel_name is not None

@@ -12,9 +12,15 @@ A member of a group stays until ``group_expiry`` seconds after its last
 stop receiving within that time; ``refresh_groups`` is how the live processes
 re-add theirs (``realtime.hub``), one pipeline for many groups.
 
-channels_redis 4.3 has no public way to learn how many inboxes were full:
-``count_full_inboxes`` reads it from the result of ``group_send``'s Lua
-script, and ``tests/unit/test_layer.py`` fails if channels_redis changes that.
+This is the one module that relies on channels_redis' internals, which its
+public API has no equivalent for; ``tests/unit/test_layer.py`` fails if an
+upgrade changes one of them:
+
+- how many inboxes were full: ``count_full_inboxes`` reads it from the result
+  of ``group_send``'s Lua script (``self.connection(index).eval``);
+- where a group's members are: a sorted set at ``_group_key(group)`` on the
+  host ``consistent_hash(group)``, scored by the time of the ``group_add``,
+  which ``refresh_groups`` and ``has_member`` read and write.
 """
 
 from __future__ import annotations
@@ -111,6 +117,11 @@ class RealtimeChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels
             self.capacity,
             self.dropped,
         )
+
+    async def has_member(self, group: str, channel: str) -> bool:
+        """Whether Redis lists ``channel`` in ``group`` (the hub's check that Redis kept its memberships)."""
+        connection = self.connection(self.consistent_hash(group))
+        return await connection.zscore(self._group_key(group), channel) is not None
 
     async def refresh_groups(self, groups: Iterable[str], channel: str) -> None:
         """Re-add ``channel`` to every group (as ``group_add`` does) and drop members past ``group_expiry``.

@@ -56,6 +56,7 @@ from twisted.internet import reactor, tcp
 
 from realtime import cork
 from core.rates import TokenBucket
+from realtime.twisted_buffer import has_unsent, unsent_bytes
 from realtime.writer import CLOSE_SLOW_CONSUMER, count_slow_consumer_close
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
             logger.warning("ping flood: closing the socket peer=%s", self.peer)
             self.transport.abortConnection()
             return
-        if twisted_buffered(self.transport) > _max_unsent():
+        if unsent_bytes(self.transport) > _max_unsent():
             return  # no pong for a peer that does not read
         super().onPing(payload)
 
@@ -175,8 +176,8 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
             return  # closing for its unsent bytes: later frames are dropped
         transport = self.transport
         # Only a connection with bytes already waiting can be over the cap: the usual case
-        # (nothing waiting) costs two attribute reads per frame.
-        if type(transport) is tcp.Server and (transport.dataBuffer or transport._tempDataBuffer) and self._over_unsent():
+        # (nothing waiting) costs a call and two attribute reads per frame.
+        if has_unsent(transport) and self._over_unsent():
             return
         self._send_frame(content, binary)
 
@@ -224,7 +225,7 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
         transport = self.transport
         if transport.disconnecting:
             return
-        if transport.dataBuffer or transport._tempDataBuffer:
+        if has_unsent(transport):
             transport.write(data)  # keep order behind what is already queued
             return
         try:
@@ -245,7 +246,7 @@ class RealtimeWebSocketProtocol(ws_protocol.WebSocketProtocol):
         Checked before each frame, so a connection holds at most the cap plus
         one frame, and one large frame to a socket that reads is never refused.
         """
-        unsent = twisted_buffered(self.transport)
+        unsent = unsent_bytes(self.transport)
         if unsent <= _max_unsent():
             return False
         self._slow = True
@@ -291,16 +292,6 @@ MAX_PINGS_PER_S = 10
 
 # Seconds a slow peer has to read what is queued and the close frame before the connection is aborted.
 SLOW_CLOSE_GRACE_S = 2.0
-
-
-def twisted_buffered(transport: Any) -> int:
-    """Bytes a plain TCP transport holds that the kernel has not taken (Twisted's private write buffer).
-
-    Other transports (TLS) report 0: serve TLS from a proxy in front to have the cap.
-    """
-    if type(transport) is not tcp.Server:
-        return 0
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 _max_unsent_bytes: int | None = None

@@ -368,7 +368,7 @@ class Listener(SlotLoop):
         if transactions:
             metrics.replication_transactions.inc(transactions)
         for message in reversed(messages):
-            if isinstance(message, (pgoutput.Commit, pgoutput.StreamCommit)):
+            if isinstance(message, pgoutput.Commit):
                 self.stats.lag_seconds = max(0.0, now - message.commit_time.timestamp())
                 metrics.replication_lag_seconds.set(self.stats.lag_seconds)
                 break

@@ -3,11 +3,10 @@
 This module owns the "Logical Replication Message Formats" of the PostgreSQL
 docs as ``pgoutput`` sends them in each ``XLogData`` payload: protocol version 1
 (Begin, Commit, Origin, Relation, Type, Insert, Update, Delete, Truncate, and
-logical decoding Message with ``messages 'true'``) and the version 2 streaming
-additions (Stream Start/Stop/Commit/Abort, and the xid that prefixes the
-Relation, Type, Insert, Update, Delete, Truncate and Message bodies between a
-Stream Start and its Stream Stop). Anything else (protocol 3 two-phase
-messages, a future message) decodes to :class:`Unsupported`.
+logical decoding Message with ``messages 'true'``), the protocol the
+replicator asks for. Anything else (protocol 2 streamed transactions, which
+the server sends only with ``streaming 'on'``, protocol 3 two-phase messages,
+a future message) decodes to :class:`Unsupported`.
 
 :func:`decode_message` takes untrusted bytes and raises only
 :class:`~replication.errors.DecodeError` (truncated or corrupt input).
@@ -48,7 +47,6 @@ __all__ = [
     "Begin",
     "ColumnInfo",
     "Commit",
-    "Decoder",
     "Delete",
     "Insert",
     "Message",
@@ -60,10 +58,6 @@ __all__ = [
     "RelationCache",
     "RelationColumn",
     "ReplicaIdentity",
-    "StreamAbort",
-    "StreamCommit",
-    "StreamStart",
-    "StreamStop",
     "Truncate",
     "TruncateOptions",
     "TupleData",
@@ -238,7 +232,6 @@ class Relation:
     name: str
     replica_identity: ReplicaIdentity
     columns: tuple[RelationColumn, ...]
-    xid: int | None = None  # only inside a streamed transaction (protocol 2)
 
     @property
     def schema(self) -> str:
@@ -253,7 +246,6 @@ class Type:
     oid: int
     namespace: str
     name: str
-    xid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +254,6 @@ class Insert:
 
     relation_oid: int
     new: TupleData
-    xid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +268,6 @@ class Update:
     old_kind: OldTupleKind | None
     old: TupleData | None
     new: TupleData
-    xid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +277,6 @@ class Delete:
     relation_oid: int
     old_kind: OldTupleKind
     old: TupleData
-    xid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +285,6 @@ class Truncate:
 
     options: TruncateOptions
     relation_oids: tuple[int, ...]
-    xid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,44 +295,6 @@ class Message:
     lsn: int
     prefix: str
     content: bytes
-    xid: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StreamStart:
-    """``'S'`` (protocol 2): a chunk of in-progress transaction ``xid`` follows."""
-
-    xid: int
-    first_segment: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StreamStop:
-    """``'E'`` (protocol 2): the current chunk of streamed changes ends."""
-
-
-@dataclass(frozen=True, slots=True)
-class StreamCommit:
-    """``'c'`` (protocol 2): streamed transaction ``xid`` committed."""
-
-    xid: int
-    flags: int
-    commit_lsn: int
-    end_lsn: int
-    commit_time: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class StreamAbort:
-    """``'A'`` (protocol 2): streamed (sub)transaction ``subxid`` of ``xid`` rolled back.
-
-    ``abort_lsn`` and ``abort_time`` come only with protocol 4 parallel streaming.
-    """
-
-    xid: int
-    subxid: int
-    abort_lsn: int | None = None
-    abort_time: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,10 +319,6 @@ PgoutputMessage: TypeAlias = (
     | Delete
     | Truncate
     | Message
-    | StreamStart
-    | StreamStop
-    | StreamCommit
-    | StreamAbort
     | Unsupported
 )
 
@@ -477,24 +423,19 @@ def _tuple(reader: _Reader) -> TupleData:
     return tuple(values)
 
 
-def _xid(reader: _Reader, in_stream: bool) -> int | None:
-    return reader.u32() if in_stream else None
-
-
-def _begin(r: _Reader, in_stream: bool) -> Begin:
+def _begin(r: _Reader) -> Begin:
     return Begin(final_lsn=r.u64(), commit_time=r.time(), xid=r.u32())
 
 
-def _commit(r: _Reader, in_stream: bool) -> Commit:
+def _commit(r: _Reader) -> Commit:
     return Commit(flags=r.u8(), commit_lsn=r.u64(), end_lsn=r.u64(), commit_time=r.time())
 
 
-def _origin(r: _Reader, in_stream: bool) -> Origin:
+def _origin(r: _Reader) -> Origin:
     return Origin(commit_lsn=r.u64(), name=r.string())
 
 
-def _relation(r: _Reader, in_stream: bool) -> Relation:
-    xid = _xid(r, in_stream)
+def _relation(r: _Reader) -> Relation:
     oid = r.u32()
     namespace = r.string()
     name = r.string()
@@ -512,25 +453,22 @@ def _relation(r: _Reader, in_stream: bool) -> Relation:
                 is_key=bool(flags & 1), name=r.string(), type_oid=r.u32(), type_modifier=r.i32()
             )
         )
-    return Relation(oid, namespace, name, identity, tuple(columns), xid)
+    return Relation(oid, namespace, name, identity, tuple(columns))
 
 
-def _type(r: _Reader, in_stream: bool) -> Type:
-    xid = _xid(r, in_stream)
-    return Type(oid=r.u32(), namespace=r.string(), name=r.string(), xid=xid)
+def _type(r: _Reader) -> Type:
+    return Type(oid=r.u32(), namespace=r.string(), name=r.string())
 
 
-def _insert(r: _Reader, in_stream: bool) -> Insert:
-    xid = _xid(r, in_stream)
+def _insert(r: _Reader) -> Insert:
     oid = r.u32()
     marker = r.byte()
     if marker != b"N":
         raise DecodeError(f"Insert expects a new tuple 'N', got {marker!r}")
-    return Insert(oid, _tuple(r), xid)
+    return Insert(oid, _tuple(r))
 
 
-def _update(r: _Reader, in_stream: bool) -> Update:
-    xid = _xid(r, in_stream)
+def _update(r: _Reader) -> Update:
     oid = r.u32()
     marker = r.byte()
     old_kind: OldTupleKind | None = None
@@ -541,59 +479,34 @@ def _update(r: _Reader, in_stream: bool) -> Update:
         marker = r.byte()
     if marker != b"N":
         raise DecodeError(f"Update expects 'K', 'O' or a new tuple 'N', got {marker!r}")
-    return Update(oid, old_kind, old, _tuple(r), xid)
+    return Update(oid, old_kind, old, _tuple(r))
 
 
-def _delete(r: _Reader, in_stream: bool) -> Delete:
-    xid = _xid(r, in_stream)
+def _delete(r: _Reader) -> Delete:
     oid = r.u32()
     marker = r.byte()
     if marker not in (b"K", b"O"):
         raise DecodeError(f"Delete expects an old tuple 'K' or 'O', got {marker!r}")
-    return Delete(oid, OldTupleKind(marker.decode("ascii")), _tuple(r), xid)
+    return Delete(oid, OldTupleKind(marker.decode("ascii")), _tuple(r))
 
 
-def _truncate(r: _Reader, in_stream: bool) -> Truncate:
-    xid = _xid(r, in_stream)
+def _truncate(r: _Reader) -> Truncate:
     count = r.u32()
     options = TruncateOptions(r.u8())
     if count * 4 != r.remaining():
         raise DecodeError(f"Truncate of {count} relations has {r.remaining()} bytes of oids")
-    return Truncate(options, tuple(r.u32() for _ in range(count)), xid)
+    return Truncate(options, tuple(r.u32() for _ in range(count)))
 
 
-def _message(r: _Reader, in_stream: bool) -> Message:
-    xid = _xid(r, in_stream)
+def _message(r: _Reader) -> Message:
     flags = r.u8()
     lsn = r.u64()
     prefix = r.string()
     content = r.raw(r.length())
-    return Message(bool(flags & 1), lsn, prefix, content, xid)
+    return Message(bool(flags & 1), lsn, prefix, content)
 
 
-def _stream_start(r: _Reader, in_stream: bool) -> StreamStart:
-    return StreamStart(xid=r.u32(), first_segment=r.u8() == 1)
-
-
-def _stream_stop(r: _Reader, in_stream: bool) -> StreamStop:
-    return StreamStop()
-
-
-def _stream_commit(r: _Reader, in_stream: bool) -> StreamCommit:
-    return StreamCommit(
-        xid=r.u32(), flags=r.u8(), commit_lsn=r.u64(), end_lsn=r.u64(), commit_time=r.time()
-    )
-
-
-def _stream_abort(r: _Reader, in_stream: bool) -> StreamAbort:
-    xid = r.u32()
-    subxid = r.u32()
-    if r.remaining() == 0:
-        return StreamAbort(xid, subxid)
-    return StreamAbort(xid, subxid, abort_lsn=r.u64(), abort_time=r.time())
-
-
-_DECODERS: Final[Mapping[bytes, tuple[str, Callable[[_Reader, bool], PgoutputMessage]]]] = {
+_DECODERS: Final[Mapping[bytes, tuple[str, Callable[[_Reader], PgoutputMessage]]]] = {
     b"B": ("Begin", _begin),
     b"C": ("Commit", _commit),
     b"O": ("Origin", _origin),
@@ -604,23 +517,14 @@ _DECODERS: Final[Mapping[bytes, tuple[str, Callable[[_Reader, bool], PgoutputMes
     b"D": ("Delete", _delete),
     b"T": ("Truncate", _truncate),
     b"M": ("Message", _message),
-    b"S": ("Stream Start", _stream_start),
-    b"E": ("Stream Stop", _stream_stop),
-    b"c": ("Stream Commit", _stream_commit),
-    b"A": ("Stream Abort", _stream_abort),
 }
 
 
-def decode_message(
-    data: bytes | bytearray | memoryview, *, in_stream: bool = False
-) -> PgoutputMessage:
+def decode_message(data: bytes | bytearray | memoryview) -> PgoutputMessage:
     """Decode one pgoutput message (the payload of one XLogData).
 
     Args:
         data: the message bytes, starting with its one-byte tag.
-        in_stream: the message sits between a Stream Start and a Stream Stop
-            (protocol 2), so its body starts with the transaction's xid.
-            :class:`Decoder` keeps track of this.
 
     Raises:
         DecodeError: empty, truncated or corrupt input, or trailing bytes.
@@ -635,40 +539,9 @@ def decode_message(
     what, decode = entry
     reader = _Reader(raw, what)
     reader.byte()
-    message = decode(reader, in_stream)
+    message = decode(reader)
     reader.done()
     return message
-
-
-class Decoder:
-    """Decodes a stream of pgoutput messages, tracking streamed-transaction chunks.
-
-    Only protocol 2 with ``streaming 'on'`` needs this; :func:`decode_message` is
-    enough for protocol 1.
-    """
-
-    __slots__ = ("_in_stream",)
-
-    def __init__(self) -> None:
-        self._in_stream = False
-
-    @property
-    def in_stream(self) -> bool:
-        """True between a Stream Start and its Stream Stop."""
-        return self._in_stream
-
-    def decode(self, data: bytes | bytearray | memoryview) -> PgoutputMessage:
-        """Decode the next message of the stream; see :func:`decode_message`.
-
-        Raises:
-            DecodeError: as :func:`decode_message`; the stream state is unchanged.
-        """
-        message = decode_message(data, in_stream=self._in_stream)
-        if isinstance(message, StreamStart):
-            self._in_stream = True
-        elif isinstance(message, StreamStop):
-            self._in_stream = False
-        return message
 
 
 # --- relation cache ----------------------------------------------------------

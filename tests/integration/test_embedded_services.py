@@ -11,7 +11,9 @@ import psycopg
 import pytest
 import redis
 
-from realtime_project import embedded
+from devservices import checkout, postgres, services
+from devservices import redis as redis_server
+from devservices.errors import EmbeddedServiceError
 
 pytestmark = pytest.mark.integration
 
@@ -35,26 +37,26 @@ def test_redis_answers_ping() -> None:
 
 
 def test_embedded_postgres_is_reused() -> None:
-    first = embedded.ensure_postgres()
-    pid = embedded.postgres_pid()
-    second = embedded.ensure_postgres()
+    first = postgres.ensure_postgres()
+    pid = postgres.postgres_pid()
+    second = postgres.ensure_postgres()
 
-    assert first == second == f"postgresql://postgres@127.0.0.1:{embedded.pg_port()}/realtime"
+    assert first == second == f"postgresql://postgres@127.0.0.1:{checkout.pg_port()}/realtime"
     assert pid is not None
-    assert embedded.postgres_pid() == pid
+    assert postgres.postgres_pid() == pid
     with psycopg.connect(second, autocommit=True, connect_timeout=10) as conn:
         row = conn.execute("SELECT current_database(), pg_backend_pid() <> %s", (pid,)).fetchone()
     assert row == ("realtime", True)
 
 
 def test_embedded_redis_is_reused() -> None:
-    first = embedded.ensure_redis()
-    pid = embedded.redis_pid()
-    second = embedded.ensure_redis()
+    first = redis_server.ensure_redis()
+    pid = redis_server.redis_pid()
+    second = redis_server.ensure_redis()
 
-    assert first == second == f"redis://127.0.0.1:{embedded.redis_port()}/0"
+    assert first == second == f"redis://127.0.0.1:{checkout.redis_port()}/0"
     assert pid is not None
-    assert embedded.redis_pid() == pid
+    assert redis_server.redis_pid() == pid
     client = redis.Redis.from_url(second, socket_timeout=5)
     try:
         info = client.info("server")
@@ -64,13 +66,13 @@ def test_embedded_redis_is_reused() -> None:
 
 
 def test_ensure_services_only_fills_unset_urls() -> None:
-    assert embedded.ensure_services({"DATABASE_URL": "postgresql://elsewhere/db", "REDIS_URL": "redis://elsewhere"}) == {}
-    assert embedded.ensure_services({"DATABASE_URL": "", "REDIS_URL": "redis://elsewhere"}) == {
-        "DATABASE_URL": embedded.postgres_url()
+    assert services.ensure_services({"DATABASE_URL": "postgresql://elsewhere/db", "REDIS_URL": "redis://elsewhere"}) == {}
+    assert services.ensure_services({"DATABASE_URL": "", "REDIS_URL": "redis://elsewhere"}) == {
+        "DATABASE_URL": postgres.postgres_url()
     }
-    assert embedded.ensure_services({}) == {
-        "DATABASE_URL": embedded.postgres_url(),
-        "REDIS_URL": embedded.redis_url(),
+    assert services.ensure_services({}) == {
+        "DATABASE_URL": postgres.postgres_url(),
+        "REDIS_URL": redis_server.redis_url(),
     }
 
 
@@ -78,12 +80,12 @@ def test_ensure_services_only_fills_unset_urls() -> None:
 
 
 @pytest.fixture
-def checkout(tmp_path, monkeypatch) -> Path:
+def own_checkout(tmp_path, monkeypatch) -> Path:
     """A checkout of its own at tmp_path: its .local/ports.json starts empty."""
-    monkeypatch.setattr(embedded, "REPO_ROOT", tmp_path)
-    monkeypatch.setattr(embedded, "LOCAL_DIR", tmp_path / ".local")
-    monkeypatch.setattr(embedded, "LOCK_FILE", tmp_path / ".local" / "embedded.lock")
-    monkeypatch.setattr(embedded, "PORTS_FILE", tmp_path / ".local" / "ports.json")
+    monkeypatch.setattr(checkout, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(checkout, "LOCAL_DIR", tmp_path / ".local")
+    monkeypatch.setattr(checkout, "LOCK_FILE", tmp_path / ".local" / "embedded.lock")
+    monkeypatch.setattr(checkout, "PORTS_FILE", tmp_path / ".local" / "ports.json")
     monkeypatch.delenv("REALTIME_TEST_PORT", raising=False)
     return tmp_path
 
@@ -97,46 +99,105 @@ def listening() -> socket.socket:
 
 
 def choose(default: int, ours: bool = False) -> int:
-    return embedded._choose_port("svc", "REALTIME_TEST_PORT", default, lambda port: ours, lambda port: f"holder-of-{port}")
+    return checkout.choose_port("svc", "REALTIME_TEST_PORT", default, lambda port: ours, lambda port: f"holder-of-{port}")
 
 
-def test_a_checkout_takes_a_free_default_port_and_remembers_it(checkout) -> None:
+def test_a_checkout_takes_a_free_default_port_and_remembers_it(own_checkout) -> None:
     with listening() as probe:
         default = probe.getsockname()[1]
     assert choose(default) == default
-    assert json.loads((checkout / ".local" / "ports.json").read_text()) == {"svc": default}
+    assert json.loads((own_checkout / ".local" / "ports.json").read_text()) == {"svc": default}
 
 
-def test_a_second_checkout_picks_its_own_port_and_keeps_it(checkout, capsys) -> None:
+def test_a_second_checkout_picks_its_own_port_and_keeps_it(own_checkout, capsys) -> None:
     with listening() as other:
         default = other.getsockname()[1]
         port = choose(default)
-        assert port != default and default < port <= default + embedded.PORT_RANGE
+        assert port != default and default < port <= default + checkout.PORT_RANGE
         assert f"port {default} is taken by holder-of-{default}" in capsys.readouterr().err
     # Remembered: the same port once the default is free again, and no second message.
     assert choose(default) == port
     assert capsys.readouterr().err == ""
-    assert json.loads((checkout / ".local" / "ports.json").read_text()) == {"svc": port}
+    assert json.loads((own_checkout / ".local" / "ports.json").read_text()) == {"svc": port}
 
 
-def test_the_default_held_by_this_checkouts_own_service_is_kept(checkout) -> None:
+def test_the_default_held_by_this_checkouts_own_service_is_kept(own_checkout) -> None:
     with listening() as ours:
         default = ours.getsockname()[1]
         assert choose(default, ours=True) == default
 
 
-def test_a_remembered_port_held_by_another_program_is_an_error_naming_it(checkout) -> None:
+def test_a_remembered_port_held_by_another_program_is_an_error_naming_it(own_checkout) -> None:
     with listening() as other:
         taken = other.getsockname()[1]
-        (checkout / ".local").mkdir()
-        (checkout / ".local" / "ports.json").write_text(json.dumps({"svc": taken}))
-        with pytest.raises(embedded.EmbeddedServiceError) as error:
+        (own_checkout / ".local").mkdir()
+        (own_checkout / ".local" / "ports.json").write_text(json.dumps({"svc": taken}))
+        with pytest.raises(EmbeddedServiceError) as error:
             choose(taken - 1)
     assert f"Port {taken}" in str(error.value) and f"holder-of-{taken}" in str(error.value)
     assert "ports.json" in str(error.value)
 
 
-def test_the_environment_wins_and_is_not_remembered(checkout, monkeypatch) -> None:
+def test_the_environment_wins_and_is_not_remembered(own_checkout, monkeypatch) -> None:
     monkeypatch.setenv("REALTIME_TEST_PORT", "61234")
     assert choose(54329) == 61234
-    assert not (checkout / ".local" / "ports.json").exists()
+    assert not (own_checkout / ".local" / "ports.json").exists()
+
+
+# --- the embedded Redis, started and stopped in a checkout of its own ----------------
+
+
+@pytest.fixture
+def redis_checkout(own_checkout, monkeypatch):
+    """A checkout at tmp_path whose Redis gets a free port (the shared servers are never touched)."""
+    with listening() as probe:
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("REALTIME_EMBEDDED_REDIS_PORT", str(port))
+    directory = own_checkout / ".local" / "redis"
+    monkeypatch.setattr(redis_server, "REDIS_DIR", directory)
+    monkeypatch.setattr(redis_server, "REDIS_PIDFILE", directory / "redis.pid")
+    monkeypatch.setattr(redis_server, "REDIS_LOG", directory / "redis.log")
+    yield port
+    if redis_server._redis_ping(port):
+        monkeypatch.setattr(redis_server, "REDIS_DIR", directory)
+        redis_server._redis_shutdown(port)
+
+
+def test_a_checkouts_redis_starts_is_reused_and_stops(redis_checkout) -> None:
+    port = redis_checkout
+    url = redis_server.ensure_redis()
+    pid = redis_server.redis_pid()
+
+    assert url == f"redis://127.0.0.1:{port}/0"
+    assert pid is not None
+    assert redis_server.ensure_redis() == url and redis_server.redis_pid() == pid
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        assert client.config_get("dir") == {"dir": os.path.realpath(redis_server.REDIS_DIR)}
+    finally:
+        client.close()
+
+    with checkout.service_lock():
+        redis_server.stop_redis()
+    assert redis_server.redis_pid() is None
+    assert not redis_server.REDIS_PIDFILE.exists()
+
+
+def test_a_redis_of_another_checkout_on_the_port_is_an_error_naming_it(redis_checkout, tmp_path, monkeypatch) -> None:
+    redis_server.ensure_redis()
+    other = tmp_path / "other" / ".local" / "redis"
+    monkeypatch.setattr(redis_server, "REDIS_DIR", other)
+
+    with pytest.raises(EmbeddedServiceError) as error:
+        redis_server.ensure_redis()
+    assert f"Port {redis_checkout} is served by the checkout {os.path.realpath(tmp_path)}'s Redis" in str(error.value)
+    with checkout.service_lock():
+        redis_server.stop_redis()  # not ours: left running
+    assert redis_server._redis_ping(redis_checkout)
+
+
+def test_a_port_held_by_something_that_is_not_redis_is_an_error(own_checkout, monkeypatch) -> None:
+    with listening() as other:
+        monkeypatch.setenv("REALTIME_EMBEDDED_REDIS_PORT", str(other.getsockname()[1]))
+        with pytest.raises(EmbeddedServiceError, match="in use by something that is not Redis"):
+            redis_server.ensure_redis()

@@ -46,3 +46,15 @@ async def test_messages_for_a_full_inbox_are_counted_and_logged_with_the_group(
     assert any(group in line for line in warnings), f"no WARNING names the group: {caplog.records!r}"
     received = [await small_layer.receive(never_receives) for _ in range(2)]
     assert [message["n"] for message in received] == [0, 1]  # the inbox kept the first two
+
+
+async def test_has_member_follows_group_add_and_discard_in_the_real_redis(small_layer: Any) -> None:
+    group = "realtime.test-members"
+    channel = await small_layer.new_channel("hub.")
+    assert await small_layer.has_member(group, channel) is False
+    await small_layer.group_add(group, channel)
+    assert await small_layer.has_member(group, channel) is True
+    await small_layer.refresh_groups([group], channel)
+    assert await small_layer.has_member(group, channel) is True
+    await small_layer.group_discard(group, channel)
+    assert await small_layer.has_member(group, channel) is False

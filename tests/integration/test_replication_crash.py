@@ -29,8 +29,8 @@ from psycopg import sql
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from devservices.redis import redis_server_path
 from realtime.dbsetup import SETUP_SQL
-from realtime_project.embedded import redis_server_path
 from tests.fixtures.replicator import ReplicatorProcess, start_replicator, unique_slot
 from tests.fixtures.server import ServerProcess, free_port, mint_token, start_server
 

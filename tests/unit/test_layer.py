@@ -81,3 +81,34 @@ async def test_group_send_counts_its_drops_and_outside_it_connections_are_plain(
     assert layer.connection(0) is redis
     lines = [r.getMessage() for r in caplog.records if r.name == "realtime.layer"]
     assert len(lines) == 1 and "group room" in lines[0], lines  # the second drop within a second is not logged again
+
+
+def test_group_members_are_still_a_sorted_set_at_group_key_on_its_hash_host() -> None:
+    """``has_member`` and ``refresh_groups`` read and write where channels_redis keeps a group's members."""
+    add = inspect.getsource(RedisChannelLayer.group_add)
+    assert "self.connection(self.consistent_hash(group))" in add, "group_add no longer picks its host by consistent_hash"
+    assert "self._group_key(group)" in add and ".zadd(" in add, "group_add no longer adds to the ZSET at _group_key"
+    assert "self.group_expiry" in add, "group_add no longer expires the group's ZSET after group_expiry"
+    send = inspect.getsource(RedisChannelLayer.group_send)
+    assert "zremrangebyscore" in send and "group_expiry" in send, "group_send no longer prunes members by their add time"
+    layer = RedisChannelLayer(hosts=["redis://127.0.0.1:1/0"], prefix="pre")
+    assert layer._group_key("room") == b"pre:group:room"
+
+
+async def test_has_member_looks_the_channel_up_in_the_groups_sorted_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[tuple[int, bytes, str]] = []
+
+    class Members:
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        async def zscore(self, key: bytes, member: str) -> float | None:
+            asked.append((self.index, key, member))
+            return 12.5 if member == "hub.in" else None
+
+    monkeypatch.setattr(RedisChannelLayer, "connection", lambda self, index: Members(index))
+    layer = RealtimeChannelLayer(hosts=["redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"], prefix="pre")
+
+    assert await layer.has_member("room", "hub.in") is True
+    assert await layer.has_member("room", "hub.out") is False
+    assert asked == [(layer.consistent_hash("room"), b"pre:group:room", m) for m in ("hub.in", "hub.out")]

@@ -23,7 +23,6 @@ from replication.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
     Commit,
-    Decoder,
     Delete,
     Insert,
     Message,
@@ -35,10 +34,6 @@ from replication.pgoutput import (
     RelationCache,
     RelationColumn,
     ReplicaIdentity,
-    StreamAbort,
-    StreamCommit,
-    StreamStart,
-    StreamStop,
     Truncate,
     TruncateOptions,
     Type,
@@ -73,8 +68,7 @@ def raw_messages(name: str) -> list[bytes]:
 
 
 def messages(name: str) -> list[PgoutputMessage]:
-    decoder = Decoder()
-    return [decoder.decode(data) for data in raw_messages(name)]
+    return [decode_message(data) for data in raw_messages(name)]
 
 
 def cache_for(decoded: list[PgoutputMessage], **kwargs: Any) -> RelationCache:
@@ -97,15 +91,13 @@ def typed_row(relations: RelationCache, relation_oid: int, row: RawRow) -> dict[
     return convert_row(columns, row.values)
 
 
-def _all_messages() -> list[tuple[str, bytes, bool]]:
-    # (id, bytes, in_stream) of every captured message, in_stream as a Decoder sees it.
-    result = []
-    for entry in captured()["steps"]:
-        decoder = Decoder()
-        for index, data in enumerate(raw_messages(entry["name"])):
-            result.append((f"{entry['name']}-{index}", data, decoder.in_stream))
-            decoder.decode(data)
-    return result
+def _all_messages() -> list[tuple[str, bytes]]:
+    # (id, bytes) of every captured message.
+    return [
+        (f"{entry['name']}-{index}", data)
+        for entry in captured()["steps"]
+        for index, data in enumerate(raw_messages(entry["name"]))
+    ]
 
 
 ALL_STEPS = [entry["name"] for entry in captured()["steps"]]
@@ -407,7 +399,7 @@ def test_binary_values_are_kept_as_bytes() -> None:
 
 def test_transactions_are_framed_by_begin_and_commit_with_matching_lsns() -> None:
     for name in ALL_STEPS:
-        if name in ("streamed_v2", "logical_messages"):
+        if name == "logical_messages":
             continue
         decoded = messages(name)
         rows = step(name)["messages"]
@@ -585,70 +577,17 @@ def test_origin_message_names_the_origin_and_its_commit_lsn() -> None:
     assert begin.commit_time == datetime(2026, 8, 21, 12, 0, tzinfo=UTC)
 
 
-def test_streamed_protocol_2_transaction_carries_xids_and_stream_markers() -> None:
-    decoded = messages("streamed_v2")
-    starts = of_type(decoded, StreamStart)
-    (abort,) = of_type(decoded, StreamAbort)
-    (commit,) = of_type(decoded, StreamCommit)
-    top = starts[0].xid
-
-    assert [s.first_segment for s in starts] == [True] + [False] * (len(starts) - 1)
-    assert {s.xid for s in starts} == {top} and commit.xid == top and abort.xid == top
-    assert len(of_type(decoded, StreamStop)) == len(starts)
-    assert abort.subxid != top and abort.abort_lsn is None and abort.abort_time is None
-    inserts = of_type(decoded, Insert)
-    assert [i.new for i in inserts] == [("100", "streamed", "t"), ("101", "rolled back", "f")]
-    # Changes made in a subtransaction carry the subtransaction's xid.
-    assert inserts[0].xid == top and inserts[1].xid == abort.subxid
-    (update,) = of_type(decoded, Update)
-    assert update.xid is not None and update.xid not in (top, abort.subxid)
-    relations = of_type(decoded, Relation)
-    assert relations and all(r.xid is not None for r in relations)
-    (message,) = of_type(decoded, Message)
-    assert (message.xid, message.content, message.lsn) == (top, b"in stream", commit.commit_lsn)
-    assert commit.flags == 0 and commit.commit_lsn < commit.end_lsn
-
-
-def test_streamed_message_bodies_need_the_in_stream_flag() -> None:
-    data = raw_messages("streamed_v2")
-    relation_bytes = data[1]
-
-    with_xid = decode_message(relation_bytes, in_stream=True)
-    assert isinstance(with_xid, Relation) and with_xid.name == "identity_default"
-    try:
-        without = decode_message(relation_bytes)
-    except DecodeError:
-        return
-    assert not (isinstance(without, Relation) and without.name == "identity_default")
-
-
-def test_decoder_leaves_stream_mode_on_stream_stop() -> None:
-    decoder = Decoder()
-    data = raw_messages("streamed_v2")
-
-    decoder.decode(data[0])
-    assert decoder.in_stream
-    decoder.decode(data[1])
-    decoder.decode(data[2])
-    decoder.decode(data[3])
-    assert not decoder.in_stream
-
-
 # --- malformed input ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("data", "in_stream"), [pytest.param(d, s, id=i) for i, d, s in ALL_MESSAGES]
-)
-def test_every_truncation_of_a_real_message_raises_decode_error(
-    data: bytes, in_stream: bool
-) -> None:
-    assert not isinstance(decode_message(data, in_stream=in_stream), Unsupported)
+@pytest.mark.parametrize("data", [pytest.param(d, id=i) for i, d in ALL_MESSAGES])
+def test_every_truncation_of_a_real_message_raises_decode_error(data: bytes) -> None:
+    assert not isinstance(decode_message(data), Unsupported)
     for end in range(len(data)):
         with pytest.raises(DecodeError):
-            decode_message(data[:end], in_stream=in_stream)
+            decode_message(data[:end])
     with pytest.raises(DecodeError):
-        decode_message(data + b"\x00", in_stream=in_stream)
+        decode_message(data + b"\x00")
 
 
 @pytest.mark.parametrize(
@@ -671,7 +610,8 @@ def test_corrupt_messages_raise_decode_error(data: bytes, message: str) -> None:
         decode_message(data)
 
 
-@pytest.mark.parametrize("tag", [b"b", b"P", b"K", b"r", b"p", b"X", b"\x00"])
+# S, E, c, A: protocol 2 streamed transactions, sent only with ``streaming 'on'``, which the replicator never asks for.
+@pytest.mark.parametrize("tag", [b"b", b"P", b"K", b"r", b"p", b"X", b"\x00", b"S", b"E", b"c", b"A"])
 def test_unknown_tags_decode_to_unsupported(tag: bytes) -> None:
     assert decode_message(tag + b"rest") == Unsupported(tag[0], b"rest")
 
@@ -680,25 +620,23 @@ def test_decode_error_is_a_replication_error() -> None:
     assert issubclass(DecodeError, ReplicationError)
 
 
-@given(st.binary(max_size=64), st.booleans())
-def test_arbitrary_bytes_decode_or_raise_decode_error(data: bytes, in_stream: bool) -> None:
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_decode_or_raise_decode_error(data: bytes) -> None:
     try:
-        decode_message(data, in_stream=in_stream)
+        decode_message(data)
     except DecodeError:
         pass
 
 
-@given(st.sampled_from(list(b"BCORYIUDTMSEcA")), st.binary(max_size=80), st.booleans())
-def test_arbitrary_bodies_of_known_tags_decode_or_raise_decode_error(
-    tag: int, body: bytes, in_stream: bool
-) -> None:
+@given(st.sampled_from(list(b"BCORYIUDTM")), st.binary(max_size=80))
+def test_arbitrary_bodies_of_known_tags_decode_or_raise_decode_error(tag: int, body: bytes) -> None:
     try:
-        decode_message(bytes([tag]) + body, in_stream=in_stream)
+        decode_message(bytes([tag]) + body)
     except DecodeError:
         pass
 
 
-@given(st.sampled_from([d for _, d, _ in ALL_MESSAGES]), st.data())
+@given(st.sampled_from([d for _, d in ALL_MESSAGES]), st.data())
 def test_corrupted_real_messages_decode_or_raise_decode_error(
     original: bytes, data: st.DataObject
 ) -> None:
@@ -706,6 +644,6 @@ def test_corrupted_real_messages_decode_or_raise_decode_error(
     byte = data.draw(st.integers(0, 255))
     corrupted = original[:index] + bytes([byte]) + original[index + 1 :]
     try:
-        decode_message(corrupted, in_stream=data.draw(st.booleans()))
+        decode_message(corrupted)
     except DecodeError:
         pass

@@ -2,7 +2,7 @@
 
 The test runs pytest in a subprocess, configured by this repository's
 pyproject.toml, on a small test module; a plugin loaded first replaces
-``embedded.ensure_services`` with one that only records its calls, so no
+``devservices.services.ensure_services`` with one that only records its calls, so no
 server is started.
 """
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECORDER = '''
 import os
 
-from realtime_project import embedded
+from devservices import services
 
 
 def ensure_services(environ):
@@ -32,7 +32,7 @@ def ensure_services(environ):
     return {name: os.environ[name] for name in ("DATABASE_URL", "REDIS_URL") if not environ.get(name)}
 
 
-embedded.ensure_services = ensure_services
+services.ensure_services = ensure_services
 '''
 
 PROBE = '''
