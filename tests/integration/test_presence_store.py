@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import presence
+import presence.scripts
 import presence.store
 from presence.keys import (
     channel_index_key,
@@ -397,7 +398,7 @@ def _unused_port() -> int:
 async def test_maintenance_logs_and_retries_while_redis_is_unreachable(caplog: pytest.LogCaptureFixture) -> None:
     store = RedisPresenceStore(f"redis://127.0.0.1:{_unused_port()}/0", "unreachable", ttl=0.6, socket_connect_timeout=0.2)
     stop = asyncio.Event()
-    with caplog.at_level(logging.WARNING, logger="presence.store"):
+    with caplog.at_level(logging.WARNING, logger="presence.maintenance"):
         maintenance = asyncio.create_task(store.run_maintenance(stop, lambda name, diff: None))
         await asyncio.sleep(0.8)
         assert not maintenance.done()
@@ -432,7 +433,7 @@ def lose_track_replies(store: RedisPresenceStore, monkeypatch: pytest.MonkeyPatc
     real_eval = store._eval
 
     async def lossy_eval(script: Any, keys: Any, args: Any) -> Any:
-        if script is not presence.store._TRACK:
+        if script != presence.scripts.TRACK:
             return await real_eval(script, keys, args)
         if after_write:
             await real_eval(script, keys, args)
@@ -594,7 +595,7 @@ async def test_a_member_re_tracked_while_the_heartbeat_restores_is_present_once(
 
     async def track_while_refreshing(script: Any, keys: Any, args: Any) -> Any:
         refresh = asyncio.ensure_future(original(script, keys, args))
-        if script is presence.store._REFRESH and not tracks:
+        if script == presence.scripts.REFRESH and not tracks:
             await asyncio.sleep(0)  # the refresh is on its way; the socket re-tracks meanwhile
             tracks.append(asyncio.ensure_future(stalled.track(channel, "ann", "s1", {"user": "ann", "v": 2})))
             await asyncio.sleep(0)
