@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -30,6 +31,7 @@ from presence.keys import (
 )
 from presence.state import Diff
 from presence.store import RedisPresenceStore, TrackKind
+from tests.integration.test_replication_crash import PrivateRedis
 
 pytestmark = pytest.mark.integration
 
@@ -497,6 +499,72 @@ async def test_tracks_made_together_share_pipelines_and_each_gets_its_own_result
     assert all(state[f"k{n}"]["metas"][0]["n"] == n for n in range(60))
     updated = await asyncio.gather(*(store.track(channel, f"k{n}", f"s{n}", {"n": n + 100}) for n in range(60)))
     assert [r.kind for r in updated] == [TrackKind.UPDATED] * 60
+
+
+async def scripts_known(client: Redis, *names: str) -> list[bool]:
+    """Whether Redis knows each named script of ``presence.scripts``."""
+    shas = [hashlib.sha1(getattr(presence.scripts, name).encode()).hexdigest() for name in names]
+    return list(await client.script_exists(*shas))
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again_alone_and_in_pipelines(
+    make_store: MakeStore, channel: str, redis_client: Redis
+) -> None:
+    store = make_store()
+    ann = await store.track(channel, "ann", "s0", {"n": 0})
+    await redis_client.script_flush()  # what a Redis restart does to the scripts
+    alone = await store.track(channel, "ann", "s0", {"n": 1})  # one call on its own: EVALSHA, NOSCRIPT, load
+    assert (alone.kind, alone.previous) == (TrackKind.UPDATED, ann.entry)
+    assert await store.state(channel) == {"ann": {"metas": [alone.entry.meta]}}
+
+    await redis_client.script_flush()
+    await store.track(channel, "k0", "s1", {"n": 0})  # loads TRACK only
+    # One pipeline of tracks (TRACK known) and untracks (REMOVE flushed): each call gets its own result.
+    tracks = [store.track(channel, f"k{n}", f"s{n + 1}", {"n": n}) for n in range(1, 20)]
+    untracks = [store.untrack(channel, "s0"), store.untrack(channel, "s1")]
+    *tracked, left_ann, left_k0 = await asyncio.gather(*tracks, *untracks)
+    assert [r.kind for r in tracked] == [TrackKind.JOINED] * 19
+    assert left_ann == {"joins": {}, "leaves": {"ann": {"metas": [alone.entry.meta]}}}
+    assert left_k0 is not None and list(left_k0["leaves"]) == ["k0"]
+    state = await store.state(channel)
+    assert sorted(state) == sorted(f"k{n}" for n in range(1, 20))
+    assert all(state[f"k{n}"]["metas"][0]["n"] == n for n in range(1, 20))
+
+    await redis_client.script_flush()
+    assert await scripts_known(redis_client, "LIVENESS", "REFRESH", "CANDIDATES") == [False] * 3
+    assert await store.heartbeat() == []
+    assert await store.sweep() == []
+    assert await scripts_known(redis_client, "LIVENESS", "REFRESH", "CANDIDATES") == [True] * 3
+    assert [name for name, _ in await store.channels() if name == channel] == [channel]
+    await store.untrack_socket("s2")
+    assert "k1" not in await store.state(channel)
+
+
+async def test_the_store_keeps_working_across_a_redis_restart(tmp_path: Path) -> None:
+    private = PrivateRedis(tmp_path)
+    private.start()
+    store = RedisPresenceStore(private.url, f"test-{uuid.uuid4().hex}", ttl=3.0)
+    channel = f"public:restart-{uuid.uuid4().hex}"
+    try:
+        ann = await store.track(channel, "ann", "s1", {"user": "ann"})
+        private.kill()
+        private.start()  # no persistence: every key and every script is gone
+        deadline = time.monotonic() + 10
+        while True:  # the pooled connections died with the server: the first calls may fail
+            try:
+                restored = await store.heartbeat()
+                break
+            except (RedisConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        assert restored == [(channel, {"joins": {"ann": {"metas": [ann.entry.meta]}}, "leaves": {}})]
+        results = await asyncio.gather(*(store.track(channel, f"k{n}", f"s{n + 2}", {"n": n}) for n in range(10)))
+        assert [r.kind for r in results] == [TrackKind.JOINED] * 10
+        assert sorted(await store.state(channel)) == sorted(["ann", *(f"k{n}" for n in range(10))])
+    finally:
+        await store.close()
+        private.kill()
 
 
 # --- names chosen by clients --------------------------------------------------------
