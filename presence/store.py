@@ -40,8 +40,6 @@ same ``phx_ref``, returning their joins.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import time
 import weakref
@@ -54,6 +52,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from presence import maintenance, scripts
 from presence.batch import Arg, ScriptBatch
+from presence.entries import decode_entry, encode_entry, owner_ref, parse_owner_ref, signature
 from presence.keys import (
     channel_index_key,
     channels_key,
@@ -156,60 +155,6 @@ class PresenceStore(Protocol):
     async def close(self) -> None:
         """Close the Redis connections of the running event loop."""
         ...
-
-
-def _signature(payload: Mapping[str, Any]) -> str:
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _owner_ref(channel: str, key: str, phx_ref: str) -> str:
-    return json.dumps([channel, key, phx_ref], separators=(",", ":"), ensure_ascii=False)
-
-
-def _parse_owner_ref(raw: str) -> tuple[str, str, str] | None:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    if isinstance(value, list) and len(value) == 3 and all(isinstance(part, str) for part in value):
-        return value[0], value[1], value[2]
-    return None
-
-
-def _encode_entry(entry: Entry, signature: str) -> str:
-    return json.dumps(
-        {
-            "channel": entry.channel,
-            "key": entry.key,
-            "phx_ref": entry.phx_ref,
-            "meta": entry.meta,
-            "socket_id": entry.socket_id,
-            "process_id": entry.process_id,
-            "joined_at": entry.joined_at,
-            "sig": signature,
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-
-
-def _decode_entry(raw: str) -> Entry | None:
-    try:
-        value = json.loads(raw)
-        entry = Entry(
-            channel=value["channel"],
-            key=value["key"],
-            phx_ref=value["phx_ref"],
-            meta=value["meta"],
-            socket_id=value["socket_id"],
-            process_id=value["process_id"],
-            joined_at=float(value["joined_at"]),
-        )
-    except (ValueError, TypeError, KeyError):
-        logger.warning("presence: skipping a malformed entry %.200r", raw)
-        return None
-    return entry
 
 
 def _text(value: bytes | str) -> str:
@@ -351,7 +296,7 @@ class RedisPresenceStore:
     async def track(self, channel: str, key: str, socket_id: str, payload: Mapping[str, Any]) -> TrackResult:
         previous = self._local.get(socket_id, {}).get(channel)
         phx_ref = new_phx_ref()
-        signature = _signature(payload)
+        payload_signature = signature(payload)
         joined = Entry(
             channel=channel,
             key=key,
@@ -384,12 +329,12 @@ class RedisPresenceStore:
                     self.entry_ttl_ms,
                     channel,
                     "" if previous is None else previous.phx_ref,
-                    "" if previous is None else _owner_ref(channel, previous.key, previous.phx_ref),
+                    "" if previous is None else owner_ref(channel, previous.key, previous.phx_ref),
                     phx_ref,
-                    _owner_ref(channel, key, phx_ref),
-                    _encode_entry(joined, signature),
-                    _encode_entry(updated, signature),
-                    signature,
+                    owner_ref(channel, key, phx_ref),
+                    encode_entry(joined, payload_signature),
+                    encode_entry(updated, payload_signature),
+                    payload_signature,
                 ],
             )
         except REDIS_ERRORS:
@@ -399,7 +344,7 @@ class RedisPresenceStore:
                 self._forget(previous)
             raise
         self._wrote_liveness(started)
-        old = _decode_entry(old_raw) if old_raw else None
+        old = decode_entry(old_raw) if old_raw else None
         if kind == TrackKind.UNCHANGED.value and old is not None:
             self._local.setdefault(socket_id, {})[channel] = old
             return TrackResult(TrackKind.UNCHANGED, old, None)
@@ -491,9 +436,9 @@ class RedisPresenceStore:
                 channels_key(),
                 process_members_key(owner),
             ],
-            [entry.phx_ref, _owner_ref(entry.channel, entry.key, entry.phx_ref), entry.channel],
+            [entry.phx_ref, owner_ref(entry.channel, entry.key, entry.phx_ref), entry.channel],
         )
-        return _decode_entry(raw) if raw else None
+        return decode_entry(raw) if raw else None
 
     # Reading
 
@@ -508,7 +453,7 @@ class RedisPresenceStore:
         entries: Entries = []
         for values in await pipe.execute():
             for raw in values:
-                entry = _decode_entry(raw)
+                entry = decode_entry(raw)
                 if entry is not None and entry.channel == channel:
                     entries.append(entry)
         entries.sort(key=lambda e: (e.joined_at, e.phx_ref))
@@ -544,7 +489,7 @@ class RedisPresenceStore:
 
     async def remove(self, channel: str, key: str, phx_ref: str) -> Diff | None:
         raw = await self._client().hget(member_key(channel, key), phx_ref)
-        entry = _decode_entry(_text(raw)) if raw else None
+        entry = decode_entry(_text(raw)) if raw else None
         if entry is None or (entry.channel, entry.key) != (channel, key):
             return None
         removed = await self._remove_entry(entry, entry.process_id)
@@ -648,9 +593,9 @@ class RedisPresenceStore:
             payload = {name: value for name, value in entry.meta.items() if name != PHX_REF}
             args += [
                 entry.phx_ref,
-                _owner_ref(entry.channel, entry.key, entry.phx_ref),
+                owner_ref(entry.channel, entry.key, entry.phx_ref),
                 entry.channel,
-                _encode_entry(entry, _signature(payload)),
+                encode_entry(entry, signature(payload)),
             ]
         written = await self._eval(scripts.RESTORE, keys, args)
         return [current[int(position) - 1] for position in written]
@@ -672,7 +617,7 @@ class RedisPresenceStore:
         owned_key = process_members_key(process_id)
         refs: list[tuple[str, tuple[str, str, str]]] = []
         for raw in sorted(_texts(await self._client().smembers(owned_key))):
-            parsed = _parse_owner_ref(raw)
+            parsed = parse_owner_ref(raw)
             if parsed is not None:
                 refs.append((raw, parsed))
         removed: list[Entry] = []
@@ -685,7 +630,7 @@ class RedisPresenceStore:
             result = await self._eval(scripts.SWEEP, keys, args)
             if result is None:
                 break  # the process heartbeated again: it is alive
-            removed.extend(entry for entry in map(_decode_entry, result) if entry is not None)
+            removed.extend(entry for entry in map(decode_entry, result) if entry is not None)
         if removed:
             logger.info("presence: swept %d entries of dead process %s", len(removed), process_id)
         return removed
