@@ -90,7 +90,11 @@ class ScriptBatch:
         if unknown:
             # Redis lost its scripts; those calls did not run. A pipeline that
             # carries Script calls loads the missing scripts before it executes.
-            for index, result in zip(unknown, await self._pipeline([calls[i] for i in unknown], load=True)):
+            try:
+                retried = await self._pipeline([calls[i] for i in unknown], load=True)
+            except Exception as error:
+                retried = [error] * len(unknown)  # the other calls keep their replies
+            for index, result in zip(unknown, retried):
                 results[index] = result
         return results
 

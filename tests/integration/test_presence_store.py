@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import presence
+import presence.batch
 import presence.scripts
 import presence.store
 from presence.keys import (
@@ -538,6 +539,33 @@ async def test_scripts_flushed_from_redis_are_loaded_again_alone_and_in_pipeline
     assert [name for name, _ in await store.channels() if name == channel] == [channel]
     await store.untrack_socket("s2")
     assert "k1" not in await store.state(channel)
+
+
+async def test_calls_that_ran_keep_their_replies_when_reloading_the_others_fails(
+    make_store: MakeStore, channel: str, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store()
+    ann = await store.track(channel, "ann", "s0", {})
+    await redis_client.script_flush()
+    await store.track(channel, "k0", "s1", {})  # loads TRACK; REMOVE stays unknown
+    real_pipeline = presence.batch.ScriptBatch._pipeline
+
+    async def reload_fails(self: Any, calls: Any, *, load: bool) -> Any:
+        if load:
+            raise RedisConnectionError("connection reset")
+        return await real_pipeline(self, calls, load=load)
+
+    monkeypatch.setattr(presence.batch.ScriptBatch, "_pipeline", reload_fails)
+    tracked, untracked = await asyncio.gather(
+        store.track(channel, "bob", "s2", {}), store.untrack(channel, "s0"), return_exceptions=True
+    )
+    assert isinstance(untracked, RedisConnectionError)
+    assert not isinstance(tracked, BaseException) and tracked.kind is TrackKind.JOINED
+    monkeypatch.undo()
+    assert sorted(await store.state(channel)) == ["ann", "bob", "k0"]
+    # The failed untrack is retried by the next heartbeat, as after any Redis error.
+    assert await store.heartbeat() == [(channel, {"joins": {}, "leaves": {"ann": {"metas": [ann.entry.meta]}}})]
+    assert sorted(await store.state(channel)) == ["bob", "k0"]
 
 
 async def test_the_store_keeps_working_across_a_redis_restart(tmp_path: Path) -> None:
