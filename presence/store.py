@@ -14,9 +14,12 @@ Layout (every name comes from ``presence.keys``):
 - ``process_key(pid)``: exists while the process heartbeats;
 - ``process_members_key(pid)``: set of refs ``[channel, key, phx_ref]`` the process owns.
 
-Every write that spans several keys is one Lua script, so concurrent
-processes never see half an entry. One entry exists per (channel, socket);
-the owning process remembers its sockets' entries in memory.
+Every write that spans several keys is one Lua script (``presence.scripts``),
+so concurrent processes never see half an entry; ``presence.batch`` sends
+the calls of one event loop together on redis-py pipelines, and
+``presence.maintenance`` runs the heartbeat and the sweep. One entry exists
+per (channel, socket); the owning process remembers its sockets' entries in
+memory.
 
 Liveness: a process refreshes its liveness key every ``ttl / 3`` seconds with
 a time-to-live of ``ttl - sweep_interval``; any process may sweep, and a sweep
@@ -37,20 +40,19 @@ same ``phx_ref``, returning their joins.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import inspect
-import json
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import NoScriptError, RedisError
 
+from presence import maintenance, scripts
+from presence.batch import Arg, ScriptBatch
+from presence.entries import decode_entry, encode_entry, owner_ref, parse_owner_ref, signature
 from presence.keys import (
     channel_index_key,
     channels_key,
@@ -59,6 +61,7 @@ from presence.keys import (
     process_members_key,
     processes_key,
 )
+from presence.maintenance import REDIS_ERRORS, ChannelDiffs, OnLeaves
 from presence.state import (
     PHX_REF,
     Diff,
@@ -79,12 +82,9 @@ DEFAULT_TTL = 15.0
 MAX_SWEEP_INTERVAL = 2.0
 ENTRY_TTL_FACTOR = 8
 CHUNK_SIZE = 500
-REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
 
-ChannelDiffs = list[tuple[str, Diff]]
 ChannelCounts = list[tuple[str, int]]
 Entries = list[Entry]
-OnLeaves = Callable[[str, Diff], Awaitable[None] | None]
 
 
 class TrackKind(Enum):
@@ -155,313 +155,6 @@ class PresenceStore(Protocol):
     async def close(self) -> None:
         """Close the Redis connections of the running event loop."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class _Script:
-    source: str
-    sha: str
-
-
-def _script(source: str) -> _Script:
-    return _Script(source, hashlib.sha1(source.encode()).hexdigest())
-
-
-_Call = tuple[_Script, Sequence[str], Sequence[str | int | float], "asyncio.Future[Any]"]
-
-
-class _ScriptBatch:
-    """Script calls of one event loop, sent together: one pipeline per round trip.
-
-    A call made while no pipeline is in flight goes out on the next loop
-    iteration (with whatever else was called in this one); calls made while a
-    pipeline is in flight go out together when it returns. Each call gets its
-    own result or error; a script Redis does not know yet is sent in full.
-    """
-
-    def __init__(self, client: Redis) -> None:
-        self.client = client
-        self.pending: list[_Call] = []
-        self.sending = False
-
-    async def call(self, script: _Script, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.pending.append((script, keys, args, done))
-        if not self.sending:
-            self.sending = True
-            task = asyncio.ensure_future(self._send())
-            _background.add(task)
-            task.add_done_callback(_background.discard)
-        return await done
-
-    async def _send(self) -> None:
-        try:
-            while self.pending:
-                calls, self.pending = self.pending, []
-                try:
-                    results = await self._run(calls)
-                except Exception as error:
-                    results = [error] * len(calls)
-                except BaseException:
-                    # Cancelled (shutdown): every waiting call fails instead of waiting forever.
-                    _settle(calls + self.pending, [RedisError("presence store call cancelled")] * (len(calls) + len(self.pending)))
-                    self.pending = []
-                    raise
-                _settle(calls, results)
-        finally:
-            self.sending = False
-
-    async def _run(self, calls: list[_Call]) -> list[Any]:
-        if len(calls) == 1:
-            script, keys, args, _ = calls[0]
-            try:
-                return [await self.client.evalsha(script.sha, len(keys), *keys, *args)]
-            except NoScriptError:
-                return [await self.client.eval(script.source, len(keys), *keys, *args)]
-            except Exception as error:
-                return [error]
-        pipe = self.client.pipeline(transaction=False)
-        for script, keys, args, _ in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        results = list(await pipe.execute(raise_on_error=False))
-        for index, result in enumerate(results):
-            if isinstance(result, NoScriptError):
-                script, keys, args, _ = calls[index]
-                try:
-                    results[index] = await self.client.eval(script.source, len(keys), *keys, *args)
-                except Exception as error:
-                    results[index] = error
-        return results
-
-
-def _settle(calls: list[_Call], results: list[Any]) -> None:
-    for (*_, done), result in zip(calls, results):
-        if done.done():
-            continue
-        if isinstance(result, BaseException):
-            done.set_exception(result)
-        else:
-            done.set_result(result)
-
-
-_background: set[asyncio.Task[None]] = set()
-
-
-# KEYS: alive, processes
-# ARGV: process_id, liveness_ms
-# Returns 1 if the liveness key still existed, else 0.
-_LIVENESS = _script(
-    """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local existed = redis.call('EXISTS', KEYS[1])
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-return existed
-"""
-)
-
-# KEYS: alive, processes, owned, channels, member, index, old_member
-# ARGV: process_id, liveness_ms, entry_ttl_ms, channel, old_field, old_ref,
-#       field, ref, entry_if_joined, entry_if_updated, signature
-# Returns {kind, old entry JSON or ''}.
-_TRACK = _script(
-    """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-local old = false
-if ARGV[5] ~= '' then
-  old = redis.call('HGET', KEYS[7], ARGV[5])
-  if old and KEYS[7] == KEYS[5] and cjson.decode(old)['sig'] == ARGV[11] then
-    redis.call('SADD', KEYS[6], KEYS[5])
-    redis.call('SADD', KEYS[4], ARGV[4])
-    redis.call('SADD', KEYS[3], ARGV[6])
-    redis.call('PEXPIRE', KEYS[5], ARGV[3])
-    redis.call('PEXPIRE', KEYS[6], ARGV[3])
-    return {'unchanged', old}
-  end
-  redis.call('SREM', KEYS[3], ARGV[6])
-  if old then
-    redis.call('HDEL', KEYS[7], ARGV[5])
-    if redis.call('EXISTS', KEYS[7]) == 0 then
-      redis.call('SREM', KEYS[6], KEYS[7])
-    end
-  end
-end
-local entry = ARGV[9]
-if old then entry = ARGV[10] end
-redis.call('HSET', KEYS[5], ARGV[7], entry)
-redis.call('SADD', KEYS[6], KEYS[5])
-redis.call('SADD', KEYS[4], ARGV[4])
-redis.call('SADD', KEYS[3], ARGV[8])
-redis.call('PEXPIRE', KEYS[5], ARGV[3])
-redis.call('PEXPIRE', KEYS[6], ARGV[3])
-if old then return {'updated', old} end
-return {'joined', ''}
-"""
-)
-
-# KEYS: member, index, channels, owned
-# ARGV: field, ref, channel
-# Returns the removed entry JSON, or nil if it was already gone.
-_REMOVE = _script(
-    """
-redis.call('SREM', KEYS[4], ARGV[2])
-local entry = redis.call('HGET', KEYS[1], ARGV[1])
-if not entry then return false end
-redis.call('HDEL', KEYS[1], ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], KEYS[1]) end
-if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[3]) end
-return entry
-"""
-)
-
-# KEYS: member_1, index_1, member_2, index_2, ...
-# ARGV: entry_ttl_ms, field_1, field_2, ...
-# Returns the 1-based positions of the fields that no longer exist.
-_REFRESH = _script(
-    """
-local missing = {}
-for i = 2, #ARGV do
-  local member = KEYS[2 * i - 3]
-  local index = KEYS[2 * i - 2]
-  if redis.call('HEXISTS', member, ARGV[i]) == 1 then
-    redis.call('PEXPIRE', member, ARGV[1])
-    redis.call('PEXPIRE', index, ARGV[1])
-  else
-    missing[#missing + 1] = i - 1
-  end
-end
-return missing
-"""
-)
-
-# KEYS: owned, channels, member_1, index_1, member_2, index_2, ...
-# ARGV: entry_ttl_ms, field_1, ref_1, channel_1, entry_1, field_2, ...
-# Writes back the entries that are missing (swept); returns the 1-based positions of those it wrote.
-_RESTORE = _script(
-    """
-local restored = {}
-for i = 1, (#ARGV - 1) / 4 do
-  local member = KEYS[1 + 2 * i]
-  local index = KEYS[2 + 2 * i]
-  local field = ARGV[4 * i - 2]
-  if redis.call('HEXISTS', member, field) == 0 then
-    redis.call('HSET', member, field, ARGV[4 * i + 1])
-    redis.call('SADD', index, member)
-    redis.call('SADD', KEYS[2], ARGV[4 * i])
-    redis.call('SADD', KEYS[1], ARGV[4 * i - 1])
-    restored[#restored + 1] = i
-  end
-  redis.call('PEXPIRE', member, ARGV[1])
-  redis.call('PEXPIRE', index, ARGV[1])
-end
-return restored
-"""
-)
-
-# KEYS: processes
-# Returns the ids of processes whose liveness deadline has passed.
-_CANDIDATES = _script(
-    """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-"""
-)
-
-# KEYS: alive, owned, processes, channels, member_1, index_1, member_2, index_2, ...
-# ARGV: process_id, field_1, ref_1, channel_1, field_2, ref_2, channel_2, ...
-# Returns nil if the process is alive, else the entry JSONs this call removed.
-_SWEEP = _script(
-    """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local removed = {}
-for i = 1, (#ARGV - 1) / 3 do
-  local member = KEYS[3 + 2 * i]
-  local index = KEYS[4 + 2 * i]
-  local field = ARGV[3 * i - 1]
-  redis.call('SREM', KEYS[2], ARGV[3 * i])
-  local entry = redis.call('HGET', member, field)
-  if entry then
-    redis.call('HDEL', member, field)
-    removed[#removed + 1] = entry
-    if redis.call('EXISTS', member) == 0 then redis.call('SREM', index, member) end
-    if redis.call('EXISTS', index) == 0 then redis.call('SREM', KEYS[4], ARGV[3 * i + 1]) end
-  end
-end
-if redis.call('SCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[1]) end
-return removed
-"""
-)
-
-# KEYS: index, channels, member_1, member_2, ...
-# ARGV: channel
-_PRUNE = _script(
-    """
-for i = 3, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then redis.call('SREM', KEYS[1], KEYS[i]) end
-end
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
-return 0
-"""
-)
-
-
-def _signature(payload: Mapping[str, Any]) -> str:
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _owner_ref(channel: str, key: str, phx_ref: str) -> str:
-    return json.dumps([channel, key, phx_ref], separators=(",", ":"), ensure_ascii=False)
-
-
-def _parse_owner_ref(raw: str) -> tuple[str, str, str] | None:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    if isinstance(value, list) and len(value) == 3 and all(isinstance(part, str) for part in value):
-        return value[0], value[1], value[2]
-    return None
-
-
-def _encode_entry(entry: Entry, signature: str) -> str:
-    return json.dumps(
-        {
-            "channel": entry.channel,
-            "key": entry.key,
-            "phx_ref": entry.phx_ref,
-            "meta": entry.meta,
-            "socket_id": entry.socket_id,
-            "process_id": entry.process_id,
-            "joined_at": entry.joined_at,
-            "sig": signature,
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-
-
-def _decode_entry(raw: str) -> Entry | None:
-    try:
-        value = json.loads(raw)
-        entry = Entry(
-            channel=value["channel"],
-            key=value["key"],
-            phx_ref=value["phx_ref"],
-            meta=value["meta"],
-            socket_id=value["socket_id"],
-            process_id=value["process_id"],
-            joined_at=float(value["joined_at"]),
-        )
-    except (ValueError, TypeError, KeyError):
-        logger.warning("presence: skipping a malformed entry %.200r", raw)
-        return None
-    return entry
 
 
 def _text(value: bytes | str) -> str:
@@ -544,7 +237,7 @@ class RedisPresenceStore:
             **redis_options,
         }
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Redis] = weakref.WeakKeyDictionary()
-        self._batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ScriptBatch] = weakref.WeakKeyDictionary()
+        self._batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ScriptBatch] = weakref.WeakKeyDictionary()
         # socket id -> channel -> the entry this process last wrote for it.
         self._local: dict[str, dict[str, Entry]] = {}
         # phx_ref -> an entry whose write or removal failed; heartbeat() removes it.
@@ -581,12 +274,12 @@ class RedisPresenceStore:
         if client is not None:
             await client.aclose()
 
-    async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
-        """Run a script; calls made while others are on their way share one pipeline (one round trip)."""
+    async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """Run a script of ``presence.scripts``; calls made while others are on their way share one pipeline."""
         loop = asyncio.get_running_loop()
         batch = self._batches.get(loop)
         if batch is None:
-            batch = self._batches[loop] = _ScriptBatch(self._client())
+            batch = self._batches[loop] = ScriptBatch(self._client())
         return await batch.call(script, keys, args)
 
     def _wrote_liveness(self, started: float) -> None:
@@ -603,7 +296,7 @@ class RedisPresenceStore:
     async def track(self, channel: str, key: str, socket_id: str, payload: Mapping[str, Any]) -> TrackResult:
         previous = self._local.get(socket_id, {}).get(channel)
         phx_ref = new_phx_ref()
-        signature = _signature(payload)
+        payload_signature = signature(payload)
         joined = Entry(
             channel=channel,
             key=key,
@@ -620,7 +313,7 @@ class RedisPresenceStore:
             kind, old_raw = await self._eval_writing(
                 socket_id,
                 channel,
-                _TRACK,
+                scripts.TRACK,
                 [
                     process_key(self.process_id),
                     processes_key(),
@@ -636,12 +329,12 @@ class RedisPresenceStore:
                     self.entry_ttl_ms,
                     channel,
                     "" if previous is None else previous.phx_ref,
-                    "" if previous is None else _owner_ref(channel, previous.key, previous.phx_ref),
+                    "" if previous is None else owner_ref(channel, previous.key, previous.phx_ref),
                     phx_ref,
-                    _owner_ref(channel, key, phx_ref),
-                    _encode_entry(joined, signature),
-                    _encode_entry(updated, signature),
-                    signature,
+                    owner_ref(channel, key, phx_ref),
+                    encode_entry(joined, payload_signature),
+                    encode_entry(updated, payload_signature),
+                    payload_signature,
                 ],
             )
         except REDIS_ERRORS:
@@ -651,7 +344,7 @@ class RedisPresenceStore:
                 self._forget(previous)
             raise
         self._wrote_liveness(started)
-        old = _decode_entry(old_raw) if old_raw else None
+        old = decode_entry(old_raw) if old_raw else None
         if kind == TrackKind.UNCHANGED.value and old is not None:
             self._local.setdefault(socket_id, {})[channel] = old
             return TrackResult(TrackKind.UNCHANGED, old, None)
@@ -719,7 +412,7 @@ class RedisPresenceStore:
                 del self._local[entry.socket_id]
 
     async def _eval_writing(
-        self, socket_id: str, channel: str, script: _Script, keys: Sequence[str], args: Sequence[str | int | float]
+        self, socket_id: str, channel: str, script: str, keys: Sequence[str], args: Sequence[Arg]
     ) -> Any:
         """``_eval`` of a script that writes the socket's entry on ``channel``; a heartbeat restores none meanwhile."""
         writing = (socket_id, channel)
@@ -736,16 +429,16 @@ class RedisPresenceStore:
         raw = await self._eval_writing(
             entry.socket_id,
             entry.channel,
-            _REMOVE,
+            scripts.REMOVE,
             [
                 member_key(entry.channel, entry.key),
                 channel_index_key(entry.channel),
                 channels_key(),
                 process_members_key(owner),
             ],
-            [entry.phx_ref, _owner_ref(entry.channel, entry.key, entry.phx_ref), entry.channel],
+            [entry.phx_ref, owner_ref(entry.channel, entry.key, entry.phx_ref), entry.channel],
         )
-        return _decode_entry(raw) if raw else None
+        return decode_entry(raw) if raw else None
 
     # Reading
 
@@ -760,7 +453,7 @@ class RedisPresenceStore:
         entries: Entries = []
         for values in await pipe.execute():
             for raw in values:
-                entry = _decode_entry(raw)
+                entry = decode_entry(raw)
                 if entry is not None and entry.channel == channel:
                     entries.append(entry)
         entries.sort(key=lambda e: (e.joined_at, e.phx_ref))
@@ -791,12 +484,12 @@ class RedisPresenceStore:
             if count:
                 counts.append((name, count))
             else:
-                await self._eval(_PRUNE, [channel_index_key(name), channels_key(), *members], [name])
+                await self._eval(scripts.PRUNE, [channel_index_key(name), channels_key(), *members], [name])
         return counts
 
     async def remove(self, channel: str, key: str, phx_ref: str) -> Diff | None:
         raw = await self._client().hget(member_key(channel, key), phx_ref)
-        entry = _decode_entry(_text(raw)) if raw else None
+        entry = decode_entry(_text(raw)) if raw else None
         if entry is None or (entry.channel, entry.key) != (channel, key):
             return None
         removed = await self._remove_entry(entry, entry.process_id)
@@ -819,7 +512,7 @@ class RedisPresenceStore:
         """
         started = asyncio.get_running_loop().time()
         existed = await self._eval(
-            _LIVENESS, [process_key(self.process_id), processes_key()], [self.process_id, self.liveness_ms]
+            scripts.LIVENESS, [process_key(self.process_id), processes_key()], [self.process_id, self.liveness_ms]
         )
         if not existed:
             self._lapsed = True
@@ -861,7 +554,7 @@ class RedisPresenceStore:
                 keys: list[str] = []
                 for entry in chunk:
                     keys += [member_key(entry.channel, entry.key), channel_index_key(entry.channel)]
-                missing = await self._eval(_REFRESH, keys, [self.entry_ttl_ms, *(e.phx_ref for e in chunk)])
+                missing = await self._eval(scripts.REFRESH, keys, [self.entry_ttl_ms, *(e.phx_ref for e in chunk)])
                 gone = [chunk[int(position) - 1] for position in missing]
                 if restore:
                     restored += await self._restore(gone)
@@ -900,11 +593,11 @@ class RedisPresenceStore:
             payload = {name: value for name, value in entry.meta.items() if name != PHX_REF}
             args += [
                 entry.phx_ref,
-                _owner_ref(entry.channel, entry.key, entry.phx_ref),
+                owner_ref(entry.channel, entry.key, entry.phx_ref),
                 entry.channel,
-                _encode_entry(entry, _signature(payload)),
+                encode_entry(entry, signature(payload)),
             ]
-        written = await self._eval(_RESTORE, keys, args)
+        written = await self._eval(scripts.RESTORE, keys, args)
         return [current[int(position) - 1] for position in written]
 
     async def sweep(self) -> ChannelDiffs:
@@ -913,7 +606,7 @@ class RedisPresenceStore:
         Safe to run from several processes at once: each entry is removed, and
         its leave reported, by exactly one sweeper.
         """
-        candidates = await self._eval(_CANDIDATES, [processes_key()], [])
+        candidates = await self._eval(scripts.CANDIDATES, [processes_key()], [])
         removed: list[Entry] = []
         for process_id in candidates:
             if process_id != self.process_id:
@@ -924,7 +617,7 @@ class RedisPresenceStore:
         owned_key = process_members_key(process_id)
         refs: list[tuple[str, tuple[str, str, str]]] = []
         for raw in sorted(_texts(await self._client().smembers(owned_key))):
-            parsed = _parse_owner_ref(raw)
+            parsed = parse_owner_ref(raw)
             if parsed is not None:
                 refs.append((raw, parsed))
         removed: list[Entry] = []
@@ -934,10 +627,10 @@ class RedisPresenceStore:
             for raw, (channel, key, phx_ref) in chunk:
                 keys += [member_key(channel, key), channel_index_key(channel)]
                 args += [phx_ref, raw, channel]
-            result = await self._eval(_SWEEP, keys, args)
+            result = await self._eval(scripts.SWEEP, keys, args)
             if result is None:
                 break  # the process heartbeated again: it is alive
-            removed.extend(entry for entry in map(_decode_entry, result) if entry is not None)
+            removed.extend(entry for entry in map(decode_entry, result) if entry is not None)
         if removed:
             logger.info("presence: swept %d entries of dead process %s", len(removed), process_id)
         return removed
@@ -948,45 +641,4 @@ class RedisPresenceStore:
         Redis errors are logged and the step retried after ``retry_interval``;
         each diff, from either step, is passed to ``on_leaves(channel, diff)``.
         """
-        loop = asyncio.get_running_loop()
-        next_heartbeat = next_sweep = loop.time()
-        while not stop_event.is_set():
-            now = loop.time()
-            if now >= next_heartbeat:
-                next_heartbeat = now + self.heartbeat_interval
-                leaves = await self._attempt("heartbeat", self.heartbeat)
-                if leaves is None:
-                    next_heartbeat = now + self.retry_interval
-                else:
-                    await _deliver(on_leaves, leaves)
-            if now >= next_sweep:
-                next_sweep = now + self.sweep_interval
-                leaves = await self._attempt("sweep", self.sweep)
-                if leaves is None:
-                    next_sweep = now + self.retry_interval
-                else:
-                    await _deliver(on_leaves, leaves)
-            delay = max(0.0, min(next_heartbeat, next_sweep) - loop.time())
-            try:
-                await asyncio.wait_for(stop_event.wait(), timeout=delay)
-            except TimeoutError:
-                pass
-
-    async def _attempt(self, step: str, run: Callable[[], Awaitable[ChannelDiffs]]) -> ChannelDiffs | None:
-        try:
-            return await run()
-        except REDIS_ERRORS as exc:
-            logger.warning("presence: %s failed, retrying in %.1f s: %s", step, self.retry_interval, exc)
-        except Exception:
-            logger.exception("presence: %s failed, retrying in %.1f s", step, self.retry_interval)
-        return None
-
-
-async def _deliver(on_leaves: OnLeaves, leaves: ChannelDiffs) -> None:
-    for channel, diff in leaves:
-        try:
-            result = on_leaves(channel, diff)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            logger.exception("presence: on_leaves failed for %s", channel)
+        await maintenance.run_maintenance(self, stop_event, on_leaves)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -18,6 +19,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import presence
+import presence.batch
+import presence.scripts
 import presence.store
 from presence.keys import (
     channel_index_key,
@@ -29,6 +32,7 @@ from presence.keys import (
 )
 from presence.state import Diff
 from presence.store import RedisPresenceStore, TrackKind
+from tests.integration.test_replication_crash import PrivateRedis
 
 pytestmark = pytest.mark.integration
 
@@ -397,7 +401,7 @@ def _unused_port() -> int:
 async def test_maintenance_logs_and_retries_while_redis_is_unreachable(caplog: pytest.LogCaptureFixture) -> None:
     store = RedisPresenceStore(f"redis://127.0.0.1:{_unused_port()}/0", "unreachable", ttl=0.6, socket_connect_timeout=0.2)
     stop = asyncio.Event()
-    with caplog.at_level(logging.WARNING, logger="presence.store"):
+    with caplog.at_level(logging.WARNING, logger="presence.maintenance"):
         maintenance = asyncio.create_task(store.run_maintenance(stop, lambda name, diff: None))
         await asyncio.sleep(0.8)
         assert not maintenance.done()
@@ -432,7 +436,7 @@ def lose_track_replies(store: RedisPresenceStore, monkeypatch: pytest.MonkeyPatc
     real_eval = store._eval
 
     async def lossy_eval(script: Any, keys: Any, args: Any) -> Any:
-        if script is not presence.store._TRACK:
+        if script != presence.scripts.TRACK:
             return await real_eval(script, keys, args)
         if after_write:
             await real_eval(script, keys, args)
@@ -496,6 +500,99 @@ async def test_tracks_made_together_share_pipelines_and_each_gets_its_own_result
     assert all(state[f"k{n}"]["metas"][0]["n"] == n for n in range(60))
     updated = await asyncio.gather(*(store.track(channel, f"k{n}", f"s{n}", {"n": n + 100}) for n in range(60)))
     assert [r.kind for r in updated] == [TrackKind.UPDATED] * 60
+
+
+async def scripts_known(client: Redis, *names: str) -> list[bool]:
+    """Whether Redis knows each named script of ``presence.scripts``."""
+    shas = [hashlib.sha1(getattr(presence.scripts, name).encode()).hexdigest() for name in names]
+    return list(await client.script_exists(*shas))
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again_alone_and_in_pipelines(
+    make_store: MakeStore, channel: str, redis_client: Redis
+) -> None:
+    store = make_store()
+    ann = await store.track(channel, "ann", "s0", {"n": 0})
+    await redis_client.script_flush()  # what a Redis restart does to the scripts
+    alone = await store.track(channel, "ann", "s0", {"n": 1})  # one call on its own: EVALSHA, NOSCRIPT, load
+    assert (alone.kind, alone.previous) == (TrackKind.UPDATED, ann.entry)
+    assert await store.state(channel) == {"ann": {"metas": [alone.entry.meta]}}
+
+    await redis_client.script_flush()
+    await store.track(channel, "k0", "s1", {"n": 0})  # loads TRACK only
+    # One pipeline of tracks (TRACK known) and untracks (REMOVE flushed): each call gets its own result.
+    tracks = [store.track(channel, f"k{n}", f"s{n + 1}", {"n": n}) for n in range(1, 20)]
+    untracks = [store.untrack(channel, "s0"), store.untrack(channel, "s1")]
+    *tracked, left_ann, left_k0 = await asyncio.gather(*tracks, *untracks)
+    assert [r.kind for r in tracked] == [TrackKind.JOINED] * 19
+    assert left_ann == {"joins": {}, "leaves": {"ann": {"metas": [alone.entry.meta]}}}
+    assert left_k0 is not None and list(left_k0["leaves"]) == ["k0"]
+    state = await store.state(channel)
+    assert sorted(state) == sorted(f"k{n}" for n in range(1, 20))
+    assert all(state[f"k{n}"]["metas"][0]["n"] == n for n in range(1, 20))
+
+    await redis_client.script_flush()
+    assert await scripts_known(redis_client, "LIVENESS", "REFRESH", "CANDIDATES") == [False] * 3
+    assert await store.heartbeat() == []
+    assert await store.sweep() == []
+    assert await scripts_known(redis_client, "LIVENESS", "REFRESH", "CANDIDATES") == [True] * 3
+    assert [name for name, _ in await store.channels() if name == channel] == [channel]
+    await store.untrack_socket("s2")
+    assert "k1" not in await store.state(channel)
+
+
+async def test_calls_that_ran_keep_their_replies_when_reloading_the_others_fails(
+    make_store: MakeStore, channel: str, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store()
+    ann = await store.track(channel, "ann", "s0", {})
+    await redis_client.script_flush()
+    await store.track(channel, "k0", "s1", {})  # loads TRACK; REMOVE stays unknown
+    real_pipeline = presence.batch.ScriptBatch._pipeline
+
+    async def reload_fails(self: Any, calls: Any, *, load: bool) -> Any:
+        if load:
+            raise RedisConnectionError("connection reset")
+        return await real_pipeline(self, calls, load=load)
+
+    monkeypatch.setattr(presence.batch.ScriptBatch, "_pipeline", reload_fails)
+    tracked, untracked = await asyncio.gather(
+        store.track(channel, "bob", "s2", {}), store.untrack(channel, "s0"), return_exceptions=True
+    )
+    assert isinstance(untracked, RedisConnectionError)
+    assert not isinstance(tracked, BaseException) and tracked.kind is TrackKind.JOINED
+    monkeypatch.undo()
+    assert sorted(await store.state(channel)) == ["ann", "bob", "k0"]
+    # The failed untrack is retried by the next heartbeat, as after any Redis error.
+    assert await store.heartbeat() == [(channel, {"joins": {}, "leaves": {"ann": {"metas": [ann.entry.meta]}}})]
+    assert sorted(await store.state(channel)) == ["bob", "k0"]
+
+
+async def test_the_store_keeps_working_across_a_redis_restart(tmp_path: Path) -> None:
+    private = PrivateRedis(tmp_path)
+    private.start()
+    store = RedisPresenceStore(private.url, f"test-{uuid.uuid4().hex}", ttl=3.0)
+    channel = f"public:restart-{uuid.uuid4().hex}"
+    try:
+        ann = await store.track(channel, "ann", "s1", {"user": "ann"})
+        private.kill()
+        private.start()  # no persistence: every key and every script is gone
+        deadline = time.monotonic() + 10
+        while True:  # the pooled connections died with the server: the first calls may fail
+            try:
+                restored = await store.heartbeat()
+                break
+            except (RedisConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        assert restored == [(channel, {"joins": {"ann": {"metas": [ann.entry.meta]}}, "leaves": {}})]
+        results = await asyncio.gather(*(store.track(channel, f"k{n}", f"s{n + 2}", {"n": n}) for n in range(10)))
+        assert [r.kind for r in results] == [TrackKind.JOINED] * 10
+        assert sorted(await store.state(channel)) == sorted(["ann", *(f"k{n}" for n in range(10))])
+    finally:
+        await store.close()
+        private.kill()
 
 
 # --- names chosen by clients --------------------------------------------------------
@@ -594,7 +691,7 @@ async def test_a_member_re_tracked_while_the_heartbeat_restores_is_present_once(
 
     async def track_while_refreshing(script: Any, keys: Any, args: Any) -> Any:
         refresh = asyncio.ensure_future(original(script, keys, args))
-        if script is presence.store._REFRESH and not tracks:
+        if script == presence.scripts.REFRESH and not tracks:
             await asyncio.sleep(0)  # the refresh is on its way; the socket re-tracks meanwhile
             tracks.append(asyncio.ensure_future(stalled.track(channel, "ann", "s1", {"user": "ann", "v": 2})))
             await asyncio.sleep(0)
