@@ -49,6 +49,8 @@ from enum import Enum
 from typing import Any, Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from presence import maintenance, scripts
 from presence.batch import Arg, ScriptBatch
@@ -234,6 +236,10 @@ class RedisPresenceStore:
             "decode_responses": True,
             "socket_timeout": 5,
             "socket_connect_timeout": 5,
+            # redis-py re-sends a whole command or pipeline after a connection error by default; a
+            # script that ran but whose reply was lost would then run twice (a second join, no
+            # leave). A failed call raises instead, and the heartbeat repairs what it left.
+            "retry": Retry(NoBackoff(), 0),
             **redis_options,
         }
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Redis] = weakref.WeakKeyDictionary()
