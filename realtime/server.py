@@ -456,6 +456,7 @@ class RealtimeServer(Server):
         self.reuse_port = reuse_port
         self.ports: list[Any] = []  # Twisted listening ports, closed first thing on a graceful stop
         self.stopping = False
+        self._signalled = False
 
     def run(self) -> None:
         skip_config_dump()
@@ -503,10 +504,11 @@ class RealtimeServer(Server):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.stopping:
+        if self.stopping or self._signalled:
             # No logging here: the interrupted code may hold the logging lock.
             os.write(2, f"second {signal.Signals(signum).name}: exiting at once\n".encode())
             os._exit(1)
+        self._signalled = True  # a second signal before the reactor runs graceful_stop exits too
         reactor.callFromThread(self.graceful_stop, signal.Signals(signum).name)
 
     def _watch_parent(self, parent: int) -> None:
