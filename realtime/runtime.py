@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -163,8 +163,9 @@ class Runtime:
 
     async def start(self) -> None:
         """Make every part now (a server process at startup): the first socket then waits for none of them."""
-        self.hub, self.publisher, self.presence, self.database  # noqa: B018  # each property makes its part
+        parts = (self.hub, self.publisher, self.presence, self.database)  # each property makes its part
         await self.socket_counter.ready()
+        logger.debug("runtime started: %s", ", ".join(type(part).__name__ for part in parts))
 
     def opened(self, socket: Drainable) -> None:
         """A socket was accepted; during a drain it is closed with the next batch."""
@@ -212,23 +213,22 @@ class Runtime:
         if self.closed:
             return
         self.closed = True
+        # Each step is attempted whatever the one before did: a failure is logged, not raised.
         if self._store is not None:
-            await self._close_presence(self._store)
+            await _attempt("presence store", self._close_presence(self._store))
         if self._hub is not None:
-            try:
-                await self._hub.aclose()
-            finally:
-                registration = self._hub.registration
-                if registration is not None:
-                    await registration.redis.aclose()
+            await _attempt("hub", self._hub.aclose())
+            registration = self._hub.registration
+            if registration is not None:
+                await _attempt("claim-set registration", registration.redis.aclose())
         if self._publisher is not None:
-            await self._publisher.wait_sent(PRESENCE_STOP_TIMEOUT_S)
+            await _attempt("publisher", self._publisher.wait_sent(PRESENCE_STOP_TIMEOUT_S))
         if self._counter is not None:
-            await self._counter.aclose()
+            await _attempt("socket counter", self._counter.aclose())
         if self._database is not None:
-            await self._database.close()
+            await _attempt("database pool", self._database.close())
         if self._redis is not None:
-            await self._redis.aclose()
+            await _attempt("Redis client", self._redis.aclose())
 
     async def _close_presence(self, store: RedisPresenceStore) -> None:
         from realtime.presence import publish_diff
@@ -246,6 +246,13 @@ class Runtime:
             except TimeoutError:
                 self._store_task.cancel()
         await store.close()
+
+
+async def _attempt(what: str, step: Awaitable[None]) -> None:
+    try:
+        await step
+    except Exception:
+        logger.exception("closing the %s failed", what)
 
 
 _runtimes: dict[asyncio.AbstractEventLoop, Runtime] = {}

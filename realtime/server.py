@@ -438,10 +438,11 @@ class RealtimeServer(Server):
     once (reconnects land on the other processes), then the runtime drains
     (``realtime.runtime.Runtime.drain``: joins answered ``RealtimeRestarting``,
     sockets closed with 1012 in batches over ``REALTIME_DRAIN_S``, presence
-    leaves and claim-set removals published), then daphne shuts down as usual.
-    A second signal exits at once. Daphne registers ``kill_all_applications``
-    as a Twisted "before shutdown" trigger, which may return a Deferred: the
-    override runs the drain first and daphne's own cancellation after it.
+    leaves and claim-set removals published), then the applications still
+    running are cancelled as daphne does, and daphne shuts down. A second
+    signal exits at once. Daphne registers ``kill_all_applications`` as a
+    Twisted "before shutdown" trigger, which may return a Deferred: the
+    override returns one that fires after the drain and the cancellation.
 
     ``reuse_port=(host, port)`` listens on a ``SO_REUSEPORT`` socket of its own
     instead of daphne's endpoints (``runserver --workers``); with
