@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -349,6 +350,10 @@ async def test_sigterm_drains_one_of_two_processes_onto_the_other_without_ghosts
             )
             await asyncio.sleep(0.25)
 
+        # Metrics in multiprocess mode (the supervisor's directory): any process answers for both.
+        sockets_metric = await asyncio.to_thread(wait_metric, workers, "realtime_sockets", float(SOCKETS), 10)
+        print(f"/metrics: realtime_sockets {sockets_metric:g}")
+
         new = await asyncio.to_thread(wait_restarted, workers, set(pids), 60)
         print(f"the supervisor restarted the stopped process as pid {new}")
     finally:
@@ -371,6 +376,25 @@ async def presence_state(observer: LiteSocket) -> dict[str, Any]:
     finally:
         assert observer.writer is not None
         observer.writer.close()
+
+
+def metric(url: str, name: str) -> float | None:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+def wait_metric(workers: Workers, name: str, expected: float, timeout: float) -> float | None:
+    """The metric's value once it equals ``expected`` (or the last value seen after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    value = metric(workers.url, name)
+    while value != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = metric(workers.url, name)
+    assert value == expected, f"{name} is {value}, expected {expected}"
+    return value
 
 
 def wait_restarted(workers: Workers, known: set[int], timeout: float) -> int:

@@ -55,3 +55,33 @@ def test_children_dying_young_restart_later_and_later_up_to_a_cap() -> None:
     delays = [restart_delay(n) for n in range(1, 12)]
     assert delays == sorted(delays) and delays[0] > 0
     assert delays[-1] == RESTART_MAX_S
+
+
+class FakeSocket:
+    def __init__(self, runtime, log: list[tuple[float, int]]) -> None:
+        self.runtime = runtime
+        self.log = log
+
+    async def close(self, code: int) -> None:
+        import asyncio
+
+        self.log.append((asyncio.get_running_loop().time(), code))
+        self.runtime.gone(self)
+
+
+async def test_the_drain_closes_sockets_with_1012_batch_by_batch_then_closes_the_runtime() -> None:
+    import asyncio
+
+    from realtime.runtime import Runtime
+
+    runtime = Runtime()
+    log: list[tuple[float, int]] = []
+    for _ in range(DRAIN_MIN_BATCH * 3):
+        runtime.opened(FakeSocket(runtime, log))
+    await runtime.drain(5.0)
+    assert runtime.draining and runtime.closed and not runtime.sockets
+    assert [code for _, code in log] == [1012] * (DRAIN_MIN_BATCH * 3)
+    # A batch closes its sockets in one go; batches are DRAIN_STEP_S apart (or more, on a busy machine).
+    times = [at for at, _ in log]
+    breaks = [i for i, (a, b) in enumerate(zip(times, times[1:]), 1) if b - a >= DRAIN_STEP_S / 2]
+    assert breaks == [DRAIN_MIN_BATCH, 2 * DRAIN_MIN_BATCH]
