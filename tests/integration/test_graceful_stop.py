@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import sql
 
 from tests.fixtures.server import HOST, ServerProcess, mint_token
+from tests.integration.conftest import execute
 
 pytestmark = pytest.mark.integration
 
@@ -47,15 +49,45 @@ async def test_a_join_during_the_drain_is_answered_realtime_restarting(connect) 
     }]
 
 
-async def test_the_drain_closes_every_socket_with_1012_and_sends_the_leaves(connect) -> None:
+@pytest.fixture
+def table(publication: str) -> Iterator[str]:
+    """A published table anon may read; dropped afterwards."""
+    name = f"drain_{uuid.uuid4().hex[:8]}"
+    ident = sql.Identifier("public", name)
+    execute(
+        sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY)").format(ident),
+        sql.SQL("GRANT SELECT ON {} TO anon").format(ident),
+        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), ident),
+    )
+    yield name
+    execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
+
+
+async def test_the_drain_closes_every_socket_with_1012_and_sends_the_leaves(connect, table: str) -> None:
+    from django.conf import settings
+    from redis.asyncio import Redis
+
     from realtime.presence import get_store
     from realtime.runtime import get_runtime
+    from shared.claimsets import Keys
 
     topic = f"realtime:drain-{uuid.uuid4().hex[:8]}"
     clients = [await connect() for _ in range(3)]
     for index, client in enumerate(clients):
         await client.join(topic, {"presence": {"enabled": True, "key": f"k{index}"}})
         await client.push("1", str(10 + index), topic, "presence", {"type": "presence", "event": "track", "payload": {"n": index}})
+    # One channel with postgres_changes: this process registers a claim set in Redis.
+    changes_topic = f"realtime:drain-changes-{uuid.uuid4().hex[:8]}"
+    changes = await connect()
+    reply = await changes.join(changes_topic, {"postgres_changes": [{"event": "*", "schema": "public", "table": table}]})
+    assert reply[4]["status"] == "ok", reply
+    assert (await changes.recv_event("system", timeout=10))[4]["status"] == "ok"
+    clients.append(changes)
+    registration = get_runtime().hub.registration
+    assert registration is not None
+    keys = Keys(settings.REALTIME_REDIS_PREFIX)
+    redis = Redis.from_url(settings.REDIS_URL)
+    assert await redis.zscore(keys.processes, registration.process_id) is not None
     presence_channel = "public:" + topic.removeprefix("realtime:")
     runtime = get_runtime()
     for _ in range(50):
@@ -75,13 +107,16 @@ async def test_the_drain_closes_every_socket_with_1012_and_sends_the_leaves(conn
     await asyncio.wait_for(drain, 10)
     assert runtime.closed and not runtime.sockets
     from presence.store import RedisPresenceStore
-    from django.conf import settings
 
     reader = RedisPresenceStore(settings.REDIS_URL, "reader", ttl=15)
     try:
         assert not await reader.list(presence_channel)
+        # The claim sets of this process are gone from the registry at once, not after their TTL.
+        assert await redis.zscore(keys.processes, registration.process_id) is None
+        assert not await redis.exists(keys.process(registration.process_id))
     finally:
         await reader.close()
+        await redis.aclose()
 
 
 # --- two processes on one port ------------------------------------------------------------
