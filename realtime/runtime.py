@@ -258,6 +258,30 @@ async def _attempt(what: str, step: Awaitable[None]) -> None:
 _runtimes: dict[asyncio.AbstractEventLoop, Runtime] = {}
 
 
+async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """ASGI lifespan (uvicorn): start the runtime at startup, close it at shutdown.
+
+    uvicorn closes every socket with 1012 at once on SIGTERM (no batches), then
+    sends ``lifespan.shutdown``: the close then removes this process's claim
+    sets and socket count and sends any presence leaves still due. Daphne
+    sends no lifespan events; ``realtime.server`` drains instead.
+    """
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                await get_runtime().start()
+            except Exception:
+                logger.exception("starting the runtime failed")
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            runtime = current_runtime()
+            if runtime is not None:
+                await runtime.close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 def get_runtime() -> Runtime:
     """The running event loop's runtime (made on first use)."""
     loop = asyncio.get_running_loop()

@@ -444,3 +444,30 @@ def wait_restarted(workers: Workers, known: set[int], timeout: float) -> int:
             return fresh[0]
         time.sleep(0.2)
     raise AssertionError(workers.describe(f"did not restart the stopped process within {timeout:.0f} s"))
+
+
+async def test_asgi_lifespan_starts_and_closes_the_runtime() -> None:
+    """uvicorn's lifespan events: the runtime starts at startup and closes (leaves, claim sets) at shutdown."""
+    from realtime.runtime import _runtimes, current_runtime
+    from realtime_project.asgi import application
+
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await events.put({"type": "lifespan.startup"})
+    task = asyncio.ensure_future(application({"type": "lifespan", "asgi": {"version": "3.0"}}, events.get, send))
+    for _ in range(100):
+        if sent:
+            break
+        await asyncio.sleep(0.05)
+    assert sent == [{"type": "lifespan.startup.complete"}]
+    runtime = current_runtime()
+    assert runtime is not None and runtime.hub is not None and not runtime.closed
+    await events.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(task, 10)
+    assert sent[-1] == {"type": "lifespan.shutdown.complete"}
+    assert runtime.closed
+    _runtimes.pop(asyncio.get_running_loop(), None)
