@@ -4,7 +4,8 @@ For each server under test (daphne via ``manage.py runserver``, uvicorn with
 the ``websockets`` or ``websockets-sansio`` protocol) and two ceilings (``raw``:
 a minimal ``websockets`` server whose ``broadcast()`` frames the message once
 per connection; ``rawframe``: an asyncio protocol that frames each message once
-and hands the same bytes to every socket's ``transport.write``) and each socket
+and hands the same bytes to every socket's ``transport.write``; ``daphne-workers``: ``manage.py
+runserver --workers W``, W daphne processes on one port, ``--server-workers``) and each socket
 count N, this script starts the server as a subprocess, holds N sockets joined
 to ``realtime:bench`` from load-generator worker processes
 (``bench/_loadgen.py``), then publishes from one extra socket at rising rates.
@@ -16,13 +17,15 @@ got every message exactly once, the publisher achieved at least 99% of the
 target rate and p99 <= 100 ms; the sustained figure is the highest passing
 step. The summary gives each server's ratio to the faster ceiling. It also
 reports server CPU per delivery (from /proc/<pid>/stat) and RSS per 1,000 idle
-joined sockets, and optionally a py-spy profile of the server under load.
+joined sockets (summed over the server's processes), and optionally a py-spy profile of the
+server under load.
 Results go to stdout, and as text and JSON (``bench/_report.py``, for
 ``bench/compare.py``) to the log folder.
 
 On a machine with two or more CPUs the server is pinned to the first CPU and
 the load generator (workers and the publisher in this process) to the others,
-so each side gets its own core; ``--no-pin`` lets the scheduler decide. The
+so each side gets its own core (with ``daphne-workers`` the server gets the first W CPUs, if
+at least W + 1 are available; else nothing is pinned); ``--no-pin`` lets the scheduler decide. The
 load generator's CPU use is printed per step: a step where it is near 100% of
 its core measures the client, not the server.
 
@@ -30,6 +33,7 @@ Usage::
 
     .venv/bin/python bench/broadcast.py --quick
     .venv/bin/python bench/broadcast.py --sockets 1000 5000 --servers daphne uvicorn raw rawframe --profile daphne
+    .venv/bin/python bench/broadcast.py --sockets 5000 --servers daphne daphne-workers --server-workers 2  # 1 vs 2 processes
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ import _loadgen as lg  # noqa: E402
 import _report  # noqa: E402
 
 HOST = "127.0.0.1"
-SERVERS = ("daphne", "uvicorn", "uvicorn-sansio", "raw", "rawframe")
+SERVERS = ("daphne", "daphne-workers", "uvicorn", "uvicorn-sansio", "raw", "rawframe")
 CEILINGS = ("raw", "rawframe")
 DEFAULT_SERVERS = ["daphne", "uvicorn", "raw", "rawframe"]
 DEFAULT_RATES = [5, 10, 15, 25, 35, 50, 70, 100, 140, 200, 280, 400, 560, 800, 1100, 1600, 2200, 3200]
@@ -138,6 +142,26 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a supervised server's processes)."""
+    pids = [pid]
+    for parent in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                pids += [int(child) for child in f.read().split()]
+    return pids
+
+
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """``cpu_times`` summed over ``pid`` and its descendants."""
+    user = system = 0.0
+    for member in tree(pid):
+        with contextlib.suppress(OSError):
+            u, s = cpu_times(member)
+            user, system = user + u, system + s
+    return user, system
+
+
 def core_busy_seconds(cpus: set[int] | None) -> float | None:
     """Non-idle time of ``cpus`` (user, system, irq and softirq, whoever it is charged to)."""
     if not cpus:
@@ -174,11 +198,14 @@ def foreign_cpu(before: dict[int, float], after: dict[int, float], ours: set[int
 
 
 def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    """Resident memory of ``pid`` and its descendants."""
+    total = 0
+    for member in tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{member}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def free_port() -> int:
@@ -516,9 +543,10 @@ class Bench:
         self.log_dir = log_dir
         self.step_id = 0
         cpus = sorted(os.sched_getaffinity(0))
-        if args.pin and len(cpus) >= 2:
-            self.server_cpus: set[int] | None = {cpus[0]}
-            self.loadgen_cpus: set[int] | None = set(cpus[1:])
+        server_cores = args.server_workers if "daphne-workers" in args.servers else 1
+        if args.pin and len(cpus) > server_cores:
+            self.server_cpus: set[int] | None = set(cpus[:server_cores])
+            self.loadgen_cpus: set[int] | None = set(cpus[server_cores:])
             os.sched_setaffinity(0, self.loadgen_cpus)
         else:
             self.server_cpus = self.loadgen_cpus = None
@@ -531,6 +559,8 @@ class Bench:
         py = sys.executable
         if kind == "daphne":
             return [py, "manage.py", "runserver", f"{HOST}:{port}", "--noreload"]
+        if kind == "daphne-workers":
+            return [py, "manage.py", "runserver", f"{HOST}:{port}", "--workers", str(self.args.server_workers)]
         if kind in ("uvicorn", "uvicorn-sansio"):
             ws = "websockets" if kind == "uvicorn" else "websockets-sansio"
             return [py, "-m", "uvicorn", "realtime_project.asgi:application", "--host", HOST, "--port", str(port),
@@ -548,6 +578,7 @@ class Bench:
         prefix = f"rtbench{os.getpid()}x{len(self.prefixes)}"
         self.prefixes.append(prefix)
         env["REALTIME_LAYER_PREFIX"] = prefix
+        env["REALTIME_DRAIN_S"] = "0"  # stopping a server closes its sockets at once
         log = open(self.log_dir / f"{kind}-{n}.log", "wb")
         server = spawn(self.server_command(kind, port), cpus=self.server_cpus, env=env, cwd=self.args.server_dir,
                        stdout=log, stderr=subprocess.STDOUT)
@@ -683,7 +714,7 @@ class Bench:
             time.sleep(0.05)
 
     def ours(self) -> set[int]:
-        pids = {os.getpid(), *(p.pid for p in _children)}
+        pids = {os.getpid(), *(member for p in _children for member in tree(p.pid))}
         if self.redis_pid:
             pids.add(self.redis_pid)
         return pids
@@ -723,7 +754,7 @@ class Bench:
         procs0 = userland_cpu()
         t0 = time.monotonic()
         core0 = core_busy_seconds(self.server_cpus)
-        user0, sys0 = cpu_times(server.pid)
+        user0, sys0 = tree_cpu_times(server.pid)
         redis0 = self.redis_cpu()
         info = pub.publish(rate, duration, step_id)
         if info["seq_last"] - info["seq_first"] + 1 != info["sent"]:
@@ -744,7 +775,7 @@ class Bench:
             time.sleep(0.02)
         t1 = time.monotonic()
         core1 = core_busy_seconds(self.server_cpus)
-        user1, sys1 = cpu_times(server.pid)
+        user1, sys1 = tree_cpu_times(server.pid)
         redis1 = self.redis_cpu()
         others = foreign_cpu(procs0, userland_cpu(), ours)
         replies = [w.rpc({"cmd": "stats", "step": step_id, "sent": info["sent"]}) for w in workers]
@@ -806,7 +837,7 @@ class Bench:
         rate = best.rate if best else self.args.rates[0]
         secs = self.args.profile_seconds
         out = self.log_dir / f"profile-{kind}-{n}.txt"
-        cmd = [pyspy, "record", "--pid", str(server.pid), "--duration", str(int(secs)), "--rate", "200",
+        cmd = [pyspy, "record", "--pid", str(server.pid), "--subprocesses", "--duration", str(int(secs)), "--rate", "200",
                "--format", "raw", "--output", str(out), "--nonblocking"]
         print(f"  [{kind} N={n}] profiling with py-spy for {secs:.0f}s at {rate:g} msg/s", flush=True)
         spy = spawn(cmd, cpus=self.loadgen_cpus, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -1070,6 +1101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rates", type=float, nargs="+", help="publish rates in messages/s, rising")
     p.add_argument("--quick", action="store_true", help="small smoke run: 200 sockets, 2 steps, under a minute")
     p.add_argument("--workers", type=int, default=2, help="load-generator worker processes (default 2)")
+    p.add_argument("--server-workers", type=int, default=2, help="server processes of daphne-workers (default 2)")
     p.add_argument("--client", choices=("lite", "websockets"), default="lite", help="load-generator client (default lite)")
     p.add_argument("--batch", type=int, default=20, help="handshakes in flight per worker while connecting")
     p.add_argument("--heartbeat", type=float, default=30.0, help="Phoenix heartbeat interval per socket, s (0 = none)")

@@ -259,24 +259,11 @@ async def authorize_binding(
     return AuthorizedBinding(binding, tuple(allowed), matcher, selected, readable)
 
 
-_databases: dict[asyncio.AbstractEventLoop, Database] = {}
-
-
 def get_database() -> Database:
-    """The running event loop's ``Database`` (pools belong to one loop)."""
-    from django.conf import settings
+    """The running event loop's ``Database``, owned by its runtime (pools belong to one loop)."""
+    from realtime.runtime import get_runtime
 
-    loop = asyncio.get_running_loop()
-    db = _databases.get(loop)
-    if db is None:
-        db = _databases[loop] = Database(settings.DATABASE_URL, settings.REALTIME_PUBLICATION)
-    return db
-
-
-async def close_database() -> None:
-    db = _databases.pop(asyncio.get_running_loop(), None)
-    if db is not None:
-        await db.close()
+    return get_runtime().database
 
 
 _checker = RowChecker()

@@ -34,6 +34,7 @@ from realtime.channel_auth import check_policies, headers_json
 from realtime.hub import ChangeSubscription, Held, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
 from realtime.publisher import get_publisher
+from realtime.runtime import Runtime, get_runtime
 from core.jwt import Claims, TokenError, opaque_key_claims
 from realtime.limits import get_socket_counter
 from realtime.logs import SocketLog, parse_log_level
@@ -195,6 +196,7 @@ class RealtimeConsumer(AsyncConsumer):
         # REALTIME_MAX_CHECKS_PER_SOCKET slots: (still wanted?, the work).
         self.db_queue: deque[tuple[Callable[[], bool], Callable[[], Coroutine[Any, Any, None]]]] = deque()
         self.db_running = 0
+        self.runtime: Runtime | None = None  # the process's runtime, once the socket is accepted (drain)
         try:
             while True:
                 message = await receive()
@@ -210,6 +212,8 @@ class RealtimeConsumer(AsyncConsumer):
             if self.tasks:
                 # Let the leaves of this socket's presence reach the others.
                 await asyncio.wait(list(self.tasks), timeout=5)
+            if self.runtime is not None:
+                self.runtime.gone(self)
 
     # --- handshake -------------------------------------------------------
 
@@ -249,6 +253,8 @@ class RealtimeConsumer(AsyncConsumer):
         counter.opened(self.address)
         self.counted = True
         metrics.sockets.inc()
+        self.runtime = get_runtime()
+        self.runtime.opened(self)
         await self.base_send({"type": "websocket.accept"})
         self.writer = SocketWriter(
             self.base_send, self.scope.get(DIRECT_WRITE), settings.REALTIME_MAX_UNSENT_BYTES, self._on_slow_consumer
@@ -324,6 +330,8 @@ class RealtimeConsumer(AsyncConsumer):
                 # A join made void by a newer one on its topic gets no reply: forget the oldest.
                 del self.joins_started[next(iter(self.joins_started))]
             self.joins_started[(msg.topic, msg.ref)] = time.monotonic()
+            if self.runtime is not None and self.runtime.draining:
+                self.session.restarting = True
         await self.step(lambda session: session.handle(msg, time.time()), msg.event, msg.topic)
 
     async def step(self, advance: Callable[[Session], list[Effect]], event: str, topic: str) -> None:

@@ -1,7 +1,7 @@
 """This server process's numbers into Redis every few seconds, for the admin's status page (``shared.servers``).
 
-``start_heartbeat`` is called for every ASGI connection (``realtime_project.asgi``)
-and starts the loop once per event loop, so a process appears on the page from
+``WithHeartbeat`` asks the runtime (``realtime.runtime``) for its heartbeat on every
+ASGI connection (``realtime_project.asgi``), which starts it once per process, so a process appears on the page from
 its first request (a load balancer's health check is enough) or, under
 uvicorn, from its lifespan startup. Nothing here may hurt the server: a failed
 write is logged at debug level and tried again on the next beat.
@@ -14,11 +14,12 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
 
-from realtime.limits import get_redis
+from realtime.runtime import get_runtime
 from realtime.presence import PROCESS_ID
 from shared import metrics, servers
 
@@ -26,9 +27,6 @@ logger = logging.getLogger(__name__)
 
 NAME = f"{socket.gethostname()}:{os.getpid()}"
 STARTED_AT = time.time()
-
-_beats: dict[asyncio.AbstractEventLoop, tuple[asyncio.Event, asyncio.Task[None]]] = {}
-
 
 def snapshot(now: float) -> servers.ServerStatus:
     """This process's numbers now."""
@@ -42,10 +40,10 @@ async def beat_once(redis: Any) -> None:
     await servers.publish(redis, settings.REALTIME_REDIS_PREFIX, snapshot(time.time()))
 
 
-async def _beat_forever(stop: asyncio.Event) -> None:
+async def _beat_forever(stop: asyncio.Event, redis: Callable[[], Any]) -> None:
     while not stop.is_set():
         try:
-            await beat_once(get_redis())
+            await beat_once(redis())
         except Exception as error:  # noqa: BLE001  (Redis down: the page shows the process once it is back)
             logger.debug("server numbers not written to Redis: %s", error)
         try:
@@ -54,30 +52,25 @@ async def _beat_forever(stop: asyncio.Event) -> None:
             pass
 
 
-def start_heartbeat() -> None:
-    """Start the running loop's heartbeat unless it runs already."""
-    loop = asyncio.get_running_loop()
-    if loop in _beats:
-        return
-    stop = asyncio.Event()
-    _beats[loop] = (stop, loop.create_task(_beat_forever(stop)))
+class Heartbeat:
+    """The loop that writes this process's numbers every ``servers.BEAT_EVERY_S``; owned by the runtime."""
 
+    def __init__(self, redis: Callable[[], Any]) -> None:
+        self._redis = redis
+        self._stop = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(_beat_forever(self._stop, redis))
 
-async def close_heartbeat() -> None:
-    """Stop the running loop's heartbeat and remove this process from the page (shutdown, tests)."""
-    found = _beats.pop(asyncio.get_running_loop(), None)
-    if found is None:
-        return
-    stop, task = found
-    stop.set()
-    try:
-        await asyncio.wait_for(task, 5)
-    except asyncio.TimeoutError:
-        task.cancel()
-    try:
-        await servers.forget(get_redis(), settings.REALTIME_REDIS_PREFIX, NAME)
-    except Exception as error:  # noqa: BLE001
-        logger.debug("server numbers not removed from Redis: %s", error)
+    async def close(self) -> None:
+        """Stop beating and remove this process from the page at once."""
+        self._stop.set()
+        try:
+            await asyncio.wait_for(self._task, 5)
+        except asyncio.TimeoutError:
+            self._task.cancel()
+        try:
+            await servers.forget(self._redis(), settings.REALTIME_REDIS_PREFIX, NAME)
+        except Exception as error:  # noqa: BLE001
+            logger.debug("server numbers not removed from Redis: %s", error)
 
 
 class WithHeartbeat:
@@ -87,5 +80,5 @@ class WithHeartbeat:
         self.application = application
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
-        start_heartbeat()
+        get_runtime().start_heartbeat()
         return await self.application(scope, receive, send)

@@ -808,6 +808,11 @@ class Hub:
         if not task.cancelled() and task.exception() is not None:
             logger.error("hub background task failed", exc_info=task.exception())
 
+    @property
+    def registration(self) -> Registration | None:
+        """This process's claim sets in Redis (removed by ``aclose``)."""
+        return self._registration
+
     async def aclose(self) -> None:
         """Stop receiving and leave every group (server shutdown, test teardown)."""
         self._closing = True
@@ -840,34 +845,25 @@ def _system_error(sub: ChangeSubscription, message: str) -> dict[str, Any]:
     return {"type": "websocket.send", "text": text}
 
 
-async def close_hub() -> None:
-    """Close the running loop's hub, if it has one."""
-    hub = _hubs.pop(asyncio.get_running_loop(), None)
-    if hub is not None:
-        await hub.aclose()
-        if hub._registration is not None:
-            await hub._registration.redis.aclose()
+def new_hub() -> Hub:
+    """A hub on the configured channel layer, with its claim-set registration (``realtime.runtime`` owns it)."""
+    from django.conf import settings
+    from redis.asyncio import Redis
 
+    from shared.claimsets import Registration
+    from realtime.authorization import check_rows
 
-_hubs: dict[asyncio.AbstractEventLoop, Hub] = {}
+    layer = get_channel_layer()
+    if layer is None:
+        raise RuntimeError("CHANNEL_LAYERS is not configured")
+    redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=15)
+    registration = Registration(redis, settings.REALTIME_REDIS_PREFIX, uuid.uuid4().hex)
+    privileges = PrivilegeCache(fetch_grants, settings.REALTIME_PRIVILEGES_TTL_MS / 1000)
+    return Hub(layer, registration, check_rows, privileges)
 
 
 def get_hub() -> Hub:
-    """The hub of the running event loop."""
-    loop = asyncio.get_running_loop()
-    hub = _hubs.get(loop)
-    if hub is None:
-        from django.conf import settings
-        from redis.asyncio import Redis
+    """The hub of the running event loop's runtime."""
+    from realtime.runtime import get_runtime
 
-        from shared.claimsets import Registration
-        from realtime.authorization import check_rows
-
-        layer = get_channel_layer()
-        if layer is None:
-            raise RuntimeError("CHANNEL_LAYERS is not configured")
-        redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=15)
-        registration = Registration(redis, settings.REALTIME_REDIS_PREFIX, uuid.uuid4().hex)
-        privileges = PrivilegeCache(fetch_grants, settings.REALTIME_PRIVILEGES_TTL_MS / 1000)
-        hub = _hubs[loop] = Hub(layer, registration, check_rows, privileges)
-    return hub
+    return get_runtime().hub

@@ -128,27 +128,15 @@ async def rest_rate_exceeded(
     return int(total) > per_second * window
 
 
-_counters: dict[asyncio.AbstractEventLoop, SocketCounter] = {}
-_redis: dict[asyncio.AbstractEventLoop, Redis] = {}
-
-
 def get_redis() -> Redis:
-    """The running loop's Redis client for limits."""
-    loop = asyncio.get_running_loop()
-    redis = _redis.get(loop)
-    if redis is None:
-        from django.conf import settings
+    """The running loop's Redis client for limits, owned by its runtime."""
+    from realtime.runtime import get_runtime
 
-        redis = _redis[loop] = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=5)
-    return redis
+    return get_runtime().redis
 
 
 def get_socket_counter() -> SocketCounter:
-    """The running loop's socket counter."""
-    loop = asyncio.get_running_loop()
-    counter = _counters.get(loop)
-    if counter is None:
-        from django.conf import settings
+    """The running loop's socket counter, owned by its runtime."""
+    from realtime.runtime import get_runtime
 
-        counter = _counters[loop] = SocketCounter(get_redis(), settings.REALTIME_REDIS_PREFIX)
-    return counter
+    return get_runtime().socket_counter

@@ -3,21 +3,19 @@
 The state lives in Redis (``presence.store``) so every server process sees
 one presence per topic; each diff travels through the topic's presence group
 (``topics.presence_group``) as a ``presence_diff`` and reaches every channel on
-the topic that may read presence, the tracker included (PROTOCOL.md 6.2, 7). The first use starts the store's maintenance
-loop: it keeps this process's members alive, emits the leaves of members
+the topic that may read presence, the tracker included (PROTOCOL.md 6.2, 7). The store belongs to the
+process's runtime (``realtime.runtime``), whose close sends its members' leaves; its maintenance
+loop keeps this process's members alive, emits the leaves of members
 whose process died, and the joins of this process's members that were swept
 while its loop stalled and are tracked again.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
 from typing import Any
-
-from django.conf import settings
 
 from presence.store import RedisPresenceStore
 from realtime.publisher import get_publisher
@@ -31,38 +29,11 @@ DIFF_LINGER_S = 0.005
 
 PROCESS_ID = f"{uuid.uuid4().hex}"
 
-_stores: dict[asyncio.AbstractEventLoop, tuple[RedisPresenceStore, asyncio.Event, asyncio.Task[None]]] = {}
-
-
 def get_store() -> RedisPresenceStore:
-    """The running loop's store, with its maintenance loop started."""
-    loop = asyncio.get_running_loop()
-    found = _stores.get(loop)
-    if found is None:
-        store = RedisPresenceStore(settings.REDIS_URL, PROCESS_ID, ttl=settings.REALTIME_PRESENCE_TTL_S)
-        stop = asyncio.Event()
-        task = loop.create_task(store.run_maintenance(stop, publish_diff))
-        found = _stores[loop] = (store, stop, task)
-    return found[0]
+    """The presence store of the running event loop's runtime, with its maintenance loop started."""
+    from realtime.runtime import get_runtime
 
-
-async def close_store() -> None:
-    """Stop the running loop's store (tests, shutdown), sending its members' leaves."""
-    found = _stores.pop(asyncio.get_running_loop(), None)
-    if found is None:
-        return
-    store, stop, task = found
-    try:
-        for channel, diff in await store.untrack_all():
-            await publish_diff(channel, diff)
-    except Exception:
-        logger.exception("could not send the leaves of this process's members")
-    stop.set()
-    try:
-        await asyncio.wait_for(task, 5)
-    except asyncio.TimeoutError:
-        task.cancel()
-    await store.close()
+    return get_runtime().presence
 
 
 async def publish_diff(channel: str, diff: dict[str, Any]) -> None:

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
-from channels.layers import BaseChannelLayer, get_channel_layer
+from channels.layers import BaseChannelLayer
 
 from core.types import BatchMessage, BroadcastMessage
 
@@ -54,6 +53,11 @@ class Publisher:
             task.add_done_callback(self._tasks.discard)
         queue.append((message, done))
         await done
+
+    async def wait_sent(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for what is queued to be in the channel layer (shutdown)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
 
     async def _drain(self, group: str, linger: float) -> None:
         if linger > 0:
@@ -100,21 +104,8 @@ def _fail(batch: list[tuple[BroadcastMessage, asyncio.Future[None]]], error: Exc
             done.set_exception(error)
 
 
-_publishers: dict[asyncio.AbstractEventLoop, Publisher] = {}
-
-
 def get_publisher() -> Publisher:
-    """The running event loop's publisher."""
-    loop = asyncio.get_running_loop()
-    publisher = _publishers.get(loop)
-    if publisher is None:
-        layer: Any = get_channel_layer()
-        if layer is None:
-            raise RuntimeError("CHANNEL_LAYERS is not configured")
-        publisher = _publishers[loop] = Publisher(layer)
-    return publisher
+    """The publisher of the running event loop's runtime."""
+    from realtime.runtime import get_runtime
 
-
-def close_publisher() -> None:
-    """Forget the running loop's publisher (tests give each loop a fresh layer)."""
-    _publishers.pop(asyncio.get_running_loop(), None)
+    return get_runtime().publisher

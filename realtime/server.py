@@ -36,13 +36,18 @@
    ``INBOUND_PAUSE_AT`` frames wait, the socket is not read until the queue is
    down to ``INBOUND_RESUME_AT``; TCP then slows that client alone.
 
-``RealtimeServer`` installs the protocol; ``manage.py runserver`` uses it.
+``RealtimeServer`` installs the protocol, stops gracefully on SIGTERM (a drain, see its
+docstring) and can listen with ``SO_REUSEPORT``; ``manage.py runserver`` uses it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import signal
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -52,11 +57,12 @@ from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.types import ConnectionDeny
 from daphne import http_protocol, ws_protocol
 from daphne.server import Server
-from twisted.internet import reactor, tcp
+from twisted.internet import defer, reactor, tcp
 
 from realtime import cork
 from core.rates import TokenBucket
 from realtime.twisted_buffer import has_unsent, unsent_bytes
+from realtime.supervisor import SUPERVISOR_ENV
 from realtime.writer import CLOSE_SLOW_CONSUMER, count_slow_consumer_close
 
 logger = logging.getLogger(__name__)
@@ -395,20 +401,183 @@ def _max_body() -> int:
     return int(settings.REALTIME_MAX_REST_BODY_BYTES)
 
 
-class RealtimeServer(Server):
-    """Daphne's server with ``RealtimeWebSocketProtocol``, the denial extension in scope and a body cap."""
+def reuse_port_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket with ``SO_REUSEPORT``: several server processes bind the same port.
 
-    def __init__(self, application: Any, endpoints: list[str] | None = None, **kwargs: Any) -> None:
+    The kernel spreads new connections over the processes' sockets by a hash of
+    the addresses; a process that closes its socket (``RealtimeServer``'s drain)
+    gets no more of them.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class RealtimeServer(Server):
+    """Daphne's server with ``RealtimeWebSocketProtocol``, the denial extension in scope and a body cap.
+
+    It also stops gracefully. The first SIGTERM or SIGINT stops listening at
+    once (reconnects land on the other processes), then the runtime drains
+    (``realtime.runtime.Runtime.drain``: joins answered ``RealtimeRestarting``,
+    sockets closed with 1012 in batches over ``REALTIME_DRAIN_S``, presence
+    leaves and claim-set removals published), then the applications still
+    running are cancelled as daphne does, and daphne shuts down. A second
+    signal exits at once. Daphne registers ``kill_all_applications`` as a
+    Twisted "before shutdown" trigger, which may return a Deferred: the
+    override returns one that fires after the drain and the cancellation.
+
+    ``reuse_port=(host, port)`` listens on a ``SO_REUSEPORT`` socket of its own
+    instead of daphne's endpoints (``runserver --workers``); with
+    ``REALTIME_SUPERVISOR_PID`` in the environment the process also drains
+    and stops when that parent is gone.
+    """
+
+    def __init__(
+        self, application: Any, endpoints: list[str] | None = None, reuse_port: tuple[str, int] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(application, [with_backlog(e) for e in endpoints or []], **kwargs)
+        self.reuse_port = reuse_port
+        self.ports: list[Any] = []  # Twisted listening ports, closed first thing on a graceful stop
+        self.stopping = False
+        self._signalled = False
 
     def run(self) -> None:
         skip_config_dump()
         ws_protocol.WebSocketFactory.protocol = RealtimeWebSocketProtocol
         http_protocol.WebRequest = LimitedWebRequest  # what daphne's HTTPFactory builds requests with
+        if self.reuse_port is not None:
+            from django.conf import settings
+
+            host, port = self.reuse_port
+            try:
+                sock = reuse_port_socket(host, port, int(settings.REALTIME_LISTEN_BACKLOG))
+            except OSError as error:
+                logger.critical("cannot listen on %s:%d with SO_REUSEPORT: %s", host, port, error.strerror)
+                raise SystemExit(1) from None
+            self.endpoints: list[str] = []  # daphne listens on nothing itself: the socket is adopted once running
+            reactor.callWhenRunning(self._adopt, sock)
+        if self.signal_handlers:
+            # After Twisted's own handlers, which these replace (they stop the reactor at once).
+            reactor.callWhenRunning(self._install_signal_handlers)
+        supervisor = os.environ.get(SUPERVISOR_ENV)
+        if supervisor:
+            reactor.callWhenRunning(self._watch_parent, int(supervisor))
+        reactor.callWhenRunning(self._start_runtime)
         super().run()
+
+    def _adopt(self, sock: socket.socket) -> None:
+        try:
+            port = reactor.adoptStreamPort(sock.fileno(), sock.family, self.http_factory)
+        finally:
+            sock.close()  # Twisted holds its own duplicate
+        self.listen_success(port)
+
+    def listen_success(self, port: Any) -> None:
+        self.ports.append(port)
+        super().listen_success(port)
+
+    def _start_runtime(self) -> None:
+        from realtime.runtime import get_runtime
+
+        task = asyncio.ensure_future(get_runtime().start())
+        task.add_done_callback(_log_failure("starting the runtime"))
+
+    def _install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stopping or self._signalled:
+            # No logging here: the interrupted code may hold the logging lock.
+            os.write(2, f"second {signal.Signals(signum).name}: exiting at once\n".encode())
+            os._exit(1)
+        self._signalled = True  # a second signal before the reactor runs graceful_stop exits too
+        reactor.callFromThread(self.graceful_stop, signal.Signals(signum).name)
+
+    def _watch_parent(self, parent: int) -> None:
+        if os.getppid() != parent:
+            self.graceful_stop("the supervisor is gone")
+            return
+        _call_later(PARENT_CHECK_S, lambda: self._watch_parent(parent))
+
+    def graceful_stop(self, why: str) -> None:
+        """Drain, then stop (see the class docstring); a second call does nothing."""
+        if self.stopping:
+            return
+        self.stopping = True
+        logger.info("%s: stopping gracefully (drain over %s s)", why, _drain_seconds())
+        self._stop_listening()
+        running: Any = reactor  # mypy reads the reactor's zope interface methods without ``self``
+        if running.running:
+            running.stop()  # runs the "before shutdown" triggers: kill_all_applications below
+
+    def _stop_listening(self) -> None:
+        ports, self.ports = self.ports, []
+        for port in ports:
+            port.stopListening()
+
+    def kill_all_applications(self) -> Any:
+        self.stopping = True  # a signal from now on exits at once
+        self._stop_listening()  # also when the reactor was stopped some other way
+        drained = defer.Deferred.fromFuture(asyncio.ensure_future(self._drain()))
+        drained.addErrback(lambda failure: logger.error("the drain failed: %s", failure.getTraceback()))
+        drained.addCallback(lambda _: self._cancel_applications())
+        return drained
+
+    def _cancel_applications(self) -> Any:
+        """Daphne's ``kill_all_applications``, skipping connections whose application is already reaped.
+
+        Daphne's own reads ``details["application_instance"]``, which its
+        ``application_checker`` deletes once an application is done while the
+        connection is not yet closed: after a drain that is common.
+        """
+        waiting = []
+        for details in list(self.connections.values()):
+            instance = details.get("application_instance")
+            if instance is not None and not instance.done():
+                instance.cancel()
+                waiting.append(instance)
+        logger.info("cancelled %d application instances still running", len(waiting))
+        cancelled = defer.Deferred.fromFuture(asyncio.gather(*waiting, return_exceptions=True))
+        cancelled.addErrback(lambda _: None)
+        return cancelled
+
+    async def _drain(self) -> None:
+        from realtime.runtime import current_runtime
+
+        runtime = current_runtime()
+        if runtime is not None:
+            await runtime.drain(_drain_seconds())
 
     def create_application(self, protocol: Any, scope: dict[str, Any]) -> Any:
         if scope.get("type") == "websocket" and isinstance(protocol, RealtimeWebSocketProtocol):
             scope.setdefault("extensions", {})[DENIAL_EXTENSION] = {}
             scope[DIRECT_WRITE] = protocol.write_message
         return super().create_application(protocol, scope)
+
+
+# How often a child of ``realtime.supervisor`` checks that its parent (SUPERVISOR_ENV) lives.
+PARENT_CHECK_S = 1.0
+
+
+def _drain_seconds() -> float:
+    from django.conf import settings
+
+    return float(settings.REALTIME_DRAIN_S)
+
+
+def _log_failure(what: str) -> Callable[[asyncio.Future[None]], None]:
+    def done(task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("%s failed", what, exc_info=task.exception())
+
+    return done

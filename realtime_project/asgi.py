@@ -23,6 +23,7 @@ from django.conf import settings  # noqa: E402
 from realtime.bodylimit import BodyLimit  # noqa: E402
 from realtime.consumer import RealtimeConsumer  # noqa: E402
 from realtime.heartbeat import WithHeartbeat  # noqa: E402
+from realtime.runtime import lifespan  # noqa: E402
 
 websocket_consumer = RealtimeConsumer.as_asgi()
 GC_THRESHOLD_0 = 20_000
@@ -31,6 +32,7 @@ GC_THRESHOLD_0 = 20_000
 application = WithHeartbeat(ProtocolTypeRouter(
     {
         "http": BodyLimit(django_application, settings.REALTIME_MAX_REST_BODY_BYTES),
+        "lifespan": lifespan,  # uvicorn: the runtime's start and close (daphne drains in realtime.server)
         "websocket": URLRouter(
             [
                 path("realtime/v1/websocket", websocket_consumer),

@@ -182,6 +182,9 @@ REALTIME_PRESENCE_MAX_CALLS = env_int("REALTIME_PRESENCE_MAX_CALLS", 5)
 REALTIME_PRESENCE_WINDOW_MS = env_int("REALTIME_PRESENCE_WINDOW_MS", 30_000)
 # Connections the kernel queues for the server to accept (daphne via manage.py runserver).
 REALTIME_LISTEN_BACKLOG = env_int("REALTIME_LISTEN_BACKLOG", 2048)
+# Graceful stop (SIGTERM): a server process closes its sockets (1012) in batches spread over this
+# many seconds, so they reconnect to the other processes a few at a time (realtime.runtime).
+REALTIME_DRAIN_S = env_int("REALTIME_DRAIN_S", 5)
 
 # --- Operations (README "Metrics, health and logs") ---
 # GET /metrics asks for "Authorization: Bearer <this>" when set (empty: open to whoever reaches it).

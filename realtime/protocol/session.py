@@ -346,6 +346,7 @@ class Session:
     events: RateWindow = field(init=False)
     presence_events: RateWindow = field(init=False)
     disconnecting: bool = False  # over the join rate: everything after is ignored
+    restarting: bool = False  # the server is draining (graceful stop): joins are refused, RealtimeRestarting
     # Kinds of the limits reached since the glue last emptied this (metrics and logs; README, Limits).
     limit_hits: list[str] = field(default_factory=list)
 
@@ -594,6 +595,8 @@ class Session:
         topic = msg.topic
         if topic == TOPIC_PREFIX:
             raise JoinRefused("TopicNameRequired", "You must provide a topic name")
+        if self.restarting:
+            raise JoinRefused("RealtimeRestarting", "Realtime is restarting, please standby")
         if topic_too_long(topic):
             raise JoinRefused(*TOPIC_TOO_LONG)
         if len(config.postgres_changes) > self.limits.max_bindings:

@@ -16,13 +16,9 @@ from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
 from psycopg import sql
 
-from realtime.authorization import close_database
 from realtime.dbsetup import SETUP_SQL
-from realtime.heartbeat import close_heartbeat
-from realtime.hub import close_hub
 from tests.fixtures.server import mint_token
-from realtime.presence import close_store
-from realtime.publisher import close_publisher
+from realtime.runtime import close_runtime
 
 
 def dsn() -> str:
@@ -135,11 +131,7 @@ async def connect() -> AsyncIterator[Any]:
     yield _connect
     for communicator in opened:
         await communicator.disconnect()
-    await close_hub()
-    await close_heartbeat()
-    await close_database()
-    await close_store()
-    close_publisher()
+    await close_runtime()
     layer = get_channel_layer()
     if layer is not None and hasattr(layer, "close_pools"):
         await layer.close_pools()

@@ -130,6 +130,18 @@ def test_bare_realtime_topic_requires_a_name() -> None:  # C19
     }
 
 
+def test_a_join_while_the_server_drains_is_refused_restarting() -> None:
+    session = new_session()
+    assert frames(join(session))[0].payload["status"] == "ok"
+    session.restarting = True
+    out = frames(join(session, topic="realtime:other"))
+    assert out[0].payload == {
+        "status": "error",
+        "response": {"reason": "RealtimeRestarting: Realtime is restarting, please standby"},
+    }
+    assert list(session.channels) == ["realtime:room1"]
+
+
 def test_join_errors_are_delayed_by_the_channel_backoff() -> None:  # C29
     session = Session("s", CONNECT, "t", fake_verify, SessionLimits(channel_error_backoff=2.5))
     effects = join(session, topic="realtime:")
