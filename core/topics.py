@@ -57,6 +57,11 @@ def presence_group(sub_topic: str, private: bool) -> str:
     return f"rt.pr.priv.{_digest(sub_topic)}"
 
 
+def process_group(process_id: str) -> str:
+    """The group of one server process (its presence ``process_id``): messages for its sockets by id."""
+    return f"rt.proc.{process_id}"
+
+
 def table_group(schema: str, table: str) -> str:
     """The group that carries one table's changes (one member per subscribed process)."""
     digest = hashlib.blake2b(f"{schema}\x00{table}".encode("utf-8"), digest_size=20).hexdigest()

@@ -2,8 +2,9 @@
 
 ``/admin/presence/`` lists channels with member counts; a channel page lists
 each key's metas (as JSON, the form clients send) with join time and owning
-server process, and a staff user can disconnect a member, which removes it
-and sends its leave to the channel.
+server process, and a staff user can disconnect a member, which removes it,
+sends its leave to the channel and has its server process close the member's
+socket (1000; a client may reconnect).
 The views go through ``admin.site.admin_view``, so Django's login and staff
 check protect them.
 
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib import admin, messages
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -35,6 +37,7 @@ from django.urls import URLPattern, path, register_converter, reverse
 from django.utils.text import Truncator
 from django.views.decorators.http import require_http_methods
 
+from core.topics import process_group
 from presence.store import RedisPresenceStore
 
 T = TypeVar("T")
@@ -106,6 +109,13 @@ def channel_list(request: HttpRequest) -> HttpResponse:
     )
 
 
+async def _close_socket(process_id: str, socket_id: str) -> None:
+    """Ask the member's server process to close its socket (``realtime.disconnect`` to its group)."""
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(process_group(process_id), {"type": "realtime.disconnect", "socket_id": socket_id})
+
+
 @require_http_methods(["GET", "POST"])
 def channel_detail(request: HttpRequest, channel: str) -> HttpResponse:
     if request.method == "POST":
@@ -120,6 +130,7 @@ def channel_detail(request: HttpRequest, channel: str) -> HttpResponse:
             from realtime.presence import publish_diff
 
             await publish_diff(channel, diff)
+            await _close_socket(entry.process_id, entry.socket_id)
             return entry.key
 
         key = _run(disconnect)

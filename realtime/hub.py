@@ -310,8 +310,13 @@ class Hub:
         registration: Registration | None = None,
         row_check: RowCheck | None = None,
         privileges: PrivilegeCache | None = None,
+        process_group: str | None = None,
+        disconnect: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._layer = layer
+        # This process's own group: ``realtime.disconnect`` messages name a local socket to close.
+        self._process_group = process_group
+        self._disconnect = disconnect
         self._privileges = privileges
         self._registration = registration
         self._row_check = row_check
@@ -333,6 +338,7 @@ class Hub:
             "realtime.broadcast": self.realtime_broadcast,
             "realtime.batch": self.realtime_batch,
             "realtime.changes": self.realtime_changes,
+            "realtime.disconnect": self.realtime_disconnect,
         }
         self.delivered = 0
         self.delivered_bytes = 0
@@ -455,7 +461,7 @@ class Hub:
             self._spawn(self._registration.remove([(route.schema, route.table)], subscription.claim_set))
 
     def _wanted(self, group: str) -> bool:
-        return group in self._groups or group in self._change_groups
+        return group in self._groups or group in self._change_groups or group == self._process_group
 
     async def _reconcile(self, group: str) -> None:
         """Make the process's membership of ``group`` match whether it has local subscribers."""
@@ -493,6 +499,8 @@ class Hub:
         async with self._started:
             if self._channel_name is None:
                 self._channel_name = await self._layer.new_channel("hub.")
+                if self._process_group is not None:
+                    await self._reconcile(self._process_group)
                 self._spawn(self._receive_forever())
                 self._spawn(self._refresh_forever())
 
@@ -546,6 +554,12 @@ class Hub:
 
     async def realtime_changes(self, message: ChangeRun) -> None:
         await self.deliver_changes(message)
+
+    async def realtime_disconnect(self, message: dict[str, Any]) -> None:
+        """Close a local socket by id (the admin's Disconnect); nothing if it is gone or not here."""
+        socket_id = message.get("socket_id")
+        if self._disconnect is not None and isinstance(socket_id, str):
+            await self._disconnect(socket_id)
 
     async def _refresh_forever(self) -> None:
         """Keep memberships alive; re-add them all at once when Redis lost them (a restart)."""
@@ -845,8 +859,12 @@ def _system_error(sub: ChangeSubscription, message: str) -> dict[str, Any]:
     return {"type": "websocket.send", "text": text}
 
 
-def new_hub() -> Hub:
-    """A hub on the configured channel layer, with its claim-set registration (``realtime.runtime`` owns it)."""
+def new_hub(process_group: str | None = None, disconnect: Callable[[str], Awaitable[None]] | None = None) -> Hub:
+    """A hub on the configured channel layer, with its claim-set registration (``realtime.runtime`` owns it).
+
+    ``process_group``: this process's own group, joined once the hub starts;
+    a ``realtime.disconnect`` message sent to it calls ``disconnect`` with a socket id.
+    """
     from django.conf import settings
     from redis.asyncio import Redis
 
@@ -859,7 +877,7 @@ def new_hub() -> Hub:
     redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=5, socket_timeout=15)
     registration = Registration(redis, settings.REALTIME_REDIS_PREFIX, uuid.uuid4().hex)
     privileges = PrivilegeCache(fetch_grants, settings.REALTIME_PRIVILEGES_TTL_MS / 1000)
-    return Hub(layer, registration, check_rows, privileges)
+    return Hub(layer, registration, check_rows, privileges, process_group, disconnect)
 
 
 def get_hub() -> Hub:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+CLOSE_NORMAL = 1000  # the admin's Disconnect
 CLOSE_SERVICE_RESTART = 1012  # RFC 6455 7.4.1 via IANA: the server restarts; clients reconnect (PROTOCOL.md 1.4)
 # Drain batches: one every DRAIN_STEP_S, at least DRAIN_MIN_BATCH sockets each. A process with
 # few sockets closes them all at once; one with many spreads them over the whole drain time.
@@ -114,9 +115,11 @@ class Runtime:
     @property
     def hub(self) -> Hub:
         if self._hub is None:
+            from core.topics import process_group
             from realtime.hub import new_hub
+            from realtime.presence import PROCESS_ID
 
-            self._hub = new_hub()
+            self._hub = new_hub(process_group(PROCESS_ID), self.disconnect)
         return self._hub
 
     @property
@@ -181,6 +184,13 @@ class Runtime:
     def opened(self, socket: Drainable) -> None:
         """A socket was accepted; during a drain it is closed with the next batch."""
         self.sockets.add(socket)
+
+    async def disconnect(self, socket_id: str) -> None:
+        """Close this process's socket ``socket_id`` (1000), if it is open here (the admin's Disconnect)."""
+        for socket in list(self.sockets):
+            if getattr(socket, "socket_id", None) == socket_id:
+                logger.info("socket=%s disconnected by an administrator", socket_id)
+                await socket.close(CLOSE_NORMAL)
 
     def gone(self, socket: Drainable) -> None:
         """A socket finished (its leaves sent)."""

@@ -1,9 +1,9 @@
 """The admin in a real browser: headless Chromium (Debian's ``chromium`` and ``chromium-driver``) driven by selenium.
 
 A staff user logs in through the admin's login form, opens Presence, sees the
-member that a real WebSocket client tracked, presses Disconnect, and the
-client receives its own leave; then the Realtime status page shows the
-server process with that socket. One browser for the whole test. Screenshots
+member that a real WebSocket client tracked, sees the server process with
+that socket on the Realtime status page, then presses Disconnect: the client
+receives its own leave and its socket is closed (1000). One browser for the whole test. Screenshots
 go to ``artifacts/admin-browser/`` at the repository root (CI keeps
 ``artifacts/``).
 
@@ -143,16 +143,7 @@ async def test_a_staff_user_disconnects_a_live_member_and_reads_the_status_page(
         row = await run(until, seen.presence_of_element_located((By.XPATH, "//tr[td/bdi[text()='ann']]")))
         assert '{"user": "ann"}' in await run(lambda: row.text)
         await screenshot("3-member")
-
-        # Disconnect: the member is removed and the client receives its own leave.
-        await run(row.find_element(By.CSS_SELECTOR, "input[value=Disconnect]").click)
-        message = await run(until, seen.presence_of_element_located((By.CSS_SELECTOR, "ul.messagelist li.success")))
-        assert "Disconnected ann" in await run(lambda: message.text)
-        assert not await run(browser.find_elements, By.XPATH, "//tr[td/bdi[text()='ann']]")
-        await client.wait_for(
-            lambda f: is_text(f, "presence_diff") and f[0] is None and "ann" in f[4]["leaves"], "its own leave", WAIT_S
-        )
-        await screenshot("4-disconnected")
+        member_page = await run(lambda: browser.current_url)
 
         # The status page: this server process, with the client's socket.
         assert server.process is not None
@@ -164,7 +155,7 @@ async def test_a_staff_user_disconnects_a_live_member_and_reads_the_status_page(
             if any(text.endswith(column) for text in headers) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
-        await screenshot("5-status")
+        await screenshot("4-status")
         index = next((i for i, text in enumerate(headers) if text.endswith(column)), None)
         assert index is not None, f"no column for the server process (pid {server.process.pid}) among {headers}"
         sockets_row = await run(browser.find_element, By.CSS_SELECTOR, '#server-processes tr[data-key="realtime_sockets"]')
@@ -176,5 +167,20 @@ async def test_a_staff_user_disconnects_a_live_member_and_reads_the_status_page(
         presence_cells = [await run(lambda c=c: c.text) for c in await run(presence_row.find_elements, By.CSS_SELECTOR, "th, td")]
         assert int(presence_cells[index]) >= 1, f"presence channels row: {presence_cells}"
         assert await run(browser.find_elements, By.CSS_SELECTOR, "#replicator caption")
+
+        # Disconnect: the member is removed, the client receives its own leave and its socket is closed.
+        await run(browser.get, member_page)
+        row = await run(until, seen.presence_of_element_located((By.XPATH, "//tr[td/bdi[text()='ann']]")))
+        await run(row.find_element(By.CSS_SELECTOR, "input[value=Disconnect]").click)
+        message = await run(until, seen.presence_of_element_located((By.CSS_SELECTOR, "ul.messagelist li.success")))
+        assert "Disconnected ann" in await run(lambda: message.text)
+        assert not await run(browser.find_elements, By.XPATH, "//tr[td/bdi[text()='ann']]")
+        await client.wait_for(
+            lambda f: is_text(f, "presence_diff") and f[0] is None and "ann" in f[4]["leaves"], "its own leave", WAIT_S
+        )
+        await asyncio.wait_for(asyncio.shield(client.closed()), WAIT_S)
+        assert client.ws.close_code == 1000, f"closed with {client.ws.close_code}"
+        await screenshot("5-disconnected")
+
     finally:
         await client.close()

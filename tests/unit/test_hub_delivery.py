@@ -139,3 +139,26 @@ async def test_a_direct_writer_that_raises_marks_the_socket_closed() -> None:
     writer = SocketWriter(unused, direct, 10, lambda: None)
     assert not writer.write({"type": "websocket.send", "text": "x"})
     assert writer.closed
+
+
+async def test_a_disconnect_sent_to_the_process_group_reaches_only_that_process() -> None:
+    """The admin's Disconnect: ``realtime.disconnect`` to a process's group names one of its sockets."""
+    layer = InMemoryChannelLayer()
+    closed: dict[str, list[str]] = {"p1": [], "p2": []}
+
+    def closer(process: str) -> Any:
+        async def disconnect(socket_id: str) -> None:
+            closed[process].append(socket_id)
+
+        return disconnect
+
+    hubs = [Hub(layer, process_group=f"rt.proc.{p}", disconnect=closer(p)) for p in ("p1", "p2")]
+    for hub in hubs:  # a hub joins its process group when it starts, with its first subscription
+        await hub.subscribe(GROUP, Subscription("s", "realtime:room1", Vsn.V2, False, Recorder()))  # type: ignore[arg-type]
+    try:
+        await layer.group_send("rt.proc.p2", {"type": "realtime.disconnect", "socket_id": "socket-b"})
+        await until(lambda: closed["p2"] == ["socket-b"])
+        assert closed["p1"] == []
+    finally:
+        for hub in hubs:
+            await hub.aclose()
