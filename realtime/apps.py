@@ -9,6 +9,9 @@ class RealtimeConfig(AppConfig):
 
     def ready(self) -> None:
         from realtime import checks  # noqa: F401  (registers the checks)
+        from realtime.logs import redact_access_logs
+
+        redact_access_logs()  # no token of a connect URL in uvicorn's access log
         from realtime.memory import fix_mmap_threshold
 
         fix_mmap_threshold()

@@ -15,6 +15,7 @@ which ``REALTIME_LOG_FORMAT=json`` writes as fields of their own.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -50,3 +51,35 @@ class SocketLog(logging.LoggerAdapter):  # type: ignore[type-arg]  # generic onl
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
         return msg, kwargs
+
+
+# Query parameters that carry a token: ``apikey`` and ``access_token`` (connect), ``token``.
+_SECRET_PARAMETER = re.compile(r"(?i)\b(apikey|access_token|token)=[^&\s\"']*")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the value of every token-carrying query parameter replaced by ``[redacted]``."""
+    return _SECRET_PARAMETER.sub(r"\1=[redacted]", text)
+
+
+class RedactSecrets(logging.Filter):
+    """Redacts tokens in query strings of a record's message and arguments (uvicorn's access log).
+
+    uvicorn logs each request's path with its query string, and sockets
+    connect with ``?apikey=<JWT>``: without this every token would be written
+    to the log. Daphne's access log has no query string.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "=" in record.msg:
+            record.msg = redact_secrets(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_secrets(arg) if isinstance(arg, str) and "=" in arg else arg for arg in record.args)
+        return True
+
+
+def redact_access_logs() -> None:
+    """Install ``RedactSecrets`` on the access loggers that print query strings (once)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+        logger.addFilter(RedactSecrets())

@@ -40,3 +40,20 @@ def test_a_client_cannot_make_the_server_log_below_its_own_level(caplog: pytest.
     verbose.info("not written")
     verbose.warning("written")
     assert [r.getMessage() for r in caplog.records] == ["written"]
+
+
+def test_tokens_in_query_strings_are_redacted_from_uvicorns_access_log() -> None:
+    import logging
+
+    from realtime.logs import RedactSecrets, redact_secrets
+
+    assert redact_secrets("/realtime/v1/websocket?apikey=eyJ.a.b&vsn=2.0.0") == "/realtime/v1/websocket?apikey=[redacted]&vsn=2.0.0"
+    assert redact_secrets("/x?access_token=abc&token=def&log_level=info") == "/x?access_token=[redacted]&token=[redacted]&log_level=info"
+    # uvicorn's access line: the path is one of the record's arguments.
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/realtime/v1/websocket?vsn=2.0.0&apikey=eyJhbGciOi.x.y", "1.1", 101), None,
+    )
+    assert RedactSecrets().filter(record)
+    line = record.getMessage()
+    assert "eyJhbGciOi" not in line and "apikey=[redacted]" in line and line.endswith(" 101")
