@@ -1,6 +1,10 @@
 """Run each supabase-js end-to-end file (tests/e2e/js/*.test.mjs) against a live server.
 
-One pytest test per file: ``node --test <file>`` with SUPABASE_URL, ANON_KEY,
+One pytest test per file under the session's daphne server, and the files of
+``UVICORN_FILES`` (connect and refusal) again under uvicorn as the README runs
+it (``--ws websockets-sansio``); the live-server tests cover both of uvicorn's
+``--ws`` kinds, so only one runs the node files, to keep the suite short.
+Each run is ``node --test <file>`` with SUPABASE_URL, ANON_KEY,
 SERVICE_KEY and JWT_SECRET in its environment, from tests/e2e/js. A session
 replicator (``tests.fixtures.replicator``) streams the database to the same
 Redis as the server; the files reach the database through ``PYTHON``
@@ -22,6 +26,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.replicator import SHARED_ENV, ReplicatorProcess
-from tests.fixtures.server import ServerProcess
+from tests.fixtures.server import ServerKind, ServerProcess, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -43,6 +48,9 @@ RESULTS_REPORTER = JS_DIR / "results_reporter.mjs"
 
 # (file, test name) -> why that test may skip (or be todo) without failing the run.
 ALLOWED_SKIPS: dict[tuple[str, str], str] = {}
+# What runs under uvicorn too: handshakes, refusals and joins (about 20 s per server).
+UVICORN_KINDS: tuple[ServerKind, ...] = ("uvicorn-sansio",)
+UVICORN_FILES = [JS_DIR / "connect.test.mjs"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,12 @@ def test_js_suite_is_not_empty() -> None:
     assert JS_FILES, f"no *.test.mjs files in {JS_DIR}"
 
 
+@pytest.fixture(scope="module", params=UVICORN_KINDS)
+def uvicorn_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    with serving(request, request.param) as server:
+        yield server
+
+
 @pytest.mark.timeout(NODE_TIMEOUT_S + 60)
 @pytest.mark.parametrize("js_file", JS_FILES, ids=[path.name for path in JS_FILES])
 def test_supabase_js(
@@ -165,6 +179,31 @@ def test_supabase_js(
     service_key: str,
     node_modules: Path,
 ) -> None:
+    check_js_file(js_file, realtime_server, replicator, anon_key, service_key)
+
+
+def test_uvicorn_files_exist() -> None:
+    missing = [path.name for path in UVICORN_FILES if path not in JS_FILES]
+    assert not missing, f"UVICORN_FILES names files that are not in {JS_DIR}: {missing}"
+
+
+@pytest.mark.timeout(NODE_TIMEOUT_S + 60)
+@pytest.mark.parametrize("js_file", UVICORN_FILES, ids=[path.name for path in UVICORN_FILES])
+def test_supabase_js_under_uvicorn(
+    js_file: Path,
+    uvicorn_server: ServerProcess,
+    replicator: ReplicatorProcess,
+    anon_key: str,
+    service_key: str,
+    node_modules: Path,
+) -> None:
+    check_js_file(js_file, uvicorn_server, replicator, anon_key, service_key)
+
+
+def check_js_file(
+    js_file: Path, realtime_server: ServerProcess, replicator: ReplicatorProcess, anon_key: str, service_key: str
+) -> None:
+    """Run one node file against ``realtime_server`` and fail with the server's and replicator's logs."""
     mismatched = [name for name in SHARED_ENV if realtime_server.env.get(name) != replicator.env.get(name)]
     assert not mismatched, f"server and replicator disagree on {mismatched}"
     env = {
