@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 import uuid
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -386,6 +387,45 @@ async def test_every_server_serves_the_admin_static_files(any_server: ServerProc
         await asyncio.to_thread(get, "/static/admin/css/no-such-file.css")
     assert missing.value.code == 404
     missing.value.close()
+
+
+def sockets_per_process(metrics_dir: Path) -> dict[str, float]:
+    """``realtime_sockets`` of each server process, read from its file in the multiprocess directory."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    counts: dict[str, float] = {}
+    for path in metrics_dir.glob("gauge_livesum_*.db"):  # one file per process, named by its pid
+        for metric in MultiProcessCollector.merge([str(path)], accumulate=False):
+            for sample in metric.samples:
+                if sample.name == "realtime_sockets":
+                    counts[path.stem.rpartition("_")[2]] = sample.value
+    return counts
+
+
+@pytest.mark.timeout(90)
+async def test_uvicorn_workers_share_one_port_with_fan_out_and_metrics_intact(tmp_path: Path) -> None:
+    """``uvicorn --workers 2`` as the README runs it: sockets on both workers, one broadcast reaches all, /metrics sums them."""
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    topic = room()
+    sockets: list[ClientConnection] = []
+    with start_server(env=env, server="uvicorn", extra_args=["--workers", "2"]) as server:
+        try:
+            # The workers accept from one listening socket: a burst of connects reaches both.
+            while len(sockets) < 400:
+                sockets += await asyncio.gather(*(joined(server, topic) for _ in range(50)))
+                if sum(1 for count in sockets_per_process(tmp_path).values() if count > 0) == 2:
+                    break
+            per_process = sockets_per_process(tmp_path)
+            assert sorted(per_process.values())[0] > 0, f"one worker holds every socket: {per_process}"
+            assert sum(per_process.values()) == len(sockets)
+            await sockets[0].send(json.dumps(["1", "2", topic, "broadcast", {"type": "broadcast", "event": "all", "payload": {}}]))
+            for ws in sockets[1:]:
+                assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))[4]["event"] == "all"
+            with urllib.request.urlopen(f"{server.url}/metrics", timeout=WAIT) as response:
+                exposition = response.read().decode()
+            assert f"realtime_sockets {float(len(sockets))}" in exposition.splitlines()
+        finally:
+            await asyncio.gather(*(ws.close() for ws in sockets))
 
 
 async def test_jwks_signed_tokens_upgrade_and_an_unknown_kid_is_refused() -> None:  # C7
