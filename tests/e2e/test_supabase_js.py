@@ -1,10 +1,10 @@
 """Run each supabase-js end-to-end file (tests/e2e/js/*.test.mjs) against a live server.
 
 One pytest test per file under the session's daphne server, and the files of
-``UVICORN_FILES`` (connect and refusal) again under uvicorn as the README runs
-it (``--ws websockets-sansio``); the live-server tests cover both of uvicorn's
-``--ws`` kinds, so only one runs the node files, to keep the suite short.
-Each run is ``node --test <file>`` with SUPABASE_URL, ANON_KEY,
+``UVICORN_FILES`` (connect and refusal) again under each uvicorn ``--ws`` kind
+the README names (``websockets``, and ``websockets-sansio`` whose refusals
+Node could not parse); the rest runs under daphne only, to keep the suite
+short. Each run is ``node --test <file>`` with SUPABASE_URL, ANON_KEY,
 SERVICE_KEY and JWT_SECRET in its environment, from tests/e2e/js. A session
 replicator (``tests.fixtures.replicator``) streams the database to the same
 Redis as the server; the files reach the database through ``PYTHON``
@@ -49,7 +49,7 @@ RESULTS_REPORTER = JS_DIR / "results_reporter.mjs"
 # (file, test name) -> why that test may skip (or be todo) without failing the run.
 ALLOWED_SKIPS: dict[tuple[str, str], str] = {}
 # What runs under uvicorn too: handshakes, refusals and joins (about 20 s per server).
-UVICORN_KINDS: tuple[ServerKind, ...] = ("uvicorn-sansio",)
+UVICORN_KINDS: tuple[ServerKind, ...] = ("uvicorn", "uvicorn-sansio")
 UVICORN_FILES = [JS_DIR / "connect.test.mjs"]
 
 
