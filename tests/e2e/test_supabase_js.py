@@ -165,6 +165,7 @@ def test_js_suite_is_not_empty() -> None:
 
 @pytest.fixture(scope="module", params=UVICORN_KINDS)
 def uvicorn_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """One uvicorn server per ``--ws`` kind of ``UVICORN_KINDS``, for this module."""
     with serving(request, request.param) as server:
         yield server
 
