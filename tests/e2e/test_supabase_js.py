@@ -19,6 +19,7 @@ silently. ``js/results_reporter.mjs`` reports each test's directives.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -63,6 +64,19 @@ class NodeRun:
     results: list[dict[str, Any]]
 
 
+@functools.cache
+def force_exit_flags() -> tuple[str, ...]:
+    """``--test-force-exit`` where node has it (20.14+ and 22+).
+
+    realtime-js 2.119's ``disconnect()`` starts a 10 s timer it never clears,
+    so without it node waits 10 s after a file's last test for nothing.
+    """
+    found = re.match(r"v(\d+)\.(\d+)", subprocess.run([_tool("node"), "--version"], capture_output=True, text=True, check=True).stdout)
+    assert found, "node --version printed no version"
+    major, minor = int(found[1]), int(found[2])
+    return ("--test-force-exit",) if (major, minor) >= (20, 14) else ()
+
+
 def run_node(js_file: Path, env: dict[str, str], timeout: float = NODE_TIMEOUT_S) -> NodeRun:
     """``node --test`` on one file from its directory, with the spec and the results reporters.
 
@@ -74,6 +88,7 @@ def run_node(js_file: Path, env: dict[str, str], timeout: float = NODE_TIMEOUT_S
         command = [
             _tool("node"),
             "--test",
+            *force_exit_flags(),
             "--test-reporter=spec",
             "--test-reporter-destination=stdout",
             f"--test-reporter={RESULTS_REPORTER.as_uri()}",
