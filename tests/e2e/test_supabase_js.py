@@ -49,7 +49,7 @@ RESULTS_REPORTER = JS_DIR / "results_reporter.mjs"
 
 # (file, test name) -> why that test may skip (or be todo) without failing the run.
 ALLOWED_SKIPS: dict[tuple[str, str], str] = {}
-# What runs under uvicorn too: handshakes, refusals and joins (about 20 s per server).
+# What runs under uvicorn too: handshakes, refusals and joins (about 10 s per server).
 UVICORN_KINDS: tuple[ServerKind, ...] = ("uvicorn", "uvicorn-sansio")
 UVICORN_FILES = [JS_DIR / "connect.test.mjs"]
 
