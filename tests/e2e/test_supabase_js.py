@@ -1,7 +1,11 @@
 """Run each supabase-js end-to-end file (tests/e2e/js/*.test.mjs) against a live server.
 
-One pytest test per file, the files running side by side (``node_runs``):
-``node --test <file>`` with SUPABASE_URL, ANON_KEY,
+One pytest test per file under the session's daphne server (the files
+running side by side, ``node_runs``), and the files of
+``UVICORN_FILES`` (connect and refusal) again under each uvicorn ``--ws`` kind
+the README names (``websockets``, and ``websockets-sansio`` whose refusals
+Node could not parse); the rest runs under daphne only, to keep the suite
+short. Each run is ``node --test <file>`` with SUPABASE_URL, ANON_KEY,
 SERVICE_KEY and JWT_SECRET in its environment, from tests/e2e/js. A session
 replicator (``tests.fixtures.replicator``) streams the database to the same
 Redis as the server; the files reach the database through ``PYTHON``
@@ -16,6 +20,7 @@ silently. ``js/results_reporter.mjs`` reports each test's directives.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -23,7 +28,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +37,14 @@ from typing import Any
 import pytest
 
 from tests.fixtures.replicator import SHARED_ENV, ReplicatorProcess
-from tests.fixtures.server import ServerProcess
+from tests.fixtures.server import ServerKind, ServerProcess, serving
 
 pytestmark = pytest.mark.e2e
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 JS_FILES = sorted(JS_DIR.glob("*.test.mjs"))
 NODE_TIMEOUT_S = 120
-# Files run side by side; each mostly waits on the server.
+# The daphne files run side by side; each mostly waits on the server.
 NODE_CONCURRENCY = 4
 # Started first so that the run ends soon after them.
 SLOWEST_FIRST = ("postgres_changes.test.mjs", "auth.test.mjs", "private.test.mjs", "connect.test.mjs")
@@ -50,6 +55,9 @@ RESULTS_REPORTER = JS_DIR / "results_reporter.mjs"
 
 # (file, test name) -> why that test may skip (or be todo) without failing the run.
 ALLOWED_SKIPS: dict[tuple[str, str], str] = {}
+# What runs under uvicorn too: handshakes, refusals and joins (about 10 s per server).
+UVICORN_KINDS: tuple[ServerKind, ...] = ("uvicorn", "uvicorn-sansio")
+UVICORN_FILES = [JS_DIR / "connect.test.mjs"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,19 @@ class NodeRun:
     returncode: int
     output: str
     results: list[dict[str, Any]]
+
+
+@functools.cache
+def force_exit_flags() -> tuple[str, ...]:
+    """``--test-force-exit`` where node has it (20.14+ and 22+).
+
+    realtime-js 2.119's ``disconnect()`` starts a 10 s timer it never clears,
+    so without it node waits 10 s after a file's last test for nothing.
+    """
+    found = re.match(r"v(\d+)\.(\d+)", subprocess.run([_tool("node"), "--version"], capture_output=True, text=True, check=True).stdout)
+    assert found, "node --version printed no version"
+    major, minor = int(found[1]), int(found[2])
+    return ("--test-force-exit",) if (major, minor) >= (20, 14) else ()
 
 
 def run_node(js_file: Path, env: dict[str, str], timeout: float = NODE_TIMEOUT_S) -> NodeRun:
@@ -73,6 +94,7 @@ def run_node(js_file: Path, env: dict[str, str], timeout: float = NODE_TIMEOUT_S
         command = [
             _tool("node"),
             "--test",
+            *force_exit_flags(),
             "--test-reporter=spec",
             "--test-reporter-destination=stdout",
             f"--test-reporter={RESULTS_REPORTER.as_uri()}",
@@ -162,6 +184,13 @@ def test_js_suite_is_not_empty() -> None:
     assert JS_FILES, f"no *.test.mjs files in {JS_DIR}"
 
 
+@pytest.fixture(scope="module", params=UVICORN_KINDS)
+def uvicorn_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """One uvicorn server per ``--ws`` kind of ``UVICORN_KINDS``, for this module."""
+    with serving(request, request.param) as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def node_runs(
     realtime_server: ServerProcess,
@@ -170,25 +199,14 @@ def node_runs(
     service_key: str,
     node_modules: Path,
 ) -> Iterator[dict[Path, Future[NodeRun]]]:
-    """Every file started at once, ``NODE_CONCURRENCY`` at a time, longest first.
+    """Every file started at once under daphne, ``NODE_CONCURRENCY`` at a time, longest first.
 
     The files mostly wait on the server (quiet periods, backoffs), so running
     them side by side takes about as long as the longest file, not their sum.
     They share nothing but the server and the replicator: each makes its own
     topics and tables (``uniqueTopic``, unique table names).
     """
-    mismatched = [name for name in SHARED_ENV if realtime_server.env.get(name) != replicator.env.get(name)]
-    assert not mismatched, f"server and replicator disagree on {mismatched}"
-    env = {
-        **os.environ,
-        "SUPABASE_URL": realtime_server.url,
-        "ANON_KEY": anon_key,
-        "SERVICE_KEY": service_key,
-        "JWT_SECRET": os.environ["JWT_SECRET"],
-        "PG_URL": replicator.dsn,
-        "PYTHON": sys.executable,
-        "NO_COLOR": "1",
-    }
+    env = node_env(realtime_server, replicator, anon_key, service_key)
     order = sorted(JS_FILES, key=lambda path: (path.name not in SLOWEST_FIRST, path.name))
     with ThreadPoolExecutor(max_workers=NODE_CONCURRENCY, thread_name_prefix="node") as pool:
         runs = {js_file: pool.submit(run_node, js_file, env) for js_file in order}
@@ -200,13 +218,52 @@ def node_runs(
 @pytest.mark.timeout(NODE_TIMEOUT_S * (1 + len(JS_FILES) // NODE_CONCURRENCY) + 60)
 @pytest.mark.parametrize("js_file", JS_FILES, ids=[path.name for path in JS_FILES])
 def test_supabase_js(
-    js_file: Path,
-    node_runs: dict[Path, Future[NodeRun]],
-    realtime_server: ServerProcess,
-    replicator: ReplicatorProcess,
+    js_file: Path, node_runs: dict[Path, Future[NodeRun]], realtime_server: ServerProcess, replicator: ReplicatorProcess
 ) -> None:
+    check_node_run(js_file, node_runs[js_file].result, realtime_server, replicator)
+
+
+def test_uvicorn_files_exist() -> None:
+    missing = [path.name for path in UVICORN_FILES if path not in JS_FILES]
+    assert not missing, f"UVICORN_FILES names files that are not in {JS_DIR}: {missing}"
+
+
+@pytest.mark.timeout(NODE_TIMEOUT_S + 60)
+@pytest.mark.parametrize("js_file", UVICORN_FILES, ids=[path.name for path in UVICORN_FILES])
+def test_supabase_js_under_uvicorn(
+    js_file: Path,
+    uvicorn_server: ServerProcess,
+    replicator: ReplicatorProcess,
+    anon_key: str,
+    service_key: str,
+    node_modules: Path,
+) -> None:
+    env = node_env(uvicorn_server, replicator, anon_key, service_key)
+    check_node_run(js_file, lambda: run_node(js_file, env), uvicorn_server, replicator)
+
+
+def node_env(realtime_server: ServerProcess, replicator: ReplicatorProcess, anon_key: str, service_key: str) -> dict[str, str]:
+    """The environment of a node file run against ``realtime_server``."""
+    mismatched = [name for name in SHARED_ENV if realtime_server.env.get(name) != replicator.env.get(name)]
+    assert not mismatched, f"server and replicator disagree on {mismatched}"
+    return {
+        **os.environ,
+        "SUPABASE_URL": realtime_server.url,
+        "ANON_KEY": anon_key,
+        "SERVICE_KEY": service_key,
+        "JWT_SECRET": os.environ["JWT_SECRET"],
+        "PG_URL": replicator.dsn,
+        "PYTHON": sys.executable,
+        "NO_COLOR": "1",
+    }
+
+
+def check_node_run(
+    js_file: Path, run_file: Callable[[], NodeRun], realtime_server: ServerProcess, replicator: ReplicatorProcess
+) -> None:
+    """The result of one node file's run (``run_file``); fails with the server's and replicator's logs."""
     try:
-        run = node_runs[js_file].result()
+        run = run_file()
     except subprocess.TimeoutExpired as exc:
         output = exc.stdout.decode("utf-8", "replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
         pytest.fail(

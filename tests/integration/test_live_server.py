@@ -1,8 +1,11 @@
-"""A real server process (daphne, and uvicorn where noted) over real sockets.
+"""A real server process over real sockets.
 
 Covers what only a real server shows: handshake refusals with their HTTP
 status and body (PROTOCOL.md 1.3), the REST endpoints (5.3) and a misbehaving
-client that must not disturb a well-behaved one.
+client that must not disturb a well-behaved one. The handshake tests, one
+broadcast round trip and the admin's static files run under every server the
+README offers (``any_server``: daphne, uvicorn ``--ws websockets`` and
+``websockets-sansio``); the rest under daphne.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import json
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -20,7 +24,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.fixtures.server import SERVER_KINDS, ServerProcess, mint_token, start_server
+from tests.fixtures.server import ServerProcess, mint_token, start_server
 from tests.integration.conftest import sql_literal
 
 pytestmark = pytest.mark.integration
@@ -44,6 +48,54 @@ async def refused(url: str, headers: dict[str, str] | None = None) -> tuple[int,
     response = caught.value.response
     body = bytes(response.body or b"")
     return response.status_code, json.loads(body) if body else None
+
+
+# Fields an HTTP/1.1 parser must refuse to see twice (RFC 9112 section 6.3); Node's does.
+SINGLE_FIELDS = ("content-length", "transfer-encoding")
+# uvicorn's websockets-sansio before 0.52.1 writes its own Content-Type ahead of the
+# application's (uvicorn issue #3040, fixed by PR #3041); Node keeps the first one.
+SANSIO_CONTENT_TYPE_FIXED = tuple(int(part) for part in version("uvicorn").split(".")[:3]) >= (0, 52, 1)
+
+
+def refusal_content_types(server: ServerProcess) -> list[str]:
+    """The Content-Type field lines each server sends with a refusal."""
+    if server.server == "uvicorn-sansio" and not SANSIO_CONTENT_TYPE_FIXED:
+        return ["text/plain; charset=utf-8", "application/json"]
+    return ["application/json"]
+
+
+async def raw_refusal(server: ServerProcess, apikey: str | None, vsn: str = "2.0.0") -> tuple[int, dict[str, list[str]], bytes]:
+    """The answer to an upgrade request read as a strict HTTP/1.1 client reads it.
+
+    Fails on a repeated Content-Length or Transfer-Encoding (Node's parser answers
+    "Parse Error: Duplicate Content-Length", and supabase-js sees no status) and on
+    a body shorter or longer than its Content-Length.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        target = ws_url(server, vsn=vsn, apikey=apikey).removeprefix(f"ws://127.0.0.1:{server.port}")
+        writer.write(
+            (
+                f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nConnection: Upgrade\r\n"
+                "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            ).encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers: dict[str, list[str]] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+        for name in SINGLE_FIELDS:
+            assert len(headers.get(name, [])) <= 1, f"{name} sent {len(headers[name])} times: {head!r}"
+        assert "content-length" in headers, f"no content-length: {head!r}"
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"][0])), WAIT)
+        rest = await asyncio.wait_for(reader.read(), WAIT)  # the server closes the connection
+        assert rest == b"", f"bytes after the body: {rest!r}"
+        return int(status_line.split(" ")[1]), headers, body
+    finally:
+        writer.close()
 
 
 async def joined(server: ServerProcess, room: str, config: dict[str, Any] | None = None, role: str = "anon", vsn: str = "2.0.0") -> ClientConnection:
@@ -83,14 +135,17 @@ def room() -> str:
 # --- handshake ------------------------------------------------------------
 
 
-async def test_valid_key_upgrades(realtime_server: ServerProcess) -> None:  # C1
-    async with connect(ws_url(realtime_server, apikey=mint_token("anon")), open_timeout=WAIT) as ws:
+# Every server the README offers runs these (``any_server``).
+
+
+async def test_valid_key_upgrades(any_server: ServerProcess) -> None:  # C1
+    async with connect(ws_url(any_server, apikey=mint_token("anon")), open_timeout=WAIT) as ws:
         await ws.send(json.dumps([None, "1", "phoenix", "heartbeat", {}]))
         assert json.loads(await ws.recv()) == [None, "1", "phoenix", "phx_reply", {"status": "ok", "response": {}}]
 
 
-async def test_socket_path_is_served_too(realtime_server: ServerProcess) -> None:
-    url = f"ws://127.0.0.1:{realtime_server.port}/socket/websocket?{urlencode({'apikey': mint_token('anon'), 'vsn': '2.0.0'})}"
+async def test_socket_path_is_served_too(any_server: ServerProcess) -> None:
+    url = f"ws://127.0.0.1:{any_server.port}/socket/websocket?{urlencode({'apikey': mint_token('anon'), 'vsn': '2.0.0'})}"
     async with connect(url, open_timeout=WAIT):
         pass
 
@@ -105,7 +160,8 @@ async def test_socket_path_is_served_too(realtime_server: ServerProcess) -> None
         ("wrong-secret", 401, "Failed to validate JWT signature"),  # C4
     ],
 )
-async def test_handshake_refusals_have_status_and_body(realtime_server: ServerProcess, apikey: str | None, status: int, error: str) -> None:
+async def test_handshake_refusals_have_status_and_body(any_server: ServerProcess, apikey: str | None, status: int, error: str) -> None:
+    """Read by a strict HTTP/1.1 reader (one Content-Length, the body of that length) and by the websockets client."""
     import jwt
 
     keys = {
@@ -114,16 +170,19 @@ async def test_handshake_refusals_have_status_and_body(realtime_server: ServerPr
         "wrong-secret": lambda: jwt.encode({"role": "anon", "exp": 4102444800}, "x" * 40, algorithm="HS256"),
     }
     key = keys[apikey]() if apikey in keys else apikey
-    assert await refused(ws_url(realtime_server, apikey=key)) == (status, {"error": error})
+    got_status, headers, body = await raw_refusal(any_server, key)
+    assert (got_status, json.loads(body)) == (status, {"error": error})
+    assert headers["content-type"] == refusal_content_types(any_server), headers
+    assert await refused(ws_url(any_server, apikey=key)) == (status, {"error": error})
 
 
-async def test_x_api_key_header_wins_over_invalid_apikey(realtime_server: ServerProcess) -> None:  # C5
-    async with connect(ws_url(realtime_server, apikey="potato"), additional_headers={"x-api-key": mint_token("anon")}, open_timeout=WAIT):
+async def test_x_api_key_header_wins_over_invalid_apikey(any_server: ServerProcess) -> None:  # C5
+    async with connect(ws_url(any_server, apikey="potato"), additional_headers={"x-api-key": mint_token("anon")}, open_timeout=WAIT):
         pass
 
 
-async def test_unknown_vsn_is_not_upgraded(realtime_server: ServerProcess) -> None:  # C6
-    status, _ = await refused(ws_url(realtime_server, vsn="3.0.0", apikey=mint_token("anon")))
+async def test_unknown_vsn_is_not_upgraded(any_server: ServerProcess) -> None:  # C6
+    status, _, _ = await raw_refusal(any_server, mint_token("anon"), vsn="3.0.0")
     assert status == 403
 
 
@@ -304,16 +363,6 @@ async def test_bad_input_never_disturbs_a_well_behaved_client(realtime_server: S
 # --- every server the README offers ------------------------------------------
 
 
-@pytest.fixture(scope="module", params=SERVER_KINDS)
-def any_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    """The session's daphne server, then one uvicorn server per --ws implementation."""
-    if request.param == "daphne":
-        yield request.getfixturevalue("realtime_server")
-        return
-    with start_server(server=request.param) as server:
-        yield server
-
-
 async def test_every_server_serves_the_same_protocol(any_server: ServerProcess) -> None:
     topic = room()
     a = await joined(any_server, topic)
@@ -340,57 +389,43 @@ async def test_every_server_serves_the_admin_static_files(any_server: ServerProc
     missing.value.close()
 
 
-# Fields an HTTP/1.1 parser must refuse to see twice (RFC 9112 section 6.3); Node's does.
-SINGLE_FIELDS = ("content-length", "transfer-encoding")
+def sockets_per_process(metrics_dir: Path) -> dict[str, float]:
+    """``realtime_sockets`` of each server process, read from its file in the multiprocess directory."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    counts: dict[str, float] = {}
+    for path in metrics_dir.glob("gauge_livesum_*.db"):  # one file per process, named by its pid
+        for metric in MultiProcessCollector.merge([str(path)], accumulate=False):
+            for sample in metric.samples:
+                if sample.name == "realtime_sockets":
+                    counts[path.stem.rpartition("_")[2]] = sample.value
+    return counts
 
 
-async def raw_refusal(server: ServerProcess, apikey: str | None) -> tuple[int, dict[str, list[str]], bytes]:
-    """The answer to an upgrade request read as a strict HTTP/1.1 client reads it.
-
-    Fails on a repeated Content-Length or Transfer-Encoding (Node's parser answers
-    "Parse Error: Duplicate Content-Length", and supabase-js sees no status) and on
-    a body shorter or longer than its Content-Length.
-    """
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    try:
-        target = ws_url(server, apikey=apikey).removeprefix(f"ws://127.0.0.1:{server.port}")
-        writer.write(
-            (
-                f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nConnection: Upgrade\r\n"
-                "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-            ).encode()
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
-        status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
-        headers: dict[str, list[str]] = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            headers.setdefault(name.strip().lower(), []).append(value.strip())
-        for name in SINGLE_FIELDS:
-            assert len(headers.get(name, [])) <= 1, f"{name} sent {len(headers[name])} times: {head!r}"
-        assert "content-length" in headers, f"no content-length: {head!r}"
-        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"][0])), WAIT)
-        rest = await asyncio.wait_for(reader.read(), WAIT)  # the server closes the connection
-        assert rest == b"", f"bytes after the body: {rest!r}"
-        return int(status_line.split(" ")[1]), headers, body
-    finally:
-        writer.close()
-
-
-async def test_every_server_answers_refusals_with_one_content_length(any_server: ServerProcess) -> None:  # C2-C4
-    import jwt
-
-    cases = [
-        (None, "API key is missing"),
-        ("potato", "The token provided is not a valid JWT"),
-        (mint_token("anon", exp_in=-60), "Token has expired"),
-        (jwt.encode({"role": "anon", "exp": 4102444800}, "x" * 40, algorithm="HS256"), "Failed to validate JWT signature"),
-    ]
-    for apikey, error in cases:
-        status, headers, body = await raw_refusal(any_server, apikey)
-        assert (status, json.loads(body)) == (401, {"error": error})
-        assert "application/json" in headers["content-type"], headers
+@pytest.mark.timeout(90)
+async def test_uvicorn_workers_share_one_port_with_fan_out_and_metrics_intact(tmp_path: Path) -> None:
+    """``uvicorn --workers 2`` as the README runs it: sockets on both workers, one broadcast reaches all, /metrics sums them."""
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    topic = room()
+    sockets: list[ClientConnection] = []
+    with start_server(env=env, server="uvicorn", extra_args=["--workers", "2"]) as server:
+        try:
+            # The workers accept from one listening socket: a burst of connects reaches both.
+            while len(sockets) < 400:
+                sockets += await asyncio.gather(*(joined(server, topic) for _ in range(50)))
+                if sum(1 for count in sockets_per_process(tmp_path).values() if count > 0) == 2:
+                    break
+            per_process = sockets_per_process(tmp_path)
+            assert sorted(per_process.values())[0] > 0, f"one worker holds every socket: {per_process}"
+            assert sum(per_process.values()) == len(sockets)
+            await sockets[0].send(json.dumps(["1", "2", topic, "broadcast", {"type": "broadcast", "event": "all", "payload": {}}]))
+            for ws in sockets[1:]:
+                assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))[4]["event"] == "all"
+            with urllib.request.urlopen(f"{server.url}/metrics", timeout=WAIT) as response:
+                exposition = response.read().decode()
+            assert f"realtime_sockets {float(len(sockets))}" in exposition.splitlines()
+        finally:
+            await asyncio.gather(*(ws.close() for ws in sockets))
 
 
 async def test_jwks_signed_tokens_upgrade_and_an_unknown_kid_is_refused() -> None:  # C7

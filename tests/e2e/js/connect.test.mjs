@@ -50,15 +50,19 @@ test('heartbeats are answered', async (t) => {
   assert.ok(!beats.includes('timeout') && !beats.includes('error'), `heartbeat statuses: ${beats}`)
 })
 
+// label -> [key, the handshake refusal's reason (401, PROTOCOL.md 1.3)]
 const BAD_KEYS = {
-  'an expired JWT': () => mintToken({ role: 'anon', expIn: -60 }),
-  'a JWT signed with another secret': () => mintToken({ role: 'anon', secret: 'not-the-server-secret-not-the-server-secret' }),
-  'a JWT without role': () => mintToken({ role: null }),
-  'not a JWT': () => 'potato',
+  'an expired JWT': [() => mintToken({ role: 'anon', expIn: -60 }), 'Token has expired'],
+  'a JWT signed with another secret': [
+    () => mintToken({ role: 'anon', secret: 'not-the-server-secret-not-the-server-secret' }),
+    'Failed to validate JWT signature',
+  ],
+  'a JWT without role': [() => mintToken({ role: null }), 'Fields `role` and `exp` are required in JWT'],
+  'not a JWT': [() => 'potato', 'The token provided is not a valid JWT'],
 }
 
-for (const [label, makeKey] of Object.entries(BAD_KEYS)) {
-  test(`a client whose key is ${label} never reaches SUBSCRIBED`, async (t) => {
+for (const [label, [makeKey]] of Object.entries(BAD_KEYS)) {
+  test(`a client whose key is ${label} never reaches SUBSCRIBED and sees the 401`, async (t) => {
     const s = new Scenario(t)
     const supabase = s.client(label, { key: makeKey() })
     const channel = supabase.channel(uniqueTopic())
@@ -80,6 +84,14 @@ for (const [label, makeKey] of Object.entries(BAD_KEYS)) {
     assert.ok(
       !s.traceOf(supabase).some((line) => line.includes(' <- ')),
       s.error('the server sent frames to a refused socket').message
+    )
+    // The transport saw the status, not a parse error (a duplicate Content-Length gives
+    // "Parse Error: Duplicate Content-Length" here, and the client never learns why).
+    const errors = s.traceOf(supabase).filter((line) => / error /.test(line))
+    assert.ok(errors.length > 0, s.error('no transport error recorded').message)
+    assert.ok(
+      errors.every((line) => line.endsWith(' error Unexpected server response: 401')),
+      s.error(`transport errors: ${JSON.stringify(errors)}`).message
     )
   })
 }
@@ -105,16 +117,17 @@ function rawHandshake(url) {
   })
 }
 
-test('the handshake of an expired key is refused with 401 and the reason', async () => {
-  const base = SUPABASE_URL.replace(/^http/, 'ws')
-  const expired = mintToken({ role: 'anon', expIn: -60 })
+for (const [label, [makeKey, reason]] of Object.entries(BAD_KEYS)) {
+  test(`the handshake of a key that is ${label} is refused with 401 and the reason`, async () => {
+    const base = SUPABASE_URL.replace(/^http/, 'ws')
 
-  const result = await rawHandshake(`${base}/realtime/v1/websocket?apikey=${expired}&vsn=2.0.0`)
+    const result = await rawHandshake(`${base}/realtime/v1/websocket?apikey=${encodeURIComponent(makeKey())}&vsn=2.0.0`)
 
-  assert.equal(result.upgraded, false)
-  assert.equal(result.status, 401)
-  assert.deepEqual(JSON.parse(result.body), { error: 'Token has expired' })
-})
+    assert.equal(result.upgraded, false)
+    assert.equal(result.status, 401)
+    assert.deepEqual(JSON.parse(result.body), { error: reason })
+  })
+}
 
 test('the handshake of a valid key upgrades on both websocket paths', async () => {
   const base = SUPABASE_URL.replace(/^http/, 'ws')
