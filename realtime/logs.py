@@ -63,7 +63,7 @@ def redact_secrets(text: str) -> str:
 
 
 class RedactSecrets(logging.Filter):
-    """Redacts tokens in query strings of a record's message and arguments (uvicorn's access log).
+    """Redacts tokens in query strings of a record's message and arguments (uvicorn's request lines).
 
     uvicorn logs each request's path with its query string, and sockets
     connect with ``?apikey=<JWT>``: without this every token would be written
@@ -78,8 +78,14 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+# uvicorn writes HTTP requests to uvicorn.access and WebSocket handshakes
+# ('... "WebSocket /realtime/v1/websocket?apikey=..." [accepted]') to uvicorn.error.
+QUERY_STRING_LOGGERS = ("uvicorn.access", "uvicorn.error")
+
+
 def redact_access_logs() -> None:
-    """Install ``RedactSecrets`` on the access loggers that print query strings (once)."""
-    logger = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, RedactSecrets) for f in logger.filters):
-        logger.addFilter(RedactSecrets())
+    """Install ``RedactSecrets`` on the loggers that print query strings (once)."""
+    for name in QUERY_STRING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+            logger.addFilter(RedactSecrets())
