@@ -60,8 +60,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+import _cpu  # noqa: E402
 import _loadgen as lg  # noqa: E402
 import _report  # noqa: E402
+# The CPU readers live in _cpu.py; the other benches also reach them as ``bc.<name>``.
+from _cpu import CLK_TCK, DISTURBED_PCT, core_busy_seconds, cpu_seconds, cpu_times, foreign_cpu, userland_cpu  # noqa: E402,F401
 
 HOST = "127.0.0.1"
 SERVERS = ("daphne", "uvicorn", "uvicorn-sansio", "raw", "rawframe")
@@ -71,9 +74,7 @@ DEFAULT_RATES = [5, 10, 15, 25, 35, 50, 70, 100, 140, 200, 280, 400, 560, 800, 1
 QUICK_RATES = [10, 50]
 P99_LIMIT_MS = 100.0
 RATE_SHARE = 0.99
-DISTURBED_PCT = 10.0
 JWT_SECRET_DEFAULT = "super-secret-jwt-token-with-at-least-32-characters-long"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 
 _children: list[subprocess.Popen[bytes]] = []
@@ -125,52 +126,6 @@ def stop_all() -> None:
     for proc in reversed(list(_children)):
         with contextlib.suppress(Exception):
             stop(proc, timeout=3.0)
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of all threads of ``pid``."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def cpu_seconds(pid: int) -> float:
-    return sum(cpu_times(pid))
-
-
-def core_busy_seconds(cpus: set[int] | None) -> float | None:
-    """Non-idle time of ``cpus`` (user, system, irq and softirq, whoever it is charged to)."""
-    if not cpus:
-        return None
-    total = 0
-    with open("/proc/stat") as f:
-        for line in f:
-            name, _, rest = line.partition(" ")
-            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-                user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in rest.split()[:7])
-                total += user + nice + system + irq + softirq
-    return total / CLK_TCK
-
-
-def userland_cpu() -> dict[int, float]:
-    """CPU seconds of every user-space process (kernel threads have an empty cmdline)."""
-    out: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if not f.read(1):
-                    continue
-            out[int(entry)] = cpu_seconds(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
-def foreign_cpu(before: dict[int, float], after: dict[int, float], ours: set[int]) -> float:
-    """CPU seconds used between two snapshots by processes that are not part of the bench."""
-    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items() if pid not in ours)
 
 
 def rss_kb(pid: int) -> int:
@@ -515,14 +470,7 @@ class Bench:
         self.env = env
         self.log_dir = log_dir
         self.step_id = 0
-        cpus = sorted(os.sched_getaffinity(0))
-        if args.pin and len(cpus) >= 2:
-            self.server_cpus: set[int] | None = {cpus[0]}
-            self.loadgen_cpus: set[int] | None = set(cpus[1:])
-            os.sched_setaffinity(0, self.loadgen_cpus)
-        else:
-            self.server_cpus = self.loadgen_cpus = None
-        self.loadgen_cores = len(self.loadgen_cpus) if self.loadgen_cpus else len(cpus)
+        self.server_cpus, self.loadgen_cpus, self.loadgen_cores = _cpu.pin(args.pin)
         self.anon = lg.mint_jwt(env["JWT_SECRET"], "anon")
         self.redis_pid = redis_pid()
         self.prefixes: list[str] = []
@@ -690,25 +638,7 @@ class Bench:
 
     def wait_quiet(self, pub: lg.Publisher | None) -> None:
         """Wait (up to --quiet-wait s) until other processes use less than DISTURBED_PCT of a core."""
-        end = time.monotonic() + self.args.quiet_wait
-        waited = False
-        while True:
-            before = userland_cpu()
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 0.5:
-                if pub is not None:
-                    pub.service()
-                time.sleep(0.05)
-            busy = 100 * foreign_cpu(before, userland_cpu(), self.ours()) / (time.monotonic() - t0)
-            if busy < DISTURBED_PCT:
-                if waited:
-                    print("  (waited for other processes to go quiet)", flush=True)
-                return
-            if time.monotonic() > end:
-                print(f"  (other processes still use {busy:.0f}% of a core after {self.args.quiet_wait:g}s: going on)",
-                      flush=True)
-                return
-            waited = True
+        _cpu.wait_quiet(self.args.quiet_wait, self.ours, pub.service if pub is not None else None)
 
     def step(self, server: subprocess.Popen[bytes], workers: list[Worker], pub: lg.Publisher, rate: float, duration: float) -> Step:
         self.quiesce(workers, pub)
@@ -790,12 +720,7 @@ class Bench:
         )
 
     def redis_cpu(self) -> float | None:
-        if self.redis_pid is None:
-            return None
-        try:
-            return cpu_seconds(self.redis_pid)
-        except OSError:
-            return None
+        return _cpu.cpu_or_none(self.redis_pid)
 
     def profile(self, kind: str, n: int, server: subprocess.Popen[bytes], workers: list[Worker], pub: lg.Publisher, run: Run) -> str | None:
         pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
