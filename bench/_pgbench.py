@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+import _cpu  # noqa: E402
 import _loadgen as lg  # noqa: E402
 import _pgcount  # noqa: E402
 import _pgload as pl  # noqa: E402
@@ -54,6 +55,26 @@ def lsn_int(text: str) -> int:
 
 
 postgres_pids = _report.postgres_pids
+
+
+def residue_count(id_base: int, rows: int, mod: int, residue: int) -> int:
+    """How many of the ids ``id_base .. id_base + rows - 1`` are ``residue`` modulo ``mod``."""
+    first = id_base + (residue - id_base) % mod
+    return 0 if first >= id_base + rows else (id_base + rows - 1 - first) // mod + 1
+
+
+def rates_text(rates: list[float]) -> str:
+    """``--rates`` as the benches print them: 0 is ``max``."""
+    return " ".join("max" if r == 0 else f"{r:g}" for r in rates)
+
+
+def cpu_header(keys: tuple[str, ...]) -> str:
+    return " ".join(f"{k:>6}" for k in keys)
+
+
+def cpu_cells(cpu: dict[str, float], keys: tuple[str, ...]) -> str:
+    """A step's CPU % per group, in the columns of ``cpu_header(keys)``."""
+    return " ".join(f"{cpu.get(k, 0):>6.0f}" for k in keys)
 
 
 class Proc(bc.Worker):
@@ -169,6 +190,9 @@ class Bench:
         self.slot = f"{self.slot_prefix}{self.tag}"
         self.prefix = f"{self.layer_prefix}{os.getpid()}"
         self.env = dict(env, REALTIME_LAYER_PREFIX=self.prefix, PYTHONUNBUFFERED="1")
+        # The run's own publication, named after its slot; the server and replicator take it from the environment.
+        args.publication = self.slot
+        self.env["REALTIME_PUBLICATION"] = args.publication
         self.dsn = self.env["DATABASE_URL"]
         self.pg = psycopg.connect(self.dsn, autocommit=True, application_name="realtime bench admin")
         self.anon = lg.mint_jwt(self.env["JWT_SECRET"], "anon")
@@ -194,6 +218,7 @@ class Bench:
         self.tables: list[str] = []  # public tables this run created
         self.spy_pids: set[int] = set()
         self.notes: list[str] = []
+        self.steps: list[Any] = []  # the subclass's steps, in order
 
     # --- database ---------------------------------------------------------
 
@@ -226,6 +251,16 @@ class Bench:
                 with contextlib.suppress(Exception):
                     self.sql(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
                     print(f"  dropped stale publication {name} of a previous run", flush=True)
+
+    def create_table(self, table: str, columns: str) -> None:
+        """(Re)create ``public.<table>`` with ``columns`` (SQL text of this module's callers, never input);
+        it is dropped at the end unless ``--keep-table``."""
+        from psycopg import sql
+
+        name = sql.Identifier("public", table)
+        self.sql(sql.SQL("DROP TABLE IF EXISTS {}").format(name))
+        self.tables.append(table)
+        self.sql(sql.SQL("CREATE TABLE {} ({})").format(name, sql.SQL(columns)))
 
     def create_publication(self, name: str, table: str) -> None:
         from psycopg import sql
@@ -363,6 +398,34 @@ class Bench:
             self.server = None
         self.clean_redis()
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """The server for a block; its subscriber workers and the server stopped after it, whatever happens."""
+        self.start_server()
+        try:
+            yield
+        finally:
+            self.stop_workers()
+            self.stop_server()
+
+    def run_rates(self, step: Callable[[float, float, float], Delivery], row: Callable[[Any], str],
+                  margin_s: float) -> list[Delivery]:
+        """One ``step(rate, duration, drain_limit)`` per ``--rates`` (0 = the max step, with its own duration
+        and drain limit), each printed with ``row`` and kept in ``self.steps``; the steps left when fewer
+        than ``margin_s`` seconds of the time budget remain are skipped."""
+        done: list[Delivery] = []
+        for rate in self.args.rates:
+            if time.monotonic() > self.args.deadline - margin_s:
+                print("  (time budget nearly spent: skipping the remaining steps)", flush=True)
+                break
+            is_max = rate == 0
+            st = step(rate, self.args.max_duration if is_max else self.args.duration,
+                      self.args.drain_limit_max if is_max else self.args.drain_limit)
+            self.steps.append(st)
+            done.append(st)
+            print("  " + row(st), flush=True)
+        return done
+
     def db_counts(self) -> dict[str, dict[str, dict[str, int]]]:
         """The statements and round trips the server and the replicator have sent so far, per connection."""
         return {"server": _pgcount.read(str(self.server_counts)) if self.server_counts else {},
@@ -429,17 +492,12 @@ class Bench:
         }
 
     def cpu_snapshot(self) -> dict[str, Any]:
-        per_pid: dict[str, dict[int, float]] = {}
-        for name, pids in self.cpu_groups().items():
-            per_pid[name] = {}
-            for pid in pids:
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    per_pid[name][pid] = bc.cpu_seconds(pid)
+        per_pid = {name: _cpu.cpu_by_pid(pids) for name, pids in self.cpu_groups().items()}
         ours = {os.getpid(), *postgres_pids(), *(p.pid for p in bc._children if p.pid not in self.spy_pids)}
         if self.redis_pid:
             ours.add(self.redis_pid)
-        return {"wall": time.monotonic(), "groups": per_pid, "userland": bc.userland_cpu(), "ours": ours,
-                "busy": bc.core_busy_seconds(set(range(os.cpu_count() or 1)))}
+        return {"wall": time.monotonic(), "groups": per_pid, "userland": _cpu.userland_cpu(), "ours": ours,
+                "busy": _cpu.core_busy_seconds(set(range(os.cpu_count() or 1)))}
 
     @staticmethod
     def cpu_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
@@ -449,7 +507,7 @@ class Bench:
         for name, after in b["groups"].items():
             before = a["groups"].get(name, {})
             out[name] = 100 * sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items()) / wall
-        out["others"] = 100 * bc.foreign_cpu(a["userland"], b["userland"], a["ours"] | b["ours"]) / wall
+        out["others"] = 100 * _cpu.foreign_cpu(a["userland"], b["userland"], a["ours"] | b["ours"]) / wall
         if a["busy"] is not None and b["busy"] is not None:
             out["machine"] = 100 * (b["busy"] - a["busy"]) / wall / (os.cpu_count() or 1)
         return out
@@ -620,6 +678,30 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    "for a step's deliveries after this many seconds without one (default 5; the server may "
                    "still be delivering after the slot is confirmed)")
     p.add_argument("--json", type=Path, help="where to write the JSON results (default: in the log dir)")
+
+
+def add_step_args(p: argparse.ArgumentParser, defaults: dict[str, tuple[float, float]], rates: str) -> None:
+    """``--rates`` and the step lengths and drain limits of both benches; ``defaults`` gives each
+    (``duration``, ``max_duration``, ``max_rows``, ``drain_limit``, ``drain_limit_max``) as
+    (full run, ``--quick``), ``rates`` the default rates as the help prints them."""
+    def default(name: str) -> str:
+        full, quick = defaults[name]
+        return f"(default {full:g}; quick: {quick:g})"
+
+    p.add_argument("--rates", type=float, nargs="+", help=f"target changes/s per step, 0 = max (default {rates})")
+    p.add_argument("--duration", type=float, help=f"seconds per fixed-rate step {default('duration')}")
+    p.add_argument("--max-duration", type=float, help=f"seconds of writing in the max step {default('max_duration')}")
+    p.add_argument("--max-rows", type=int, help=f"stop the max step after this many rows {default('max_rows')}")
+    p.add_argument("--drain-limit", type=float, help="max seconds to wait for a fixed-rate step's deliveries "
+                   + default("drain_limit"))
+    p.add_argument("--drain-limit-max", type=float, help=f"the same for the max step {default('drain_limit_max')}")
+
+
+def step_defaults(args: argparse.Namespace, defaults: dict[str, tuple[float, float]], rates: list[float]) -> None:
+    """Fill in what ``add_step_args`` left unset (full run or ``--quick``); the max step (0) runs last."""
+    for name, (full, quick) in defaults.items():
+        setattr(args, name, getattr(args, name) or (quick if args.quick else full))
+    args.rates = sorted(args.rates if args.rates is not None else rates, key=lambda r: (r == 0, r))
 
 
 def run(name: str, args: argparse.Namespace, make: Callable[[dict[str, str], Path], Bench],
