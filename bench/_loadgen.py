@@ -482,8 +482,10 @@ def open_in_batches(host: str, port: int, path: str, wanted: Sequence[T], batch:
     return done, errors
 
 
-def open_joined(host: str, port: int, path: str, count: int, batch: int, timeout: float, join: bytes = JOIN_FRAME,
-                wait_reply: Callable[[LiteConn, float], None] = LiteConn.wait_join_reply) -> tuple[list[LiteConn], list[str]]:
+def open_joined(
+    host: str, port: int, path: str, count: int, batch: int, timeout: float, join: bytes = JOIN_FRAME,
+    wait_reply: Callable[[LiteConn, float], None] = LiteConn.wait_join_reply,
+) -> tuple[list[LiteConn], list[str]]:
     """Open ``count`` sockets and join each with ``join`` (``wait_reply`` reads the join's ok), ``batch`` at a time."""
     opened, errors = open_in_batches(host, port, path, range(count), batch, timeout, (
         ("join", lambda conn, _, deadline: conn.send(1, join)),

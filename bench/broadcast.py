@@ -384,7 +384,11 @@ class Worker:
 
 
 @dataclass
-class Step:
+class Step(_report.FanoutVerdict):
+    """One publish rate: what was sent and delivered, latency and CPU; the verdict is ``FanoutVerdict``'s."""
+
+    rate_short = f"pub/s < {RATE_SHARE:.0%}"
+    p99_limit_ms = P99_LIMIT_MS
     rate: float
     sent: int
     pub_rate: float
@@ -412,18 +416,8 @@ class Step:
     wall_s: float
 
     @property
-    def loss(self) -> int:
-        """Messages some joined socket (open or closed by the server) did not get, counted per socket."""
-        return self.missing
-
-    @property
     def rate_ok(self) -> bool:
         return self.pub_rate >= RATE_SHARE * self.rate
-
-    @property
-    def passed(self) -> bool:
-        return (self.loss == 0 and self.dups == 0 and self.received > 0 and self.rate_ok
-                and self.p99_ms is not None and self.p99_ms <= P99_LIMIT_MS)
 
 
 @dataclass
@@ -882,10 +876,7 @@ fmt = _report.fmt
 
 
 def failed_because(s: Step) -> str:
-    why = [label for label, bad in (("loss", s.loss > 0), ("dups", s.dups > 0), ("nothing received", s.received == 0),
-                                    (f"pub/s < {RATE_SHARE:.0%}", not s.rate_ok),
-                                    (f"p99 > {P99_LIMIT_MS:g}", s.p99_ms is None or s.p99_ms > P99_LIMIT_MS)) if bad]
-    return ", ".join(why)
+    return ", ".join(s.failures())
 
 
 def step_row(s: Step) -> str:

@@ -324,7 +324,11 @@ class PresenceWorker(bc.Worker):
 
 
 @dataclass
-class Step:
+class Step(_report.FanoutVerdict):
+    """One track rate: diffs sent and delivered (per member), latency and CPU; the verdict is ``FanoutVerdict``'s."""
+
+    rate_short = f"ev/s < {PACE_SHARE:.0%}"
+    p99_limit_ms = P99_LIMIT_MS
     rate: float
     sent: int
     event_rate: float
@@ -345,30 +349,11 @@ class Step:
     others_cpu_pct: float
 
     @property
-    def loss(self) -> int:
-        """Tracks some member (open or closed by the server) did not get a diff for, counted per member."""
-        return self.missing
-
-    @property
     def rate_ok(self) -> bool:
         return self.event_rate >= PACE_SHARE * self.rate
 
-    @property
-    def passed(self) -> bool:
-        return (
-            self.loss == 0
-            and self.dups == 0
-            and self.received > 0
-            and self.p99_ms is not None
-            and self.p99_ms <= P99_LIMIT_MS
-            and self.rate_ok
-        )
-
     def failed_because(self) -> str:
-        return ", ".join(label for label, bad in (
-            ("loss", self.loss > 0), ("dups", self.dups > 0), ("nothing received", self.received == 0),
-            (f"ev/s < {PACE_SHARE:.0%}", not self.rate_ok),
-            (f"p99 > {P99_LIMIT_MS:g}", self.p99_ms is None or self.p99_ms > P99_LIMIT_MS)) if bad)
+        return ", ".join(self.failures())
 
 
 STEP_HEADER = (f"{'target':>7} {'ev/s':>7} {'expected':>9} {'received':>9} {'loss':>6} {'dups':>5} {'lossySk':>7} "
