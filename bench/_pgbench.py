@@ -16,11 +16,9 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -713,35 +711,23 @@ def run(name: str, args: argparse.Namespace, make: Callable[[dict[str, str], Pat
     """
     started, _, log_dir = bc.begin_run(args, name, 10)
     bench: Bench | None = None
-    code = 0
-    try:
+
+    def cleanup() -> None:
+        if bench is None:
+            bc.stop_all()
+            return
+        bench.cleanup()
+        problems = bench.problems()
+        if problems:
+            print(f"  replicator logged {len(problems)} warning(s)/error(s), e.g. {problems[0][:200]}", flush=True)
+
+    with bc.guarded_run(cleanup) as outcome:
         bench = make(bc.service_env(), log_dir)
         print(f"server code: {bc.describe_tree(REPO)}; cpus={os.cpu_count()} ({_report.cpu_model()}); slot "
               f"{bench.slot}; publication {args.publication}; layer prefix {bench.prefix}; logs in {log_dir}",
               flush=True)
         body(bench)
-    except (KeyboardInterrupt, TimeoutError, SystemExit) as reason:
-        code = 130
-        print(f"\ninterrupted: {reason!r}", flush=True)
-    except Exception as error:
-        code = 1
-        print(f"ERROR: {type(error).__name__}: {error}", flush=True)
-        if not isinstance(error, (bc.BenchError, OSError, lg.HandshakeError)):
-            traceback.print_exc()
-    finally:
-        signal.alarm(0)
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            if bench is not None:
-                bench.cleanup()
-                problems = bench.problems()
-                if problems:
-                    print(f"  replicator logged {len(problems)} warning(s)/error(s), e.g. {problems[0][:200]}",
-                          flush=True)
-            else:
-                bc.stop_all()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    code = outcome.code
     lines, steps, summary = report(bench, log_dir)
     if bench is not None:
         lines += [f"  note: {note}" for note in bench.notes]

@@ -51,7 +51,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1088,6 +1090,38 @@ def begin_run(args: argparse.Namespace, name: str, grace_s: int) -> tuple[float,
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     return started, nofile, log_dir
+
+
+class Outcome:
+    """How a guarded run ended: ``code`` 0, 1 after an error, 130 when interrupted or out of time."""
+
+    code = 0
+
+
+@contextlib.contextmanager
+def guarded_run(cleanup: Callable[[], None],
+                expected: tuple[type[Exception], ...] = (BenchError, OSError, lg.HandshakeError)) -> Iterator[Outcome]:
+    """The body of a run begun by ``begin_run``: an error or interruption in it is printed (with a traceback
+    unless ``expected``) and ends the block; then the alarm is cancelled and ``cleanup`` runs whatever
+    happened, with Ctrl-C ignored so it cannot be cut short."""
+    outcome = Outcome()
+    try:
+        yield outcome
+    except (KeyboardInterrupt, TimeoutError, SystemExit) as reason:
+        outcome.code = 130
+        print(f"\ninterrupted: {reason!r}", flush=True)
+    except Exception as error:
+        outcome.code = 1
+        print(f"ERROR: {type(error).__name__}: {error}", flush=True)
+        if not isinstance(error, expected):
+            traceback.print_exc()
+    finally:
+        signal.alarm(0)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            cleanup()
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

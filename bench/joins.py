@@ -83,13 +83,11 @@ import json
 import os
 import re
 import select
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
-import traceback
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -1317,9 +1315,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Scenario] = {}
     storms: dict[str, Storm] = {}
     bench: Bench | None = None
-    code = 0
     meta = _report.run_meta("joins", quick=args.quick, daphne_backlog=args.daphne_backlog)
-    try:
+    with bc.guarded_run(lambda: bench.cleanup() if bench is not None else bc.stop_all()) as outcome:
         if args.server_ref:
             args.server_dir, sha = bc.export_ref(args.server_ref, log_dir)
             source = f"git {args.server_ref} = {sha[:12]} (exported to {args.server_dir})"
@@ -1362,24 +1359,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(STORM_HEADER + "\n" + storm_row(s), flush=True)
                 if s.errors:
                     print(f"      errors: {fmt_errors(s.errors)}", flush=True)
-    except (KeyboardInterrupt, TimeoutError, SystemExit) as reason:
-        code = 130
-        print(f"\ninterrupted: {reason!r}", flush=True)
-    except Exception as error:
-        code = 1
-        print(f"ERROR: {type(error).__name__}: {error}", flush=True)
-        if not isinstance(error, (bc.BenchError, OSError)):
-            traceback.print_exc()
-    finally:
-        signal.alarm(0)
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            if bench is not None:
-                bench.cleanup()
-            else:
-                bc.stop_all()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    code = outcome.code
     summary = print_summary(args, results, storms)
     for r in results.values():
         if r.profile:
