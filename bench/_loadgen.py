@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 TOPIC = "realtime:bench"
 EVENT = "tick"
@@ -121,6 +121,31 @@ def stats_reply(stats: dict[int, list[Any]], step: int, remove: bool) -> dict[st
     if len(st) > 5:
         reply["dups"] = st[5]
     return reply
+
+
+class Receipts(NamedTuple):
+    """The workers' ``stats`` replies of one step, summed."""
+
+    received: int
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float
+    first_ns: int  # the earliest receipt (0 when nothing arrived)
+    last_ns: int  # the latest receipt (0 when nothing arrived)
+
+
+def merge_stats(replies: list[dict[str, Any]], nbuckets: int = NBUCKETS,
+                percentile: Callable[[list[int], int, float], float | None] = percentile_ms) -> Receipts:
+    """Sum the workers' ``stats`` replies (histograms of ``nbuckets`` read by ``percentile``)."""
+    hist = [0] * nbuckets
+    for r in replies:
+        for i, c in r["hist"]:
+            hist[i] += c
+    received = sum(int(r["recv"]) for r in replies)
+    got = [r for r in replies if r["recv"]]
+    return Receipts(received, percentile(hist, received, 0.50), percentile(hist, received, 0.99),
+                    max([int(r["max_us"]) for r in replies] or [0]) / 1000,
+                    min((int(r["first_ns"]) for r in got), default=0), max((int(r["last_ns"]) for r in got), default=0))
 
 
 def parse_tick(text: bytes | str) -> tuple[int, int] | None:

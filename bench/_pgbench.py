@@ -592,21 +592,15 @@ class Bench:
     def gather(self, st: Delivery, step_id: int, reply: dict[str, Any]) -> float:
         """Fill ``st``'s received, duplicates, latency and deliveries/s from the workers; returns the window (s)."""
         replies = [w.expect({"cmd": "stats", "step": step_id}, 20) for w in self.workers]
-        hist = [0] * pl.NBUCKETS
-        for r in replies:
-            for i, count in r["hist"]:
-                hist[i] += count
-        st.received = sum(int(r["recv"]) for r in replies)
+        merged = lg.merge_stats(replies, pl.NBUCKETS, pl.percentile_ms)
+        st.received = merged.received
         st.duplicates = sum(int(r.get("dups", 0)) for r in replies)
-        st.p50_ms = pl.percentile_ms(hist, st.received, 0.50)
-        st.p99_ms = pl.percentile_ms(hist, st.received, 0.99)
-        st.max_ms = max([int(r["max_us"]) for r in replies] or [0]) / 1000
+        st.p50_ms, st.p99_ms, st.max_ms = merged.p50_ms, merged.p99_ms, merged.max_ms
         first_commit = int(reply["first_ns"])
-        got = [r for r in replies if r["recv"]]
-        if got and first_commit:
-            st.first_s = (min(int(r["first_ns"]) for r in got) - first_commit) / 1e9
-            st.last_s = (max(int(r["last_ns"]) for r in got) - first_commit) / 1e9
-        last_ns = max([int(r["last_ns"]) for r in got] or [int(reply["last_ns"])])
+        if merged.received and first_commit:
+            st.first_s = (merged.first_ns - first_commit) / 1e9
+            st.last_s = (merged.last_ns - first_commit) / 1e9
+        last_ns = merged.last_ns or int(reply["last_ns"])
         window = max(float(reply["wall"]), (last_ns - first_commit) / 1e9, 1e-6)
         st.deliveries_per_s = (st.received - st.duplicates) / window
         return window

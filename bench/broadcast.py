@@ -678,12 +678,9 @@ class Bench:
         seq = {key: sum(int(r["seq"][key]) for r in replies) for key in
                ("sockets", "dups", "gaps", "missing", "lossy_sockets", "closed_sockets")}
         seq["max_socket_missing"] = max(int(r["seq"]["max_socket_missing"]) for r in replies)
-        hist = [0] * lg.NBUCKETS
-        for r in replies:
-            for i, c in r["hist"]:
-                hist[i] += c
-        received = sum(int(r["recv"]) for r in replies)
-        last_ns = max([int(r["last_ns"]) for r in replies if r["recv"]] or [info["last_ns"]])
+        merged = lg.merge_stats(replies)
+        received = merged.received
+        last_ns = merged.last_ns or info["last_ns"]
         window = max(info["wall"], (last_ns - info["first_ns"]) / 1e9, 1e-6)
         wall = t1 - t0
         server_cpu = (user1 - user0) + (sys1 - sys0)
@@ -702,9 +699,9 @@ class Bench:
             lossy_sockets=seq["lossy_sockets"],
             max_socket_missing=seq["max_socket_missing"],
             deliveries_per_s=received / window,
-            p50_ms=lg.percentile_ms(hist, received, 0.50),
-            p99_ms=lg.percentile_ms(hist, received, 0.99),
-            max_ms=max([int(r["max_us"]) for r in replies] or [0]) / 1000,
+            p50_ms=merged.p50_ms,
+            p99_ms=merged.p99_ms,
+            max_ms=merged.max_ms,
             server_cpu_pct=100 * server_cpu / wall,
             server_sys_pct=100 * (sys1 - sys0) / server_cpu if server_cpu > 0 else 0.0,
             server_core_pct=None if core0 is None or core1 is None else 100 * (core1 - core0) / wall,

@@ -431,24 +431,15 @@ class Bench:
         st.cpu = {k: 100 * (c1[k] - c0[k]) / wall for k in c1 if k not in ("t", "pg") and k in c0}
         # postgres: per process, those that exist at both ends of the step (backends come and go)
         st.cpu["pg"] = 100 * sum(v - c0["pg"][pid] for pid, v in c1["pg"].items() if pid in c0["pg"]) / wall
-        hist = [0] * lg.NBUCKETS
-        first, lastns = 0, 0
-        for w in self.workers:
-            r = w.rpc({"cmd": "stats", "step": sid, "expected": st.sent})
-            st.received += r["recv"]
+        replies = [w.rpc({"cmd": "stats", "step": sid, "expected": st.sent}) for w in self.workers]
+        for r in replies:
             st.dups += r["dups"]
-            for i, c in r["hist"]:
-                hist[i] += c
-            st.max_ms = max(st.max_ms, r["max_us"] / 1000)
             losses = [m for m in r["missing"] if m > 0]
             st.lossy_subs += len(losses)
             st.max_sub_loss = max([st.max_sub_loss, *losses])
-            if r["first_ns"]:
-                first = min(first or r["first_ns"], r["first_ns"])
-                lastns = max(lastns, r["last_ns"])
-        st.p50_ms = lg.percentile_ms(hist, st.received, 0.50)
-        st.p99_ms = lg.percentile_ms(hist, st.received, 0.99)
-        span = (lastns - first) / 1e9 if lastns > first else 0
+        merged = lg.merge_stats(replies)
+        st.received, st.p50_ms, st.p99_ms, st.max_ms = merged.received, merged.p50_ms, merged.p99_ms, merged.max_ms
+        span = (merged.last_ns - merged.first_ns) / 1e9 if merged.last_ns > merged.first_ns else 0
         st.dlv_per_s = st.received / span if span else 0.0
         return st
 

@@ -542,12 +542,9 @@ class PresenceBench:
         replies, seq = self.sent_and_checks(step_id)
         sent = seq["sent"]
         lg_cpu1 = sum(float(r["cpu"]) for r in replies) + time.process_time()
-        hist = [0] * lg.NBUCKETS
-        for r in replies:
-            for i, c in r["hist"]:
-                hist[i] += c
-        received = sum(int(r["recv"]) for r in replies)
-        last_ns = max([int(r["last_ns"]) for r in replies if r["recv"]] or [first_ns])
+        merged = lg.merge_stats(replies)
+        received = merged.received
+        last_ns = merged.last_ns or first_ns
         window = max(duration, (last_ns - first_ns) / 1e9, 1e-6)
         return Step(
             rate=rate,
@@ -561,9 +558,9 @@ class PresenceBench:
             lossy_sockets=seq["lossy_sockets"],
             closed_sockets=seq["closed_sockets"],
             deliveries_per_s=received / window,
-            p50_ms=lg.percentile_ms(hist, received, 0.50),
-            p99_ms=lg.percentile_ms(hist, received, 0.99),
-            max_ms=max([int(r["max_us"]) for r in replies] or [0]) / 1000,
+            p50_ms=merged.p50_ms,
+            p99_ms=merged.p99_ms,
+            max_ms=merged.max_ms,
             server_cpu_pct=100 * (server1 - server0) / wall,
             redis_cpu_pct=None if redis0 is None or redis1 is None else 100 * (redis1 - redis0) / wall,
             loadgen_cpu_pct=100 * (lg_cpu1 - lg_cpu0) / wall / self.loadgen_cores,
