@@ -34,8 +34,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 TOPIC = "realtime:bench"
 EVENT = "tick"
@@ -107,16 +107,45 @@ def record(stats: dict[int, list[Any]], step: int, sent_ns: int, now_ns: int) ->
 
 
 def stats_reply(stats: dict[int, list[Any]], step: int, remove: bool) -> dict[str, Any]:
+    """A step's numbers for the controller; ``dups`` too when the step's list carries a sixth item."""
     st = stats.pop(step, None) if remove else stats.get(step)
     if st is None:
         return {"recv": 0, "first_ns": 0, "last_ns": 0, "hist": [], "max_us": 0}
-    return {
+    reply = {
         "recv": st[0],
         "first_ns": st[1],
         "last_ns": st[2],
         "hist": [[i, c] for i, c in enumerate(st[3]) if c],
         "max_us": st[4],
     }
+    if len(st) > 5:
+        reply["dups"] = st[5]
+    return reply
+
+
+class Receipts(NamedTuple):
+    """The workers' ``stats`` replies of one step, summed."""
+
+    received: int
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float
+    first_ns: int  # the earliest receipt (0 when nothing arrived)
+    last_ns: int  # the latest receipt (0 when nothing arrived)
+
+
+def merge_stats(replies: list[dict[str, Any]], nbuckets: int = NBUCKETS,
+                percentile: Callable[[list[int], int, float], float | None] = percentile_ms) -> Receipts:
+    """Sum the workers' ``stats`` replies (histograms of ``nbuckets`` read by ``percentile``)."""
+    hist = [0] * nbuckets
+    for r in replies:
+        for i, c in r["hist"]:
+            hist[i] += c
+    received = sum(int(r["recv"]) for r in replies)
+    got = [r for r in replies if r["recv"]]
+    return Receipts(received, percentile(hist, received, 0.50), percentile(hist, received, 0.99),
+                    max([int(r["max_us"]) for r in replies] or [0]) / 1000,
+                    min((int(r["first_ns"]) for r in got), default=0), max((int(r["last_ns"]) for r in got), default=0))
 
 
 def parse_tick(text: bytes | str) -> tuple[int, int] | None:
@@ -276,17 +305,19 @@ def receive(conn: Any, rbuf: bytearray, rview: memoryview) -> bytes | str | None
 def answer_control(
     line: bytes, stats: dict[int, list[Any]], counters: dict[str, int], close_reasons: dict[str, int], open_sockets: int,
     seqs: SeqCheck | None = None, is_open: Callable[[Any], bool] | None = None, sample: list[str] | None = None,
+    count_key: str = "ticks",
 ) -> bool:
     """Answer one command of the controller to a subscriber worker; False after ``quit``.
 
     With ``seqs``, ``stats`` also answers the step's per-socket sequence checks (``seq``) against the
     ``sent`` count the command carries; with ``sample``, ``status`` carries the first broadcast frame received.
+    ``count`` answers the step's receipts and the worker's running total, ``counters[count_key]``.
     """
     msg = json.loads(line)
     cmd = msg.get("cmd")
     if cmd == "count":
         st = stats.get(int(msg["step"]))
-        emit({"recv": st[0] if st else 0, "ticks": counters["ticks"]})
+        emit({"recv": st[0] if st else 0, count_key: counters[count_key]})
     elif cmd == "stats":
         reply = stats_reply(stats, int(msg["step"]), remove=bool(msg.get("remove", True)))
         reply["cpu"] = time.process_time()
@@ -429,49 +460,210 @@ class LiteConn:
         self.open = False
 
 
-def open_joined(host: str, port: int, path: str, count: int, batch: int, timeout: float) -> tuple[list[LiteConn], list[str]]:
-    """Open and join ``count`` sockets, ``batch`` handshakes in flight at a time."""
-    conns: list[LiteConn] = []
+T = TypeVar("T")
+Stage = Callable[[LiteConn, T, float], None]
+
+
+def open_in_batches(host: str, port: int, path: str, wanted: Sequence[T], batch: int, timeout: float,
+                    stages: Sequence[tuple[str, Stage[T]]]) -> tuple[list[tuple[LiteConn, T]], list[str]]:
+    """Open a socket per item of ``wanted``, ``batch`` at a time, and take each through ``stages``.
+
+    Per batch: connect, send every handshake, read every answer, then run each stage
+    (``(name, action(conn, item, deadline))``, e.g. send the join, then wait for its reply) on every
+    socket still alive, so a batch's requests are in flight together. A socket that fails a stage is
+    closed and its error (``"<stage>: ..."``) kept. The survivors come back non-blocking, with their item.
+    """
+    def send(conn: LiteConn, item: T, deadline: float) -> None:
+        conn.send_handshake(host, port, path)
+
+    def recv(conn: LiteConn, item: T, deadline: float) -> None:
+        conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
+        conn.recv_handshake()
+
+    done: list[tuple[LiteConn, T]] = []
     errors: list[str] = []
-    remaining = count
-    while remaining > 0:
-        k = min(batch, remaining)
-        remaining -= k
-        group: list[LiteConn] = []
-        for _ in range(k):
+    for start in range(0, len(wanted), batch):
+        group: list[tuple[LiteConn, T]] = []
+        for item in wanted[start : start + batch]:
             try:
-                group.append(LiteConn(host, port, timeout))
+                group.append((LiteConn(host, port, timeout), item))
             except OSError as error:
-                errors.append(f"connect: {error!r}")
+                errors.append(f"connect: {error!r}"[:300])
         deadline = time.monotonic() + timeout
-        alive: list[LiteConn] = []
-        for stage in ("send", "recv", "join"):
-            alive = []
-            for conn in group:
+        for stage, action in (("send", send), ("recv", recv), *stages):
+            alive: list[tuple[LiteConn, T]] = []
+            for conn, item in group:
                 try:
-                    if stage == "send":
-                        conn.send_handshake(host, port, path)
-                    elif stage == "recv":
-                        conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
-                        conn.recv_handshake()
-                    else:
-                        conn.send(1, JOIN_FRAME)
-                    alive.append(conn)
+                    action(conn, item, deadline)
+                    alive.append((conn, item))
                 except (OSError, HandshakeError) as error:
                     errors.append(f"{stage}: {error!r}"[:300])
                     conn.close()
             group = alive
-        for conn in group:
-            try:
-                conn.wait_join_reply(deadline)
-                conns.append(conn)
-            except (OSError, HandshakeError) as error:
-                errors.append(f"join: {error!r}"[:300])
-                conn.close()
-    for conn in conns:
+        done.extend(group)
+    for conn, _ in done:
         conn.pending.clear()
         conn.sock.setblocking(False)
-    return conns, errors
+    return done, errors
+
+
+def open_joined(
+    host: str, port: int, path: str, count: int, batch: int, timeout: float, join: bytes = JOIN_FRAME,
+    wait_reply: Callable[[LiteConn, float], None] = LiteConn.wait_join_reply,
+) -> tuple[list[LiteConn], list[str]]:
+    """Open ``count`` sockets and join each with ``join`` (``wait_reply`` reads the join's ok), ``batch`` at a time."""
+    opened, errors = open_in_batches(host, port, path, range(count), batch, timeout, (
+        ("join", lambda conn, _, deadline: conn.send(1, join)),
+        ("join", lambda conn, _, deadline: wait_reply(conn, deadline)),
+    ))
+    return [conn for conn, _ in opened], errors
+
+
+# --- the workers' socket pool ------------------------------------------------------
+
+
+Spans = list[tuple[int, int, int]]
+
+
+class Pool:
+    """A worker's joined sockets on one ``epoll`` loop, with the controller's JSON lines on stdin (fd 0).
+
+    The loop reads each readable socket once per wake-up, splits what it read into whole frames and
+    hands them to the bench's ``on_frames(conn, data, spans, now_ns)`` in one call (the bench walks the
+    spans itself: no call per frame), keeps an incomplete tail in ``conn.buf``, flushes what the kernel
+    did not take at once, and sends Phoenix heartbeats spread over ``heartbeat_s``. A frame other than
+    text goes to ``control_frame``: pongs, close replies and drops are the same in every bench.
+    With ``batch_wait_s``, a wake-up with fewer than ``batch_min`` ready sockets sleeps that long and
+    polls again, to read more frames per system call (the wait is part of the measured latency).
+    ``counters`` gets ``frames``, ``pings``, ``other``, ``closed`` and ``write_errors``; ``close_reasons``
+    counts why sockets were dropped.
+    """
+
+    def __init__(self, conns: list[LiteConn], counters: dict[str, int], heartbeat_s: float = 0.0,
+                 batch_wait_s: float = 0.0, batch_min: int = 64) -> None:
+        self.by_fd: dict[int, LiteConn] = {c.fd: c for c in conns}
+        self.order = list(conns)
+        self.counters = counters
+        for key in ("frames", "pings", "other", "closed", "write_errors"):
+            counters.setdefault(key, 0)
+        self.close_reasons: dict[str, int] = {}
+        self.pending_out: set[LiteConn] = set()
+        self.heartbeat_s = heartbeat_s
+        self.batch_wait_s = batch_wait_s
+        self.batch_events = batch_min if batch_wait_s > 0 else 0
+        self.ep = select.epoll(max(16, len(conns) + 2))
+        for conn in conns:
+            self.ep.register(conn.fd, select.EPOLLIN)
+        self.ep.register(0, select.EPOLLIN)
+
+    def is_open(self, conn: LiteConn) -> bool:
+        return self.by_fd.get(conn.fd) is conn
+
+    def drop(self, conn: LiteConn, reason: str) -> None:
+        if self.by_fd.pop(conn.fd, None) is None:
+            return
+        self.counters["closed"] += 1
+        self.close_reasons[reason] = self.close_reasons.get(reason, 0) + 1
+        try:
+            self.ep.unregister(conn.fd)
+        except OSError:
+            pass
+        self.pending_out.discard(conn)
+        conn.close()
+
+    def write(self, conn: LiteConn, frame: bytes) -> None:
+        """Send ``frame`` now, or queue it behind what ``conn`` still has to send."""
+        if conn.out:
+            conn.out += frame
+            return
+        try:
+            sent = conn.sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            self.counters["write_errors"] += 1
+            self.drop(conn, f"write {errno.errorcode.get(error.errno or 0, error)}")
+            return
+        if sent < len(frame):
+            conn.out = frame[sent:]
+            self.pending_out.add(conn)
+
+    def flush_pending(self) -> None:
+        for conn in list(self.pending_out):
+            data, conn.out = conn.out, b""
+            self.pending_out.discard(conn)
+            self.write(conn, data)
+
+    def control_frame(self, conn: LiteConn, b0: int, data: bytes, start: int, end: int) -> bool:
+        """Answer a frame that is not text (a ping, a close); False when ``conn`` is dropped (stop reading it)."""
+        opcode = b0 & 0x0F
+        if opcode == 9:
+            self.counters["pings"] += 1
+            self.write(conn, client_frame(0xA, data[start:end]))
+        elif opcode == 8:
+            code = int.from_bytes(data[start : start + 2], "big") if end - start >= 2 else 1005
+            self.write(conn, client_frame(8, data[start : start + 2]))
+            self.drop(conn, f"close {code}")
+            return False
+        elif opcode != 0xA:
+            self.counters["other"] += 1
+        return True
+
+    def run(self, on_frames: Callable[[LiteConn, bytes, Spans, int], None], on_control: Callable[[bytes], bool],
+            poll_timeout: Callable[[], float] | None = None) -> None:
+        """The loop, until stdin ends or ``on_control`` answers False; then every socket is closed.
+
+        ``poll_timeout`` (called before each poll) lets the bench do its own work between wake-ups
+        and say how long the next poll may wait (otherwise 50 ms).
+        """
+        by_fd = self.by_fd
+        ep = self.ep
+        counters = self.counters
+        order = self.order
+        heartbeat_s = self.heartbeat_s
+        batch_events, batch_wait = self.batch_events, self.batch_wait_s
+        rbuf = bytearray(1 << 18)
+        rview = memoryview(rbuf)
+        hb_start = time.monotonic()
+        hb_done = 0
+        ctl_buf = b""
+        running = True
+        while running:
+            events = ep.poll(0.05 if poll_timeout is None else poll_timeout())
+            if len(events) < batch_events:
+                time.sleep(batch_wait)
+                events = ep.poll(0)
+            now = time.time_ns()
+            for fd, _ in events:
+                if fd == 0:
+                    ctl_buf, running = read_control(ctl_buf, on_control)
+                    if not running:
+                        break
+                    continue
+                conn = by_fd.get(fd)
+                if conn is None:
+                    continue
+                data = receive(conn, rbuf, rview)
+                if not isinstance(data, bytes):
+                    if data is not None:
+                        self.drop(conn, data)
+                    continue
+                spans, pos = frame_spans(data)
+                counters["frames"] += len(spans)
+                on_frames(conn, data, spans, now)
+                if pos < len(data) and fd in by_fd:
+                    conn.buf = data[pos:]
+            if self.pending_out:
+                self.flush_pending()
+            if heartbeat_s > 0 and order:
+                due = int((time.monotonic() - hb_start) / heartbeat_s * len(order))
+                while hb_done < due:
+                    conn = order[hb_done % len(order)]
+                    hb_done += 1
+                    if by_fd.get(conn.fd) is conn:
+                        self.write(conn, client_frame(1, HEARTBEAT_FRAME))
+        for conn in list(by_fd.values()):
+            conn.close()
 
 
 # --- lite worker -----------------------------------------------------------------
@@ -496,144 +688,52 @@ def run_lite_worker(cfg: dict[str, Any]) -> None:
     emit({"ready": True, "joined": len(conns), "failed": int(cfg["count"]) - len(conns),
           "errors": errors[:5], "setup_s": round(time.monotonic() - started, 3)})
 
-    by_fd: dict[int, LiteConn] = {c.fd: c for c in conns}
-    order = list(conns)
-    ep = select.epoll(max(16, len(conns) + 2))
-    for conn in conns:
-        ep.register(conn.fd, select.EPOLLIN)
-    ep.register(0, select.EPOLLIN)
     stats: dict[int, list[Any]] = {}
     counters = {"frames": 0, "ticks": 0, "other": 0, "pings": 0, "fragments": 0, "closed": 0, "write_errors": 0}
-    close_reasons: dict[str, int] = {}
-    pending_out: set[LiteConn] = set()
-    heartbeat_s = float(cfg.get("heartbeat_s", 30) or 0)
-    hb_start = time.monotonic()
-    hb_done = 0
-    ctl_buf = b""
-
-    def drop(conn: LiteConn, reason: str) -> None:
-        if by_fd.pop(conn.fd, None) is None:
-            return
-        counters["closed"] += 1
-        close_reasons[reason] = close_reasons.get(reason, 0) + 1
-        try:
-            ep.unregister(conn.fd)
-        except OSError:
-            pass
-        pending_out.discard(conn)
-        conn.close()
-
-    def write(conn: LiteConn, frame: bytes) -> None:
-        if conn.out:
-            conn.out += frame
-            return
-        try:
-            sent = conn.sock.send(frame)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as error:
-            counters["write_errors"] += 1
-            drop(conn, f"write {errno.errorcode.get(error.errno or 0, error)}")
-            return
-        if sent < len(frame):
-            conn.out = frame[sent:]
-            pending_out.add(conn)
-
-    def flush_pending() -> None:
-        for conn in list(pending_out):
-            data, conn.out = conn.out, b""
-            pending_out.discard(conn)
-            write(conn, data)
-
-    seqs = SeqCheck(order)
+    pool = Pool(conns, counters, heartbeat_s=float(cfg.get("heartbeat_s", 30) or 0),
+                batch_wait_s=float(cfg.get("batch_wait_ms", 1.0)) / 1000)
+    seqs = SeqCheck(conns)
     see = seqs.see
+    control_frame = pool.control_frame
     sample: list[str] = []
 
-    def is_open(conn: LiteConn) -> bool:
-        return by_fd.get(conn.fd) is conn
+    def on_frames(conn: LiteConn, data: bytes, spans: Spans, now: int) -> None:
+        for b0, start, end in spans:
+            if b0 & 0x0F != 1:
+                if not control_frame(conn, b0, data, start, end):
+                    return
+                continue
+            if not b0 & 0x80:
+                counters["fragments"] += 1
+            j = data.rfind(b'"t":', start, end)
+            k = data.rfind(b'"s":', start, j) if j > 0 else -1
+            if k > 0:
+                counters["ticks"] += 1
+                step = int(data[k + 4 : data.index(b",", k, j)])
+                q = data.rfind(b'"seq":', k, j)
+                if q > 0:
+                    see(conn, step, int(data[q + 6 : data.index(b",", q, j)]))
+                if not sample:
+                    sample.append(data[start:end].decode("utf-8", "replace"))
+                lat = (now - int(data[j + 4 : data.index(b"}", j, end)])) // 1000
+                st = stats.get(step)
+                if st is None:
+                    st = stats[step] = new_step_stats(now)
+                st[0] += 1
+                st[2] = now
+                if lat < FINE_LIMIT_US:
+                    st[3][lat // FINE_US if lat > 0 else 0] += 1
+                else:
+                    st[3][min(FINE_BUCKETS + (lat - FINE_LIMIT_US) // COARSE_US, NBUCKETS - 1)] += 1
+                if lat > st[4]:
+                    st[4] = lat
+            else:
+                counters["other"] += 1
 
-    def handle_control(line: bytes) -> bool:
-        return answer_control(line, stats, counters, close_reasons, len(by_fd), seqs, is_open, sample)
+    def on_control(line: bytes) -> bool:
+        return answer_control(line, stats, counters, pool.close_reasons, len(pool.by_fd), seqs, pool.is_open, sample)
 
-    batch_wait = float(cfg.get("batch_wait_ms", 1.0)) / 1000
-    batch_events = 64 if batch_wait > 0 else 0
-    rbuf = bytearray(1 << 18)
-    rview = memoryview(rbuf)
-    running = True
-    while running:
-        events = ep.poll(0.05)
-        if len(events) < batch_events:
-            time.sleep(batch_wait)
-            events = ep.poll(0)
-        now = time.time_ns()
-        for fd, _ in events:
-            if fd == 0:
-                ctl_buf, running = read_control(ctl_buf, handle_control)
-                if not running:
-                    break
-                continue
-            conn = by_fd.get(fd)
-            if conn is None:
-                continue
-            data = receive(conn, rbuf, rview)
-            if not isinstance(data, bytes):
-                if data is not None:
-                    drop(conn, data)
-                continue
-            spans, pos = frame_spans(data)
-            for b0, start, end in spans:
-                opcode = b0 & 0x0F
-                counters["frames"] += 1
-                if opcode == 1:
-                    if not b0 & 0x80:
-                        counters["fragments"] += 1
-                    j = data.rfind(b'"t":', start, end)
-                    k = data.rfind(b'"s":', start, j) if j > 0 else -1
-                    if k > 0:
-                        counters["ticks"] += 1
-                        step = int(data[k + 4 : data.index(b",", k, j)])
-                        q = data.rfind(b'"seq":', k, j)
-                        if q > 0:
-                            see(conn, step, int(data[q + 6 : data.index(b",", q, j)]))
-                        if not sample:
-                            sample.append(data[start:end].decode("utf-8", "replace"))
-                        lat = (now - int(data[j + 4 : data.index(b"}", j, end)])) // 1000
-                        st = stats.get(step)
-                        if st is None:
-                            st = stats[step] = new_step_stats(now)
-                        st[0] += 1
-                        st[2] = now
-                        if lat < FINE_LIMIT_US:
-                            st[3][lat // FINE_US if lat > 0 else 0] += 1
-                        else:
-                            st[3][min(FINE_BUCKETS + (lat - FINE_LIMIT_US) // COARSE_US, NBUCKETS - 1)] += 1
-                        if lat > st[4]:
-                            st[4] = lat
-                    else:
-                        counters["other"] += 1
-                elif opcode == 9:
-                    counters["pings"] += 1
-                    write(conn, client_frame(0xA, data[start:end]))
-                elif opcode == 8:
-                    code = int.from_bytes(data[start : start + 2], "big") if end - start >= 2 else 1005
-                    write(conn, client_frame(8, data[start : start + 2]))
-                    drop(conn, f"close {code}")
-                    break
-                elif opcode != 0xA:
-                    counters["other"] += 1
-            if pos < len(data) and fd in by_fd:
-                conn.buf = data[pos:]
-        if pending_out:
-            flush_pending()
-        if heartbeat_s > 0 and order:
-            due = int((time.monotonic() - hb_start) / heartbeat_s * len(order))
-            while hb_done < due:
-                conn = order[hb_done % len(order)]
-                hb_done += 1
-                if by_fd.get(conn.fd) is conn:
-                    write(conn, client_frame(1, HEARTBEAT_FRAME))
-    for conn in list(by_fd.values()):
-        conn.close()
+    pool.run(on_frames, on_control)
 
 
 # --- websockets worker --------------------------------------------------------
@@ -790,16 +890,17 @@ class Publisher:
         self.conn.close()
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[1] not in {"lite", "websockets"}:
-        print("usage: _loadgen.py lite|websockets CONFIG_JSON|@CONFIG_FILE", file=sys.stderr)
+def worker_main(argv: list[str], modes: dict[str, Callable[[dict[str, Any]], None]]) -> int:
+    """A load-generator process: ``<script> MODE CONFIG_JSON|@CONFIG_FILE`` runs ``modes[MODE](config)``."""
+    if len(argv) != 3 or argv[1] not in modes:
+        print(f"usage: {os.path.basename(argv[0])} {'|'.join(modes)} CONFIG_JSON|@CONFIG_FILE", file=sys.stderr)
         return 2
-    cfg = load_config(argv[2])
-    if argv[1] == "lite":
-        run_lite_worker(cfg)
-    else:
-        run_websockets_worker(cfg)
+    modes[argv[1]](load_config(argv[2]))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return worker_main(argv, {"lite": run_lite_worker, "websockets": run_websockets_worker})
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+import _cpu  # noqa: E402
 import _loadgen as lg  # noqa: E402
 import _pgcount  # noqa: E402
 import _pgload as pl  # noqa: E402
@@ -54,6 +53,26 @@ def lsn_int(text: str) -> int:
 
 
 postgres_pids = _report.postgres_pids
+
+
+def residue_count(id_base: int, rows: int, mod: int, residue: int) -> int:
+    """How many of the ids ``id_base .. id_base + rows - 1`` are ``residue`` modulo ``mod``."""
+    first = id_base + (residue - id_base) % mod
+    return 0 if first >= id_base + rows else (id_base + rows - 1 - first) // mod + 1
+
+
+def rates_text(rates: list[float]) -> str:
+    """``--rates`` as the benches print them: 0 is ``max``."""
+    return " ".join("max" if r == 0 else f"{r:g}" for r in rates)
+
+
+def cpu_header(keys: tuple[str, ...]) -> str:
+    return " ".join(f"{k:>6}" for k in keys)
+
+
+def cpu_cells(cpu: dict[str, float], keys: tuple[str, ...]) -> str:
+    """A step's CPU % per group, in the columns of ``cpu_header(keys)``."""
+    return " ".join(f"{cpu.get(k, 0):>6.0f}" for k in keys)
 
 
 class Proc(bc.Worker):
@@ -169,6 +188,9 @@ class Bench:
         self.slot = f"{self.slot_prefix}{self.tag}"
         self.prefix = f"{self.layer_prefix}{os.getpid()}"
         self.env = dict(env, REALTIME_LAYER_PREFIX=self.prefix, PYTHONUNBUFFERED="1")
+        # The run's own publication, named after its slot; the server and replicator take it from the environment.
+        args.publication = self.slot
+        self.env["REALTIME_PUBLICATION"] = args.publication
         self.dsn = self.env["DATABASE_URL"]
         self.pg = psycopg.connect(self.dsn, autocommit=True, application_name="realtime bench admin")
         self.anon = lg.mint_jwt(self.env["JWT_SECRET"], "anon")
@@ -194,6 +216,7 @@ class Bench:
         self.tables: list[str] = []  # public tables this run created
         self.spy_pids: set[int] = set()
         self.notes: list[str] = []
+        self.steps: list[Any] = []  # the subclass's steps, in order
 
     # --- database ---------------------------------------------------------
 
@@ -226,6 +249,16 @@ class Bench:
                 with contextlib.suppress(Exception):
                     self.sql(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
                     print(f"  dropped stale publication {name} of a previous run", flush=True)
+
+    def create_table(self, table: str, columns: str) -> None:
+        """(Re)create ``public.<table>`` with ``columns`` (SQL text of this module's callers, never input);
+        it is dropped at the end unless ``--keep-table``."""
+        from psycopg import sql
+
+        name = sql.Identifier("public", table)
+        self.sql(sql.SQL("DROP TABLE IF EXISTS {}").format(name))
+        self.tables.append(table)
+        self.sql(sql.SQL("CREATE TABLE {} ({})").format(name, sql.SQL(columns)))
 
     def create_publication(self, name: str, table: str) -> None:
         from psycopg import sql
@@ -363,6 +396,34 @@ class Bench:
             self.server = None
         self.clean_redis()
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """The server for a block; its subscriber workers and the server stopped after it, whatever happens."""
+        self.start_server()
+        try:
+            yield
+        finally:
+            self.stop_workers()
+            self.stop_server()
+
+    def run_rates(self, step: Callable[[float, float, float], Delivery], row: Callable[[Any], str],
+                  margin_s: float) -> list[Delivery]:
+        """One ``step(rate, duration, drain_limit)`` per ``--rates`` (0 = the max step, with its own duration
+        and drain limit), each printed with ``row`` and kept in ``self.steps``; the steps left when fewer
+        than ``margin_s`` seconds of the time budget remain are skipped."""
+        done: list[Delivery] = []
+        for rate in self.args.rates:
+            if time.monotonic() > self.args.deadline - margin_s:
+                print("  (time budget nearly spent: skipping the remaining steps)", flush=True)
+                break
+            is_max = rate == 0
+            st = step(rate, self.args.max_duration if is_max else self.args.duration,
+                      self.args.drain_limit_max if is_max else self.args.drain_limit)
+            self.steps.append(st)
+            done.append(st)
+            print("  " + row(st), flush=True)
+        return done
+
     def db_counts(self) -> dict[str, dict[str, dict[str, int]]]:
         """The statements and round trips the server and the replicator have sent so far, per connection."""
         return {"server": _pgcount.read(str(self.server_counts)) if self.server_counts else {},
@@ -429,17 +490,12 @@ class Bench:
         }
 
     def cpu_snapshot(self) -> dict[str, Any]:
-        per_pid: dict[str, dict[int, float]] = {}
-        for name, pids in self.cpu_groups().items():
-            per_pid[name] = {}
-            for pid in pids:
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    per_pid[name][pid] = bc.cpu_seconds(pid)
+        per_pid = {name: _cpu.cpu_by_pid(pids) for name, pids in self.cpu_groups().items()}
         ours = {os.getpid(), *postgres_pids(), *(p.pid for p in bc._children if p.pid not in self.spy_pids)}
         if self.redis_pid:
             ours.add(self.redis_pid)
-        return {"wall": time.monotonic(), "groups": per_pid, "userland": bc.userland_cpu(), "ours": ours,
-                "busy": bc.core_busy_seconds(set(range(os.cpu_count() or 1)))}
+        return {"wall": time.monotonic(), "groups": per_pid, "userland": _cpu.userland_cpu(), "ours": ours,
+                "busy": _cpu.core_busy_seconds(set(range(os.cpu_count() or 1)))}
 
     @staticmethod
     def cpu_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
@@ -449,7 +505,7 @@ class Bench:
         for name, after in b["groups"].items():
             before = a["groups"].get(name, {})
             out[name] = 100 * sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items()) / wall
-        out["others"] = 100 * bc.foreign_cpu(a["userland"], b["userland"], a["ours"] | b["ours"]) / wall
+        out["others"] = 100 * _cpu.foreign_cpu(a["userland"], b["userland"], a["ours"] | b["ours"]) / wall
         if a["busy"] is not None and b["busy"] is not None:
             out["machine"] = 100 * (b["busy"] - a["busy"]) / wall / (os.cpu_count() or 1)
         return out
@@ -536,21 +592,15 @@ class Bench:
     def gather(self, st: Delivery, step_id: int, reply: dict[str, Any]) -> float:
         """Fill ``st``'s received, duplicates, latency and deliveries/s from the workers; returns the window (s)."""
         replies = [w.expect({"cmd": "stats", "step": step_id}, 20) for w in self.workers]
-        hist = [0] * pl.NBUCKETS
-        for r in replies:
-            for i, count in r["hist"]:
-                hist[i] += count
-        st.received = sum(int(r["recv"]) for r in replies)
+        merged = lg.merge_stats(replies, pl.NBUCKETS, pl.percentile_ms)
+        st.received = merged.received
         st.duplicates = sum(int(r.get("dups", 0)) for r in replies)
-        st.p50_ms = pl.percentile_ms(hist, st.received, 0.50)
-        st.p99_ms = pl.percentile_ms(hist, st.received, 0.99)
-        st.max_ms = max([int(r["max_us"]) for r in replies] or [0]) / 1000
+        st.p50_ms, st.p99_ms, st.max_ms = merged.p50_ms, merged.p99_ms, merged.max_ms
         first_commit = int(reply["first_ns"])
-        got = [r for r in replies if r["recv"]]
-        if got and first_commit:
-            st.first_s = (min(int(r["first_ns"]) for r in got) - first_commit) / 1e9
-            st.last_s = (max(int(r["last_ns"]) for r in got) - first_commit) / 1e9
-        last_ns = max([int(r["last_ns"]) for r in got] or [int(reply["last_ns"])])
+        if merged.received and first_commit:
+            st.first_s = (merged.first_ns - first_commit) / 1e9
+            st.last_s = (merged.last_ns - first_commit) / 1e9
+        last_ns = merged.last_ns or int(reply["last_ns"])
         window = max(float(reply["wall"]), (last_ns - first_commit) / 1e9, 1e-6)
         st.deliveries_per_s = (st.received - st.duplicates) / window
         return window
@@ -622,6 +672,30 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="where to write the JSON results (default: in the log dir)")
 
 
+def add_step_args(p: argparse.ArgumentParser, defaults: dict[str, tuple[float, float]], rates: str) -> None:
+    """``--rates`` and the step lengths and drain limits of both benches; ``defaults`` gives each
+    (``duration``, ``max_duration``, ``max_rows``, ``drain_limit``, ``drain_limit_max``) as
+    (full run, ``--quick``), ``rates`` the default rates as the help prints them."""
+    def default(name: str) -> str:
+        full, quick = defaults[name]
+        return f"(default {full:g}; quick: {quick:g})"
+
+    p.add_argument("--rates", type=float, nargs="+", help=f"target changes/s per step, 0 = max (default {rates})")
+    p.add_argument("--duration", type=float, help=f"seconds per fixed-rate step {default('duration')}")
+    p.add_argument("--max-duration", type=float, help=f"seconds of writing in the max step {default('max_duration')}")
+    p.add_argument("--max-rows", type=int, help=f"stop the max step after this many rows {default('max_rows')}")
+    p.add_argument("--drain-limit", type=float, help="max seconds to wait for a fixed-rate step's deliveries "
+                   + default("drain_limit"))
+    p.add_argument("--drain-limit-max", type=float, help=f"the same for the max step {default('drain_limit_max')}")
+
+
+def step_defaults(args: argparse.Namespace, defaults: dict[str, tuple[float, float]], rates: list[float]) -> None:
+    """Fill in what ``add_step_args`` left unset (full run or ``--quick``); the max step (0) runs last."""
+    for name, (full, quick) in defaults.items():
+        setattr(args, name, getattr(args, name) or (quick if args.quick else full))
+    args.rates = sorted(args.rates if args.rates is not None else rates, key=lambda r: (r == 0, r))
+
+
 def run(name: str, args: argparse.Namespace, make: Callable[[dict[str, str], Path], Bench],
         body: Callable[[Bench], None], report: Callable[[Bench | None, Path], tuple[list[str], list[dict[str, Any]], dict[str, Any]]]) -> int:
     """The skeleton of both benches: time budget, bench object, body, cleanup whatever happens, report.
@@ -631,35 +705,23 @@ def run(name: str, args: argparse.Namespace, make: Callable[[dict[str, str], Pat
     """
     started, _, log_dir = bc.begin_run(args, name, 10)
     bench: Bench | None = None
-    code = 0
-    try:
+
+    def cleanup() -> None:
+        if bench is None:
+            bc.stop_all()
+            return
+        bench.cleanup()
+        problems = bench.problems()
+        if problems:
+            print(f"  replicator logged {len(problems)} warning(s)/error(s), e.g. {problems[0][:200]}", flush=True)
+
+    with bc.guarded_run(cleanup) as outcome:
         bench = make(bc.service_env(), log_dir)
         print(f"server code: {bc.describe_tree(REPO)}; cpus={os.cpu_count()} ({_report.cpu_model()}); slot "
               f"{bench.slot}; publication {args.publication}; layer prefix {bench.prefix}; logs in {log_dir}",
               flush=True)
         body(bench)
-    except (KeyboardInterrupt, TimeoutError, SystemExit) as reason:
-        code = 130
-        print(f"\ninterrupted: {reason!r}", flush=True)
-    except Exception as error:
-        code = 1
-        print(f"ERROR: {type(error).__name__}: {error}", flush=True)
-        if not isinstance(error, (bc.BenchError, OSError, lg.HandshakeError)):
-            traceback.print_exc()
-    finally:
-        signal.alarm(0)
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            if bench is not None:
-                bench.cleanup()
-                problems = bench.problems()
-                if problems:
-                    print(f"  replicator logged {len(problems)} warning(s)/error(s), e.g. {problems[0][:200]}",
-                          flush=True)
-            else:
-                bc.stop_all()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    code = outcome.code
     lines, steps, summary = report(bench, log_dir)
     if bench is not None:
         lines += [f"  note: {note}" for note in bench.notes]

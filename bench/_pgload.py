@@ -33,11 +33,9 @@ Usage: ``python bench/_pgload.py sub|writer @CONFIG_FILE`` (or the JSON itself).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import select
 import sys
 import time
 import uuid
@@ -167,39 +165,11 @@ def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | 
             if user not in minted:
                 minted[user] = mint_token(secret, user_claims(cfg["users"], user))
             tokens[i] = minted[user]
-    done: list[tuple[lg.LiteConn, int | None, int]] = []
-    errors: list[str] = []
-    for start in range(0, len(ids), batch):
-        group: list[tuple[lg.LiteConn, int | None, int]] = []
-        for index in range(start, min(start + batch, len(ids))):
-            try:
-                group.append((lg.LiteConn(host, port, timeout), ids[index], index))
-            except OSError as error:
-                errors.append(f"connect: {error!r}")
-        deadline = time.monotonic() + timeout
-        for stage in ("send", "recv", "join", "wait"):
-            alive = []
-            for conn, filter_id, index in group:
-                try:
-                    if stage == "send":
-                        conn.send_handshake(host, port, path)
-                    elif stage == "recv":
-                        conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
-                        conn.recv_handshake()
-                    elif stage == "join":
-                        conn.send(1, join_frame(filter_id, table, tokens[index], column))
-                    else:
-                        wait_subscribed(conn, deadline)
-                    alive.append((conn, filter_id, index))
-                except (OSError, lg.HandshakeError) as error:
-                    errors.append(f"{stage}: {error!r}"[:300])
-                    conn.close()
-            group = alive
-        done.extend(group)
-    for conn, _, _ in done:
-        conn.pending.clear()
-        conn.sock.setblocking(False)
-    return done, errors
+    opened, errors = lg.open_in_batches(host, port, path, range(len(ids)), batch, timeout, (
+        ("join", lambda conn, index, deadline: conn.send(1, join_frame(ids[index], table, tokens[index], column))),
+        ("wait", lambda conn, index, deadline: wait_subscribed(conn, deadline)),
+    ))
+    return [(conn, ids[index], index) for conn, index in opened], errors
 
 
 def run_sub_worker(cfg: dict[str, Any]) -> None:
@@ -223,159 +193,59 @@ def run_sub_worker(cfg: dict[str, Any]) -> None:
     last_id: dict[int, int] = {c.fd: -1 for c in conns}  # ids only grow: one at or below the last is a duplicate
     # The bytes that follow ``"user_id":`` in a change this socket may see.
     want_owner: dict[int, bytes] = {c.fd: f'"{owners[index]}"'.encode() for c, _, index in subscribed} if owners else {}
-    by_fd: dict[int, lg.LiteConn] = {c.fd: c for c in conns}
-    ep = select.epoll(max(16, len(conns) + 2))
-    for conn in conns:
-        ep.register(conn.fd, select.EPOLLIN)
-    ep.register(0, select.EPOLLIN)
     stats: dict[int, list[Any]] = {}
     counters = {"frames": 0, "changes": 0, "other": 0, "misrouted": 0, "leaked": 0, "closed": 0, "write_errors": 0}
-    close_reasons: dict[str, int] = {}
-    pending_out: set[lg.LiteConn] = set()
-    heartbeat_s = float(cfg.get("heartbeat_s", 30) or 0)
-    hb_start = time.monotonic()
-    hb_done = 0
-    ctl_buf = b""
-
-    def drop(conn: lg.LiteConn, reason: str) -> None:
-        if by_fd.pop(conn.fd, None) is None:
-            return
-        counters["closed"] += 1
-        close_reasons[reason] = close_reasons.get(reason, 0) + 1
-        try:
-            ep.unregister(conn.fd)
-        except OSError:
-            pass
-        pending_out.discard(conn)
-        conn.close()
-
-    def write(conn: lg.LiteConn, frame: bytes) -> None:
-        if conn.out:
-            conn.out += frame
-            return
-        try:
-            sent = conn.sock.send(frame)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as error:
-            counters["write_errors"] += 1
-            drop(conn, f"write {errno.errorcode.get(error.errno or 0, error)}")
-            return
-        if sent < len(frame):
-            conn.out = frame[sent:]
-            pending_out.add(conn)
-
-    def handle_control(line: bytes) -> bool:
-        msg = json.loads(line)
-        cmd = msg.get("cmd")
-        if cmd == "count":
-            st = stats.get(int(msg["step"]))
-            lg.emit({"recv": st[0] if st else 0, "changes": counters["changes"]})
-        elif cmd == "stats":
-            st = stats.get(int(msg["step"]))
-            dups = st[5] if st else 0
-            reply = lg.stats_reply(stats, int(msg["step"]), remove=bool(msg.get("remove", True)))
-            reply["dups"] = dups
-            reply["cpu"] = time.process_time()
-            lg.emit(reply)
-        elif cmd == "status":
-            lg.emit({"open": len(by_fd), "cpu": time.process_time(), "counters": counters, "close_reasons": close_reasons})
-        elif cmd == "quit":
-            lg.emit({"bye": True})
-            return False
-        else:
-            lg.emit({"error": f"unknown command {cmd!r}"})
-        return True
-
     batch_wait = float(cfg.get("batch_wait_ms", 0.5)) / 1000
-    batch_events = 64 if batch_wait > 0 and len(conns) > 64 else 0
-    rbuf = bytearray(1 << 18)
-    rview = memoryview(rbuf)
-    running = True
-    while running:
-        events = ep.poll(0.05)
-        if len(events) < batch_events:
-            time.sleep(batch_wait)
-            events = ep.poll(0)
-        now = time.time_ns()
-        for fd, _ in events:
-            if fd == 0:
-                ctl_buf, running = lg.read_control(ctl_buf, handle_control)
-                if not running:
-                    break
+    pool = lg.Pool(conns, counters, heartbeat_s=float(cfg.get("heartbeat_s", 30) or 0),
+                   batch_wait_s=batch_wait if len(conns) > 64 else 0.0)
+    control_frame = pool.control_frame
+
+    def on_frames(conn: lg.LiteConn, data: bytes, spans: lg.Spans, now: int) -> None:
+        fd = conn.fd
+        expect_id = want_id.get(fd)
+        expect_owner = want_owner.get(fd)
+        for b0, start, end in spans:
+            if b0 & 0x0F != 1:
+                if not control_frame(conn, b0, data, start, end):
+                    return
                 continue
-            conn = by_fd.get(fd)
-            if conn is None:
-                continue
-            data = lg.receive(conn, rbuf, rview)
-            if not isinstance(data, bytes):
-                if data is not None:
-                    drop(conn, data)
-                continue
-            expect_id = want_id.get(fd)
-            expect_owner = want_owner.get(fd)
-            spans, pos = lg.frame_spans(data)
-            for b0, start, end in spans:
-                opcode = b0 & 0x0F
-                counters["frames"] += 1
-                if opcode == 1:
-                    j = data.rfind(SENT_KEY, start, end)
-                    k = data.rfind(PAYLOAD_KEY, start, j) if j > 0 else -1
-                    if k > 0:
-                        counters["changes"] += 1
-                        step = int(data[k + 11 : data.index(b"|", k + 11, j)])
-                        lat = (now - int(data[j + 10 : data.index(b"}", j, end)])) // 1000
-                        r = data.find(ID_KEY, start, k)
-                        row_id = int(data[r + 15 : data.index(b",", r, k)]) if r >= 0 else -1
-                        st = stats.get(step)
-                        if st is None:
-                            st = stats[step] = new_stats(now)
-                        if row_id >= 0:  # markers have negative ids
-                            if row_id <= last_id[fd]:
-                                st[5] += 1
-                            else:
-                                last_id[fd] = row_id
-                        if expect_id is not None:
-                            f = data.find(filter_key, r if r >= 0 else start, k)
-                            e = data.find(b",", f, k) if f >= 0 else -1
-                            if e < 0 or int(data[f + len(filter_key) : e]) != expect_id:
-                                counters["misrouted"] += 1
-                        if expect_owner is not None:
-                            r = data.find(OWNER_KEY, start, end)
-                            if r < 0 or not data.startswith(expect_owner, r + len(OWNER_KEY)):
-                                counters["leaked"] += 1
-                        st[0] += 1
-                        st[2] = now
-                        st[3][bucket(lat)] += 1
-                        if lat > st[4]:
-                            st[4] = lat
+            j = data.rfind(SENT_KEY, start, end)
+            k = data.rfind(PAYLOAD_KEY, start, j) if j > 0 else -1
+            if k > 0:
+                counters["changes"] += 1
+                step = int(data[k + 11 : data.index(b"|", k + 11, j)])
+                lat = (now - int(data[j + 10 : data.index(b"}", j, end)])) // 1000
+                r = data.find(ID_KEY, start, k)
+                row_id = int(data[r + 15 : data.index(b",", r, k)]) if r >= 0 else -1
+                st = stats.get(step)
+                if st is None:
+                    st = stats[step] = new_stats(now)
+                if row_id >= 0:  # markers have negative ids
+                    if row_id <= last_id[fd]:
+                        st[5] += 1
                     else:
-                        counters["other"] += 1
-                elif opcode == 9:
-                    write(conn, lg.client_frame(0xA, data[start:end]))
-                elif opcode == 8:
-                    code = int.from_bytes(data[start : start + 2], "big") if end - start >= 2 else 1005
-                    write(conn, lg.client_frame(8, data[start : start + 2]))
-                    drop(conn, f"close {code}")
-                    break
-                elif opcode != 0xA:
-                    counters["other"] += 1
-            if pos < len(data) and fd in by_fd:
-                conn.buf = data[pos:]
-        if pending_out:
-            for conn in list(pending_out):
-                out, conn.out = conn.out, b""
-                pending_out.discard(conn)
-                write(conn, out)
-        if heartbeat_s > 0 and conns:
-            due = int((time.monotonic() - hb_start) / heartbeat_s * len(conns))
-            while hb_done < due:
-                conn = conns[hb_done % len(conns)]
-                hb_done += 1
-                if by_fd.get(conn.fd) is conn:
-                    write(conn, lg.client_frame(1, lg.HEARTBEAT_FRAME))
-    for conn in list(by_fd.values()):
-        conn.close()
+                        last_id[fd] = row_id
+                if expect_id is not None:
+                    f = data.find(filter_key, r if r >= 0 else start, k)
+                    e = data.find(b",", f, k) if f >= 0 else -1
+                    if e < 0 or int(data[f + len(filter_key) : e]) != expect_id:
+                        counters["misrouted"] += 1
+                if expect_owner is not None:
+                    r = data.find(OWNER_KEY, start, end)
+                    if r < 0 or not data.startswith(expect_owner, r + len(OWNER_KEY)):
+                        counters["leaked"] += 1
+                st[0] += 1
+                st[2] = now
+                st[3][bucket(lat)] += 1
+                if lat > st[4]:
+                    st[4] = lat
+            else:
+                counters["other"] += 1
+
+    def on_control(line: bytes) -> bool:
+        return lg.answer_control(line, stats, counters, pool.close_reasons, len(pool.by_fd), count_key="changes")
+
+    pool.run(on_frames, on_control)
 
 
 # --- writer ----------------------------------------------------------------------
@@ -543,15 +413,7 @@ def run_writer(cfg: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[1] not in {"sub", "writer"}:
-        print("usage: _pgload.py sub|writer @CONFIG_FILE|CONFIG_JSON", file=sys.stderr)
-        return 2
-    cfg = lg.load_config(argv[2])
-    if argv[1] == "sub":
-        run_sub_worker(cfg)
-    else:
-        run_writer(cfg)
-    return 0
+    return lg.worker_main(argv, {"sub": run_sub_worker, "writer": run_writer})
 
 
 if __name__ == "__main__":

@@ -76,5 +76,40 @@ def postgres_pids() -> list[int]:
     return pids_named("postgres")
 
 
+class FanoutVerdict:
+    """The verdict of a fan-out step, mixed into a bench's ``Step`` dataclass (which defines ``rate_ok``).
+
+    It passes with no loss (``missing``: messages some socket did not get, counted per socket, those
+    the server closed included), no repeats (``dups``), something received, the sender on rate
+    (``rate_ok``; ``rate_short`` names the failure) and p99 within ``p99_limit_ms``.
+    """
+
+    missing: int
+    dups: int
+    received: int
+    p99_ms: float | None
+    rate_short = "rate short"
+    p99_limit_ms = 100.0
+
+    @property
+    def loss(self) -> int:
+        return self.missing
+
+    @property
+    def rate_ok(self) -> bool:
+        raise NotImplementedError
+
+    def failures(self) -> list[str]:
+        """Why the step fails; empty when it passes."""
+        return [label for label, bad in (
+            ("loss", self.loss > 0), ("dups", self.dups > 0), ("nothing received", self.received == 0),
+            (self.rate_short, not self.rate_ok),
+            (f"p99 > {self.p99_limit_ms:g}", self.p99_ms is None or self.p99_ms > self.p99_limit_ms)) if bad]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures()
+
+
 def fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)

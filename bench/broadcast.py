@@ -55,7 +55,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +66,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+import _cpu  # noqa: E402
 import _loadgen as lg  # noqa: E402
 import _report  # noqa: E402
+# The CPU readers live in _cpu.py; the other benches also reach them as ``bc.<name>``.
+from _cpu import CLK_TCK, DISTURBED_PCT, core_busy_seconds, cpu_seconds, cpu_times, foreign_cpu, userland_cpu  # noqa: E402,F401
 
 HOST = "127.0.0.1"
 SERVERS = ("daphne", "daphne-workers", "uvicorn", "uvicorn-sansio", "raw", "rawframe")
@@ -75,9 +80,7 @@ DEFAULT_RATES = [5, 10, 15, 25, 35, 50, 70, 100, 140, 200, 280, 400, 560, 800, 1
 QUICK_RATES = [10, 50]
 P99_LIMIT_MS = 100.0
 RATE_SHARE = 0.99
-DISTURBED_PCT = 10.0
 JWT_SECRET_DEFAULT = "super-secret-jwt-token-with-at-least-32-characters-long"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 
 _children: list[subprocess.Popen[bytes]] = []
@@ -131,17 +134,6 @@ def stop_all() -> None:
             stop(proc, timeout=3.0)
 
 
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of all threads of ``pid``."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def cpu_seconds(pid: int) -> float:
-    return sum(cpu_times(pid))
-
-
 def tree(pid: int) -> list[int]:
     """``pid`` and its descendants (a supervised server's processes)."""
     pids = [pid]
@@ -160,41 +152,6 @@ def tree_cpu_times(pid: int) -> tuple[float, float]:
             u, s = cpu_times(member)
             user, system = user + u, system + s
     return user, system
-
-
-def core_busy_seconds(cpus: set[int] | None) -> float | None:
-    """Non-idle time of ``cpus`` (user, system, irq and softirq, whoever it is charged to)."""
-    if not cpus:
-        return None
-    total = 0
-    with open("/proc/stat") as f:
-        for line in f:
-            name, _, rest = line.partition(" ")
-            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-                user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in rest.split()[:7])
-                total += user + nice + system + irq + softirq
-    return total / CLK_TCK
-
-
-def userland_cpu() -> dict[int, float]:
-    """CPU seconds of every user-space process (kernel threads have an empty cmdline)."""
-    out: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if not f.read(1):
-                    continue
-            out[int(entry)] = cpu_seconds(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
-def foreign_cpu(before: dict[int, float], after: dict[int, float], ours: set[int]) -> float:
-    """CPU seconds used between two snapshots by processes that are not part of the bench."""
-    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items() if pid not in ours)
 
 
 def rss_kb(pid: int) -> int:
@@ -456,7 +413,11 @@ class Worker:
 
 
 @dataclass
-class Step:
+class Step(_report.FanoutVerdict):
+    """One publish rate: what was sent and delivered, latency and CPU; the verdict is ``FanoutVerdict``'s."""
+
+    rate_short = f"pub/s < {RATE_SHARE:.0%}"
+    p99_limit_ms = P99_LIMIT_MS
     rate: float
     sent: int
     pub_rate: float
@@ -484,18 +445,8 @@ class Step:
     wall_s: float
 
     @property
-    def loss(self) -> int:
-        """Messages some joined socket (open or closed by the server) did not get, counted per socket."""
-        return self.missing
-
-    @property
     def rate_ok(self) -> bool:
         return self.pub_rate >= RATE_SHARE * self.rate
-
-    @property
-    def passed(self) -> bool:
-        return (self.loss == 0 and self.dups == 0 and self.received > 0 and self.rate_ok
-                and self.p99_ms is not None and self.p99_ms <= P99_LIMIT_MS)
 
 
 @dataclass
@@ -542,15 +493,8 @@ class Bench:
         self.env = env
         self.log_dir = log_dir
         self.step_id = 0
-        cpus = sorted(os.sched_getaffinity(0))
         server_cores = args.server_workers if "daphne-workers" in args.servers else 1
-        if args.pin and len(cpus) > server_cores:
-            self.server_cpus: set[int] | None = set(cpus[:server_cores])
-            self.loadgen_cpus: set[int] | None = set(cpus[server_cores:])
-            os.sched_setaffinity(0, self.loadgen_cpus)
-        else:
-            self.server_cpus = self.loadgen_cpus = None
-        self.loadgen_cores = len(self.loadgen_cpus) if self.loadgen_cpus else len(cpus)
+        self.server_cpus, self.loadgen_cpus, self.loadgen_cores = _cpu.pin(args.pin, server_cores)
         self.anon = lg.mint_jwt(env["JWT_SECRET"], "anon")
         self.redis_pid = redis_pid()
         self.prefixes: list[str] = []
@@ -721,25 +665,7 @@ class Bench:
 
     def wait_quiet(self, pub: lg.Publisher | None) -> None:
         """Wait (up to --quiet-wait s) until other processes use less than DISTURBED_PCT of a core."""
-        end = time.monotonic() + self.args.quiet_wait
-        waited = False
-        while True:
-            before = userland_cpu()
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 0.5:
-                if pub is not None:
-                    pub.service()
-                time.sleep(0.05)
-            busy = 100 * foreign_cpu(before, userland_cpu(), self.ours()) / (time.monotonic() - t0)
-            if busy < DISTURBED_PCT:
-                if waited:
-                    print("  (waited for other processes to go quiet)", flush=True)
-                return
-            if time.monotonic() > end:
-                print(f"  (other processes still use {busy:.0f}% of a core after {self.args.quiet_wait:g}s: going on)",
-                      flush=True)
-                return
-            waited = True
+        _cpu.wait_quiet(self.args.quiet_wait, self.ours, pub.service if pub is not None else None)
 
     def step(self, server: subprocess.Popen[bytes], workers: list[Worker], pub: lg.Publisher, rate: float, duration: float) -> Step:
         self.quiesce(workers, pub)
@@ -783,12 +709,9 @@ class Bench:
         seq = {key: sum(int(r["seq"][key]) for r in replies) for key in
                ("sockets", "dups", "gaps", "missing", "lossy_sockets", "closed_sockets")}
         seq["max_socket_missing"] = max(int(r["seq"]["max_socket_missing"]) for r in replies)
-        hist = [0] * lg.NBUCKETS
-        for r in replies:
-            for i, c in r["hist"]:
-                hist[i] += c
-        received = sum(int(r["recv"]) for r in replies)
-        last_ns = max([int(r["last_ns"]) for r in replies if r["recv"]] or [info["last_ns"]])
+        merged = lg.merge_stats(replies)
+        received = merged.received
+        last_ns = merged.last_ns or info["last_ns"]
         window = max(info["wall"], (last_ns - info["first_ns"]) / 1e9, 1e-6)
         wall = t1 - t0
         server_cpu = (user1 - user0) + (sys1 - sys0)
@@ -807,9 +730,9 @@ class Bench:
             lossy_sockets=seq["lossy_sockets"],
             max_socket_missing=seq["max_socket_missing"],
             deliveries_per_s=received / window,
-            p50_ms=lg.percentile_ms(hist, received, 0.50),
-            p99_ms=lg.percentile_ms(hist, received, 0.99),
-            max_ms=max([int(r["max_us"]) for r in replies] or [0]) / 1000,
+            p50_ms=merged.p50_ms,
+            p99_ms=merged.p99_ms,
+            max_ms=merged.max_ms,
             server_cpu_pct=100 * server_cpu / wall,
             server_sys_pct=100 * (sys1 - sys0) / server_cpu if server_cpu > 0 else 0.0,
             server_core_pct=None if core0 is None or core1 is None else 100 * (core1 - core0) / wall,
@@ -821,12 +744,7 @@ class Bench:
         )
 
     def redis_cpu(self) -> float | None:
-        if self.redis_pid is None:
-            return None
-        try:
-            return cpu_seconds(self.redis_pid)
-        except OSError:
-            return None
+        return _cpu.cpu_or_none(self.redis_pid)
 
     def profile(self, kind: str, n: int, server: subprocess.Popen[bytes], workers: list[Worker], pub: lg.Publisher, run: Run) -> str | None:
         pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -988,10 +906,7 @@ fmt = _report.fmt
 
 
 def failed_because(s: Step) -> str:
-    why = [label for label, bad in (("loss", s.loss > 0), ("dups", s.dups > 0), ("nothing received", s.received == 0),
-                                    (f"pub/s < {RATE_SHARE:.0%}", not s.rate_ok),
-                                    (f"p99 > {P99_LIMIT_MS:g}", s.p99_ms is None or s.p99_ms > P99_LIMIT_MS)) if bad]
-    return ", ".join(why)
+    return ", ".join(s.failures())
 
 
 def step_row(s: Step) -> str:
@@ -1204,6 +1119,38 @@ def begin_run(args: argparse.Namespace, name: str, grace_s: int) -> tuple[float,
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     return started, nofile, log_dir
+
+
+class Outcome:
+    """How a guarded run ended: ``code`` 0, 1 after an error, 130 when interrupted or out of time."""
+
+    code = 0
+
+
+@contextlib.contextmanager
+def guarded_run(cleanup: Callable[[], None],
+                expected: tuple[type[Exception], ...] = (BenchError, OSError, lg.HandshakeError)) -> Iterator[Outcome]:
+    """The body of a run begun by ``begin_run``: an error or interruption in it is printed (with a traceback
+    unless ``expected``) and ends the block; then the alarm is cancelled and ``cleanup`` runs whatever
+    happened, with Ctrl-C ignored so it cannot be cut short."""
+    outcome = Outcome()
+    try:
+        yield outcome
+    except (KeyboardInterrupt, TimeoutError, SystemExit) as reason:
+        outcome.code = 130
+        print(f"\ninterrupted: {reason!r}", flush=True)
+    except Exception as error:
+        outcome.code = 1
+        print(f"ERROR: {type(error).__name__}: {error}", flush=True)
+        if not isinstance(error, expected):
+            traceback.print_exc()
+    finally:
+        signal.alarm(0)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            cleanup()
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

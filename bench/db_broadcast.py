@@ -43,13 +43,13 @@ import http.client
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+import _cpu  # noqa: E402
 import _loadgen as lg  # noqa: E402
 import _report  # noqa: E402
 import broadcast as bc  # noqa: E402
@@ -102,33 +103,27 @@ def parse_tick_tolerant(frame: bytes) -> tuple[int, int, int] | None:
 # --- subscriber worker (a child process) ------------------------------------------------
 
 
+def wait_join_reply_v1(conn: lg.LiteConn, deadline: float) -> None:
+    """Block until the ok reply to a vsn 1.0.0 join (ref "1") has arrived."""
+    while True:
+        got = conn.recv_text(deadline)
+        if b'"phx_reply"' in got and b'"ref":"1"' in got:
+            if b'"status":"ok"' not in got:
+                raise lg.HandshakeError("join refused: " + got[:300].decode("utf-8", "replace"))
+            return
+
+
 def run_worker(cfg: dict[str, Any]) -> None:
     frame = join_frame_v1(TOPIC, {"config": {"broadcast": {"self": False, "ack": False}}})
-    lg.JOIN_FRAME = frame
-
-    def wait_join_reply(self: lg.LiteConn, deadline: float) -> None:
-        while True:
-            got = self.recv_text(deadline)
-            if b'"phx_reply"' in got and b'"ref":"1"' in got:
-                if b'"status":"ok"' not in got:
-                    raise lg.HandshakeError("join refused: " + got[:300].decode("utf-8", "replace"))
-                return
-
-    lg.LiteConn.wait_join_reply = wait_join_reply  # type: ignore[method-assign]
-    conns, errors = lg.open_joined(cfg["host"], int(cfg["port"]), cfg["path"], int(cfg["count"]), 20, 30.0)
+    conns, errors = lg.open_joined(cfg["host"], int(cfg["port"]), cfg["path"], int(cfg["count"]), 20, 30.0,
+                                   join=frame, wait_reply=wait_join_reply_v1)
     lg.emit({"ready": True, "joined": len(conns), "errors": errors[:3]})
     index = {c.fd: i for i, c in enumerate(conns)}
-    by_fd = {c.fd: c for c in conns}
-    ep = select.epoll()
-    for c in conns:
-        ep.register(c.fd, select.EPOLLIN)
-    ep.register(0, select.EPOLLIN)
     # step -> [count, first_ns, last_ns, hist, max_us, dups, per-conn seen bytearrays]
     steps: dict[int, list[Any]] = {}
     counters = {"frames": 0, "ticks": 0, "other": 0, "closed": 0}
-    rbuf = bytearray(1 << 18)
-    rview = memoryview(rbuf)
-    ctl = b""
+    pool = lg.Pool(conns, counters, batch_wait_s=0.001)
+    control_frame = pool.control_frame
     n_conns = len(conns)
 
     def handle(line: bytes) -> bool:
@@ -142,12 +137,12 @@ def run_worker(cfg: dict[str, Any]) -> None:
             expected = int(msg["expected"])
             if st is None:
                 lg.emit({"recv": 0, "dups": 0, "hist": [], "max_us": 0, "first_ns": 0, "last_ns": 0,
-                         "missing": [expected] * n_conns, "cpu": time.process_time(), "open": len(by_fd)})
+                         "missing": [expected] * n_conns, "cpu": time.process_time(), "open": len(pool.by_fd)})
             else:
                 missing = [expected - sum(seen[:expected]) for seen in st[6]]
                 lg.emit({"recv": st[0], "dups": st[5], "hist": [[i, c] for i, c in enumerate(st[3]) if c],
                          "max_us": st[4], "first_ns": st[1], "last_ns": st[2], "missing": missing,
-                         "cpu": time.process_time(), "open": len(by_fd)})
+                         "cpu": time.process_time(), "open": len(pool.by_fd)})
         elif cmd == "cpu":
             lg.emit({"cpu": time.process_time(), "counters": counters})
         elif cmd == "quit":
@@ -155,75 +150,55 @@ def run_worker(cfg: dict[str, Any]) -> None:
             return False
         return True
 
-    running = True
-    while running:
-        events = ep.poll(0.05)
-        if len(events) < 64:
-            time.sleep(0.001)
-            events = ep.poll(0)
-        now = time.time_ns()
-        for fd, _ in events:
-            if fd == 0:
-                ctl, running = lg.read_control(ctl, handle)
-                if not running:
-                    break
+    def on_frames(conn: lg.LiteConn, data: bytes, spans: lg.Spans, now: int) -> None:
+        ci = index[conn.fd]
+        for b0, start, end in spans:
+            if b0 & 0x0F != 1:
+                if not control_frame(conn, b0, data, start, end):
+                    return
                 continue
-            conn = by_fd.get(fd)
-            if conn is None:
+            tick = parse_tick_tolerant(data[start:end])
+            if tick is None:
+                counters["other"] += 1
                 continue
-            data = lg.receive(conn, rbuf, rview)
-            if not isinstance(data, bytes):
-                if data is not None:
-                    counters["closed"] += 1
-                    by_fd.pop(fd, None)
-                    with contextlib.suppress(OSError):
-                        ep.unregister(fd)
-                    conn.close()
+            counters["ticks"] += 1
+            step, seq, sent = tick
+            st = steps.get(step)
+            if st is None:
+                st = steps[step] = [0, now, now, [0] * lg.NBUCKETS, 0, 0,
+                                    [bytearray(1024) for _ in range(n_conns)]]
+            seen = st[6][ci]
+            if seq >= len(seen):
+                seen.extend(bytes(max(seq + 1 - len(seen), len(seen))))
+            if seen[seq]:
+                st[5] += 1
                 continue
-            spans, pos = lg.frame_spans(data)
-            ci = index[fd]
-            for b0, start, end in spans:
-                op = b0 & 0x0F
-                counters["frames"] += 1
-                if op == 1:
-                    tick = parse_tick_tolerant(data[start:end])
-                    if tick is None:
-                        counters["other"] += 1
-                        continue
-                    counters["ticks"] += 1
-                    step, seq, sent = tick
-                    st = steps.get(step)
-                    if st is None:
-                        st = steps[step] = [0, now, now, [0] * lg.NBUCKETS, 0, 0,
-                                            [bytearray(1024) for _ in range(n_conns)]]
-                    seen = st[6][ci]
-                    if seq >= len(seen):
-                        seen.extend(bytes(max(seq + 1 - len(seen), len(seen))))
-                    if seen[seq]:
-                        st[5] += 1
-                        continue
-                    seen[seq] = 1
-                    st[0] += 1
-                    st[2] = now
-                    lat = (now - sent) // 1000
-                    if lat < lg.FINE_LIMIT_US:
-                        st[3][lat // lg.FINE_US if lat > 0 else 0] += 1
-                    else:
-                        st[3][min(lg.FINE_BUCKETS + (lat - lg.FINE_LIMIT_US) // lg.COARSE_US, lg.NBUCKETS - 1)] += 1
-                    if lat > st[4]:
-                        st[4] = lat
-                elif op == 9:
-                    with contextlib.suppress(OSError):
-                        conn.sock.send(lg.client_frame(0xA, data[start:end]))
-                elif op == 8:
-                    counters["closed"] += 1
-            if pos < len(data):
-                conn.buf = data[pos:]
-    for c in conns:
-        c.close()
+            seen[seq] = 1
+            st[0] += 1
+            st[2] = now
+            lat = (now - sent) // 1000
+            if lat < lg.FINE_LIMIT_US:
+                st[3][lat // lg.FINE_US if lat > 0 else 0] += 1
+            else:
+                st[3][min(lg.FINE_BUCKETS + (lat - lg.FINE_LIMIT_US) // lg.COARSE_US, lg.NBUCKETS - 1)] += 1
+            if lat > st[4]:
+                st[4] = lat
+
+    pool.run(on_frames, handle)
 
 
 # --- senders ---------------------------------------------------------------------------
+
+
+def run_senders(run: Callable[[int], None], senders: int, total: int, t0: float, errors: list[str]) -> dict[str, Any]:
+    """``run(i)`` in one thread per sender until all are done; what they sent, at what rate since ``t0``."""
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(senders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    return {"sent": total, "wall": wall, "rate": total / wall, "errors": errors}
 
 
 def db_send(conns: list[Any], step: int, rate: float, duration: float) -> dict[str, Any]:
@@ -254,13 +229,7 @@ def db_send(conns: list[Any], step: int, rate: float, duration: float) -> dict[s
         except Exception as error:  # noqa: BLE001
             errors.append(repr(error)[:200])
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(senders)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - t0
-    return {"sent": total, "wall": wall, "rate": total / wall, "errors": errors}
+    return run_senders(run, senders, total, t0, errors)
 
 
 def rest_send(port: int, token: str, step: int, rate: float, duration: float, senders: int,
@@ -301,13 +270,7 @@ def rest_send(port: int, token: str, step: int, rate: float, duration: float, se
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(senders)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - t0
-    return {"sent": total, "wall": wall, "rate": total / wall, "errors": errors}
+    return run_senders(run, senders, total, t0, errors)
 
 
 # --- results ----------------------------------------------------------------------------
@@ -358,13 +321,7 @@ class Bench:
         self.service = lg.mint_jwt(secret, "service_role")
         self.user = mint_jwt(secret, {"role": "authenticated", "aud": "authenticated", "sub": str(uuid.uuid4())})
         self.path = f"/realtime/v1/websocket?apikey={self.anon}&vsn=1.0.0"
-        cpus = sorted(os.sched_getaffinity(0))
-        if args.pin and len(cpus) >= 2:
-            self.server_cpus: set[int] | None = {cpus[0]}
-            self.loadgen_cpus: set[int] | None = set(cpus[1:])
-            os.sched_setaffinity(0, self.loadgen_cpus)
-        else:
-            self.server_cpus = self.loadgen_cpus = None
+        self.server_cpus, self.loadgen_cpus, _ = _cpu.pin(args.pin)
         self.server: subprocess.Popen[bytes] | None = None
         self.replicator: subprocess.Popen[bytes] | None = None
         self.workers: list[bc.Worker] = []
@@ -427,20 +384,17 @@ class Bench:
     def count(self, step: int) -> int:
         return sum(w.rpc({"cmd": "count", "step": step})["recv"] for w in self.workers)
 
-    def cpu(self) -> dict[str, float]:
+    def cpu(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": time.monotonic()}
         for name, proc in (("server", self.server), ("repl", self.replicator)):
-            with contextlib.suppress(Exception):
-                out[name] = bc.cpu_seconds(proc.pid)  # type: ignore[union-attr]
-        out["subs"] = sum(bc.cpu_seconds(w.proc.pid) for w in self.workers)
+            if proc is not None and (seconds := _cpu.cpu_or_none(proc.pid)) is not None:
+                out[name] = seconds
+        out["subs"] = _cpu.cpu_of(w.proc.pid for w in self.workers)
         out["sender"] = sum(os.times()[:2])
-        out["pg"] = postgres_cpu()  # type: ignore[assignment]
-        if self.redis_pid:
-            with contextlib.suppress(Exception):
-                out["redis"] = bc.cpu_seconds(self.redis_pid)
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        out["idle"] = (fields[3] + fields[4]) / bc.CLK_TCK
+        out["pg"] = _cpu.cpu_by_pid(_report.postgres_pids())
+        if (redis := _cpu.cpu_or_none(self.redis_pid)) is not None:
+            out["redis"] = redis
+        out["idle"] = _cpu.idle_seconds()
         return out
 
     def step(self, path: str, n: int, rate: float) -> Step:
@@ -477,24 +431,15 @@ class Bench:
         st.cpu = {k: 100 * (c1[k] - c0[k]) / wall for k in c1 if k not in ("t", "pg") and k in c0}
         # postgres: per process, those that exist at both ends of the step (backends come and go)
         st.cpu["pg"] = 100 * sum(v - c0["pg"][pid] for pid, v in c1["pg"].items() if pid in c0["pg"]) / wall
-        hist = [0] * lg.NBUCKETS
-        first, lastns = 0, 0
-        for w in self.workers:
-            r = w.rpc({"cmd": "stats", "step": sid, "expected": st.sent})
-            st.received += r["recv"]
+        replies = [w.rpc({"cmd": "stats", "step": sid, "expected": st.sent}) for w in self.workers]
+        for r in replies:
             st.dups += r["dups"]
-            for i, c in r["hist"]:
-                hist[i] += c
-            st.max_ms = max(st.max_ms, r["max_us"] / 1000)
             losses = [m for m in r["missing"] if m > 0]
             st.lossy_subs += len(losses)
             st.max_sub_loss = max([st.max_sub_loss, *losses])
-            if r["first_ns"]:
-                first = min(first or r["first_ns"], r["first_ns"])
-                lastns = max(lastns, r["last_ns"])
-        st.p50_ms = lg.percentile_ms(hist, st.received, 0.50)
-        st.p99_ms = lg.percentile_ms(hist, st.received, 0.99)
-        span = (lastns - first) / 1e9 if lastns > first else 0
+        merged = lg.merge_stats(replies)
+        st.received, st.p50_ms, st.p99_ms, st.max_ms = merged.received, merged.p50_ms, merged.p99_ms, merged.max_ms
+        span = (merged.last_ns - merged.first_ns) / 1e9 if merged.last_ns > merged.first_ns else 0
         st.dlv_per_s = st.received / span if span else 0.0
         return st
 
@@ -595,14 +540,6 @@ class Bench:
 
 
 pids_named = _report.pids_named
-
-
-def postgres_cpu() -> dict[int, float]:
-    total: dict[int, float] = {}
-    for pid in _report.postgres_pids():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            total[pid] = bc.cpu_seconds(pid)
-    return total
 
 
 pct = _report.percentile

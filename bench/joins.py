@@ -83,13 +83,11 @@ import json
 import os
 import re
 import select
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
-import traceback
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -101,6 +99,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+import _cpu  # noqa: E402
 import _loadgen as lg  # noqa: E402
 import _pgload as pl  # noqa: E402  (the wide latency histogram: 0.1 ms to 130 s)
 import _report  # noqa: E402
@@ -131,7 +130,7 @@ RATE_TOLERANCE = 0.01
 STORM_TARGET_S = 30.0
 JOIN_TIMEOUT_S = 10.0  # realtime-js' join timeout
 RETRY_AFTER_S = (1.0, 2.0, 5.0, 10.0)  # realtime-js' reconnect and rejoin schedule
-DISTURBED_PCT = 10.0
+DISTURBED_PCT = _cpu.DISTURBED_PCT
 POLICY = "bench_joins_read"
 TABLE_PREFIX = "bench_joins_"  # table and publication: bench_joins_<pid>
 ROLE = "authenticated"
@@ -698,14 +697,7 @@ class Bench:
         self.args = args
         self.env = env
         self.log_dir = log_dir
-        cpus = sorted(os.sched_getaffinity(0))
-        if args.pin and len(cpus) >= 2:
-            self.server_cpus: set[int] | None = {cpus[0]}
-            self.loadgen_cpus: set[int] | None = set(cpus[1:])
-            os.sched_setaffinity(0, self.loadgen_cpus)
-        else:
-            self.server_cpus = self.loadgen_cpus = None
-        self.loadgen_cores = len(self.loadgen_cpus) if self.loadgen_cpus else len(cpus)
+        self.server_cpus, self.loadgen_cpus, self.loadgen_cores = _cpu.pin(args.pin)
         secret = env["JWT_SECRET"]
         now = int(time.time())
         self.anon = mint_token(secret, {"role": "anon", "iss": "supabase", "iat": now, "exp": now + 6 * 3600})
@@ -840,40 +832,24 @@ class Bench:
 
     def snapshot(self, server: Server, workers: list[JoinWorkerProc]) -> dict[str, Any]:
         return {
-            "wall": time.monotonic(), "server": bc.cpu_seconds(server.proc.pid),
-            "core": bc.core_busy_seconds(self.server_cpus), "pg": cpu_of(_report.postgres_pids()),
-            "redis": bc.cpu_seconds(self.redis_pid) if self.redis_pid else None,
-            "userland": bc.userland_cpu(), "ours": self.ours(), "overflows": listen_overflows(),
+            "wall": time.monotonic(), "server": _cpu.cpu_seconds(server.proc.pid),
+            "core": _cpu.core_busy_seconds(self.server_cpus), "pg": _cpu.cpu_of(_report.postgres_pids()),
+            "redis": _cpu.cpu_or_none(self.redis_pid),
+            "userland": _cpu.userland_cpu(), "ours": self.ours(), "overflows": listen_overflows(),
             "self": time.process_time(),
         }
 
     def wait_quiet(self) -> None:
         """Up to --quiet-wait s until processes that are not part of the bench use < DISTURBED_PCT of a core."""
-        if self.args.quiet_wait <= 0:
-            return
-        end = time.monotonic() + self.args.quiet_wait
-        waited = False
-        while True:
-            before, t0 = bc.userland_cpu(), time.monotonic()
-            time.sleep(0.5)
-            busy = 100 * bc.foreign_cpu(before, bc.userland_cpu(), self.ours()) / (time.monotonic() - t0)
-            if busy < DISTURBED_PCT:
-                if waited:
-                    print("  (waited for other processes to go quiet)", flush=True)
-                return
-            if time.monotonic() > end:
-                print(f"  (other processes still use {busy:.0f}% of a core after {self.args.quiet_wait:g}s: going on)",
-                      flush=True)
-                return
-            waited = True
+        _cpu.wait_quiet(self.args.quiet_wait, self.ours)
 
     def wait_idle(self, server: Server, limit: float = 30.0) -> float:
         """Seconds until the server uses < 5% of a core over 0.25 s (its teardown of the last step is done)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < limit:
-            c0, w0 = bc.cpu_seconds(server.proc.pid), time.monotonic()
+            c0, w0 = _cpu.cpu_seconds(server.proc.pid), time.monotonic()
             time.sleep(0.25)
-            if (bc.cpu_seconds(server.proc.pid) - c0) / (time.monotonic() - w0) < 0.05:
+            if (_cpu.cpu_seconds(server.proc.pid) - c0) / (time.monotonic() - w0) < 0.05:
                 return max(0.0, time.monotonic() - t0 - 0.25)
         return time.monotonic() - t0
 
@@ -955,7 +931,7 @@ class Bench:
             st.pg_cpu_pct = 100 * (s1["pg"] - s0["pg"]) / wall
             if s0["redis"] is not None and s1["redis"] is not None:
                 st.redis_cpu_pct = 100 * (s1["redis"] - s0["redis"]) / wall
-            st.others_cpu_pct = 100 * bc.foreign_cpu(s0["userland"], s1["userland"], s0["ours"] | s1["ours"]) / wall
+            st.others_cpu_pct = 100 * _cpu.foreign_cpu(s0["userland"], s1["userland"], s0["ours"] | s1["ours"]) / wall
 
     def warm_up(self, scenario: str, server: Server, workers: list[JoinWorkerProc]) -> None:
         """A few unmeasured joins: imports, pools and caches are warm before the first step."""
@@ -1118,16 +1094,6 @@ class Bench:
         bc.stop_all()
         bc.delete_redis_keys(self.env.get("REDIS_URL"), [self.prefix])
         self.drop_table()
-
-
-
-
-def cpu_of(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            total += bc.cpu_seconds(pid)
-    return total
 
 
 # --- output ------------------------------------------------------------------------------
@@ -1349,9 +1315,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Scenario] = {}
     storms: dict[str, Storm] = {}
     bench: Bench | None = None
-    code = 0
     meta = _report.run_meta("joins", quick=args.quick, daphne_backlog=args.daphne_backlog)
-    try:
+    with bc.guarded_run(lambda: bench.cleanup() if bench is not None else bc.stop_all()) as outcome:
         if args.server_ref:
             args.server_dir, sha = bc.export_ref(args.server_ref, log_dir)
             source = f"git {args.server_ref} = {sha[:12]} (exported to {args.server_dir})"
@@ -1394,24 +1359,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(STORM_HEADER + "\n" + storm_row(s), flush=True)
                 if s.errors:
                     print(f"      errors: {fmt_errors(s.errors)}", flush=True)
-    except (KeyboardInterrupt, TimeoutError, SystemExit) as reason:
-        code = 130
-        print(f"\ninterrupted: {reason!r}", flush=True)
-    except Exception as error:
-        code = 1
-        print(f"ERROR: {type(error).__name__}: {error}", flush=True)
-        if not isinstance(error, (bc.BenchError, OSError)):
-            traceback.print_exc()
-    finally:
-        signal.alarm(0)
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            if bench is not None:
-                bench.cleanup()
-            else:
-                bc.stop_all()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    code = outcome.code
     summary = print_summary(args, results, storms)
     for r in results.values():
         if r.profile:

@@ -165,8 +165,6 @@ class Bench(pb.Bench):
 
     def __init__(self, args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> None:
         super().__init__(args, env, log_dir)
-        args.publication = self.slot
-        self.env["REALTIME_PUBLICATION"] = args.publication
         self.ceiling_slot = f"{self.slot}_ceil"
         self.profiles: list[str] = []
         self.steps: list[Step] = []
@@ -176,12 +174,9 @@ class Bench(pb.Bench):
     def setup_table(self) -> None:
         from psycopg import sql
 
-        table = sql.Identifier("public", TABLE)
-        self.sql(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
-        self.tables.append(TABLE)
         # k right after id: the subscribers read it there (``_pgload``); sent_ns stays last.
-        self.sql(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, k int, payload text, sent_ns bigint)").format(table))
-        self.sql(sql.SQL("GRANT SELECT ON {} TO anon").format(table))
+        self.create_table(TABLE, "id bigint PRIMARY KEY, k int, payload text, sent_ns bigint")
+        self.sql(sql.SQL("GRANT SELECT ON {} TO anon").format(sql.Identifier("public", TABLE)))
         self.create_publication(self.args.publication, TABLE)
 
     def start_subscribers(self, n: int, filtered: bool) -> tuple[int, set[int]]:
@@ -272,7 +267,7 @@ class Bench(pb.Bench):
             reply = self.write(pb.Delivery("backlog", 0), step_id, id_base, rows=t.rows,
                                max_batch=self.args.bulk_batch, k_mod=subs)
             t.insert_rate = float(reply["rate"])
-            t.expected = sum(residue_count(id_base, t.rows, subs, n) for n in joined_ids)
+            t.expected = sum(pb.residue_count(id_base, t.rows, subs, n) for n in joined_ids)
             end_lsn = self.marker()
             active = self.start_replicator()
             active_ns = time.time_ns()
@@ -355,7 +350,7 @@ class Bench(pb.Bench):
         marker_lsn = self.marker()
         written = time.monotonic()
         if filtered:
-            st.expected = sum(residue_count(id_base, st.rows, subs, n) for n in joined_ids)
+            st.expected = sum(pb.residue_count(id_base, st.rows, subs, n) for n in joined_ids)
         else:
             st.expected = st.rows * st.receivers
         caught_up_at = self.wait_delivered(step_id, st.expected, marker_lsn, written, drain_limit, st)
@@ -382,8 +377,7 @@ class Bench(pb.Bench):
         return st
 
     def run_config(self, subs: int, filtered: bool) -> None:
-        self.start_server()
-        try:
+        with self.serving():
             started = time.monotonic()
             joined, joined_ids = self.start_subscribers(subs, filtered)
             kind = f"each filtering k=eq.N for N in 0..{subs - 1}" if filtered else "unfiltered"
@@ -392,26 +386,9 @@ class Bench(pb.Bench):
             if joined == 0:
                 raise pb.BenchError("no subscriber joined")
             print("  " + STEP_HEADER, flush=True)
-            for rate in self.args.rates:
-                if time.monotonic() > self.args.deadline - 60:
-                    print("  (time budget nearly spent: skipping the remaining steps)", flush=True)
-                    break
-                is_max = rate == 0
-                duration = self.args.max_duration if is_max else self.args.duration
-                drain = self.args.drain_limit_max if is_max else self.args.drain_limit
-                profile = rate == self.args.profile_rate and subs in self.args.profile
-                st = self.step(subs, filtered, joined_ids, rate, duration, drain, profile)
-                self.steps.append(st)
-                print("  " + step_row(st), flush=True)
-        finally:
-            self.stop_workers()
-            self.stop_server()
-
-
-def residue_count(id_base: int, rows: int, mod: int, residue: int) -> int:
-    """How many of the ids ``id_base .. id_base + rows - 1`` are ``residue`` modulo ``mod``."""
-    first = id_base + (residue - id_base) % mod
-    return 0 if first >= id_base + rows else (id_base + rows - 1 - first) // mod + 1
+            self.run_rates(lambda rate, duration, drain: self.step(
+                subs, filtered, joined_ids, rate, duration, drain,
+                profile=rate == self.args.profile_rate and subs in self.args.profile), step_row, 60)
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -419,11 +396,11 @@ def residue_count(id_base: int, rows: int, mod: int, residue: int) -> int:
 CPU_KEYS = ("server", "repl", "replPG", "pg", "redis", "subs", "writer", "writPG", "others", "machine")
 STEP_HEADER = (f"{'subs':>5} {'rate':>5} {'rows':>8} {'write/s':>8} {'r/txn':>5} {'cmt p50':>7} {'expected':>9} "
                f"{'received':>9} {'loss':>8} {'dups':>5} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>8} {'chg/s':>7} {'dlv/s':>8} "
-               f"{'lag s':>6}  CPU% " + " ".join(f"{k:>6}" for k in CPU_KEYS))
+               f"{'lag s':>6}  CPU% " + pb.cpu_header(CPU_KEYS))
 
 
 def step_row(s: Step) -> str:
-    cpu = " ".join(f"{s.cpu.get(k, 0):>6.0f}" for k in CPU_KEYS)
+    cpu = pb.cpu_cells(s.cpu, CPU_KEYS)
     flags = ("  *py-spy" if s.profiled else "") + (f"  misrouted={s.misrouted}" if s.misrouted else "") \
         + (f"  ({s.note})" if s.note else "") + ("" if s.caught_up else "  (replicator behind)")
     return (f"{s.subs:>5}{'f' if s.filtered else ' '}{s.label:>5} {s.rows:>8,} {s.write_rate:>8,.0f} {s.rows_per_commit:>5.0f} "
@@ -532,6 +509,13 @@ def print_legend() -> None:
 # --- main ---------------------------------------------------------------------------------------
 
 
+# (full run, --quick) of the step options shared with rls.py
+STEP_DEFAULTS: dict[str, tuple[float, float]] = {
+    "duration": (10.0, 1.5), "max_duration": (5.0, 1.5), "max_rows": (150_000, 10_000),
+    "drain_limit": (30.0, 5.0), "drain_limit_max": (60.0, 6.0),
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="postgres_changes benchmark (see module docstring).")
     p.add_argument("--quick", action="store_true", help="small run, about two minutes")
@@ -539,12 +523,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "bare flag: ceilings and throughput only)")
     p.add_argument("--filtered-from", type=int, help="counts >= this use one k=eq.N filter per socket "
                    "(default 1000; quick: 100)")
-    p.add_argument("--rates", type=float, nargs="+", help="target changes/s per step, 0 = max (default 100 1000 0)")
-    p.add_argument("--duration", type=float, help="seconds per fixed-rate step (default 10; quick: 1.5)")
-    p.add_argument("--max-duration", type=float, help="seconds of writing in the max step (default 5; quick: 1.5)")
-    p.add_argument("--max-rows", type=int, help="stop the max step after this many rows (default 150000; quick: 10000)")
-    p.add_argument("--drain-limit", type=float, help="max seconds to wait for a fixed-rate step's deliveries (default 30; quick: 5)")
-    p.add_argument("--drain-limit-max", type=float, help="the same for the max step (default 60; quick: 6)")
+    pb.add_step_args(p, STEP_DEFAULTS, "100 1000 0")
     p.add_argument("--drain-limit-backlog", type=float, help="max seconds for the replicator to drain a backlog "
                    "(default 180; quick: 30)")
     p.add_argument("--ceiling-rows", type=int, help="rows pre-written for the ceilings (default 200000; quick: 20000)")
@@ -566,13 +545,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.subs is None:
         args.subs = [1, 20, 100] if q else [1, 100, 1000]
     args.filtered_from = args.filtered_from or (100 if q else 1000)
-    args.rates = args.rates if args.rates is not None else [100, 1000, 0]
-    args.rates = sorted(args.rates, key=lambda r: (r == 0, r))
-    args.duration = args.duration or (1.5 if q else 10.0)
-    args.max_duration = args.max_duration or (1.5 if q else 5.0)
-    args.max_rows = args.max_rows or (10_000 if q else 150_000)
-    args.drain_limit = args.drain_limit or (5.0 if q else 30.0)
-    args.drain_limit_max = args.drain_limit_max or (6.0 if q else 60.0)
+    pb.step_defaults(args, STEP_DEFAULTS, [100, 1000, 0])
     args.drain_limit_backlog = args.drain_limit_backlog or (30.0 if q else 180.0)
     args.ceiling_rows = args.ceiling_rows or (20_000 if q else 200_000)
     args.throughput_rows = args.throughput_rows or (10_000 if q else 100_000)
@@ -585,14 +558,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("nothing to run")
     args.profile_backlog = (args.backlog_profile or ("off" if q else "on")) == "on"
     args.timeout = args.timeout or (150.0 if q else 1800.0)
-    args.publication = ""  # set per run by Bench
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(f"postgres_changes bench: subscribers={' '.join(map(str, args.subs))} (filtered from {args.filtered_from}) "
-          f"rates={' '.join('max' if r == 0 else f'{r:g}' for r in args.rates)} step={args.duration:g}s "
+          f"rates={pb.rates_text(args.rates)} step={args.duration:g}s "
           f"max step={args.max_duration:g}s or {args.max_rows:,} rows; ceiling rows={args.ceiling_rows:,}; "
           f"throughput: {args.throughput_subs} filtered sockets, {args.throughput_rows:,} rows", flush=True)
 

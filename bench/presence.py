@@ -42,10 +42,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -59,6 +57,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+import _cpu  # noqa: E402
 import _loadgen as lg  # noqa: E402
 import _report  # noqa: E402
 import broadcast as bc  # noqa: E402
@@ -70,7 +69,7 @@ QUICK_RATES = [100, 1000]
 TARGET_EVENTS_PER_S = 1000.0
 PACE_SHARE = 0.99
 P99_LIMIT_MS = 100.0
-DISTURBED_PCT = 10.0
+DISTURBED_PCT = _cpu.DISTURBED_PCT
 BENCH_MAX_CALLS = 1_000_000_000
 
 
@@ -80,18 +79,13 @@ BENCH_MAX_CALLS = 1_000_000_000
 class Member:
     """One member socket: its room topic, presence key and push refs."""
 
-    __slots__ = ("conn", "topic", "key", "ref", "out")
+    __slots__ = ("conn", "topic", "key", "ref")
 
     def __init__(self, conn: lg.LiteConn, topic: str, key: str) -> None:
         self.conn = conn
         self.topic = topic
         self.key = key
         self.ref = 1
-        self.out = b""
-
-    def join_frame(self) -> bytes:
-        config = {"broadcast": {"self": False, "ack": False}, "presence": {"enabled": True, "key": self.key}}
-        return json.dumps(["1", "1", self.topic, "phx_join", {"config": config}], separators=(",", ":")).encode()
 
     def track_frame(self, step: int, sent_ns: int) -> bytes:
         """A track whose payload carries the step, ``pq`` (the push ref: this member's track count + 1) and the time."""
@@ -100,6 +94,11 @@ class Member:
             f'["1","{self.ref}","{self.topic}","presence",{{"type":"presence","event":"track",'
             f'"payload":{{"member":"{self.key}","ps":{step},"pq":{self.ref},"pt":{sent_ns}}}}}]'
         ).encode()
+
+
+def join_frame(topic: str, key: str) -> bytes:
+    config = {"broadcast": {"self": False, "ack": False}, "presence": {"enabled": True, "key": key}}
+    return json.dumps(["1", "1", topic, "phx_join", {"config": config}], separators=(",", ":")).encode()
 
 
 def _int_at(frame: bytes, start: int) -> int:
@@ -172,47 +171,19 @@ class DiffCheck:
 
 def open_members(cfg: dict[str, Any]) -> tuple[list[Member], list[str]]:
     """Connect, join and read the presence_state of every assigned member, ``batch`` at a time."""
-    host, port, path = cfg["host"], int(cfg["port"]), cfg["path"]
-    timeout = float(cfg.get("timeout", 30))
-    batch = int(cfg.get("batch", 20))
     wanted = [(f"realtime:{cfg['topic_prefix']}-{room}", f"r{room}-m{index}") for room, index in cfg["members"]]
-    members: list[Member] = []
-    errors: list[str] = []
-    for start in range(0, len(wanted), batch):
-        group: list[Member] = []
-        for topic, key in wanted[start : start + batch]:
-            try:
-                group.append(Member(lg.LiteConn(host, port, timeout), topic, key))
-            except OSError as error:
-                errors.append(f"connect: {error!r}"[:300])
-        deadline = time.monotonic() + timeout
-        for stage in ("send", "recv", "join", "reply", "state"):
-            alive: list[Member] = []
-            for member in group:
-                conn = member.conn
-                try:
-                    if stage == "send":
-                        conn.send_handshake(host, port, path)
-                    elif stage == "recv":
-                        conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
-                        conn.recv_handshake()
-                    elif stage == "join":
-                        conn.send(1, member.join_frame())
-                    elif stage == "reply":
-                        conn.wait_join_reply(deadline)
-                    else:
-                        while b'"presence_state"' not in conn.recv_text(deadline):
-                            pass
-                    alive.append(member)
-                except (OSError, lg.HandshakeError) as error:
-                    errors.append(f"{stage} {member.key}: {error!r}"[:300])
-                    conn.close()
-            group = alive
-        members.extend(group)
-    for member in members:
-        member.conn.pending.clear()
-        member.conn.sock.setblocking(False)
-    return members, errors
+
+    def state(conn: lg.LiteConn, member: tuple[str, str], deadline: float) -> None:
+        while b'"presence_state"' not in conn.recv_text(deadline):
+            pass
+
+    opened, errors = lg.open_in_batches(cfg["host"], int(cfg["port"]), cfg["path"], wanted, int(cfg.get("batch", 20)),
+                                        float(cfg.get("timeout", 30)), (
+        ("join", lambda conn, member, deadline: conn.send(1, join_frame(*member))),
+        ("reply", lambda conn, member, deadline: conn.wait_join_reply(deadline)),
+        ("state", state),
+    ))
+    return [Member(conn, topic, key) for conn, (topic, key) in opened], errors
 
 
 def run_worker(cfg: dict[str, Any]) -> None:
@@ -222,48 +193,19 @@ def run_worker(cfg: dict[str, Any]) -> None:
     lg.emit({"ready": True, "joined": len(members), "failed": len(cfg["members"]) - len(members),
              "errors": errors[:5], "setup_s": round(time.monotonic() - started, 3)})
 
-    by_fd = {m.conn.fd: m for m in members}
-    ep = select.epoll(max(16, len(members) + 2))
-    for member in members:
-        ep.register(member.conn.fd, select.EPOLLIN)
-    ep.register(0, select.EPOLLIN)
+    member_of = {m.conn.fd: m for m in members}
     stats: dict[int, list[Any]] = {}
     sent: dict[int, int] = {}
     sent_by_topic: dict[int, dict[str, int]] = {}
     send_rate: dict[int, float] = {}
     check = DiffCheck(members)
     counters = {"diffs": 0, "replies_ok": 0, "replies_error": 0, "system": 0, "other": 0, "closed": 0}
+    pool = lg.Pool([m.conn for m in members], counters)
+    by_fd = pool.by_fd
+    control_frame = pool.control_frame
     samples: list[str] = []
-    close_reasons: dict[str, int] = {}
-    pending_out: set[Member] = set()
     schedule: dict[str, Any] | None = None
     cursor = 0
-    ctl_buf = b""
-
-    def drop(member: Member, reason: str) -> None:
-        if by_fd.pop(member.conn.fd, None) is None:
-            return
-        counters["closed"] += 1
-        close_reasons[reason] = close_reasons.get(reason, 0) + 1
-        with contextlib.suppress(OSError):
-            ep.unregister(member.conn.fd)
-        pending_out.discard(member)
-        member.conn.close()
-
-    def write(member: Member, frame: bytes) -> None:
-        if member.out:
-            member.out += frame
-            return
-        try:
-            done = member.conn.sock.send(frame)
-        except (BlockingIOError, InterruptedError):
-            done = 0
-        except OSError as error:
-            drop(member, f"write {error.errno}")
-            return
-        if done < len(frame):
-            member.out = frame[done:]
-            pending_out.add(member)
 
     def send_track(step: int) -> None:
         nonlocal cursor
@@ -272,7 +214,7 @@ def run_worker(cfg: dict[str, Any]) -> None:
             return
         member = live[cursor % len(live)]
         cursor += 1
-        write(member, lg.client_frame(1, member.track_frame(step, time.time_ns())))
+        pool.write(member.conn, lg.client_frame(1, member.track_frame(step, time.time_ns())))
         sent[step] = sent.get(step, 0) + 1
         by_topic = sent_by_topic.setdefault(step, {})
         by_topic[member.topic] = by_topic.get(member.topic, 0) + 1
@@ -306,12 +248,12 @@ def run_worker(cfg: dict[str, Any]) -> None:
             step = int(msg["step"])
             reply = lg.stats_reply(stats, step, remove=True)
             reply["cpu"] = time.process_time()
-            reply["seq"] = check.reply(step, msg.get("sent_by_topic", {}), lambda m: by_fd.get(m.conn.fd) is m)
+            reply["seq"] = check.reply(step, msg.get("sent_by_topic", {}), lambda m: pool.is_open(m.conn))
             sent_by_topic.pop(step, None)
             lg.emit(reply)
         elif cmd == "status":
             lg.emit({"open": len(by_fd), "cpu": time.process_time(), "counters": counters, "samples": samples,
-                     "close_reasons": close_reasons})
+                     "close_reasons": pool.close_reasons})
         elif cmd == "quit":
             lg.emit({"bye": True})
             return False
@@ -319,70 +261,50 @@ def run_worker(cfg: dict[str, Any]) -> None:
             lg.emit({"error": f"unknown command {cmd!r}"})
         return True
 
-    rbuf = bytearray(1 << 18)
-    rview = memoryview(rbuf)
-    running = True
-    while running:
-        timeout = 0.05
-        if schedule is not None:
-            step = schedule["step"]
-            due = min(schedule["total"], int((time.monotonic() - schedule["t0"]) * schedule["rate"]) + 1)
-            while sent[step] < due:
-                send_track(step)
-            if sent[step] >= schedule["total"]:
-                # The window ends one interval after the last send, as if the next one were due.
-                window = time.monotonic() - schedule["t0"] + 1 / schedule["rate"]
-                send_rate[step] = sent[step] / window if schedule["rate"] > 0 else 0.0
-                schedule = None
+    def send_due() -> float:
+        """Send the tracks due by now; how long the next poll may wait."""
+        nonlocal schedule
+        if schedule is None:
+            return 0.05
+        step = schedule["step"]
+        due = min(schedule["total"], int((time.monotonic() - schedule["t0"]) * schedule["rate"]) + 1)
+        while sent[step] < due:
+            send_track(step)
+        if sent[step] >= schedule["total"]:
+            # The window ends one interval after the last send, as if the next one were due.
+            window = time.monotonic() - schedule["t0"] + 1 / schedule["rate"]
+            send_rate[step] = sent[step] / window if schedule["rate"] > 0 else 0.0
+            schedule = None
+            return 0.05
+        return max(0.0, min(0.005, float(schedule["t0"] + sent[step] / schedule["rate"] - time.monotonic())))
+
+    def on_frames(conn: lg.LiteConn, data: bytes, spans: lg.Spans, now: int) -> None:
+        member = member_of[conn.fd]
+        for b0, start, end in spans:
+            if b0 & 0x0F != 1:
+                if not control_frame(conn, b0, data, start, end):
+                    return
+                continue
+            payload = data[start:end]
+            if b'"presence_diff"' in payload:
+                counters["diffs"] += 1
+                tick = parse_diff(payload)
+                if tick is not None:
+                    lg.record(stats, tick[0], tick[1], now)
+                    src = parse_sender(payload)
+                    if src is not None:
+                        check.see(member, tick[0], src[0], src[1])
+            elif b'"phx_reply"' in payload:
+                if b'"status":"ok"' in payload:
+                    counters["replies_ok"] += 1
+                else:
+                    note("replies_error", payload)
+            elif b'"system"' in payload:
+                note("system", payload)
             else:
-                timeout = max(0.0, min(0.005, schedule["t0"] + sent[step] / schedule["rate"] - time.monotonic()))
-        events = ep.poll(timeout)
-        now = time.time_ns()
-        for fd, _ in events:
-            if fd == 0:
-                ctl_buf, running = lg.read_control(ctl_buf, handle_control)
-                if not running:
-                    break
-                continue
-            member = by_fd.get(fd)
-            if member is None:
-                continue
-            data = lg.receive(member.conn, rbuf, rview)
-            if not isinstance(data, bytes):
-                if data is not None:
-                    drop(member, data)
-                continue
-            for opcode, payload in member.conn.frames(data):
-                if opcode == 1:
-                    if b'"presence_diff"' in payload:
-                        counters["diffs"] += 1
-                        tick = parse_diff(payload)
-                        if tick is not None:
-                            lg.record(stats, tick[0], tick[1], now)
-                            src = parse_sender(payload)
-                            if src is not None:
-                                check.see(member, tick[0], src[0], src[1])
-                    elif b'"phx_reply"' in payload:
-                        if b'"status":"ok"' in payload:
-                            counters["replies_ok"] += 1
-                        else:
-                            note("replies_error", payload)
-                    elif b'"system"' in payload:
-                        note("system", payload)
-                    else:
-                        note("other", payload)
-                elif opcode == 9:
-                    write(member, lg.client_frame(0xA, payload))
-                elif opcode == 8:
-                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                    drop(member, f"close {code}")
-                    break
-        for member in list(pending_out):
-            data, member.out = member.out, b""
-            pending_out.discard(member)
-            write(member, data)
-    for member in list(by_fd.values()):
-        member.conn.close()
+                note("other", payload)
+
+    pool.run(on_frames, handle_control, send_due)
 
 
 # --- controller -----------------------------------------------------------------------
@@ -402,7 +324,11 @@ class PresenceWorker(bc.Worker):
 
 
 @dataclass
-class Step:
+class Step(_report.FanoutVerdict):
+    """One track rate: diffs sent and delivered (per member), latency and CPU; the verdict is ``FanoutVerdict``'s."""
+
+    rate_short = f"ev/s < {PACE_SHARE:.0%}"
+    p99_limit_ms = P99_LIMIT_MS
     rate: float
     sent: int
     event_rate: float
@@ -423,30 +349,11 @@ class Step:
     others_cpu_pct: float
 
     @property
-    def loss(self) -> int:
-        """Tracks some member (open or closed by the server) did not get a diff for, counted per member."""
-        return self.missing
-
-    @property
     def rate_ok(self) -> bool:
         return self.event_rate >= PACE_SHARE * self.rate
 
-    @property
-    def passed(self) -> bool:
-        return (
-            self.loss == 0
-            and self.dups == 0
-            and self.received > 0
-            and self.p99_ms is not None
-            and self.p99_ms <= P99_LIMIT_MS
-            and self.rate_ok
-        )
-
     def failed_because(self) -> str:
-        return ", ".join(label for label, bad in (
-            ("loss", self.loss > 0), ("dups", self.dups > 0), ("nothing received", self.received == 0),
-            (f"ev/s < {PACE_SHARE:.0%}", not self.rate_ok),
-            (f"p99 > {P99_LIMIT_MS:g}", self.p99_ms is None or self.p99_ms > P99_LIMIT_MS)) if bad)
+        return ", ".join(self.failures())
 
 
 STEP_HEADER = (f"{'target':>7} {'ev/s':>7} {'expected':>9} {'received':>9} {'loss':>6} {'dups':>5} {'lossySk':>7} "
@@ -469,14 +376,7 @@ class PresenceBench:
         self.args = args
         self.env = env
         self.log_dir = log_dir
-        cpus = sorted(os.sched_getaffinity(0))
-        if args.pin and len(cpus) >= 2:
-            self.server_cpus: set[int] | None = {cpus[0]}
-            self.loadgen_cpus: set[int] | None = set(cpus[1:])
-            os.sched_setaffinity(0, self.loadgen_cpus)
-        else:
-            self.server_cpus = self.loadgen_cpus = None
-        self.loadgen_cores = len(self.loadgen_cpus) if self.loadgen_cpus else len(cpus)
+        self.server_cpus, self.loadgen_cpus, self.loadgen_cores = _cpu.pin(args.pin)
         self.redis_pid = bc.redis_pid()
         self.prefix = f"rtpresence{os.getpid()}"
         self.steps: list[Step] = []
@@ -610,22 +510,10 @@ class PresenceBench:
         return pids
 
     def wait_quiet(self) -> None:
-        end = time.monotonic() + self.args.quiet_wait
-        while True:
-            before = bc.userland_cpu()
-            t0 = time.monotonic()
-            time.sleep(0.5)
-            busy = 100 * bc.foreign_cpu(before, bc.userland_cpu(), self.ours()) / (time.monotonic() - t0)
-            if busy < DISTURBED_PCT or time.monotonic() > end:
-                return
+        _cpu.wait_quiet(self.args.quiet_wait, self.ours)
 
     def redis_cpu(self) -> float | None:
-        if self.redis_pid is None:
-            return None
-        try:
-            return bc.cpu_seconds(self.redis_pid)
-        except OSError:
-            return None
+        return _cpu.cpu_or_none(self.redis_pid)
 
     def step(self, step_id: int, rate: float) -> Step:
         assert self.server is not None
@@ -635,9 +523,9 @@ class PresenceBench:
         duration = self.args.duration
         status = [w.rpc({"cmd": "status"}) for w in self.workers]
         lg_cpu0 = sum(float(s["cpu"]) for s in status) + time.process_time()
-        procs0 = bc.userland_cpu()
+        procs0 = _cpu.userland_cpu()
         redis0 = self.redis_cpu()
-        server0 = bc.cpu_seconds(self.server.pid)
+        server0 = _cpu.cpu_seconds(self.server.pid)
         t0 = time.monotonic()
         first_ns = time.time_ns()
         share = rate / len(self.workers)
@@ -648,18 +536,15 @@ class PresenceBench:
             time.sleep(0.01)
         self.drain(step_id, None, self.args.max_drain)
         wall = time.monotonic() - t0
-        server1 = bc.cpu_seconds(self.server.pid)
+        server1 = _cpu.cpu_seconds(self.server.pid)
         redis1 = self.redis_cpu()
-        others = bc.foreign_cpu(procs0, bc.userland_cpu(), self.ours())
+        others = _cpu.foreign_cpu(procs0, _cpu.userland_cpu(), self.ours())
         replies, seq = self.sent_and_checks(step_id)
         sent = seq["sent"]
         lg_cpu1 = sum(float(r["cpu"]) for r in replies) + time.process_time()
-        hist = [0] * lg.NBUCKETS
-        for r in replies:
-            for i, c in r["hist"]:
-                hist[i] += c
-        received = sum(int(r["recv"]) for r in replies)
-        last_ns = max([int(r["last_ns"]) for r in replies if r["recv"]] or [first_ns])
+        merged = lg.merge_stats(replies)
+        received = merged.received
+        last_ns = merged.last_ns or first_ns
         window = max(duration, (last_ns - first_ns) / 1e9, 1e-6)
         return Step(
             rate=rate,
@@ -673,9 +558,9 @@ class PresenceBench:
             lossy_sockets=seq["lossy_sockets"],
             closed_sockets=seq["closed_sockets"],
             deliveries_per_s=received / window,
-            p50_ms=lg.percentile_ms(hist, received, 0.50),
-            p99_ms=lg.percentile_ms(hist, received, 0.99),
-            max_ms=max([int(r["max_us"]) for r in replies] or [0]) / 1000,
+            p50_ms=merged.p50_ms,
+            p99_ms=merged.p99_ms,
+            max_ms=merged.max_ms,
             server_cpu_pct=100 * (server1 - server0) / wall,
             redis_cpu_pct=None if redis0 is None or redis1 is None else 100 * (redis1 - redis0) / wall,
             loadgen_cpu_pct=100 * (lg_cpu1 - lg_cpu0) / wall / self.loadgen_cores,

@@ -174,8 +174,6 @@ class Bench(pb.Bench):
 
     def __init__(self, args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> None:
         super().__init__(args, env, log_dir)
-        args.publication = self.slot
-        self.env["REALTIME_PUBLICATION"] = args.publication
         now = int(time.time())
         self.users = {"seed": self.tag, "count": args.users, "role": ROLE, "iat": now, "exp": now + 24 * 3600}
         self.joined_by_owner: dict[str, int] = {}
@@ -212,10 +210,7 @@ class Bench(pb.Bench):
 
         self.sql(SETUP_SQL)
         table = sql.Identifier("public", TABLE)
-        self.sql(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
-        self.tables.append(TABLE)
-        self.sql(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, user_id uuid, payload text, sent_ns bigint)")
-                 .format(table))
+        self.create_table(TABLE, "id bigint PRIMARY KEY, user_id uuid, payload text, sent_ns bigint")
         self.sql(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(table))
         self.sql(sql.SQL("CREATE POLICY owner ON {} FOR SELECT TO {} USING (user_id = auth.uid())")
                  .format(table, sql.Identifier(ROLE)))
@@ -393,8 +388,7 @@ $fn$""").format(schema=schema, table=sql.Identifier("public", TABLE)))
         for residue in range(users):
             joined = self.joined_by_owner.get(self.owner(residue), 0)
             if joined:
-                first = id_base + (residue - id_base) % users
-                total += (0 if first >= id_base + rows else (id_base + rows - 1 - first) // users + 1) * joined
+                total += pb.residue_count(id_base, rows, users, residue) * joined
         return total
 
     def rls_step(self, rate: float, duration: float, drain_limit: float) -> Step:
@@ -444,8 +438,7 @@ $fn$""").format(schema=schema, table=sql.Identifier("public", TABLE)))
         return st
 
     def run_steps(self) -> None:
-        self.start_server()
-        try:
+        with self.serving():
             started = time.monotonic()
             self.joined = self.start_rls_workers(self.args.sockets)
             per_user = sorted(self.joined_by_owner.values())
@@ -455,18 +448,7 @@ $fn$""").format(schema=schema, table=sql.Identifier("public", TABLE)))
             if self.joined == 0:
                 raise pb.BenchError("no subscriber joined")
             print("  " + STEP_HEADER, flush=True)
-            for rate in self.args.rates:
-                if time.monotonic() > self.args.deadline - 45:
-                    print("  (time budget nearly spent: skipping the remaining steps)", flush=True)
-                    break
-                is_max = rate == 0
-                st = self.rls_step(rate, self.args.max_duration if is_max else self.args.duration,
-                                   self.args.drain_limit_max if is_max else self.args.drain_limit)
-                self.steps.append(st)
-                print("  " + step_row(st), flush=True)
-        finally:
-            self.stop_workers()
-            self.stop_server()
+            self.run_rates(self.rls_step, step_row, 45)
 
     def cleanup(self) -> None:
         super().cleanup()
@@ -491,11 +473,11 @@ def sockets_of(user: int, sockets: int, users: int) -> int:
 CPU_KEYS = ("server", "repl", "replPG", "chkPG", "pg", "redis", "subs", "writer", "others", "machine")
 STEP_HEADER = (f"{'rate':>5} {'rows':>7} {'write/s':>8} {'r/txn':>5} {'expected':>9} {'received':>9} {'loss':>7} "
                f"{'dups':>5} {'leaks':>5} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>8} {'dlv/s':>8} {'lag s':>5} "
-               f"{'R':>6} {'Q/R':>6} {'hub/R':>6} {'RT/R':>6} {'chg/R':>6}  CPU% " + " ".join(f"{k:>6}" for k in CPU_KEYS))
+               f"{'R':>6} {'Q/R':>6} {'hub/R':>6} {'RT/R':>6} {'chg/R':>6}  CPU% " + pb.cpu_header(CPU_KEYS))
 
 
 def step_row(s: Step) -> str:
-    cpu = " ".join(f"{s.cpu.get(k, 0):>6.0f}" for k in CPU_KEYS)
+    cpu = pb.cpu_cells(s.cpu, CPU_KEYS)
     return (f"{s.label:>5} {s.rows:>7,} {s.write_rate:>8,.0f} {s.rows_per_commit:>5.0f} {s.expected:>9,} "
             f"{s.received:>9,} {s.loss:>7,} {s.duplicates:>5,} {s.leaked:>5,} {fmt(s.p50_ms, '.1f'):>7} "
             f"{fmt(s.p99_ms, '.1f'):>7} {s.max_ms:>8.1f} {s.deliveries_per_s:>8,.0f} {fmt(s.lag_s, '.1f'):>5} "
@@ -645,20 +627,21 @@ def issue11_targets(args: argparse.Namespace, steps: list[Step]) -> list[str]:
 # --- main ---------------------------------------------------------------------------------------
 
 
+# (full run, --quick) of the step options shared with postgres_changes.py
+STEP_DEFAULTS: dict[str, tuple[float, float]] = {
+    "duration": (10.0, 2.0), "max_duration": (5.0, 2.0), "max_rows": (1500, 300),
+    "drain_limit": (30.0, 10.0), "drain_limit_max": (90.0, 20.0),
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="row level security postgres_changes benchmark (see module docstring).")
     p.add_argument("--quick", action="store_true", help="small run, about two minutes")
     p.add_argument("--preset", choices=sorted(PRESETS), help="issue #11 scenario (sockets, users, rates, p99 bound)")
     p.add_argument("--sockets", type=int, help="subscribed sockets (default 1000; quick: 200)")
     p.add_argument("--users", type=int, help="distinct users (claim sets) the sockets are spread over (default 10)")
-    p.add_argument("--rates", type=float, nargs="+", help="target changes/s per step, 0 = max (default 10 40 100 200 0)")
+    pb.add_step_args(p, STEP_DEFAULTS, "10 40 100 200 0")
     p.add_argument("--p99-ms", type=float, help="p99 bound of a passing step (default 150)")
-    p.add_argument("--duration", type=float, help="seconds per fixed-rate step (default 10; quick: 2)")
-    p.add_argument("--max-duration", type=float, help="seconds of writing in the max step (default 5; quick: 2)")
-    p.add_argument("--max-rows", type=int, help="stop the max step after this many rows (default 1500; quick: 300)")
-    p.add_argument("--drain-limit", type=float, help="max seconds to wait for a fixed-rate step's deliveries "
-                   "(default 30; quick: 10)")
-    p.add_argument("--drain-limit-max", type=float, help="the same for the max step (default 90; quick: 20)")
     p.add_argument("--baseline-changes", type=int, help="changes checked by the baselines (default 20; quick: 5)")
     p.add_argument("--baseline-passes", type=int, help="passes of each baseline, the fastest counts (default 3; quick: 1)")
     p.add_argument("--baseline-seconds", type=float, help="cap of one baseline pass, whole changes (default 30; quick: 10)")
@@ -673,25 +656,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.users = args.users or (min(10, args.sockets) if not args.preset else preset["users"])
     if args.users < 1 or args.sockets < args.users:
         p.error("need at least one user and one socket per user")
-    args.rates = sorted(args.rates if args.rates is not None else preset["rates"], key=lambda r: (r == 0, r))
+    pb.step_defaults(args, STEP_DEFAULTS, preset["rates"])
     args.p99_ms = args.p99_ms or preset["p99_ms"]
-    args.duration = args.duration or (2.0 if q else 10.0)
-    args.max_duration = args.max_duration or (2.0 if q else 5.0)
-    args.max_rows = args.max_rows or (300 if q else 1500)
-    args.drain_limit = args.drain_limit or (10.0 if q else 30.0)
-    args.drain_limit_max = args.drain_limit_max or (20.0 if q else 90.0)
     args.baseline_changes = args.baseline_changes or (5 if q else 20)
     args.baseline_passes = args.baseline_passes or (1 if q else 3)
     args.baseline_seconds = args.baseline_seconds or (10.0 if q else 30.0)
     args.timeout = args.timeout or ((240.0 if q else 900.0) + args.sockets / 10)
-    args.publication = ""  # set per run by Bench
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(f"rls bench: {args.sockets:,} sockets over {args.users:,} users; rates="
-          f"{' '.join('max' if r == 0 else f'{r:g}' for r in args.rates)} step={args.duration:g}s max step="
+          f"{pb.rates_text(args.rates)} step={args.duration:g}s max step="
           f"{args.max_duration:g}s or {args.max_rows:,} rows; p99 bound {args.p99_ms:g} ms; baselines "
           f"{' '.join(args.baselines) or 'none'} over {args.baseline_changes} changes", flush=True)
 
