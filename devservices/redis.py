@@ -13,8 +13,9 @@ import importlib.util
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from redis import Redis
 from redis.backoff import NoBackoff
@@ -77,22 +78,23 @@ def _redis_ping(port: int) -> bool:
         return False
 
 
-def _redis_info_pid(port: int) -> int | None:
+def _ask(port: int, question: Callable[[Any], Any]) -> Any:
+    """``question(client)`` against the Redis on ``port``; None when nothing answers there."""
     try:
         with _client(port) as client:
-            info = client.info("server")
+            return question(client)
     except (OSError, RedisError, ValueError):
         return None
+
+
+def _redis_info_pid(port: int) -> int | None:
+    info = _ask(port, lambda client: client.info("server")) or {}
     pid = info.get("process_id")
     return pid if isinstance(pid, int) else None
 
 
 def _redis_dir(port: int) -> str | None:
-    try:
-        with _client(port) as client:
-            reply = client.config_get("dir")
-    except (OSError, RedisError, ValueError):
-        return None
+    reply = _ask(port, lambda client: client.config_get("dir")) or {}
     directory = reply.get("dir")
     return directory if isinstance(directory, str) else None
 
