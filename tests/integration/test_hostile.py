@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -84,6 +85,10 @@ async def heartbeat_rtt(ws: ClientConnection, ref: str) -> float:
             return time.perf_counter() - started
 
 
+# An unmasked server close frame with a short reason and code 1008 (RFC 6455 5.5.1).
+CLOSE_1008 = re.compile(rb"\x88[\x02-\x7d]\x03\xf0")
+
+
 class StalledClient:
     """A raw WebSocket client that joins a topic and then never reads again (a small receive buffer,
     so the kernel does not absorb tens of MB first); ``drain`` reads until the server's close."""
@@ -110,12 +115,19 @@ class StalledClient:
         self.sock.sendall(bytes((0x81, 0x80 | len(join))) + mask + masked)
 
     def drain(self, timeout: float) -> bytes:
-        """Read everything until the server ends the connection; the last bytes read."""
+        """Read until the server ends the connection or its close frame (1008) arrives; the last bytes read.
+
+        A server that sent its close frame may then wait for this client's own
+        close before it drops the connection (uvicorn: about 30 s); the frame
+        is the cut.
+        """
         self.sock.settimeout(timeout)
         tail = b""
         try:
             while chunk := self.sock.recv(1 << 20):
-                tail = (tail + chunk)[-16:]
+                tail = (tail + chunk)[-256:]
+                if CLOSE_1008.search(tail):
+                    break
         except ConnectionResetError:
             pass
         finally:
