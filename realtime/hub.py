@@ -13,8 +13,10 @@ Row level security: each channel with postgres_changes belongs to a claim set
 (its role and claims), registered per table in the process's ``Registration``
 so the replicator checks each claim set once per run of changes. A run from a
 table with RLS carries the verdicts; a claim set the replicator did not check
-(it read the registry before the channel registered) is checked here through
-``row_check``, once per run for all of them, never skipped. A claim set whose
+(it read the registry before the channel registered, or all its channels
+filter, which the replicator leaves to this process) is checked here through
+``row_check``, once per run for all of them that a change of the run is routed
+to, never skipped. A claim set whose
 check failed (a policy raised or timed out) gets nothing of that run: each of
 its channels the run would reach gets one ``system`` error instead. A channel
 whose role cannot read the table's primary key gets ``Error 401`` events.
@@ -139,6 +141,11 @@ class ChangeSubscription:
 
     def tables(self) -> set[tuple[str, str]]:
         return {table for b in self.bindings for table in b.tables}
+
+    def filtered_tables(self) -> set[tuple[str, str]]:
+        """The tables on which every binding of this channel has a filter (``shared.claimsets``)."""
+        unfiltered = {table for b in self.bindings if b.matcher is None for table in b.tables}
+        return self.tables() - unfiltered
 
 
 SubKey = tuple[str, str]  # (socket_id, topic)
@@ -411,7 +418,9 @@ class Hub:
         key = (subscription.socket_id, subscription.topic)
         tables = {table_group(schema, table): (schema, table) for schema, table in subscription.tables()}
         if self._registration is not None and subscription.claims is not None:
-            subscription.claim_set = await self._registration.add(tables.values(), subscription.claims)
+            subscription.claim_set = await self._registration.add(
+                tables.values(), subscription.claims, subscription.filtered_tables()
+            )
         if self._privileges is not None and subscription.claims is not None:
             # Known before the first change arrives: delivery never waits for them.
             for schema, table in tables.values():
@@ -452,7 +461,9 @@ class Hub:
     def _unregister(self, route: TableRoute, subscription: ChangeSubscription) -> None:
         """Count one channel of its claim set off the route's table in the registry (in the background)."""
         if self._registration is not None and subscription.claim_set:
-            self._spawn(self._registration.remove([(route.schema, route.table)], subscription.claim_set))
+            self._spawn(self._registration.remove(
+                [(route.schema, route.table)], subscription.claim_set, subscription.filtered_tables()
+            ))
 
     def _wanted(self, group: str) -> bool:
         return group in self._groups or group in self._change_groups
@@ -743,6 +754,10 @@ class Hub:
         positions = checked_positions(run)
         if not positions:
             return visible, failed
+        # Only the claim sets some checked change goes to (the replicator leaves filtered ones to us).
+        missing = {c: claims for c, claims in missing.items() if c in self._routed_claim_sets(route, run, positions)}
+        if not missing:
+            return visible, failed
         keys = [run["changes"][i]["key"] for i in positions]
         checkable = {c: claims for c, claims in missing.items() if claims is not None}
         if not checkable or self._row_check is None:
@@ -762,6 +777,25 @@ class Hub:
             else:
                 visible[claim_set] = verdict_per_change(run, positions, verdicts.visible.get(claim_set, nothing))
         return visible, failed
+
+    @staticmethod
+    def _routed_claim_sets(route: TableRoute, run: ChangeRun, positions: list[int]) -> set[str]:
+        """The claim sets of the channels that one of the changes at ``positions`` is routed to.
+
+        Routes as ``_deliver_change`` does; if a change cannot be read, every
+        claim set of the route (a check too many is only slower).
+        """
+        if not route.filtered:
+            return set(route.claim_sets)
+        routed: set[SubKey] = set()
+        try:
+            for position in positions:
+                change = run["changes"][position]
+                parsed = json.loads(change["data"].decode("utf-8"), parse_float=Decimal)
+                routed.update(route.route(change["type"], parsed.get("record"), parsed.get("old_record")))
+        except Exception:
+            return set(route.claim_sets)
+        return {route.subscriptions[key].claim_set for key in routed if key in route.subscriptions}
 
     def _grants(self, route: TableRoute) -> dict[str, Grants] | None:
         """What each role among the table's subscribers may read (``realtime.privileges``), without waiting.
