@@ -639,7 +639,8 @@ class Hub:
         metrics.changes_received.inc(len(run["changes"]))
         grants = self._grants(route)
         rls = run.get("rls", False)
-        visible, failed = await self._visibility(route, run) if rls else ({}, {})
+        routes: dict[int, dict[SubKey, list[int]]] = {}  # position -> its routing, when _visibility needed it
+        visible, failed = await self._visibility(route, run, routes) if rls else ({}, {})
         unauthorized = self._key_unreadable(route, run)
         notified: set[SubKey] = set()  # channels told this run's check failed (once per run)
         with corked():
@@ -647,7 +648,7 @@ class Hub:
                 try:
                     self._deliver_change(
                         route, change, rls and "key" in change, visible, position, failed, unauthorized, notified,
-                        grants,
+                        grants, routes.get(position),
                     )
                 except Exception:
                     # One bad change costs only itself; the run's other changes still go out.
@@ -665,7 +666,9 @@ class Hub:
         unauthorized: Mapping[SubKey, list[Any]],
         notified: set[SubKey],
         grants: Mapping[str, Grants] | None = None,
+        routed: dict[SubKey, list[int]] | None = None,
     ) -> None:
+        """``routed``: ``route.route`` of this change, if already known."""
         change_type = change["type"]
         data_json = change["data"].decode("utf-8")
         # PROTOCOL.md 4.4 step 3: a role that cannot read the key gets Error 401, with no filter or RLS check.
@@ -680,13 +683,15 @@ class Hub:
                     text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
                     self._write(sub, {"type": "websocket.send", "text": text})
         record = old_record = None
-        if route.filtered:
+        if route.filtered and routed is None:
             # numeric values are JSON numbers with every digit: Decimal keeps them for the filters.
             parsed = json.loads(data_json, parse_float=Decimal)
             record, old_record = parsed.get("record"), parsed.get("old_record")
         # Channels with the same topic, ids, columns and vsn get the same frame: build it once.
         frames: dict[tuple[Vsn, str, tuple[int, ...], frozenset[str] | None], dict[str, Any]] = {}
-        for key, ids in route.route(change_type, record, old_record).items():
+        if routed is None:
+            routed = route.route(change_type, record, old_record)
+        for key, ids in routed.items():
             sub = route.subscriptions.get(key)
             if sub is None or key in denied:
                 continue
@@ -740,7 +745,9 @@ class Hub:
             self.failed += 1
         return written
 
-    async def _visibility(self, route: TableRoute, run: ChangeRun) -> tuple[dict[str, bytes], dict[str, str]]:
+    async def _visibility(
+        self, route: TableRoute, run: ChangeRun, routes: dict[int, dict[SubKey, list[int]]]
+    ) -> tuple[dict[str, bytes], dict[str, str]]:
         """Verdicts per claim set for an RLS run: the replicator's, plus checks of the ones it missed.
 
         Also returns the claim sets whose check failed (the replicator's and
@@ -755,7 +762,8 @@ class Hub:
         if not positions:
             return visible, failed
         # Only the claim sets some checked change goes to (the replicator leaves filtered ones to us).
-        missing = {c: claims for c, claims in missing.items() if c in self._routed_claim_sets(route, run, positions)}
+        routed = self._routed_claim_sets(route, run, positions, routes)
+        missing = {c: claims for c, claims in missing.items() if c in routed}
         if not missing:
             return visible, failed
         keys = [run["changes"][i]["key"] for i in positions]
@@ -779,11 +787,14 @@ class Hub:
         return visible, failed
 
     @staticmethod
-    def _routed_claim_sets(route: TableRoute, run: ChangeRun, positions: list[int]) -> set[str]:
+    def _routed_claim_sets(
+        route: TableRoute, run: ChangeRun, positions: list[int], routes: dict[int, dict[SubKey, list[int]]]
+    ) -> set[str]:
         """The claim sets of the channels that one of the changes at ``positions`` is routed to.
 
-        Routes as ``_deliver_change`` does; if a change cannot be read, every
-        claim set of the route (a check too many is only slower).
+        Routes as ``_deliver_change`` does, and keeps each change's routing in
+        ``routes`` for it; if a change cannot be read, every claim set of the
+        route (a check too many is only slower).
         """
         if not route.filtered:
             return set(route.claim_sets)
@@ -792,8 +803,10 @@ class Hub:
             for position in positions:
                 change = run["changes"][position]
                 parsed = json.loads(change["data"].decode("utf-8"), parse_float=Decimal)
-                routed.update(route.route(change["type"], parsed.get("record"), parsed.get("old_record")))
+                routes[position] = route.route(change["type"], parsed.get("record"), parsed.get("old_record"))
+                routed.update(routes[position])
         except Exception:
+            routes.clear()
             return set(route.claim_sets)
         return {route.subscriptions[key].claim_set for key in routed if key in route.subscriptions}
 

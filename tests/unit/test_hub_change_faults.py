@@ -51,10 +51,10 @@ class Recorder:
 class Registration:
     """One claim set per ``sub``, as the Redis registry would give."""
 
-    async def add(self, tables: Any, claims: Claims) -> str:
+    async def add(self, tables: Any, claims: Claims, filtered: Any = ()) -> str:
         return f"set-{claims.sub}"
 
-    async def remove(self, tables: Any, claim_set: str) -> None:
+    async def remove(self, tables: Any, claim_set: str, filtered: Any = ()) -> None:
         return None
 
     async def aclose(self) -> None:

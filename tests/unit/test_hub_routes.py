@@ -78,16 +78,21 @@ class CountingRegistration:
 
     def __init__(self) -> None:
         self.counts: dict[tuple[tuple[str, str], str], int] = {}
+        self.filtered: dict[tuple[tuple[str, str], str], int] = {}  # of those, channels that filter there
 
-    async def add(self, tables: Any, claims: Any) -> str:
+    async def add(self, tables: Any, claims: Any, filtered: Any = ()) -> str:
         claim_set = f"set-{claims.sub}"
         for table in tables:
             self.counts[(table, claim_set)] = self.counts.get((table, claim_set), 0) + 1
+        for table in filtered:
+            self.filtered[(table, claim_set)] = self.filtered.get((table, claim_set), 0) + 1
         return claim_set
 
-    async def remove(self, tables: Any, claim_set: str) -> None:
+    async def remove(self, tables: Any, claim_set: str, filtered: Any = ()) -> None:
         for table in tables:
             self.counts[(table, claim_set)] -= 1  # below zero: a channel was counted off twice
+        for table in set(filtered) & set(tables):
+            self.filtered[(table, claim_set)] -= 1
 
     def live(self) -> dict[tuple[tuple[str, str], str], int]:
         return {entry: count for entry, count in self.counts.items() if count}
