@@ -117,10 +117,12 @@ def mint_token(secret: str, claims: dict[str, Any]) -> str:
 
 
 def join_frame(filter_id: int | None, table: str = TABLE, access_token: str | None = None,
-               filter_column: str = "id") -> bytes:
+               filter_column: str = "id", filter_text: str | None = None) -> bytes:
     binding: dict[str, Any] = {"event": "INSERT", "schema": "public", "table": table}
     if filter_id is not None:
         binding["filter"] = f"{filter_column}=eq.{filter_id}"
+    elif filter_text is not None:
+        binding["filter"] = filter_text
     payload: dict[str, Any] = {"config": {"postgres_changes": [binding]}}
     if access_token is not None:
         payload["access_token"] = access_token
@@ -167,6 +169,10 @@ def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | 
             if user not in minted:
                 minted[user] = mint_token(secret, user_claims(cfg["users"], user))
             tokens[i] = minted[user]
+    # ``filter_owner``: each socket subscribes to its own user's rows only (user_id=eq.<its uuid>), as apps do.
+    own_filters: list[str | None] = [None] * count
+    if user_of is not None and cfg.get("users") and cfg.get("filter_owner"):
+        own_filters = [f"user_id=eq.{owner_uuid(str(cfg['users']['seed']), user)}" for user in user_of]
     done: list[tuple[lg.LiteConn, int | None, int]] = []
     errors: list[str] = []
     for start in range(0, len(ids), batch):
@@ -187,7 +193,7 @@ def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | 
                         conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
                         conn.recv_handshake()
                     elif stage == "join":
-                        conn.send(1, join_frame(filter_id, table, tokens[index], column))
+                        conn.send(1, join_frame(filter_id, table, tokens[index], column, own_filters[index]))
                     else:
                         wait_subscribed(conn, deadline)
                     alive.append((conn, filter_id, index))

@@ -49,7 +49,10 @@ passed (no loss, p99 within bound; never the max step, a burst) with each ceilin
 
 Presets for issue #11 (``--preset``): ``users10`` (1,000 sockets of 10 users, the default),
 ``users1k`` (1,000 sockets of 1,000 users at 100 changes/s and up), ``users5k`` (5,000 sockets of
-5,000 users), ``users10k`` (10,000 sockets of 10,000 users). Explicit ``--sockets``, ``--users``,
+5,000 users), ``users10k`` (10,000 sockets of 10,000 users). ``users1k-own`` and ``users5k-own`` are
+``users1k`` and ``users5k`` with ``--filter-owner``: each socket subscribes with the filter
+``user_id=eq.<its user's uuid>``, as an app that shows a user their own rows does; what a socket may
+receive is the same (its user's rows), but only the claim sets a row is routed to are checked. Explicit ``--sockets``, ``--users``,
 ``--rates``, ``--p99-ms`` override a preset.
 
 Usage::
@@ -87,6 +90,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "users1k": {"sockets": 1000, "users": 1000, "rates": [100, 250, 500, 1000, 0], "p99_ms": 100.0},
     "users5k": {"sockets": 5000, "users": 5000, "rates": [100, 250, 0], "p99_ms": 250.0},
     "users10k": {"sockets": 10000, "users": 10000, "rates": [100, 0], "p99_ms": 250.0},
+    "users1k-own": {"sockets": 1000, "users": 1000, "rates": [100, 250, 500, 1000, 0], "p99_ms": 100.0,
+                    "filter_owner": True},
+    "users5k-own": {"sockets": 5000, "users": 5000, "rates": [100, 250, 0], "p99_ms": 250.0, "filter_owner": True},
 }
 fmt = pb.fmt
 
@@ -369,7 +375,8 @@ $fn$""").format(schema=schema, table=sql.Identifier("public", TABLE)))
         k = max(1, min(self.args.workers, n))
         users = self.args.users
         configs = [{"count": len(range(i, n, k)), "filter_ids": None, "table": TABLE, "users": self.users,
-                    "user_of": [s % users for s in range(i, n, k)]} for i in range(k)]
+                    "user_of": [s % users for s in range(i, n, k)], "filter_owner": self.args.filter_owner}
+                   for i in range(k)]
         joined = self.start_workers(configs, "subs.log")
         self.joined_by_owner = {}
         for w in self.workers:
@@ -525,8 +532,10 @@ def summary_lines(args: argparse.Namespace, bench: Bench | None) -> tuple[list[s
     baselines = bench.baselines if bench else []
     out = ["", "=" * 120,
            f"Summary: {args.sockets:,} sockets over {args.users:,} users ({args.sockets / max(1, args.users):g} per "
-           f"user, one token per user), RLS policy user_id = auth.uid() on public.{TABLE}; preset {args.preset or '-'}"]
-    summary: dict[str, Any] = {"scenario": args.preset or "custom", "sockets": args.sockets, "users": args.users,
+           f"user, one token per user), RLS policy user_id = auth.uid() on public.{TABLE}; preset {args.preset or '-'}"
+           + ("; each socket filters user_id=eq.<its user's uuid>" if args.filter_owner else "")]
+    summary: dict[str, Any] = {"scenario": args.preset or "custom", "filter_owner": args.filter_owner,
+                               "sockets": args.sockets, "users": args.users,
                                "joined": bench.joined if bench else 0, "p99_bound_ms": args.p99_ms}
     for b in baselines:
         what = ("one client transaction per socket and change (BEGIN, SET LOCAL ROLE, set_config, SELECT, COMMIT)"
@@ -631,11 +640,11 @@ def issue11_targets(args: argparse.Namespace, steps: list[Step]) -> list[str]:
             ("PASS" if not reasons else f"FAIL ({', '.join(reasons)})")
 
     out = []
-    if args.preset in ("users1k", "users5k", "users10k"):
-        bound = 100.0 if args.preset == "users1k" else 250.0
+    if args.preset in ("users1k", "users5k", "users10k", "users1k-own", "users5k-own"):
+        bound = 100.0 if args.preset.startswith("users1k") else 250.0
         out.append(f"    issue #11: {args.sockets:,} sockets of {args.users:,} users at 100 changes/s, every row to its "
                    f"owner only, p99 <= {bound:g} ms: {verdict(at(100), bound)}")
-    if args.preset == "users1k":
+    if args.preset in ("users1k", "users1k-own"):
         top = max((s for s in steps if s.rate and not s.failures(250.0)), key=lambda s: s.rate, default=None)
         out.append(f"    issue #11: sustained >= 1,000 changes/s with p99 <= 250 ms: highest passing step "
                    f"{top.label if top else '-'} changes/s -> {'PASS' if top and top.rate >= 1000 else 'FAIL'}")
@@ -653,6 +662,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--users", type=int, help="distinct users (claim sets) the sockets are spread over (default 10)")
     p.add_argument("--rates", type=float, nargs="+", help="target changes/s per step, 0 = max (default 10 40 100 200 0)")
     p.add_argument("--p99-ms", type=float, help="p99 bound of a passing step (default 150)")
+    p.add_argument("--filter-owner", action="store_true", default=None,
+                   help="each socket filters user_id=eq.<its user's uuid> (the -own presets)")
     p.add_argument("--duration", type=float, help="seconds per fixed-rate step (default 10; quick: 2)")
     p.add_argument("--max-duration", type=float, help="seconds of writing in the max step (default 5; quick: 2)")
     p.add_argument("--max-rows", type=int, help="stop the max step after this many rows (default 1500; quick: 300)")
@@ -675,6 +686,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("need at least one user and one socket per user")
     args.rates = sorted(args.rates if args.rates is not None else preset["rates"], key=lambda r: (r == 0, r))
     args.p99_ms = args.p99_ms or preset["p99_ms"]
+    args.filter_owner = bool(args.filter_owner or preset.get("filter_owner"))
     args.duration = args.duration or (2.0 if q else 10.0)
     args.max_duration = args.max_duration or (2.0 if q else 5.0)
     args.max_rows = args.max_rows or (300 if q else 1500)
