@@ -387,9 +387,10 @@ $fn$""").format(schema=schema, table=sql.Identifier("public", TABLE)))
     def cpu_groups(self) -> dict[str, list[int]]:
         """The parent's groups, with the replicator's visibility-check backend (chkPG) taken out of pg."""
         groups = super().cpu_groups()
-        checks = self.backend_pid(f"realtime replicate {self.slot} checks")
-        groups["chkPG"] = [checks] if checks and checks in groups["pg"] else []
-        groups["pg"] = [p for p in groups["pg"] if p != checks]
+        names = [f"realtime replicate {self.slot} checks"] + [f"realtime replicate {self.slot} checks {i}" for i in (2, 3, 4)]
+        checks = [pid for pid in (self.backend_pid(name) for name in names) if pid and pid in groups["pg"]]
+        groups["chkPG"] = checks
+        groups["pg"] = [p for p in groups["pg"] if p not in checks]
         return groups
 
     # --- measurements -----------------------------------------------------
@@ -523,7 +524,7 @@ def print_legend() -> None:
           "not seen), RT/R = PostgreSQL "
           "round trips per batch of both (the replicator's slot reader left out), chg/R = changes per batch (one "
           "marker row per step included); CPU% of one core: server, repl = replicator, replPG = its slot backend, "
-          "chkPG = its visibility-check backend, pg = other PostgreSQL processes, redis, subs = subscriber processes, "
+          "chkPG = its visibility-check backends (all of them, in % of one core), pg = other PostgreSQL processes, redis, subs = subscriber processes, "
           "writer, others = every other user process; machine = busy time of all CPUs (% of all cores)", flush=True)
 
 

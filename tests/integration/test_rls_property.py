@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings, strategies as st
 from psycopg import sql
 
+from replication import listener as listener_module
 from tests.integration.conftest import dsn, execute, token
 from tests.integration.test_postgres_changes import subscribe
 from tests.integration.test_rls import binding, listener  # noqa: F401
@@ -90,6 +91,12 @@ def scenarios(draw: Any) -> dict[str, Any]:
         "rows": rows, "updates": updates, "deletes": sorted(deletes),
         "chunk": draw(st.integers(1, 5)),  # changes per transaction
     }
+
+
+@pytest.fixture(autouse=True)
+def split_checks(monkeypatch) -> None:
+    """Two claim sets per check connection: a replicator's check of four or more is split (``replication.listener``)."""
+    monkeypatch.setattr(listener_module, "PARALLEL_CLAIM_SETS", 2)
 
 
 @pytest.fixture(scope="module")
