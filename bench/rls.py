@@ -21,8 +21,9 @@ receives whose ``user_id`` is not its user's is counted as a leak.
 Steps: the writer inserts at rising rates, a fixed time per step, then as fast as it can up to
 ``--max-rows``. The replicator is restarted around every step, so its stop line ("stopped after N
 changes; Q row level security queries for R runs") gives that step's visibility queries (Q) and
-change batches (R). The server's own fallback checks (``realtime.hub``'s ``row_check``, for claim
-sets the replicator had not seen) are counted too: statements and round trips of the server process
+change batches that needed a check (R). The server's own checks (``realtime.hub``'s ``row_check``,
+for claim sets the replicator had not seen and for filtered ones, which it leaves to the server) are
+counted too: statements and round trips of the server process
 during the step, and of the replicator's connections other than its slot reader. Printed per batch:
 Q/R, hub statements/R, round trips/R. Each step also reports authorized deliveries/s, latency
 (client receipt minus ``sent_ns``), delivered vs expected, duplicates, leaks, and CPU. A step passes
@@ -518,10 +519,10 @@ def print_legend() -> None:
           "plus one interval if that was later), r/txn = rows per transaction, expected/received/loss = "
           "authorized deliveries, dups = duplicates, leaks = changes received by a socket whose user does not own the "
           "row, p50/p99/max = commit-to-client latency, dlv/s = deliveries per second from first commit to last receipt, "
-          "lag s = seconds after the writer stopped until the slot passed its last row; R = change batches (runs) the "
-          "replicator checked (its stop line), Q/R = its row level security queries per batch, hub/R = the server's "
-          "own checks per batch (statements run as a subscriber: fallback checks for claim sets the replicator had "
-          "not seen), RT/R = PostgreSQL "
+          "lag s = seconds after the writer stopped until the slot passed its last row; R = change batches (runs) that "
+          "needed a row level security check (the replicator's stop line), Q/R = the replicator's row level security "
+          "queries per batch, hub/R = the server's own checks per batch (statements run as a subscriber: claim sets the "
+          "replicator had not seen, and filtered ones, which the replicator leaves to the server), RT/R = PostgreSQL "
           "round trips per batch of both (the replicator's slot reader left out), chg/R = changes per batch (one "
           "marker row per step included); CPU% of one core: server, repl = replicator, replPG = its slot backend, "
           "chkPG = its visibility-check backends (all of them, in % of one core), pg = other PostgreSQL processes, redis, subs = subscriber processes, "

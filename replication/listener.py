@@ -90,7 +90,7 @@ class ListenerStats:
     transactions: int = 0
     changes: int = 0
     published_runs: int = 0
-    rls_runs: int = 0  # runs of changes checked for row level security
+    rls_runs: int = 0  # runs of changes that needed a row level security check (here, or in the server processes)
     rls_queries: int = 0  # database calls those checks made (one per run, more only after a timeout)
     rls_checks: int = 0  # claim-set checks those calls ran
     rls_failures: int = 0  # checks that failed for one claim set (a policy raised or timed out)
@@ -391,8 +391,11 @@ class Listener(SlotLoop):
                 continue
             claim_sets = await self.directory.claim_sets((run["schema"], run["table"]))
             positions = checked_positions(run)
-            if not claim_sets or not positions:
+            if not positions:
                 continue
+            self.stats.rls_runs += 1
+            if not claim_sets:
+                continue  # none, or only filtered ones: their server processes check them
             keys = [run["changes"][i]["key"] for i in positions]
             # One call for every claim set (or one per connection, in parallel); a lost connection
             # raises and the batch is retried.
@@ -405,7 +408,6 @@ class Listener(SlotLoop):
             if verdicts.failed:
                 run["check_errors"] = dict(verdicts.failed)
                 self.stats.rls_failures += len(verdicts.failed)
-            self.stats.rls_runs += 1
         self.stats.rls_queries = self.checker.queries
         self.stats.rls_checks = self.checker.checks
 
