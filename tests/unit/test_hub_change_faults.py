@@ -183,6 +183,35 @@ async def test_the_hubs_own_check_treats_a_failed_policy_like_the_replicator_doe
         await hub.aclose()
 
 
+async def test_the_hub_checks_only_the_claim_sets_a_change_is_routed_to() -> None:
+    asked: list[set[str]] = []
+
+    async def row_check(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
+        asked.append({claims.sub or "" for claims in claim_sets.values()})
+        return Verdicts(visible={claim_set: b"\x01" * len(keys) for claim_set in claim_sets})
+
+    hub = Hub(InMemoryChannelLayer(), Registration(), row_check)  # type: ignore[arg-type]
+    try:
+        a = await channel(hub, "a", "a", filter="owner=eq.a")
+        b = await channel(hub, "b", "b", filter="owner=eq.b")
+        c = await channel(hub, "c", "c", filter="owner=eq.c")
+        everyone = await channel(hub, "all", "all")
+        await hub.deliver_changes(run(
+            change("INSERT", {"id": 1, "owner": "a"}, rls=True), change("INSERT", {"id": 2, "owner": "b"}, rls=True),
+            rls=True,
+        ))
+        assert asked == [{"a", "b", "all"}]  # not c: no change of the run matches its filter
+        assert (ids_of(a), ids_of(b), ids_of(c), ids_of(everyone)) == ([1], [2], [], [1, 2])
+        # The replicator answered the unfiltered claim set: the hub checks only the routed filtered one.
+        message = run(change("INSERT", {"id": 3, "owner": "c"}, rls=True), rls=True)
+        message["visible"] = {"set-all": verdict_per_change(message, checked_positions(message), b"\x00")}
+        await hub.deliver_changes(message)
+        assert asked[1:] == [{"c"}]
+        assert (ids_of(c), ids_of(everyone)) == ([3], [1, 2])
+    finally:
+        await hub.aclose()
+
+
 async def test_a_check_that_cannot_reach_the_database_is_reported_not_silent() -> None:
     async def row_check(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
         raise ConnectionError("pool closed")

@@ -121,3 +121,25 @@ async def test_the_registry_counts_each_channel_once_through_resubscribes_and_le
     await asyncio.sleep(0)
     assert registration.live() == {}
     await hub.aclose()
+
+
+async def test_a_channel_counts_as_filtered_on_a_table_only_if_all_its_bindings_there_filter() -> None:
+    registration = CountingRegistration()
+    hub = Hub(InMemoryChannelLayer(), registration)  # type: ignore[arg-type]
+    alice = Claims("authenticated", 4e9, "alice", {"sub": "alice"})
+
+    def bound(table: str, filter: str | None = None) -> AuthorizedBinding:
+        raw = {"event": "*", "schema": "public", "table": table, **({"filter": filter} if filter else {})}
+        matcher = compile_filter(filter, TYPES) if filter else None
+        return AuthorizedBinding(parse_binding(raw), (("public", table),), matcher)
+
+    todos, posts = ("public", "todos"), ("public", "posts")
+    mixed = (bound("todos", "user_id=eq.1"), bound("todos"), bound("posts", "status=eq.x"))
+    await hub.subscribe_changes(ChangeSubscription("a", "realtime:t", Vsn.V2, _send, mixed, claims=alice))
+    # todos has an unfiltered binding: the replicator checks it; on posts every binding filters.
+    assert {k: v for k, v in registration.filtered.items() if v} == {(posts, "set-alice"): 1}
+    hub.unsubscribe_changes("a", "realtime:t")
+    await asyncio.sleep(0)
+    assert registration.live() == {} and not any(registration.filtered.values())
+    assert todos not in {table for table, _ in registration.filtered}
+    await hub.aclose()
