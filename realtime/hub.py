@@ -28,7 +28,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -166,6 +166,7 @@ class TableRoute:
         self._filtered: dict[tuple[SubKey, int], Any] = {}
         self._index: BindingIndex[tuple[SubKey, int]] = BindingIndex()
         self.claim_sets: dict[str, tuple[Claims | None, int]] = {}  # claim set -> (claims, channels)
+        self.members: dict[str, set[SubKey]] = {}  # claim set -> its channels here
         self.readable: dict[SubKey, frozenset[str]] = {}  # channels whose role may read only these columns
 
     def __bool__(self) -> bool:
@@ -180,6 +181,7 @@ class TableRoute:
         self.subscriptions[key] = subscription
         _, count = self.claim_sets.get(subscription.claim_set, (None, 0))
         self.claim_sets[subscription.claim_set] = (subscription.claims, count + 1)
+        self.members.setdefault(subscription.claim_set, set()).add(key)
         for authorized in subscription.bindings:
             if (self.schema, self.table) not in authorized.tables:
                 continue
@@ -203,6 +205,11 @@ class TableRoute:
             del self.claim_sets[subscription.claim_set]
         else:
             self.claim_sets[subscription.claim_set] = (claims, count - 1)
+        members = self.members.get(subscription.claim_set)
+        if members is not None:
+            members.discard(key)
+            if not members:
+                del self.members[subscription.claim_set]
         self._unfiltered.pop(key, None)
         self.readable.pop(key, None)
         for entry in [e for e in self._filtered if e[0] == key]:
@@ -225,10 +232,21 @@ class TableRoute:
                 selected |= columns
         return selected
 
-    def route(self, change_type: str, record: Any, old_record: Any) -> dict[SubKey, list[int]]:
-        """Channel -> ids of its bindings that the change satisfies (PROTOCOL.md 4.5 ``ids``)."""
+    def route(
+        self, change_type: str, record: Any, old_record: Any, among: Iterable[SubKey] | None = None
+    ) -> dict[SubKey, list[int]]:
+        """Channel -> ids of its bindings that the change satisfies (PROTOCOL.md 4.5 ``ids``).
+
+        ``among``: only these channels' unfiltered bindings are looked at (the
+        channels a row level security check let see the change); filtered ones
+        are found through the index as always.
+        """
         routed: dict[SubKey, list[int]] = {}
-        for key, bindings in self._unfiltered.items():
+        if among is None:
+            unfiltered: Iterable[tuple[SubKey, list[Any]]] = self._unfiltered.items()
+        else:
+            unfiltered = ((key, self._unfiltered[key]) for key in among if key in self._unfiltered)
+        for key, bindings in unfiltered:
             ids = [b.id for b in bindings if b.accepts(change_type)]
             if ids:
                 routed[key] = ids
@@ -643,12 +661,13 @@ class Hub:
         visible, failed = await self._visibility(route, run, routes) if rls else ({}, {})
         unauthorized = self._key_unreadable(route, run)
         notified: set[SubKey] = set()  # channels told this run's check failed (once per run)
+        seers = _seers(route, run, visible, failed) if rls else {}
         with corked():
             for position, change in enumerate(run["changes"]):
                 try:
                     self._deliver_change(
                         route, change, rls and "key" in change, visible, position, failed, unauthorized, notified,
-                        grants, routes.get(position),
+                        grants, routes.get(position), seers.get(position),
                     )
                 except Exception:
                     # One bad change costs only itself; the run's other changes still go out.
@@ -667,8 +686,10 @@ class Hub:
         notified: set[SubKey],
         grants: Mapping[str, Grants] | None = None,
         routed: dict[SubKey, list[int]] | None = None,
+        seers: set[SubKey] | None = None,
     ) -> None:
-        """``routed``: ``route.route`` of this change, if already known."""
+        """``routed``: ``route.route`` of this change, if already known; ``seers``: for a checked
+        change, the only channels that can get it (``_seers``), so the others are not looked at."""
         change_type = change["type"]
         data_json = change["data"].decode("utf-8")
         # PROTOCOL.md 4.4 step 3: a role that cannot read the key gets Error 401, with no filter or RLS check.
@@ -690,7 +711,7 @@ class Hub:
         # Channels with the same topic, ids, columns and vsn get the same frame: build it once.
         frames: dict[tuple[Vsn, str, tuple[int, ...], frozenset[str] | None], dict[str, Any]] = {}
         if routed is None:
-            routed = route.route(change_type, record, old_record)
+            routed = route.route(change_type, record, old_record, seers if checked else None)
         for key, ids in routed.items():
             sub = route.subscriptions.get(key)
             if sub is None or key in denied:
@@ -879,6 +900,30 @@ class Hub:
                 await self._registration.aclose()
             except Exception:
                 logger.warning("could not remove this process's claim sets from Redis", exc_info=True)
+
+
+def _seers(route: TableRoute, run: ChangeRun, visible: Mapping[str, bytes], failed: Mapping[str, str]) -> dict[int, set[SubKey]]:
+    """Checked position -> the channels whose claim set sees it, or whose check failed (they get an error).
+
+    The only channels a checked change can reach: delivery looks at them
+    instead of every unfiltered channel of the table (at 5,000 users, one
+    instead of 5,000 per change). One scan of each verdict per run.
+    """
+    checked = set(checked_positions(run))
+    seers: dict[int, set[SubKey]] = {position: set() for position in checked}
+    for claim_set, verdict in visible.items():
+        members = route.members.get(claim_set)
+        if not members:
+            continue
+        position = verdict.find(1)
+        while position >= 0:
+            if position in checked:
+                seers[position].update(members)
+            position = verdict.find(1, position + 1)
+    for claim_set in failed:
+        for position in checked:
+            seers[position].update(route.members.get(claim_set, ()))
+    return seers
 
 
 def _system_error(sub: ChangeSubscription, message: str) -> dict[str, Any]:
