@@ -6,6 +6,7 @@ sent: runs are handed to ``deliver_changes`` directly, as the receive loop would
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 from collections.abc import Mapping
@@ -208,6 +209,39 @@ async def test_the_hub_checks_only_the_claim_sets_a_change_is_routed_to() -> Non
         await hub.deliver_changes(message)
         assert asked[1:] == [{"c"}]
         assert (ids_of(c), ids_of(everyone)) == ([3], [1, 2])
+    finally:
+        await hub.aclose()
+
+
+async def test_runs_that_wait_together_are_checked_in_one_call_and_delivered_in_order() -> None:
+    calls: list[tuple[set[str], list[bytes]]] = []
+
+    async def row_check(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
+        calls.append(({claims.sub or "" for claims in claim_sets.values()}, list(keys)))
+        ids = [json.loads(key)["id"] for key in keys]
+        # b sees nothing with id 4; everyone else sees every row.
+        return Verdicts(visible={
+            c: bytes(0 if (who.sub == "b" and i == "4") else 1 for i in ids) for c, who in claim_sets.items()
+        })
+
+    hub = Hub(InMemoryChannelLayer(), Registration(), row_check)  # type: ignore[arg-type]
+    try:
+        a = await channel(hub, "a", "a", filter="owner=eq.a")
+        b = await channel(hub, "b", "b", filter="owner=eq.b")
+        messages = [
+            run(change("INSERT", {"id": 1, "owner": "a"}, rls=True), change("INSERT", {"id": 2, "owner": "b"}, rls=True), rls=True),
+            run(change("INSERT", {"id": 3, "owner": "a"}, rls=True), rls=True),
+            run(change("INSERT", {"id": 4, "owner": "b"}, rls=True), change("DELETE", {"id": 1, "owner": "a"}),
+                change("INSERT", {"id": 5, "owner": "b"}, rls=True), rls=True),
+        ]
+        for message in messages:  # as the receive loop hands them over, before the worker runs
+            await hub.realtime_changes(message)
+        while hub._pending_runs or (hub._runs_worker is not None and not hub._runs_worker.done()):
+            await asyncio.sleep(0.01)
+        assert len(calls) == 1 and calls[0][0] == {"a", "b"}
+        assert [json.loads(key)["id"] for key in calls[0][1]] == ["1", "2", "3", "4", "5"]
+        assert ids_of(a) == [1, 3]
+        assert ids_of(b) == [2, 5]
     finally:
         await hub.aclose()
 
