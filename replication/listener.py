@@ -401,10 +401,15 @@ class Listener(SlotLoop):
             # raises and the batch is retried.
             verdicts = await self._check_parallel(claim_sets, run["schema"], run["table"], keys)
             nothing = bytes(len(keys))
-            run["visible"] = {
-                claim_set: verdict_per_change(run, positions, verdicts.visible.get(claim_set, nothing))
-                for claim_set in claim_sets
-            }
+            spread: dict[bytes, bytes] = {}  # most claim sets see none of a run's rows: spread that once
+            visible = {}
+            for claim_set in claim_sets:
+                verdict = verdicts.visible.get(claim_set, nothing)
+                per_change = spread.get(verdict)
+                if per_change is None:
+                    per_change = spread[verdict] = verdict_per_change(run, positions, verdict)
+                visible[claim_set] = per_change
+            run["visible"] = visible
             if verdicts.failed:
                 run["check_errors"] = dict(verdicts.failed)
                 self.stats.rls_failures += len(verdicts.failed)
