@@ -11,7 +11,8 @@ A statement is one ``execute``/``executemany`` call (``executemany`` counts its 
 multi-statement string such as ``BEGIN; ...; ROLLBACK`` is one). Outside pipeline mode every
 statement is one round trip; inside ``conn.pipeline()`` the round trips are the pipeline's syncs
 (``sync()`` and its exit). ``as_subscriber`` counts the statements whose text sets
-``request.jwt.claims``: the checks run as a subscriber (visibility checks, join checks). Server-side work (a plpgsql loop) is invisible here by design: that is
+``request.jwt.claims`` or call ``realtime.check_visibility``: the checks run as a subscriber
+(visibility checks, join checks). Server-side work (a plpgsql loop) is invisible here by design: that is
 what saves round trips.
 """
 
@@ -43,7 +44,9 @@ def _as_subscriber(conn: Any, query: Any) -> bool:
         text = query if isinstance(query, (str, bytes)) else query.as_string(conn)
     except Exception:
         return False
-    return (b"request.jwt.claims" if isinstance(text, bytes) else "request.jwt.claims") in text
+    if isinstance(text, bytes):
+        return b"request.jwt.claims" in text or b"realtime.check_visibility" in text
+    return "request.jwt.claims" in text or "realtime.check_visibility" in text
 
 
 def _count(conn: Any, statements: int, query: Any) -> None:

@@ -115,10 +115,12 @@ def mint_token(secret: str, claims: dict[str, Any]) -> str:
 
 
 def join_frame(filter_id: int | None, table: str = TABLE, access_token: str | None = None,
-               filter_column: str = "id") -> bytes:
+               filter_column: str = "id", filter_text: str | None = None) -> bytes:
     binding: dict[str, Any] = {"event": "INSERT", "schema": "public", "table": table}
     if filter_id is not None:
         binding["filter"] = f"{filter_column}=eq.{filter_id}"
+    elif filter_text is not None:
+        binding["filter"] = filter_text
     payload: dict[str, Any] = {"config": {"postgres_changes": [binding]}}
     if access_token is not None:
         payload["access_token"] = access_token
@@ -165,8 +167,12 @@ def open_subscribed(cfg: dict[str, Any]) -> tuple[list[tuple[lg.LiteConn, int | 
             if user not in minted:
                 minted[user] = mint_token(secret, user_claims(cfg["users"], user))
             tokens[i] = minted[user]
+    # ``filter_owner``: each socket subscribes to its own user's rows only (user_id=eq.<its uuid>), as apps do.
+    own_filters: list[str | None] = [None] * len(ids)
+    if user_of is not None and cfg.get("users") and cfg.get("filter_owner"):
+        own_filters = [f"user_id=eq.{owner_uuid(str(cfg['users']['seed']), user)}" for user in user_of]
     opened, errors = lg.open_in_batches(host, port, path, range(len(ids)), batch, timeout, (
-        ("join", lambda conn, index, deadline: conn.send(1, join_frame(ids[index], table, tokens[index], column))),
+        ("join", lambda conn, index, deadline: conn.send(1, join_frame(ids[index], table, tokens[index], column, own_filters[index]))),
         ("wait", lambda conn, index, deadline: wait_subscribed(conn, deadline)),
     ))
     return [(conn, ids[index], index) for conn, index in opened], errors

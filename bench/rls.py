@@ -21,8 +21,9 @@ receives whose ``user_id`` is not its user's is counted as a leak.
 Steps: the writer inserts at rising rates, a fixed time per step, then as fast as it can up to
 ``--max-rows``. The replicator is restarted around every step, so its stop line ("stopped after N
 changes; Q row level security queries for R runs") gives that step's visibility queries (Q) and
-change batches (R). The server's own fallback checks (``realtime.hub``'s ``row_check``, for claim
-sets the replicator had not seen) are counted too: statements and round trips of the server process
+change batches that needed a check (R). The server's own checks (``realtime.hub``'s ``row_check``,
+for claim sets the replicator had not seen and for filtered ones, which it leaves to the server) are
+counted too: statements and round trips of the server process
 during the step, and of the replicator's connections other than its slot reader. Printed per batch:
 Q/R, hub statements/R, round trips/R. Each step also reports authorized deliveries/s, latency
 (client receipt minus ``sent_ns``), delivered vs expected, duplicates, leaks, and CPU. A step passes
@@ -49,7 +50,10 @@ passed (no loss, p99 within bound; never the max step, a burst) with each ceilin
 
 Presets for issue #11 (``--preset``): ``users10`` (1,000 sockets of 10 users, the default),
 ``users1k`` (1,000 sockets of 1,000 users at 100 changes/s and up), ``users5k`` (5,000 sockets of
-5,000 users), ``users10k`` (10,000 sockets of 10,000 users). Explicit ``--sockets``, ``--users``,
+5,000 users), ``users10k`` (10,000 sockets of 10,000 users). ``users1k-own`` and ``users5k-own`` are
+``users1k`` and ``users5k`` with ``--filter-owner``: each socket subscribes with the filter
+``user_id=eq.<its user's uuid>``, as an app that shows a user their own rows does; what a socket may
+receive is the same (its user's rows), but only the claim sets a row is routed to are checked. Explicit ``--sockets``, ``--users``,
 ``--rates``, ``--p99-ms`` override a preset.
 
 Usage::
@@ -87,6 +91,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "users1k": {"sockets": 1000, "users": 1000, "rates": [100, 250, 500, 1000, 0], "p99_ms": 100.0},
     "users5k": {"sockets": 5000, "users": 5000, "rates": [100, 250, 0], "p99_ms": 250.0},
     "users10k": {"sockets": 10000, "users": 10000, "rates": [100, 0], "p99_ms": 250.0},
+    "users1k-own": {"sockets": 1000, "users": 1000, "rates": [100, 250, 500, 1000, 0], "p99_ms": 100.0,
+                    "filter_owner": True},
+    "users5k-own": {"sockets": 5000, "users": 5000, "rates": [100, 250, 0], "p99_ms": 250.0, "filter_owner": True},
 }
 fmt = pb.fmt
 
@@ -364,7 +371,8 @@ $fn$""").format(schema=schema, table=sql.Identifier("public", TABLE)))
         k = max(1, min(self.args.workers, n))
         users = self.args.users
         configs = [{"count": len(range(i, n, k)), "filter_ids": None, "table": TABLE, "users": self.users,
-                    "user_of": [s % users for s in range(i, n, k)]} for i in range(k)]
+                    "user_of": [s % users for s in range(i, n, k)], "filter_owner": self.args.filter_owner}
+                   for i in range(k)]
         joined = self.start_workers(configs, "subs.log")
         self.joined_by_owner = {}
         for w in self.workers:
@@ -375,9 +383,10 @@ $fn$""").format(schema=schema, table=sql.Identifier("public", TABLE)))
     def cpu_groups(self) -> dict[str, list[int]]:
         """The parent's groups, with the replicator's visibility-check backend (chkPG) taken out of pg."""
         groups = super().cpu_groups()
-        checks = self.backend_pid(f"realtime replicate {self.slot} checks")
-        groups["chkPG"] = [checks] if checks and checks in groups["pg"] else []
-        groups["pg"] = [p for p in groups["pg"] if p != checks]
+        names = [f"realtime replicate {self.slot} checks"] + [f"realtime replicate {self.slot} checks {i}" for i in (2, 3, 4)]
+        checks = [pid for pid in (self.backend_pid(name) for name in names) if pid and pid in groups["pg"]]
+        groups["chkPG"] = checks
+        groups["pg"] = [p for p in groups["pg"] if p not in checks]
         return groups
 
     # --- measurements -----------------------------------------------------
@@ -492,13 +501,13 @@ def print_legend() -> None:
           "plus one interval if that was later), r/txn = rows per transaction, expected/received/loss = "
           "authorized deliveries, dups = duplicates, leaks = changes received by a socket whose user does not own the "
           "row, p50/p99/max = commit-to-client latency, dlv/s = deliveries per second from first commit to last receipt, "
-          "lag s = seconds after the writer stopped until the slot passed its last row; R = change batches (runs) the "
-          "replicator checked (its stop line), Q/R = its row level security queries per batch, hub/R = the server's "
-          "own checks per batch (statements run as a subscriber: fallback checks for claim sets the replicator had "
-          "not seen), RT/R = PostgreSQL "
+          "lag s = seconds after the writer stopped until the slot passed its last row; R = change batches (runs) that "
+          "needed a row level security check (the replicator's stop line), Q/R = the replicator's row level security "
+          "queries per batch, hub/R = the server's own checks per batch (statements run as a subscriber: claim sets the "
+          "replicator had not seen, and filtered ones, which the replicator leaves to the server), RT/R = PostgreSQL "
           "round trips per batch of both (the replicator's slot reader left out), chg/R = changes per batch (one "
           "marker row per step included); CPU% of one core: server, repl = replicator, replPG = its slot backend, "
-          "chkPG = its visibility-check backend, pg = other PostgreSQL processes, redis, subs = subscriber processes, "
+          "chkPG = its visibility-check backends (all of them, in % of one core), pg = other PostgreSQL processes, redis, subs = subscriber processes, "
           "writer, others = every other user process; machine = busy time of all CPUs (% of all cores)", flush=True)
 
 
@@ -507,8 +516,10 @@ def summary_lines(args: argparse.Namespace, bench: Bench | None) -> tuple[list[s
     baselines = bench.baselines if bench else []
     out = ["", "=" * 120,
            f"Summary: {args.sockets:,} sockets over {args.users:,} users ({args.sockets / max(1, args.users):g} per "
-           f"user, one token per user), RLS policy user_id = auth.uid() on public.{TABLE}; preset {args.preset or '-'}"]
-    summary: dict[str, Any] = {"scenario": args.preset or "custom", "sockets": args.sockets, "users": args.users,
+           f"user, one token per user), RLS policy user_id = auth.uid() on public.{TABLE}; preset {args.preset or '-'}"
+           + ("; each socket filters user_id=eq.<its user's uuid>" if args.filter_owner else "")]
+    summary: dict[str, Any] = {"scenario": args.preset or "custom", "filter_owner": args.filter_owner,
+                               "sockets": args.sockets, "users": args.users,
                                "joined": bench.joined if bench else 0, "p99_bound_ms": args.p99_ms}
     for b in baselines:
         what = ("one client transaction per socket and change (BEGIN, SET LOCAL ROLE, set_config, SELECT, COMMIT)"
@@ -613,11 +624,11 @@ def issue11_targets(args: argparse.Namespace, steps: list[Step]) -> list[str]:
             ("PASS" if not reasons else f"FAIL ({', '.join(reasons)})")
 
     out = []
-    if args.preset in ("users1k", "users5k", "users10k"):
-        bound = 100.0 if args.preset == "users1k" else 250.0
+    if args.preset in ("users1k", "users5k", "users10k", "users1k-own", "users5k-own"):
+        bound = 100.0 if args.preset.startswith("users1k") else 250.0
         out.append(f"    issue #11: {args.sockets:,} sockets of {args.users:,} users at 100 changes/s, every row to its "
                    f"owner only, p99 <= {bound:g} ms: {verdict(at(100), bound)}")
-    if args.preset == "users1k":
+    if args.preset in ("users1k", "users1k-own"):
         top = max((s for s in steps if s.rate and not s.failures(250.0)), key=lambda s: s.rate, default=None)
         out.append(f"    issue #11: sustained >= 1,000 changes/s with p99 <= 250 ms: highest passing step "
                    f"{top.label if top else '-'} changes/s -> {'PASS' if top and top.rate >= 1000 else 'FAIL'}")
@@ -642,6 +653,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--users", type=int, help="distinct users (claim sets) the sockets are spread over (default 10)")
     pb.add_step_args(p, STEP_DEFAULTS, "10 40 100 200 0")
     p.add_argument("--p99-ms", type=float, help="p99 bound of a passing step (default 150)")
+    p.add_argument("--filter-owner", action="store_true", default=None,
+                   help="each socket filters user_id=eq.<its user's uuid> (the -own presets)")
     p.add_argument("--baseline-changes", type=int, help="changes checked by the baselines (default 20; quick: 5)")
     p.add_argument("--baseline-passes", type=int, help="passes of each baseline, the fastest counts (default 3; quick: 1)")
     p.add_argument("--baseline-seconds", type=float, help="cap of one baseline pass, whole changes (default 30; quick: 10)")
@@ -658,6 +671,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("need at least one user and one socket per user")
     pb.step_defaults(args, STEP_DEFAULTS, preset["rates"])
     args.p99_ms = args.p99_ms or preset["p99_ms"]
+    args.filter_owner = bool(args.filter_owner or preset.get("filter_owner"))
     args.baseline_changes = args.baseline_changes or (5 if q else 20)
     args.baseline_passes = args.baseline_passes or (1 if q else 3)
     args.baseline_seconds = args.baseline_seconds or (10.0 if q else 30.0)

@@ -74,6 +74,9 @@ class Database:
         )
         self._opened = False
         self._open_lock = asyncio.Lock()
+        self._dsn = dsn
+        self._checks: psycopg.AsyncConnection[Any] | None = None  # row level security checks only
+        self._checks_lock = asyncio.Lock()
 
     async def _ensure_open(self) -> None:
         if not self._opened:
@@ -86,6 +89,26 @@ class Database:
         if self._opened:
             await self.pool.close()
             self._opened = False
+        if self._checks is not None:
+            await self._checks.close()
+            self._checks = None
+
+    @asynccontextmanager
+    async def check_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """The process's own autocommit connection for row level security checks, one check at a time.
+
+        Not pooled: a check is then one statement (``RowChecker.check`` with
+        ``own_connection``), its prepared lookups stay, and joins never wait
+        behind the checks of a busy table. Reconnects after a lost connection.
+        """
+        async with self._checks_lock:
+            if self._checks is None or self._checks.closed or self._checks.broken:
+                if self._checks is not None:
+                    await self._checks.close()
+                self._checks = await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, connect_timeout=int(POOL_TIMEOUT_S)
+                )
+            yield self._checks
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -270,6 +293,6 @@ _checker = RowChecker()
 
 
 async def check_rows(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
-    """A server process's own check (``realtime.hub``'s ``row_check``), on its join-time pool."""
-    async with get_database().connection() as conn:
-        return await _checker.check(conn, claim_sets, schema, table, keys)
+    """A server process's own check (``realtime.hub``'s ``row_check``), on its check connection."""
+    async with get_database().check_connection() as conn:
+        return await _checker.check(conn, claim_sets, schema, table, keys, own_connection=True)

@@ -13,8 +13,10 @@ Row level security: each channel with postgres_changes belongs to a claim set
 (its role and claims), registered per table in the process's ``Registration``
 so the replicator checks each claim set once per run of changes. A run from a
 table with RLS carries the verdicts; a claim set the replicator did not check
-(it read the registry before the channel registered) is checked here through
-``row_check``, once per run for all of them, never skipped. A claim set whose
+(it read the registry before the channel registered, or all its channels
+filter, which the replicator leaves to this process) is checked here through
+``row_check``, once per run for all of them that a change of the run is routed
+to, never skipped. A claim set whose
 check failed (a policy raised or timed out) gets nothing of that run: each of
 its channels the run would reach gets one ``system`` error instead. A channel
 whose role cannot read the table's primary key gets ``Error 401`` events.
@@ -26,7 +28,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -82,6 +84,14 @@ MEMBERSHIP_REFRESH_S = 20.0
 MEMBERSHIP_REFRESHES_PER_EXPIRY = 3
 CLOSE_TIMEOUT_S = 2.0
 LAYER_OPS_IN_FLIGHT = 64
+# Runs of changes waiting for delivery: beyond this many, the hub stops receiving until they go out.
+MAX_PENDING_RUNS = 256
+# The hub's own checks of the runs waiting together are one database call per table while
+# claim sets x keys stays under this (a call costs about 15 us per claim set and 1.2 us per
+# claim set and key in PostgreSQL): one round trip per run was the limit at 1,000 changes/s.
+CHECKS_PER_CALL = 20_000
+
+Prepared = tuple[dict[str, bytes], dict[str, str], dict[int, dict["SubKey", list[int]]]]  # visible, failed, routes
 
 
 @dataclass(eq=False, slots=True)
@@ -140,6 +150,11 @@ class ChangeSubscription:
     def tables(self) -> set[tuple[str, str]]:
         return {table for b in self.bindings for table in b.tables}
 
+    def filtered_tables(self) -> set[tuple[str, str]]:
+        """The tables on which every binding of this channel has a filter (``shared.claimsets``)."""
+        unfiltered = {table for b in self.bindings if b.matcher is None for table in b.tables}
+        return self.tables() - unfiltered
+
 
 SubKey = tuple[str, str]  # (socket_id, topic)
 
@@ -159,6 +174,7 @@ class TableRoute:
         self._filtered: dict[tuple[SubKey, int], Any] = {}
         self._index: BindingIndex[tuple[SubKey, int]] = BindingIndex()
         self.claim_sets: dict[str, tuple[Claims | None, int]] = {}  # claim set -> (claims, channels)
+        self.members: dict[str, set[SubKey]] = {}  # claim set -> its channels here
         self.readable: dict[SubKey, frozenset[str]] = {}  # channels whose role may read only these columns
 
     def __bool__(self) -> bool:
@@ -173,6 +189,7 @@ class TableRoute:
         self.subscriptions[key] = subscription
         _, count = self.claim_sets.get(subscription.claim_set, (None, 0))
         self.claim_sets[subscription.claim_set] = (subscription.claims, count + 1)
+        self.members.setdefault(subscription.claim_set, set()).add(key)
         for authorized in subscription.bindings:
             if (self.schema, self.table) not in authorized.tables:
                 continue
@@ -196,6 +213,11 @@ class TableRoute:
             del self.claim_sets[subscription.claim_set]
         else:
             self.claim_sets[subscription.claim_set] = (claims, count - 1)
+        members = self.members.get(subscription.claim_set)
+        if members is not None:
+            members.discard(key)
+            if not members:
+                del self.members[subscription.claim_set]
         self._unfiltered.pop(key, None)
         self.readable.pop(key, None)
         for entry in [e for e in self._filtered if e[0] == key]:
@@ -218,10 +240,21 @@ class TableRoute:
                 selected |= columns
         return selected
 
-    def route(self, change_type: str, record: Any, old_record: Any) -> dict[SubKey, list[int]]:
-        """Channel -> ids of its bindings that the change satisfies (PROTOCOL.md 4.5 ``ids``)."""
+    def route(
+        self, change_type: str, record: Any, old_record: Any, among: Iterable[SubKey] | None = None
+    ) -> dict[SubKey, list[int]]:
+        """Channel -> ids of its bindings that the change satisfies (PROTOCOL.md 4.5 ``ids``).
+
+        ``among``: only these channels' unfiltered bindings are looked at (the
+        channels a row level security check let see the change); filtered ones
+        are found through the index as always.
+        """
         routed: dict[SubKey, list[int]] = {}
-        for key, bindings in self._unfiltered.items():
+        if among is None:
+            unfiltered: Iterable[tuple[SubKey, list[Any]]] = self._unfiltered.items()
+        else:
+            unfiltered = ((key, self._unfiltered[key]) for key in among if key in self._unfiltered)
+        for key, bindings in unfiltered:
             ids = [b.id for b in bindings if b.accepts(change_type)]
             if ids:
                 routed[key] = ids
@@ -330,6 +363,8 @@ class Hub:
         # Per-group lock and the number of reconciliations using it.
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending_runs: list[ChangeRun] = []  # received, not yet delivered (``realtime_changes``)
+        self._runs_worker: asyncio.Future[None] | None = None
         # Group adds and discards in flight at once: a burst of sockets leaving (a reconnect
         # storm) must not take every connection of the layer's Redis pool.
         self._layer_ops = asyncio.Semaphore(LAYER_OPS_IN_FLIGHT)
@@ -417,7 +452,9 @@ class Hub:
         key = (subscription.socket_id, subscription.topic)
         tables = {table_group(schema, table): (schema, table) for schema, table in subscription.tables()}
         if self._registration is not None and subscription.claims is not None:
-            subscription.claim_set = await self._registration.add(tables.values(), subscription.claims)
+            subscription.claim_set = await self._registration.add(
+                tables.values(), subscription.claims, subscription.filtered_tables()
+            )
         if self._privileges is not None and subscription.claims is not None:
             # Known before the first change arrives: delivery never waits for them.
             for schema, table in tables.values():
@@ -458,7 +495,9 @@ class Hub:
     def _unregister(self, route: TableRoute, subscription: ChangeSubscription) -> None:
         """Count one channel of its claim set off the route's table in the registry (in the background)."""
         if self._registration is not None and subscription.claim_set:
-            self._spawn(self._registration.remove([(route.schema, route.table)], subscription.claim_set))
+            self._spawn(self._registration.remove(
+                [(route.schema, route.table)], subscription.claim_set, subscription.filtered_tables()
+            ))
 
     def _wanted(self, group: str) -> bool:
         return group in self._groups or group in self._change_groups or group == self._process_group
@@ -553,7 +592,31 @@ class Hub:
                 self.deliver(item)
 
     async def realtime_changes(self, message: ChangeRun) -> None:
-        await self.deliver_changes(message)
+        """Queue a run; a worker delivers the queue in order, checking the runs that wait together at once."""
+        self._pending_runs.append(message)
+        if self._runs_worker is None or self._runs_worker.done():
+            self._runs_worker = asyncio.ensure_future(self._deliver_pending())
+            self._tasks.add(self._runs_worker)
+            self._runs_worker.add_done_callback(self._task_done)
+        while len(self._pending_runs) >= MAX_PENDING_RUNS and not self._runs_worker.done():
+            await asyncio.sleep(0.002)  # receive no more until these went out (the layer holds the rest)
+
+    async def _deliver_pending(self) -> None:
+        while self._pending_runs:
+            runs, self._pending_runs = self._pending_runs, []
+            try:
+                prepared = await self._check_together(runs)
+            except Exception:
+                logger.exception("hub could not check %d runs together; checking them one by one", len(runs))
+                prepared = {}
+            for run in runs:
+                try:
+                    await self.deliver_changes(run, prepared.get(id(run)))
+                except Exception:
+                    self.loop_errors += 1
+                    metrics.hub_loop_errors.inc()
+                    logger.exception("hub failed on a realtime.changes message; going on with the next one")
+                self.flush_metrics()
 
     async def realtime_disconnect(self, message: dict[str, Any]) -> None:
         """Close a local socket by id (the admin's Disconnect); nothing if it is gone or not here."""
@@ -633,23 +696,31 @@ class Hub:
         if written:
             self.delivered_bytes += frames.bytes_out(written, group_members, origin, row_id)
 
-    async def deliver_changes(self, run: ChangeRun) -> None:
-        """Write each change of a run to every local channel whose bindings it satisfies."""
+    async def deliver_changes(self, run: ChangeRun, prepared: Prepared | None = None) -> None:
+        """Write each change of a run to every local channel whose bindings it satisfies.
+
+        ``prepared``: the run's verdicts, already completed by ``_check_together``.
+        """
         route = self._change_groups.get(run["group"])
         if not route:
             return
         metrics.changes_received.inc(len(run["changes"]))
         grants = self._grants(route)
         rls = run.get("rls", False)
-        visible, failed = await self._visibility(route, run) if rls else ({}, {})
+        routes: dict[int, dict[SubKey, list[int]]] = {}  # position -> its routing, when _visibility needed it
+        if prepared is not None and rls:
+            visible, failed, routes = prepared
+        else:
+            visible, failed = await self._visibility(route, run, routes) if rls else ({}, {})
         unauthorized = self._key_unreadable(route, run)
         notified: set[SubKey] = set()  # channels told this run's check failed (once per run)
+        seers = _seers(route, run, visible, failed) if rls else {}
         with corked():
             for position, change in enumerate(run["changes"]):
                 try:
                     self._deliver_change(
                         route, change, rls and "key" in change, visible, position, failed, unauthorized, notified,
-                        grants,
+                        grants, routes.get(position), seers.get(position),
                     )
                 except Exception:
                     # One bad change costs only itself; the run's other changes still go out.
@@ -667,7 +738,11 @@ class Hub:
         unauthorized: Mapping[SubKey, list[Any]],
         notified: set[SubKey],
         grants: Mapping[str, Grants] | None = None,
+        routed: dict[SubKey, list[int]] | None = None,
+        seers: set[SubKey] | None = None,
     ) -> None:
+        """``routed``: ``route.route`` of this change, if already known; ``seers``: for a checked
+        change, the only channels that can get it (``_seers``), so the others are not looked at."""
         change_type = change["type"]
         data_json = change["data"].decode("utf-8")
         # PROTOCOL.md 4.4 step 3: a role that cannot read the key gets Error 401, with no filter or RLS check.
@@ -682,13 +757,15 @@ class Hub:
                     text = encode_text_raw_payload(sub.vsn, None, None, sub.topic, "postgres_changes", payload)
                     self._write(sub, {"type": "websocket.send", "text": text})
         record = old_record = None
-        if route.filtered:
+        if route.filtered and routed is None:
             # numeric values are JSON numbers with every digit: Decimal keeps them for the filters.
             parsed = json.loads(data_json, parse_float=Decimal)
             record, old_record = parsed.get("record"), parsed.get("old_record")
         # Channels with the same topic, ids, columns and vsn get the same frame: build it once.
         frames: dict[tuple[Vsn, str, tuple[int, ...], frozenset[str] | None], dict[str, Any]] = {}
-        for key, ids in route.route(change_type, record, old_record).items():
+        if routed is None:
+            routed = route.route(change_type, record, old_record, seers if checked else None)
+        for key, ids in routed.items():
             sub = route.subscriptions.get(key)
             if sub is None or key in denied:
                 continue
@@ -742,24 +819,18 @@ class Hub:
             self.failed += 1
         return written
 
-    async def _visibility(self, route: TableRoute, run: ChangeRun) -> tuple[dict[str, bytes], dict[str, str]]:
+    async def _visibility(
+        self, route: TableRoute, run: ChangeRun, routes: dict[int, dict[SubKey, list[int]]]
+    ) -> tuple[dict[str, bytes], dict[str, str]]:
         """Verdicts per claim set for an RLS run: the replicator's, plus checks of the ones it missed.
 
         Also returns the claim sets whose check failed (the replicator's and
         this process's), each with the message its channels get.
         """
-        visible = dict(run.get("visible") or {})
-        failed = dict(run.get("check_errors") or {})
-        missing = {c: claims for c, (claims, _) in route.claim_sets.items() if c not in visible and c not in failed}
-        if not missing:
-            return visible, failed
-        positions = checked_positions(run)
-        if not positions:
-            return visible, failed
-        keys = [run["changes"][i]["key"] for i in positions]
-        checkable = {c: claims for c, claims in missing.items() if claims is not None}
+        visible, failed, checkable, positions = self._unanswered(route, run, routes)
         if not checkable or self._row_check is None:
-            return visible, failed  # no way to check: the rows stay undelivered
+            return visible, failed  # nothing to check, or no way to: the rows stay undelivered
+        keys = [run["changes"][i]["key"] for i in positions]
         try:
             # One call for every claim set the replicator missed; a failed policy denies only its own.
             verdicts = await self._row_check(checkable, route.schema, route.table, keys)
@@ -775,6 +846,109 @@ class Hub:
             else:
                 visible[claim_set] = verdict_per_change(run, positions, verdicts.visible.get(claim_set, nothing))
         return visible, failed
+
+    def _unanswered(
+        self, route: TableRoute, run: ChangeRun, routes: dict[int, dict[SubKey, list[int]]]
+    ) -> tuple[dict[str, bytes], dict[str, str], dict[str, Claims], list[int]]:
+        """The run's verdicts so far, and the claim sets this process must still check, for which positions."""
+        visible = dict(run.get("visible") or {})
+        failed = dict(run.get("check_errors") or {})
+        missing = {c: claims for c, (claims, _) in route.claim_sets.items() if c not in visible and c not in failed}
+        if not missing:
+            return visible, failed, {}, []
+        positions = checked_positions(run)
+        if not positions:
+            return visible, failed, {}, []
+        # Only the claim sets some checked change goes to (the replicator leaves filtered ones to us).
+        routed = self._routed_claim_sets(route, run, positions, routes)
+        checkable = {c: claims for c, claims in missing.items() if c in routed and claims is not None}
+        return visible, failed, checkable, positions
+
+    async def _check_together(self, runs: list[ChangeRun]) -> dict[int, Prepared]:
+        """The verdicts of RLS runs waiting together, by ``id(run)``: one call per table for their missing claim sets.
+
+        Each call checks the union of the runs' claim sets against all their
+        keys, up to ``CHECKS_PER_CALL`` of them; a run keeps only its own
+        claim sets' answers. A call that fails denies those claim sets for
+        those runs, as a single run's check does.
+        """
+        prepared: dict[int, Prepared] = {}
+        if self._row_check is None:
+            return prepared
+        # table -> (claim sets, keys, runs with the offset of their keys in it)
+        batch: dict[tuple[str, str], tuple[dict[str, Claims], list[bytes], list[tuple[ChangeRun, int]]]] = {}
+        checks: dict[int, tuple[dict[str, Claims], list[int]]] = {}
+
+        async def flush(table: tuple[str, str]) -> None:
+            claim_sets, keys, members = batch.pop(table)
+            assert self._row_check is not None
+            answers: Mapping[str, bytes] = {}
+            try:
+                verdicts = await self._row_check(claim_sets, table[0], table[1], keys)
+                answers, failures = verdicts.visible, verdicts.failed
+            except Exception:
+                logger.exception("row level security check failed on %s.%s", *table)
+                failures = {claim_set: UNABLE_TO_CHECK for claim_set in claim_sets}  # never a silent loss
+            for run, offset in members:
+                visible, failed, _ = prepared[id(run)]
+                checkable, positions = checks[id(run)]
+                for claim_set in checkable:
+                    message = failures.get(claim_set)
+                    if message is not None:
+                        failed[claim_set] = message
+                        continue
+                    seen = answers.get(claim_set, b"")[offset:offset + len(positions)]
+                    visible[claim_set] = verdict_per_change(run, positions, seen.ljust(len(positions), b"\x00"))
+
+        for run in runs:
+            route = self._change_groups.get(run["group"])
+            if not route or not run.get("rls"):
+                continue
+            routes: dict[int, dict[SubKey, list[int]]] = {}
+            visible, failed, checkable, positions = self._unanswered(route, run, routes)
+            prepared[id(run)] = (visible, failed, routes)
+            if not checkable:
+                continue
+            checks[id(run)] = (checkable, positions)
+            table = (route.schema, route.table)
+            current = batch.get(table)
+            if current is not None:
+                union = len(current[0].keys() | checkable.keys())
+                if union * (len(current[1]) + len(positions)) > CHECKS_PER_CALL:
+                    await flush(table)
+                    current = None
+            if current is None:
+                current = batch[table] = ({}, [], [])
+            current[0].update(checkable)
+            current[2].append((run, len(current[1])))
+            current[1].extend(run["changes"][i]["key"] for i in positions)
+        for table in list(batch):
+            await flush(table)
+        return prepared
+
+    @staticmethod
+    def _routed_claim_sets(
+        route: TableRoute, run: ChangeRun, positions: list[int], routes: dict[int, dict[SubKey, list[int]]]
+    ) -> set[str]:
+        """The claim sets of the channels that one of the changes at ``positions`` is routed to.
+
+        Routes as ``_deliver_change`` does, and keeps each change's routing in
+        ``routes`` for it; if a change cannot be read, every claim set of the
+        route (a check too many is only slower).
+        """
+        if not route.filtered:
+            return set(route.claim_sets)
+        routed: set[SubKey] = set()
+        try:
+            for position in positions:
+                change = run["changes"][position]
+                parsed = json.loads(change["data"].decode("utf-8"), parse_float=Decimal)
+                routes[position] = route.route(change["type"], parsed.get("record"), parsed.get("old_record"))
+                routed.update(routes[position])
+        except Exception:
+            routes.clear()
+            return set(route.claim_sets)
+        return {route.subscriptions[key].claim_set for key in routed if key in route.subscriptions}
 
     def _grants(self, route: TableRoute) -> dict[str, Grants] | None:
         """What each role among the table's subscribers may read (``realtime.privileges``), without waiting.
@@ -850,6 +1024,30 @@ class Hub:
                 await self._registration.aclose()
             except Exception:
                 logger.warning("could not remove this process's claim sets from Redis", exc_info=True)
+
+
+def _seers(route: TableRoute, run: ChangeRun, visible: Mapping[str, bytes], failed: Mapping[str, str]) -> dict[int, set[SubKey]]:
+    """Checked position -> the channels whose claim set sees it, or whose check failed (they get an error).
+
+    The only channels a checked change can reach: delivery looks at them
+    instead of every unfiltered channel of the table (at 5,000 users, one
+    instead of 5,000 per change). One scan of each verdict per run.
+    """
+    checked = set(checked_positions(run))
+    seers: dict[int, set[SubKey]] = {position: set() for position in checked}
+    for claim_set, verdict in visible.items():
+        members = route.members.get(claim_set)
+        if not members:
+            continue
+        position = verdict.find(1)
+        while position >= 0:
+            if position in checked:
+                seers[position].update(members)
+            position = verdict.find(1, position + 1)
+    for claim_set in failed:
+        for position in checked:
+            seers[position].update(route.members.get(claim_set, ()))
+    return seers
 
 
 def _system_error(sub: ChangeSubscription, message: str) -> dict[str, Any]:

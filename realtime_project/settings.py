@@ -159,6 +159,7 @@ REALTIME_PUBLICATION_CHECK_S = env_int("REALTIME_PUBLICATION_CHECK_S", 60)
 # statement_timeout (ms) of every check run as a subscriber (join checks, row level security per
 # run of changes): a policy that runs longer denies that subscriber, who gets a system error.
 REALTIME_CHECK_TIMEOUT_MS = env_int("REALTIME_CHECK_TIMEOUT_MS", 5000)
+REALTIME_CHECK_CONNECTIONS = env_int("REALTIME_CHECK_CONNECTIONS", 2)
 # A postgres_changes subscription that failed for want of the database or Redis is retried after
 # this many milliseconds to twice that (the reference: 5-10 s).
 REALTIME_SUBSCRIBE_RETRY_MS = env_int("REALTIME_SUBSCRIBE_RETRY_MS", 5000)

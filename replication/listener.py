@@ -12,7 +12,9 @@ to the table on any server process (``shared.claimsets``), which rows it may
 see (``shared.visibility``), and the run carries the verdicts to every process.
 A check that fails for one claim set (its policy raises or runs past the
 statement timeout) denies that claim set for that run and travels in the run
-as its ``check_errors``; only a lost connection retries the batch.
+as its ``check_errors``; only a lost connection retries the batch. With many
+claim sets the check is split over ``check_connections`` connections that run
+at once (``REALTIME_CHECK_CONNECTIONS``): PostgreSQL runs each on its own core.
 
 One replicator per slot is active: it holds a session advisory lock; others
 wait as standbys and take over when its connection ends. Failures retry with
@@ -31,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +43,8 @@ from channels.layers import BaseChannelLayer
 from shared import metrics
 from shared.claimsets import Directory
 from core.types import MEMBERSHIP_CHECK_S, RECEIVE_RETRY_S, ChangeRun, checked_positions, verdict_per_change
-from shared.visibility import RowChecker
+from shared.visibility import RowChecker, Verdicts, check_order
+from core.jwt import Claims
 from replication import pgoutput
 from replication.changes import ChangeDecoder
 from replication.connection import SlotReader
@@ -56,6 +59,9 @@ LOCK_CHECK_S = 2.0  # how often a streaming loop checks that the session holding
 # per group, each server process receiving them one Redis round trip at a time.
 STREAM_LINGER_S = 0.01
 LAYER_RECOVERY_S = MEMBERSHIP_CHECK_S + RECEIVE_RETRY_S + 1.0
+# Claim sets per check connection before a run's check is split over several (``check_connections``):
+# below it, a share's fixed cost (a round trip, a plan per role) outweighs what it saves.
+PARALLEL_CLAIM_SETS = 100
 PROBE_GROUP = "realtime.replicator-probe"  # never has members
 
 
@@ -84,7 +90,7 @@ class ListenerStats:
     transactions: int = 0
     changes: int = 0
     published_runs: int = 0
-    rls_runs: int = 0  # runs of changes checked for row level security
+    rls_runs: int = 0  # runs of changes that needed a row level security check (here, or in the server processes)
     rls_queries: int = 0  # database calls those checks made (one per run, more only after a timeout)
     rls_checks: int = 0  # claim-set checks those calls ran
     rls_failures: int = 0  # checks that failed for one claim set (a policy raised or timed out)
@@ -306,21 +312,24 @@ class Listener(SlotLoop):
         on_active: Callable[[], None] | None = None,
         directory: Directory | None = None,
         streaming: bool = True,
+        check_connections: int = 2,
     ) -> None:
         super().__init__(dsn, slot, publication, layer, batch_changes, poll_interval, ListenerStats(), streaming)
         self.max_payload_bytes = max_payload_bytes
         self.on_active = on_active
         self.directory = directory
         self.checker = RowChecker()
-        self.check_conn: psycopg.AsyncConnection[Any] | None = None
+        # Index i: the i-th connection that checks claim sets in parallel (PARALLEL_CLAIM_SETS).
+        self.check_conns: list[psycopg.AsyncConnection[Any] | None] = [None] * max(1, check_connections)
 
     async def _closed(self) -> None:
-        if self.check_conn is not None:
-            try:
-                await self.check_conn.close()
-            except Exception:
-                logger.debug("closing the check connection failed", exc_info=True)
-            self.check_conn = None
+        for index, conn in enumerate(self.check_conns):
+            if conn is not None:
+                try:
+                    await conn.close()
+                except Exception:
+                    logger.debug("closing a check connection failed", exc_info=True)
+                self.check_conns[index] = None
 
     async def _start(self, reader: SlotReader) -> ChangeDecoder:
         await reader.ensure_publication()
@@ -382,30 +391,68 @@ class Listener(SlotLoop):
                 continue
             claim_sets = await self.directory.claim_sets((run["schema"], run["table"]))
             positions = checked_positions(run)
-            if not claim_sets or not positions:
+            if not positions:
                 continue
+            self.stats.rls_runs += 1
+            if not claim_sets:
+                continue  # none, or only filtered ones: their server processes check them
             keys = [run["changes"][i]["key"] for i in positions]
-            conn = await self._check_connection()
-            # One call for every claim set; a lost connection raises and the batch is retried.
-            verdicts = await self.checker.check(conn, claim_sets, run["schema"], run["table"], keys, own_connection=True)
+            # One call for every claim set (or one per connection, in parallel); a lost connection
+            # raises and the batch is retried.
+            verdicts = await self._check_parallel(claim_sets, run["schema"], run["table"], keys)
             nothing = bytes(len(keys))
-            run["visible"] = {
-                claim_set: verdict_per_change(run, positions, verdicts.visible.get(claim_set, nothing))
-                for claim_set in claim_sets
-            }
+            spread: dict[bytes, bytes] = {}  # most claim sets see none of a run's rows: spread that once
+            visible = {}
+            for claim_set in claim_sets:
+                verdict = verdicts.visible.get(claim_set, nothing)
+                per_change = spread.get(verdict)
+                if per_change is None:
+                    per_change = spread[verdict] = verdict_per_change(run, positions, verdict)
+                visible[claim_set] = per_change
+            run["visible"] = visible
             if verdicts.failed:
                 run["check_errors"] = dict(verdicts.failed)
                 self.stats.rls_failures += len(verdicts.failed)
-            self.stats.rls_runs += 1
         self.stats.rls_queries = self.checker.queries
         self.stats.rls_checks = self.checker.checks
 
-    async def _check_connection(self) -> psycopg.AsyncConnection[Any]:
-        if self.check_conn is None or self.check_conn.closed:
-            self.check_conn = await psycopg.AsyncConnection.connect(
-                self.dsn, autocommit=True, application_name=f"realtime replicate {self.slot} checks"
+    async def _check_parallel(
+        self, claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]
+    ) -> Verdicts:
+        """``RowChecker.check`` of ``claim_sets``, split over the check connections when there are many.
+
+        Each PostgreSQL backend runs on one core: with ``PARALLEL_CLAIM_SETS``
+        claim sets or more, each connection checks a share of them (contiguous
+        in role order, so each share still plans once per role), at once.
+        """
+        shares = min(len(self.check_conns), len(claim_sets) // PARALLEL_CLAIM_SETS) or 1
+        if shares == 1:
+            conn = await self._check_connection(0)
+            return await self.checker.check(conn, claim_sets, schema, table, keys, own_connection=True)
+        order = check_order(claim_sets)
+        size = -(-len(order) // shares)
+        parts = [{c: claim_sets[c] for c in order[i:i + size]} for i in range(0, len(order), size)]
+        conns = [await self._check_connection(i) for i in range(len(parts))]
+        answers = await asyncio.gather(
+            *(self.checker.check(conn, part, schema, table, keys, own_connection=True) for conn, part in zip(conns, parts)),
+            return_exceptions=True,
+        )
+        verdicts = Verdicts()
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer  # every share has finished: the batch is retried on sound connections
+            verdicts.visible.update(answer.visible)
+            verdicts.failed.update(answer.failed)
+        return verdicts
+
+    async def _check_connection(self, index: int) -> psycopg.AsyncConnection[Any]:
+        conn = self.check_conns[index]
+        if conn is None or conn.closed:
+            suffix = "" if index == 0 else f" {index + 1}"
+            conn = self.check_conns[index] = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, application_name=f"realtime replicate {self.slot} checks{suffix}"
             )
-        return self.check_conn
+        return conn
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:

@@ -14,7 +14,9 @@ subscribed to a table on any server process. This registry keeps that in
 Redis:
 
 - ``{prefix}:rls:process:{pid}``: hash, ``schema \\x1f table \\x1f fingerprint`` -> claims JSON,
-  one per server process (``Registration``), holding what its sockets use;
+  one per server process (``Registration``), holding what its sockets use; the JSON says
+  ``"filtered": true`` when every channel of that claim set on that table, in that process, has
+  only filtered bindings there;
 - ``{prefix}:rls:processes``: sorted set, process id -> liveness deadline (ms);
 - ``{prefix}:rls:version``: bumped on every change, so a reader reloads only then.
 
@@ -23,6 +25,18 @@ rewrites its hash if Redis lost it. Readers drop the entries of processes
 whose deadline passed: a process that died stops costing checks within
 ``ttl``. A reader that finds nothing for a subscriber is not a leak: the
 server process checks any claim set the replicator did not (``realtime.hub``).
+
+Filtered claim sets are left to the server processes. A subscriber that
+filters (``user_id=eq.<its uid>``, as a real app's do) receives only the
+changes its filter matches, so checking every change of the run for it is
+mostly wasted: at 1,000 users that each subscribe to their own rows, 999 of
+1,000 checks answer rows nobody of that claim set would receive. The
+directory therefore leaves out a claim set whose channels on a table are all
+filtered, in every process that has it (``Directory.claim_sets``); the
+server process that holds them routes each change first and checks only the
+claim sets some change routes to (``realtime.hub``). A row is still never
+delivered unchecked: what the replicator did not answer, the hub checks or
+drops.
 """
 
 from __future__ import annotations
@@ -52,8 +66,20 @@ def fingerprint(claims: Claims) -> str:
     return hashlib.blake2b(canonical.encode("utf-8"), digest_size=12).hexdigest()
 
 
-def encode_claims(claims: Claims) -> str:
-    return json.dumps({"role": claims.role, "claims": claims.raw}, separators=(",", ":"), default=str)
+def encode_claims(claims: Claims, filtered: bool = False) -> str:
+    value: dict[str, Any] = {"role": claims.role, "claims": claims.raw}
+    if filtered:
+        value["filtered"] = True
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def is_filtered(text: str | bytes) -> bool:
+    """Whether a registry entry says all its channels filter (an unreadable entry: no)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and value.get("filtered") is True
 
 
 def decode_claims(text: str | bytes) -> Claims:
@@ -98,13 +124,17 @@ class Registration:
         self.process_id = process_id
         self.ttl = ttl
         self._counts: dict[str, int] = {}  # field -> channels using it
+        self._unfiltered: dict[str, int] = {}  # field -> those of them with an unfiltered binding there
         self._claims: dict[str, str] = {}  # field -> claims JSON
         self._heartbeat: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._dirty = False  # Redis may hold entries this process no longer has
 
-    async def add(self, tables: Iterable[Table], claims: Claims) -> str:
+    async def add(self, tables: Iterable[Table], claims: Claims, filtered: Iterable[Table] = ()) -> str:
         """Count one more channel of ``claims`` on ``tables``; returns its claim set id.
+
+        ``filtered``: the tables among ``tables`` on which all of the channel's
+        bindings have a filter. Pass the same to ``remove``.
 
         Returns once Redis has the entry, so a replicator that reads the
         registry after this returns checks this claim set. If Redis cannot be
@@ -112,13 +142,17 @@ class Registration:
         checks the claim set itself (``realtime.hub``).
         """
         claim_set = fingerprint(claims)
+        only_filtered = set(filtered)
         new: dict[str, str] = {}
         for table in tables:
             field = _field(table, claim_set)
             count = self._counts.get(field, 0)
             self._counts[field] = count + 1
-            if count == 0:
-                new[field] = self._claims[field] = encode_claims(claims)
+            unfiltered = self._unfiltered.get(field, 0) + (table not in only_filtered)
+            self._unfiltered[field] = unfiltered
+            value = encode_claims(claims, filtered=unfiltered == 0)
+            if self._claims.get(field) != value:  # new, or the first unfiltered channel of it
+                new[field] = self._claims[field] = value
         async with self._lock:  # also waits for another channel's write of the same entry
             if new:
                 try:
@@ -128,26 +162,41 @@ class Registration:
         self._ensure_heartbeat()
         return claim_set
 
-    async def remove(self, tables: Iterable[Table], claim_set: str) -> None:
-        """One channel of ``claim_set`` left ``tables``."""
+    async def remove(self, tables: Iterable[Table], claim_set: str, filtered: Iterable[Table] = ()) -> None:
+        """One channel of ``claim_set`` left ``tables`` (``filtered`` as it was given to ``add``)."""
+        only_filtered = set(filtered)
         gone = []
+        changed = []
         for table in tables:
             field = _field(table, claim_set)
             count = self._counts.get(field, 0)
             if count <= 1:
                 self._counts.pop(field, None)
+                self._unfiltered.pop(field, None)
                 self._claims.pop(field, None)
                 if count == 1:
                     gone.append(field)
             else:
                 self._counts[field] = count - 1
-        if gone:
+                unfiltered = max(0, self._unfiltered.get(field, 0) - (table not in only_filtered))
+                self._unfiltered[field] = unfiltered
+                if unfiltered == 0 and field in self._claims and not is_filtered(self._claims[field]):
+                    # Its last unfiltered channel left: the server processes check it from now on.
+                    value = json.loads(self._claims[field])
+                    value["filtered"] = True
+                    self._claims[field] = json.dumps(value, separators=(",", ":"))
+                    changed.append(field)
+        if gone or changed:
             async with self._lock:
                 gone = [field for field in gone if field not in self._counts]  # unless re-added meanwhile
-                if not gone:
+                rewrite = {field: self._claims[field] for field in changed if field in self._claims}
+                if not gone and not rewrite:
                     return
                 pipe = self.redis.pipeline(transaction=True)
-                pipe.hdel(self.keys.process(self.process_id), *gone)
+                if gone:
+                    pipe.hdel(self.keys.process(self.process_id), *gone)
+                if rewrite:
+                    pipe.hset(self.keys.process(self.process_id), mapping=dict(rewrite.items()))
                 pipe.incr(self.keys.version)
                 try:
                     await pipe.execute()
@@ -200,6 +249,7 @@ class Registration:
             self._heartbeat.cancel()
             self._heartbeat = None
         self._counts.clear()
+        self._unfiltered.clear()
         self._claims.clear()
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(self.keys.process(self.process_id))
@@ -218,21 +268,32 @@ class Directory:
         self._version: Any = None
         self._loaded_at = float("-inf")
         self._tables: dict[Table, dict[str, Claims]] = {}
+        self._filtered: dict[Table, dict[str, Claims]] = {}
 
     async def claim_sets(self, table: Table) -> dict[str, Claims]:
-        """Claim set id -> claims, for every live process's channels on ``table``."""
+        """Claim set id -> claims, for every live process's channels on ``table``.
+
+        Leaves out the claim sets whose channels on ``table`` all filter, in
+        every process that has them: their server processes check those.
+        """
         await self.refresh()
         return self._tables.get(table, {})
+
+    async def filtered(self, table: Table) -> dict[str, Claims]:
+        """The claim sets ``claim_sets`` leaves out."""
+        await self.refresh()
+        return self._filtered.get(table, {})
 
     async def refresh(self) -> None:
         version = await self.redis.get(self.keys.version)
         now = time.monotonic()
         if version == self._version and now - self._loaded_at < self.max_age:
             return
-        self._tables = await self._load()
+        self._tables, self._filtered = await self._load()
         self._version, self._loaded_at = version, now
 
-    async def _load(self) -> dict[Table, dict[str, Claims]]:
+    async def _load(self) -> tuple[dict[Table, dict[str, Claims]], dict[Table, dict[str, Claims]]]:
+        """(table -> claim sets to check, table -> claim sets every process of which filters)."""
         now_ms = int(time.time() * 1000)
         dead = await self.redis.zrangebyscore(self.keys.processes, "-inf", now_ms - 1)
         if dead:
@@ -244,8 +305,9 @@ class Directory:
             await pipe.execute()
         live = await self.redis.zrangebyscore(self.keys.processes, now_ms, "+inf")
         tables: dict[Table, dict[str, Claims]] = {}
+        filtered: dict[Table, dict[str, Claims]] = {}
         if not live:
-            return tables
+            return tables, filtered
         pipe = self.redis.pipeline(transaction=False)
         for process_id in live:
             pipe.hgetall(self.keys.process(_text(process_id)))
@@ -256,12 +318,20 @@ class Directory:
                     continue
                 schema, table, claim_set = parts
                 sets = tables.setdefault((schema, table), {})
-                if claim_set not in sets:
-                    try:
-                        sets[claim_set] = decode_claims(value)
-                    except (ValueError, KeyError, TypeError):
-                        logger.warning("ignoring an unreadable claim set entry %r", field)
-        return tables
+                left = filtered.setdefault((schema, table), {})
+                if claim_set in sets:
+                    continue
+                try:
+                    claims = decode_claims(value)
+                except (ValueError, KeyError, TypeError):
+                    logger.warning("ignoring an unreadable claim set entry %r", field)
+                    continue
+                if not is_filtered(value):
+                    sets[claim_set] = claims  # one process with an unfiltered channel: the replicator checks it
+                    left.pop(claim_set, None)
+                else:
+                    left[claim_set] = claims
+        return tables, filtered
 
 
 def _text(value: object) -> str:

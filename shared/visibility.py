@@ -159,6 +159,8 @@ class RowChecker:
         self._lookups: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], str]] = weakref.WeakKeyDictionary()
         self._timeouts: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._slow: dict[str, float] = {}  # claim set -> when its check last ran out of time
+        # id(claims) -> (claims, their JSON): the same Claims objects come back run after run.
+        self._encoded: dict[int, tuple[Claims, str]] = {}
         self.queries = 0  # database calls that checked rows (round trips of check_visibility)
         self.checks = 0  # claim-set checks those calls ran
 
@@ -260,11 +262,13 @@ class RowChecker:
             checked = len(batch) if answer.resume is None else answer.resume
             self.checks += checked
             stale = False
+            nothing = bytes(len(keys))  # one object for every claim set that sees none of the keys
             for position in range(checked):
                 claim_set = batch[position]
                 failure = answer.errors.get(position)
                 if failure is None:
-                    result.visible[claim_set] = verdict_bytes(answer.seen.get(position, ()), len(keys))
+                    seen = answer.seen.get(position)
+                    result.visible[claim_set] = verdict_bytes(seen, len(keys)) if seen else nothing
                     continue
                 sqlstate, message = failure
                 stale = stale or sqlstate in STALE_LOOKUP
@@ -299,9 +303,7 @@ class RowChecker:
         """One ``check_visibility`` call for ``claims``, under the check timeout."""
         # Binary arrays: psycopg quotes each element of a text array with a regex (20 ms per 400 claim sets).
         statement = "SELECT claim_set, visible, error, sqlstate FROM realtime.check_visibility(%s, %s, %b, %b, %b)"
-        params = (
-            lookup, argument, [c.role for c in claims], [json.dumps(c.raw) for c in claims], [c.sub or "" for c in claims],
-        )
+        params = (lookup, argument, [c.role for c in claims], self._claims_json(claims), [c.sub or "" for c in claims])
         timeout = check_timeout_ms()
         if own_connection:
             if self._timeouts.get(conn) != timeout:
@@ -315,6 +317,18 @@ class RowChecker:
                 cursor = await conn.execute(statement, params)
                 rows = await cursor.fetchall()
         return read_call(rows, len(claims), keys)
+
+    def _claims_json(self, claims: list[Claims]) -> list[str]:
+        """Each claim set's claims as JSON, encoded once per Claims object (1,000 claim sets: 5 ms a call)."""
+        if len(self._encoded) > 4 * len(claims) + 1000:
+            self._encoded.clear()
+        out = []
+        for c in claims:
+            known = self._encoded.get(id(c))
+            if known is None or known[0] is not c:
+                known = self._encoded[id(c)] = (c, json.dumps(c.raw))
+            out.append(known[1])
+        return out
 
     async def _lookup(
         self, conn: psycopg.AsyncConnection[Any], schema: str, table: str, names: tuple[str, ...], single: bool

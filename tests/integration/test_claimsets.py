@@ -91,3 +91,26 @@ def test_fingerprints_differ_by_role_and_by_any_claim() -> None:
     assert fingerprint(base) == fingerprint(claims("alice"))
     assert fingerprint(base) != fingerprint(claims("alice", role="anon"))
     assert fingerprint(base) != fingerprint(Claims(base.role, base.exp, base.sub, {**base.raw, "org": 1}))
+
+
+async def test_a_claim_set_whose_channels_all_filter_is_left_to_its_server_process(redis, prefix) -> None:
+    one = Registration(redis, prefix, "one")
+    two = Registration(redis, prefix, "two")
+    directory = Directory(redis, prefix)
+    alice = await one.add([TABLE], claims("alice"), filtered=[TABLE])
+    assert await directory.claim_sets(TABLE) == {}
+    assert set(await directory.filtered(TABLE)) == {alice}
+    # An unfiltered channel of the same claims anywhere: the replicator checks it for everyone.
+    await two.add([TABLE], claims("alice"))
+    assert set(await directory.claim_sets(TABLE)) == {alice} and await directory.filtered(TABLE) == {}
+    await two.remove([TABLE], alice)
+    assert await directory.claim_sets(TABLE) == {} and set(await directory.filtered(TABLE)) == {alice}
+    # In one process: a filtered and an unfiltered channel; the unfiltered one leaves.
+    await one.add([TABLE], claims("alice"))
+    assert set(await directory.claim_sets(TABLE)) == {alice}
+    await one.remove([TABLE], alice)
+    assert await directory.claim_sets(TABLE) == {} and set(await directory.filtered(TABLE)) == {alice}
+    await one.remove([TABLE], alice, filtered=[TABLE])
+    assert await directory.claim_sets(TABLE) == {} and await directory.filtered(TABLE) == {}
+    await one.aclose()
+    await two.aclose()

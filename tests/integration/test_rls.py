@@ -19,6 +19,7 @@ from psycopg import sql
 from redis.asyncio import Redis
 
 from shared.claimsets import Directory
+from replication import listener as listener_module
 from replication.listener import Listener
 from tests.integration.conftest import dsn, execute, token
 from tests.integration.test_postgres_changes import insert, subscribe
@@ -241,3 +242,23 @@ async def test_composite_keys_and_strict_domain_columns_are_checked(connect, pub
         assert await a.nothing(0.5)
     finally:
         execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident), sql.SQL("DROP DOMAIN IF EXISTS {}").format(domain))
+
+
+async def test_many_claim_sets_are_split_over_the_check_connections(connect, rls_table, replicator, monkeypatch) -> None:
+    # Two claim sets per share: the four below are checked in two calls at once, on two connections.
+    monkeypatch.setattr(listener_module, "PARALLEL_CLAIM_SETS", 2)
+    a = await connect(apikey=token("authenticated", sub=USER_A))
+    b = await connect(apikey=token("authenticated", sub=USER_B))
+    broken = await connect(apikey=token("authenticated", sub=USER_A, fail="yes"))
+    other_a = await connect(apikey=token("authenticated", sub=USER_A, iat=1_700_000_000))
+    for n, client in enumerate((a, b, broken, other_a)):
+        await subscribe(client, f"realtime:split{n}", binding(rls_table))
+    queries, checks = replicator.checker.queries, replicator.checker.checks
+    insert(rls_table, {"id": 1, "user_id": USER_A, "body": "x"}, {"id": 2, "user_id": USER_B, "body": "y"})
+    assert await received_ids(a) == [1]
+    assert await received_ids(other_a) == [1]
+    assert await received_ids(b) == [2]
+    assert (await broken.recv_event("system", timeout=10))[4]["status"] == "error"  # and only its own claim set
+    assert replicator.checker.queries - queries == 2
+    assert replicator.checker.checks - checks == 4
+    assert all(conn is not None and not conn.closed for conn in replicator.check_conns)

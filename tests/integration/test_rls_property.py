@@ -10,6 +10,12 @@ one-query-per-socket oracle says it may see, no more and no less: after each
 phase the oracle runs, as each socket's role with its claims, one SELECT of
 the phase's rows. A socket whose oracle query raises receives none of the
 phase's rows and a ``system`` error; DELETEs reach every socket.
+
+Some sockets filter (``owner=eq.<their sub>`` or ``team=eq.<n>``, as real
+apps subscribe): they must receive exactly the changes that match their
+filter among those the oracle shows them. Their claim sets are checked by
+the server process for the changes routed to them, not by the replicator
+(``shared.claimsets``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings, strategies as st
 from psycopg import sql
 
+from replication import listener as listener_module
 from tests.integration.conftest import dsn, execute, token
 from tests.integration.test_postgres_changes import subscribe
 from tests.integration.test_rls import binding, listener  # noqa: F401
@@ -49,6 +56,17 @@ class Socket:
     role: str
     claims: dict[str, Any]  # what the token carries besides role, iat and exp
     token: str
+    filter: tuple[str, Any] | None = None  # (column, value) of its ``eq`` filter
+
+    def binding(self, table: str) -> list[dict[str, Any]]:
+        entry = binding(table)
+        if self.filter is not None:
+            entry[0]["filter"] = f"{self.filter[0]}=eq.{self.filter[1]}"
+        return entry
+
+    def wants(self, row: dict[str, Any]) -> bool:
+        """Whether a change with these new values passes the socket's filter."""
+        return self.filter is None or (row.get(self.filter[0]) is not None and row[self.filter[0]] == self.filter[1])
 
 
 @st.composite
@@ -61,6 +79,7 @@ def scenarios(draw: Any) -> dict[str, Any]:
         "app_role": st.sampled_from([None, "admin", "member"]),
         "tokens": st.integers(1, 2),  # two tokens of one user are two claim sets that see the same rows
         "sockets": st.integers(1, 2),  # sockets sharing one token share one claim set
+        "filter": st.sampled_from([None, None, "owner", "team1", "team2"]),
     })
     row = st.fixed_dictionaries({"owner": st.sampled_from(USERS + [None]), "team": st.sampled_from(TEAMS)})
     rows = draw(st.lists(row, min_size=1, max_size=14))
@@ -72,6 +91,12 @@ def scenarios(draw: Any) -> dict[str, Any]:
         "rows": rows, "updates": updates, "deletes": sorted(deletes),
         "chunk": draw(st.integers(1, 5)),  # changes per transaction
     }
+
+
+@pytest.fixture(autouse=True)
+def split_checks(monkeypatch) -> None:
+    """Two claim sets per check connection: a replicator's check of four or more is split (``replication.listener``)."""
+    monkeypatch.setattr(listener_module, "PARALLEL_CLAIM_SETS", 2)
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +196,16 @@ async def drain(client: Any, marker: int) -> tuple[Counter[tuple[str, int]], int
             errors += 1
 
 
-def user(role: str, sub: int, app_role: str | None = None, tokens: int = 1, sockets: int = 1) -> dict[str, Any]:
-    return {"role": role, "sub": USERS[sub], "app_role": app_role, "tokens": tokens, "sockets": sockets}
+def user(
+    role: str, sub: int, app_role: str | None = None, tokens: int = 1, sockets: int = 1, filter: str | None = None
+) -> dict[str, Any]:
+    return {"role": role, "sub": USERS[sub], "app_role": app_role, "tokens": tokens, "sockets": sockets, "filter": filter}
+
+
+def socket_filter(name: str | None, sub: str) -> tuple[str, Any] | None:
+    if name is None:
+        return None
+    return ("owner", sub) if name == "owner" else ("team", int(name.removeprefix("team")))
 
 
 EVERY_KIND = {  # every policy and role at once, besides what hypothesis draws
@@ -180,6 +213,8 @@ EVERY_KIND = {  # every policy and role at once, besides what hypothesis draws
     "users": [
         user("authenticated", 0, tokens=2, sockets=2), user("authenticated", 1), user("authenticated", 3, "admin"),
         user("anon", 0), user("service_role", 1), user(BOOM_ROLE, 2),
+        user("authenticated", 0, filter="owner"), user("authenticated", 1, filter="team2", sockets=2),
+        user("authenticated", 3, "admin", filter="team1"), user(BOOM_ROLE, 1, filter="owner"),
     ],
     "rows": [{"owner": USERS[n % 4] if n % 5 else None, "team": TEAMS[n % 3]} for n in range(9)],
     "updates": [(1, {"owner": USERS[1], "team": 3}), (2, {"owner": None, "team": 2}), (2, {"owner": USERS[0], "team": 1})],
@@ -205,10 +240,12 @@ async def test_each_socket_receives_exactly_what_a_query_per_socket_shows(
             claims = {"sub": user["sub"], **({"app_role": user["app_role"]} if user["app_role"] else {})}
             for n in range(user["tokens"]):
                 minted = token(user["role"], iat=1_700_000_000 + n, exp=4_102_444_800, **claims)
-                sockets += [Socket(user["role"], claims, minted)] * user["sockets"]
+                chosen = socket_filter(user["filter"], user["sub"])
+                sockets += [Socket(user["role"], claims, minted, chosen)] * user["sockets"]
         clients = [await connect(apikey=s.token) for s in sockets]
         await asyncio.gather(*(
-            subscribe(client, f"realtime:prop{n}", binding(table) + binding(markers)) for n, client in enumerate(clients)
+            subscribe(client, f"realtime:prop{n}", sockets[n].binding(table) + binding(markers))
+            for n, client in enumerate(clients)
         ))
         ids = list(range(1, len(scenario["rows"]) + 1))
         phases = [
@@ -226,13 +263,17 @@ async def test_each_socket_receives_exactly_what_a_query_per_socket_shows(
                 kinds = Counter(row_id for _, row_id, _ in changes)
                 if changes[0][0] == "DELETE":  # never checked: the key reaches everyone
                     expected: Counter[tuple[str, int]] = Counter({("DELETE", i): c for i, c in kinds.items()})
+                    if socket.filter is not None:  # the key alone: a filter on another column decides
+                        assert errors == 0, socket
+                        continue
                     assert (events, errors) == (expected, 0), socket
                     continue
                 visible = oracle(table, socket, sorted(kinds))
-                expected = Counter({(changes[0][0], i): c for i, c in kinds.items() if visible is not None and i in visible})
+                wanted = Counter(row_id for _, row_id, row in changes if socket.wants(row))
+                expected = Counter({(changes[0][0], i): c for i, c in wanted.items() if visible is not None and i in visible})
                 assert events == expected, (socket, scenario)
-                # A check that raised is told (once per run of changes); no other socket gets an error.
-                assert (errors > 0) == (visible is None), (socket, errors)
+                # A check that raised is told (once per run of changes it reaches); no other socket gets an error.
+                assert (errors > 0) == (visible is None and bool(wanted)), (socket, errors)
     finally:
         execute(
             sql.SQL("DROP TABLE IF EXISTS {}, {}, {}").format(

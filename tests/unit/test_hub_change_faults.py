@@ -6,6 +6,7 @@ sent: runs are handed to ``deliver_changes`` directly, as the receive loop would
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 from collections.abc import Mapping
@@ -51,10 +52,10 @@ class Recorder:
 class Registration:
     """One claim set per ``sub``, as the Redis registry would give."""
 
-    async def add(self, tables: Any, claims: Claims) -> str:
+    async def add(self, tables: Any, claims: Claims, filtered: Any = ()) -> str:
         return f"set-{claims.sub}"
 
-    async def remove(self, tables: Any, claim_set: str) -> None:
+    async def remove(self, tables: Any, claim_set: str, filtered: Any = ()) -> None:
         return None
 
     async def aclose(self) -> None:
@@ -179,6 +180,68 @@ async def test_the_hubs_own_check_treats_a_failed_policy_like_the_replicator_doe
         assert ids_of(fast) == [1, 2]
         assert slow.events("postgres_changes") == []
         assert [e["message"] for e in slow.events("system")] == [TIMEOUT]
+    finally:
+        await hub.aclose()
+
+
+async def test_the_hub_checks_only_the_claim_sets_a_change_is_routed_to() -> None:
+    asked: list[set[str]] = []
+
+    async def row_check(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
+        asked.append({claims.sub or "" for claims in claim_sets.values()})
+        return Verdicts(visible={claim_set: b"\x01" * len(keys) for claim_set in claim_sets})
+
+    hub = Hub(InMemoryChannelLayer(), Registration(), row_check)  # type: ignore[arg-type]
+    try:
+        a = await channel(hub, "a", "a", filter="owner=eq.a")
+        b = await channel(hub, "b", "b", filter="owner=eq.b")
+        c = await channel(hub, "c", "c", filter="owner=eq.c")
+        everyone = await channel(hub, "all", "all")
+        await hub.deliver_changes(run(
+            change("INSERT", {"id": 1, "owner": "a"}, rls=True), change("INSERT", {"id": 2, "owner": "b"}, rls=True),
+            rls=True,
+        ))
+        assert asked == [{"a", "b", "all"}]  # not c: no change of the run matches its filter
+        assert (ids_of(a), ids_of(b), ids_of(c), ids_of(everyone)) == ([1], [2], [], [1, 2])
+        # The replicator answered the unfiltered claim set: the hub checks only the routed filtered one.
+        message = run(change("INSERT", {"id": 3, "owner": "c"}, rls=True), rls=True)
+        message["visible"] = {"set-all": verdict_per_change(message, checked_positions(message), b"\x00")}
+        await hub.deliver_changes(message)
+        assert asked[1:] == [{"c"}]
+        assert (ids_of(c), ids_of(everyone)) == ([3], [1, 2])
+    finally:
+        await hub.aclose()
+
+
+async def test_runs_that_wait_together_are_checked_in_one_call_and_delivered_in_order() -> None:
+    calls: list[tuple[set[str], list[bytes]]] = []
+
+    async def row_check(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
+        calls.append(({claims.sub or "" for claims in claim_sets.values()}, list(keys)))
+        ids = [json.loads(key)["id"] for key in keys]
+        # b sees nothing with id 4; everyone else sees every row.
+        return Verdicts(visible={
+            c: bytes(0 if (who.sub == "b" and i == "4") else 1 for i in ids) for c, who in claim_sets.items()
+        })
+
+    hub = Hub(InMemoryChannelLayer(), Registration(), row_check)  # type: ignore[arg-type]
+    try:
+        a = await channel(hub, "a", "a", filter="owner=eq.a")
+        b = await channel(hub, "b", "b", filter="owner=eq.b")
+        messages = [
+            run(change("INSERT", {"id": 1, "owner": "a"}, rls=True), change("INSERT", {"id": 2, "owner": "b"}, rls=True), rls=True),
+            run(change("INSERT", {"id": 3, "owner": "a"}, rls=True), rls=True),
+            run(change("INSERT", {"id": 4, "owner": "b"}, rls=True), change("DELETE", {"id": 1, "owner": "a"}),
+                change("INSERT", {"id": 5, "owner": "b"}, rls=True), rls=True),
+        ]
+        for message in messages:  # as the receive loop hands them over, before the worker runs
+            await hub.realtime_changes(message)
+        while hub._pending_runs or (hub._runs_worker is not None and not hub._runs_worker.done()):
+            await asyncio.sleep(0.01)
+        assert len(calls) == 1 and calls[0][0] == {"a", "b"}
+        assert [json.loads(key)["id"] for key in calls[0][1]] == ["1", "2", "3", "4", "5"]
+        assert ids_of(a) == [1, 3]
+        assert ids_of(b) == [2, 5]
     finally:
         await hub.aclose()
 

@@ -78,16 +78,21 @@ class CountingRegistration:
 
     def __init__(self) -> None:
         self.counts: dict[tuple[tuple[str, str], str], int] = {}
+        self.filtered: dict[tuple[tuple[str, str], str], int] = {}  # of those, channels that filter there
 
-    async def add(self, tables: Any, claims: Any) -> str:
+    async def add(self, tables: Any, claims: Any, filtered: Any = ()) -> str:
         claim_set = f"set-{claims.sub}"
         for table in tables:
             self.counts[(table, claim_set)] = self.counts.get((table, claim_set), 0) + 1
+        for table in filtered:
+            self.filtered[(table, claim_set)] = self.filtered.get((table, claim_set), 0) + 1
         return claim_set
 
-    async def remove(self, tables: Any, claim_set: str) -> None:
+    async def remove(self, tables: Any, claim_set: str, filtered: Any = ()) -> None:
         for table in tables:
             self.counts[(table, claim_set)] -= 1  # below zero: a channel was counted off twice
+        for table in set(filtered) & set(tables):
+            self.filtered[(table, claim_set)] -= 1
 
     def live(self) -> dict[tuple[tuple[str, str], str], int]:
         return {entry: count for entry, count in self.counts.items() if count}
@@ -115,4 +120,26 @@ async def test_the_registry_counts_each_channel_once_through_resubscribes_and_le
     hub.unsubscribe_changes("b", "realtime:t")
     await asyncio.sleep(0)
     assert registration.live() == {}
+    await hub.aclose()
+
+
+async def test_a_channel_counts_as_filtered_on_a_table_only_if_all_its_bindings_there_filter() -> None:
+    registration = CountingRegistration()
+    hub = Hub(InMemoryChannelLayer(), registration)  # type: ignore[arg-type]
+    alice = Claims("authenticated", 4e9, "alice", {"sub": "alice"})
+
+    def bound(table: str, filter: str | None = None) -> AuthorizedBinding:
+        raw = {"event": "*", "schema": "public", "table": table, **({"filter": filter} if filter else {})}
+        matcher = compile_filter(filter, TYPES) if filter else None
+        return AuthorizedBinding(parse_binding(raw), (("public", table),), matcher)
+
+    todos, posts = ("public", "todos"), ("public", "posts")
+    mixed = (bound("todos", "user_id=eq.1"), bound("todos"), bound("posts", "status=eq.x"))
+    await hub.subscribe_changes(ChangeSubscription("a", "realtime:t", Vsn.V2, _send, mixed, claims=alice))
+    # todos has an unfiltered binding: the replicator checks it; on posts every binding filters.
+    assert {k: v for k, v in registration.filtered.items() if v} == {(posts, "set-alice"): 1}
+    hub.unsubscribe_changes("a", "realtime:t")
+    await asyncio.sleep(0)
+    assert registration.live() == {} and not any(registration.filtered.values())
+    assert todos not in {table for table, _ in registration.filtered}
     await hub.aclose()

@@ -58,6 +58,7 @@ class Command(BaseCommand):
             batch_changes=options["batch"],
             poll_interval=options["poll_interval"],
             streaming=options["read"] == "stream",
+            check_connections=settings.REALTIME_CHECK_CONNECTIONS,
         )
         broadcasts = None
         if not options["no_broadcasts"]:
