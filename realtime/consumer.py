@@ -34,7 +34,7 @@ from realtime.channel_auth import check_policies, headers_json
 from realtime.hub import ChangeSubscription, Held, Subscription, get_hub
 from realtime.presence import get_store, publish_diff
 from realtime.publisher import get_publisher
-from realtime.runtime import Runtime, get_runtime
+from realtime.runtime import CLOSE_SERVICE_RESTART, Runtime, get_runtime
 from core.jwt import Claims, TokenError, opaque_key_claims
 from realtime.limits import get_socket_counter
 from realtime.logs import SocketLog, parse_log_level
@@ -256,6 +256,10 @@ class RealtimeConsumer(AsyncConsumer):
         self.runtime = get_runtime()
         self.runtime.opened(self)
         await self.base_send({"type": "websocket.accept"})
+        if self.runtime.draining:
+            # Accepted by the kernel before the listener closed, upgraded after the drain's last batch.
+            await self.close(CLOSE_SERVICE_RESTART)
+            return
         self.writer = SocketWriter(
             self.base_send, self.scope.get(DIRECT_WRITE), settings.REALTIME_MAX_UNSENT_BYTES, self._on_slow_consumer
         )

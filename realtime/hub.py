@@ -73,6 +73,16 @@ logger = logging.getLogger(__name__)
 # (1 if visible), or its failure message (a policy raised or timed out).
 RowCheck = Callable[[Mapping[str, "Claims"], str, str, list[bytes]], Awaitable["Verdicts"]]
 UNABLE_TO_CHECK = "Realtime was unable to connect to the project database"
+TIMED_OUT = "ERROR 57014"  # how a check that ran past REALTIME_CHECK_TIMEOUT_MS is worded (shared.visibility.error_text)
+
+
+def _policy_error(message: str) -> bool:
+    """A claim set's failure that a check of fewer rows may not repeat: a policy that raised.
+
+    Not a timeout (its budget was its own; a retry would only add to it) and
+    not a failed call (the database is unreachable for every claim set).
+    """
+    return message.startswith("ERROR ") and not message.startswith(TIMED_OUT)
 
 # channels_redis forgets a group membership group_expiry seconds after its
 # last group_add (REALTIME_GROUP_EXPIRY_S), which is how a killed process
@@ -622,7 +632,9 @@ class Hub:
         """Close a local socket by id (the admin's Disconnect); nothing if it is gone or not here."""
         socket_id = message.get("socket_id")
         if self._disconnect is not None and isinstance(socket_id, str):
-            await self._disconnect(socket_id)
+            # In the background: a close may wait for the peer's closing handshake (seconds under
+            # uvicorn), and the receive loop must not hold every other socket's messages meanwhile.
+            self._spawn(self._disconnect(socket_id))
 
     async def _refresh_forever(self) -> None:
         """Keep memberships alive; re-add them all at once when Redis lost them (a restart)."""
@@ -870,7 +882,9 @@ class Hub:
         Each call checks the union of the runs' claim sets against all their
         keys, up to ``CHECKS_PER_CALL`` of them; a run keeps only its own
         claim sets' answers. A call that fails denies those claim sets for
-        those runs, as a single run's check does.
+        those runs, as a single run's check does. A claim set whose policy
+        raised in a call covering several runs is checked again with each run
+        alone: a row of another run must not cost it its own.
         """
         prepared: dict[int, Prepared] = {}
         if self._row_check is None:
@@ -892,13 +906,20 @@ class Hub:
             for run, offset in members:
                 visible, failed, _ = prepared[id(run)]
                 checkable, positions = checks[id(run)]
+                again: dict[str, Claims] = {}
                 for claim_set in checkable:
                     message = failures.get(claim_set)
-                    if message is not None:
+                    if message is not None and len(members) > 1 and _policy_error(message):
+                        # The call covered other runs' rows too: a policy that raised on one of them must
+                        # not cost this claim set its own rows. Checked again with this run alone, below.
+                        again[claim_set] = checkable[claim_set]
+                    elif message is not None:
                         failed[claim_set] = message
-                        continue
-                    seen = answers.get(claim_set, b"")[offset:offset + len(positions)]
-                    visible[claim_set] = verdict_per_change(run, positions, seen.ljust(len(positions), b"\x00"))
+                    else:
+                        seen = answers.get(claim_set, b"")[offset:offset + len(positions)]
+                        visible[claim_set] = verdict_per_change(run, positions, seen.ljust(len(positions), b"\x00"))
+                if again:
+                    await self._check_run_alone(table, again, run, positions, visible, failed)
 
         for run in runs:
             route = self._change_groups.get(run["group"])
@@ -925,6 +946,32 @@ class Hub:
         for table in list(batch):
             await flush(table)
         return prepared
+
+    async def _check_run_alone(
+        self,
+        table: tuple[str, str],
+        claim_sets: dict[str, Claims],
+        run: ChangeRun,
+        positions: list[int],
+        visible: dict[str, bytes],
+        failed: dict[str, str],
+    ) -> None:
+        """Check ``claim_sets`` against one run's keys only, into that run's ``visible`` and ``failed``."""
+        assert self._row_check is not None
+        keys = [run["changes"][i]["key"] for i in positions]
+        try:
+            verdicts = await self._row_check(claim_sets, table[0], table[1], keys)
+        except Exception:
+            logger.exception("row level security check failed on %s.%s", *table)
+            failed.update({claim_set: UNABLE_TO_CHECK for claim_set in claim_sets})
+            return
+        for claim_set in claim_sets:
+            message = verdicts.failed.get(claim_set)
+            if message is not None:
+                failed[claim_set] = message
+                continue
+            seen = verdicts.visible.get(claim_set, b"")[:len(positions)]
+            visible[claim_set] = verdict_per_change(run, positions, seen.ljust(len(positions), b"\x00"))
 
     @staticmethod
     def _routed_claim_sets(

@@ -18,6 +18,7 @@ import logging
 import re
 from collections.abc import MutableMapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 # What clients send (supabase-js passes its ``log_level`` option through), by name; others are ignored.
 LEVELS = {
@@ -54,12 +55,21 @@ class SocketLog(logging.LoggerAdapter):  # type: ignore[type-arg]  # generic onl
 
 
 # Query parameters that carry a token: ``apikey`` and ``access_token`` (connect), ``token``.
-_SECRET_PARAMETER = re.compile(r"(?i)\b(apikey|access_token|token)=[^&\s\"']*")
+SECRET_PARAMETERS = frozenset({"apikey", "access_token", "token"})
+_PARAMETER = re.compile(r"([^?&=\s\"']+)=([^&\s\"']*)")
 
 
 def redact_secrets(text: str) -> str:
-    """``text`` with the value of every token-carrying query parameter replaced by ``[redacted]``."""
-    return _SECRET_PARAMETER.sub(r"\1=[redacted]", text)
+    """``text`` with the value of every token-carrying query parameter replaced by ``[redacted]``.
+
+    Names are compared decoded, as the server reads them: ``api%6Bey`` is ``apikey``.
+    """
+
+    def redact(match: re.Match[str]) -> str:
+        name = unquote_plus(match[1]).lower()
+        return f"{match[1]}=[redacted]" if name in SECRET_PARAMETERS else match[0]
+
+    return _PARAMETER.sub(redact, text)
 
 
 class RedactSecrets(logging.Filter):

@@ -52,6 +52,8 @@ DRAIN_MIN_BATCH = 50
 # How long the drain waits for closed sockets to finish (their presence leaves) before ``close``.
 SOCKETS_GONE_TIMEOUT_S = 5.0
 PRESENCE_STOP_TIMEOUT_S = 5.0
+# One step of ``close`` (the presence leaves, the hub's groups, a pool) gives up after this long.
+CLOSE_STEP_TIMEOUT_S = 10.0
 
 
 class Drainable(Protocol):
@@ -272,8 +274,11 @@ class Runtime:
 
 
 async def _attempt(what: str, step: Awaitable[None]) -> None:
+    """Run one step of ``close``, at most ``CLOSE_STEP_TIMEOUT_S`` (Redis or PostgreSQL may not answer)."""
     try:
-        await step
+        await asyncio.wait_for(step, CLOSE_STEP_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        logger.error("closing the %s took over %.0f s; going on without it", what, CLOSE_STEP_TIMEOUT_S)
     except Exception:
         logger.exception("closing the %s failed", what)
 

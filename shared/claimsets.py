@@ -158,6 +158,9 @@ class Registration:
                 try:
                     await self._write(new)
                 except Exception:
+                    # An entry Redis has already (a claim set that became unfiltered) keeps the
+                    # count the heartbeat compares, so the rewrite must be asked for.
+                    self._dirty = True
                     logger.warning("could not register a claim set in Redis; retrying with the heartbeat", exc_info=True)
         self._ensure_heartbeat()
         return claim_set

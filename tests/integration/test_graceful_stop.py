@@ -49,6 +49,16 @@ async def test_a_join_during_the_drain_is_answered_realtime_restarting(connect) 
     }]
 
 
+async def test_a_socket_upgraded_after_the_drains_last_batch_is_closed_with_1012(connect) -> None:
+    """Accepted by the kernel before the listener closed, upgraded late: it is closed, never left open."""
+    from realtime.runtime import get_runtime
+
+    await connect()  # the runtime exists
+    get_runtime().draining = True
+    late = await connect()
+    assert await late.ws.receive_output(5) == {"type": "websocket.close", "code": 1012}
+
+
 @pytest.fixture
 def table(publication: str) -> Iterator[str]:
     """A published table anon may read; dropped afterwards."""

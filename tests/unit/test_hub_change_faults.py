@@ -246,6 +246,40 @@ async def test_runs_that_wait_together_are_checked_in_one_call_and_delivered_in_
         await hub.aclose()
 
 
+async def test_a_policy_that_raises_on_another_runs_row_does_not_cost_a_claim_set_its_own_rows() -> None:
+    """Runs checked together: a's policy raises on b's row 4 only; a still gets rows 1 and 3 of its own runs."""
+    calls: list[tuple[set[str], list[str]]] = []
+    raised = "ERROR 22P02 (invalid_text_representation) invalid input syntax for type uuid"
+
+    async def row_check(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
+        ids = [json.loads(key)["id"] for key in keys]
+        calls.append(({who.sub or "" for who in claim_sets.values()}, ids))
+        failed = {c: raised for c, who in claim_sets.items() if who.sub == "a" and "4" in ids}
+        visible = {c: b"\x01" * len(ids) for c in claim_sets if c not in failed}
+        return Verdicts(visible=visible, failed=failed)
+
+    hub = Hub(InMemoryChannelLayer(), Registration(), row_check)  # type: ignore[arg-type]
+    try:
+        a = await channel(hub, "a", "a", filter="id=in.(1,3,4)")
+        b = await channel(hub, "b", "b", filter="owner=eq.b")
+        messages = [
+            run(change("INSERT", {"id": 1, "owner": "a"}, rls=True), rls=True),
+            run(change("INSERT", {"id": 3, "owner": "a"}, rls=True), rls=True),
+            run(change("INSERT", {"id": 4, "owner": "b"}, rls=True), rls=True),
+        ]
+        for message in messages:
+            await hub.realtime_changes(message)
+        while hub._pending_runs or (hub._runs_worker is not None and not hub._runs_worker.done()):
+            await asyncio.sleep(0.01)
+        assert calls[0] == ({"a", "b"}, ["1", "3", "4"])  # one call for the three runs
+        assert sorted(calls[1:]) == [({"a"}, ["1"]), ({"a"}, ["3"]), ({"a"}, ["4"])]  # a again, run by run
+        assert ids_of(a) == [1, 3]
+        assert [e["status"] for e in a.events("system")] == ["error"]  # for the run with row 4 only
+        assert ids_of(b) == [4]
+    finally:
+        await hub.aclose()
+
+
 async def test_a_check_that_cannot_reach_the_database_is_reported_not_silent() -> None:
     async def row_check(claim_sets: Mapping[str, Claims], schema: str, table: str, keys: list[bytes]) -> Verdicts:
         raise ConnectionError("pool closed")

@@ -49,6 +49,9 @@ def test_tokens_in_query_strings_are_redacted_from_uvicorns_access_log() -> None
 
     assert redact_secrets("/realtime/v1/websocket?apikey=eyJ.a.b&vsn=2.0.0") == "/realtime/v1/websocket?apikey=[redacted]&vsn=2.0.0"
     assert redact_secrets("/x?access_token=abc&token=def&log_level=info") == "/x?access_token=[redacted]&token=[redacted]&log_level=info"
+    # A name the server decodes is redacted too.
+    assert redact_secrets("/x?api%6Bey=eyJ.a.b&vsn=1.0.0") == "/x?api%6Bey=[redacted]&vsn=1.0.0"
+    assert redact_secrets("/x?APIKEY=abc") == "/x?APIKEY=[redacted]"
     # uvicorn's access line: the path is one of the record's arguments.
     record = logging.LogRecord(
         "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
