@@ -664,7 +664,10 @@ class Hub:
         has_member = getattr(self._layer, "has_member", None)  # realtime.layer; channels' layers have no lookup
         if has_member is None:
             return False
-        return not await has_member(next(iter(self._joined)), self._channel_name)
+        # A topic's group if the process has one: the probe is about delivery, and the process's own
+        # group (joined first) would hide a lost topic group for as long as the process lives.
+        probe = next((group for group in self._joined if group != self._process_group), None) or next(iter(self._joined))
+        return not await has_member(probe, self._channel_name)
 
     async def _refresh_all(self) -> None:
         assert self._channel_name is not None
