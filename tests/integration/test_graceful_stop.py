@@ -27,7 +27,7 @@ import pytest
 from psycopg import sql
 
 from tests.fixtures.server import HOST, ServerProcess, mint_token
-from tests.integration.conftest import execute
+from tests.integration.test_change_faults import create_table
 
 pytestmark = pytest.mark.integration
 
@@ -62,15 +62,7 @@ async def test_a_socket_upgraded_after_the_drains_last_batch_is_closed_with_1012
 @pytest.fixture
 def table(publication: str) -> Iterator[str]:
     """A published table anon may read; dropped afterwards."""
-    name = f"drain_{uuid.uuid4().hex[:8]}"
-    ident = sql.Identifier("public", name)
-    execute(
-        sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY)").format(ident),
-        sql.SQL("GRANT SELECT ON {} TO anon").format(ident),
-        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), ident),
-    )
-    yield name
-    execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
+    yield from create_table(publication, "id bigint PRIMARY KEY", sql.SQL("GRANT SELECT ON {ident} TO anon"))
 
 
 async def test_the_drain_closes_every_socket_with_1012_and_sends_the_leaves(connect, table: str) -> None:
