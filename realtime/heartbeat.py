@@ -1,9 +1,10 @@
 """This server process's numbers into Redis every few seconds, for the admin's status page (``shared.servers``).
 
-``WithHeartbeat`` asks the runtime (``realtime.runtime``) for its heartbeat on every
-ASGI connection (``realtime_project.asgi``), which starts it once per process, so a process appears on the page from
-its first request (a load balancer's health check is enough) or, under
-uvicorn, from its lifespan startup. Nothing here may hurt the server: a failed
+``WithHeartbeat`` asks the runtime (``realtime.runtime``) for its heartbeat on
+every ASGI connection (``realtime_project.asgi``), which starts it once per
+process, so a process appears on the page from its first request (a load
+balancer's health check is enough) or, under uvicorn, from its lifespan
+startup. Nothing here may hurt the server: a failed
 write is logged at debug level and tried again on the next beat.
 """
 

@@ -161,8 +161,17 @@ class ChangeSubscription:
         return {table for b in self.bindings for table in b.tables}
 
     def filtered_tables(self) -> set[tuple[str, str]]:
-        """The tables on which every binding of this channel has a filter (``shared.claimsets``)."""
-        unfiltered = {table for b in self.bindings if b.matcher is None for table in b.tables}
+        """The tables on which every binding of this channel has an ``eq`` filter (``shared.claimsets``).
+
+        Only an ``eq`` condition bounds the changes routed to a channel, so
+        only then is its claim set checked by this process, for those changes;
+        any other filter (``gte``, ``match``, ...) may route every change, and
+        its claim set is left to the replicator, which checks it once for all
+        processes.
+        """
+        unfiltered = {
+            table for b in self.bindings if b.matcher is None or b.matcher.eq_column is None for table in b.tables
+        }
         return self.tables() - unfiltered
 
 

@@ -143,3 +143,12 @@ async def test_a_channel_counts_as_filtered_on_a_table_only_if_all_its_bindings_
     assert registration.live() == {} and not any(registration.filtered.values())
     assert todos not in {table for table, _ in registration.filtered}
     await hub.aclose()
+
+
+def test_only_eq_filters_leave_a_claim_set_to_its_server_process() -> None:
+    """An ``eq`` filter bounds what a channel is routed; ``gte`` or ``in`` may route every change."""
+    todos = {("public", "todos")}
+    assert subscription("s", binding(filter="user_id=eq.7")).filtered_tables() == todos
+    assert subscription("s", binding(filter="id=gte.0")).filtered_tables() == set()
+    assert subscription("s", binding(filter="user_id=eq.7"), binding(filter="id=gte.0")).filtered_tables() == set()
+    assert subscription("s", binding()).filtered_tables() == set()
