@@ -73,16 +73,6 @@ logger = logging.getLogger(__name__)
 # (1 if visible), or its failure message (a policy raised or timed out).
 RowCheck = Callable[[Mapping[str, "Claims"], str, str, list[bytes]], Awaitable["Verdicts"]]
 UNABLE_TO_CHECK = "Realtime was unable to connect to the project database"
-TIMED_OUT = "ERROR 57014"  # how a check that ran past REALTIME_CHECK_TIMEOUT_MS is worded (shared.visibility.error_text)
-
-
-def _policy_error(message: str) -> bool:
-    """A claim set's failure that a check of fewer rows may not repeat: a policy that raised.
-
-    Not a timeout (its budget was its own; a retry would only add to it) and
-    not a failed call (the database is unreachable for every claim set).
-    """
-    return message.startswith("ERROR ") and not message.startswith(TIMED_OUT)
 
 # channels_redis forgets a group membership group_expiry seconds after its
 # last group_add (REALTIME_GROUP_EXPIRY_S), which is how a killed process
@@ -909,9 +899,10 @@ class Hub:
             claim_sets, keys, members = batch.pop(table)
             assert self._row_check is not None
             answers: Mapping[str, bytes] = {}
+            raised: set[str] = set()
             try:
                 verdicts = await self._row_check(claim_sets, table[0], table[1], keys)
-                answers, failures = verdicts.visible, verdicts.failed
+                answers, failures, raised = verdicts.visible, verdicts.failed, verdicts.raised
             except Exception:
                 logger.exception("row level security check failed on %s.%s", *table)
                 failures = {claim_set: UNABLE_TO_CHECK for claim_set in claim_sets}  # never a silent loss
@@ -921,9 +912,10 @@ class Hub:
                 again: dict[str, Claims] = {}
                 for claim_set in checkable:
                     message = failures.get(claim_set)
-                    if message is not None and len(members) > 1 and _policy_error(message):
+                    if message is not None and len(members) > 1 and claim_set in raised:
                         # The call covered other runs' rows too: a policy that raised on one of them must
-                        # not cost this claim set its own rows. Checked again with this run alone, below.
+                        # not cost this claim set its own rows. Checked again with this run alone, below
+                        # (not a timeout: its budget was its own, and a retry would only add to it).
                         again[claim_set] = checkable[claim_set]
                     elif message is not None:
                         failed[claim_set] = message

@@ -82,6 +82,9 @@ class Verdicts:
 
     visible: dict[str, bytes] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    # The failed claim sets whose statement raised (a policy error), not ran out of time or reached
+    # no database: a check of fewer rows may answer them (``realtime.hub``'s batched checks).
+    raised: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +277,8 @@ class RowChecker:
                 stale = stale or sqlstate in STALE_LOOKUP
                 if sqlstate == QUERY_CANCELED:
                     self._slow[claim_set] = time.monotonic()
+                else:
+                    result.raised.add(claim_set)
                 self._failed(result, claim_set, pending[claim_set], schema, table, error_text(sqlstate, message))
             if stale:
                 self._forget(conn, schema, table)

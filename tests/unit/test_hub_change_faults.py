@@ -256,7 +256,7 @@ async def test_a_policy_that_raises_on_another_runs_row_does_not_cost_a_claim_se
         calls.append(({who.sub or "" for who in claim_sets.values()}, ids))
         failed = {c: raised for c, who in claim_sets.items() if who.sub == "a" and "4" in ids}
         visible = {c: b"\x01" * len(ids) for c in claim_sets if c not in failed}
-        return Verdicts(visible=visible, failed=failed)
+        return Verdicts(visible=visible, failed=failed, raised=set(failed))
 
     hub = Hub(InMemoryChannelLayer(), Registration(), row_check)  # type: ignore[arg-type]
     try:
